@@ -1,0 +1,227 @@
+"""Pure numeric kernels over CSR row chunks (numba). No I/O, no Ray: unit-tested on hand-worked cells.
+
+Rank value encoding of one cell, as Geneformer defines it:
+    value(g) = count(g) / n_counts * 10_000 / median(g)       for vocabulary genes with count > 0
+    tokens   = genes sorted by value, highest first; exactly equal values by ascending token id.
+
+The arithmetic follows numpy's dtype promotion of the reference (``X / n_counts * 10000 / median``):
+``count / n_counts`` and ``* 10000`` run in ``result_type(counts, n_counts)`` (float64 for integer
+counts, float32 when both are float32), the division by the float64 median in float64. Callers cast
+``data`` and ``n_counts`` to that work dtype; the kernel then performs the same IEEE operations.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+from rankformer.schema import TARGET_SUM
+
+
+def work_dtype(counts_dtype: np.dtype, n_counts_dtype: np.dtype) -> np.dtype:
+    """The dtype numpy would use for ``counts / n_counts * 10000`` (true division)."""
+    dt = np.result_type(counts_dtype, n_counts_dtype)
+    return np.dtype(np.float32) if dt == np.float32 else np.dtype(np.float64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_desc_ties_by_token(values: np.ndarray, tokens: np.ndarray, m: int) -> np.ndarray:
+    order = np.argsort(-values[:m])
+    i = 0
+    while i < m:
+        j = i + 1
+        while j < m and values[order[j]] == values[order[i]]:
+            j += 1
+        # insertion sort of the tie run by token id (runs are short)
+        for a in range(i + 1, j):
+            cur = order[a]
+            b = a - 1
+            while b >= i and tokens[order[b]] > tokens[cur]:
+                order[b + 1] = order[b]
+                b -= 1
+            order[b + 1] = cur
+        i = j
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_row(data, indices, lo, hi, col_token, has_dups, acc, seen, tok, cnt):  # type: ignore[no-untyped-def]
+    """Vocabulary genes of one row with count > 0; several columns of one gene are summed."""
+    m = 0
+    for k in range(lo, hi):
+        t = col_token[indices[k]]
+        if t < 0 or data[k] == 0:
+            continue
+        if has_dups:
+            if not seen[t]:
+                seen[t] = True
+                tok[m] = t
+                m += 1
+            acc[t] += data[k]
+        else:
+            tok[m] = t
+            cnt[m] = data[k]
+            m += 1
+    if has_dups:
+        for i in range(m):
+            t = tok[i]
+            cnt[i] = acc[t]
+            acc[t] = 0
+            seen[t] = False
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def rank_rows(data, indices, indptr, n_counts, col_token, has_dups, median_by_token,  # type: ignore[no-untyped-def]
+              target, max_genes, prefix, suffix, out_ids, out_len):
+    """Rank-value encode every row; write tokens packed into ``out_ids`` and lengths to ``out_len``.
+
+    ``data``/``n_counts``/``target`` share the work dtype. ``prefix``/``suffix`` are token ids added
+    around each kept cell's genes (-1 for none). A row with no vocabulary gene gets length 0.
+    """
+    n_rows = len(indptr) - 1
+    width = 0
+    for r in range(n_rows):
+        width = max(width, indptr[r + 1] - indptr[r])
+    tok = np.empty(width, np.int32)
+    cnt = np.empty(width, data.dtype)
+    val = np.empty(width, np.float64)
+    acc = np.zeros(len(median_by_token), data.dtype)
+    seen = np.zeros(len(median_by_token), np.bool_)
+    pos = 0
+    for r in range(n_rows):
+        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_token, has_dups, acc, seen,
+                        tok, cnt)
+        if m == 0:
+            out_len[r] = 0
+            continue
+        n = n_counts[r]
+        for i in range(m):
+            q = cnt[i] / n
+            q = q * target[0]
+            val[i] = np.float64(q) / median_by_token[tok[i]]
+        order = _sort_desc_ties_by_token(val, tok, m)
+        start = pos
+        if prefix >= 0:
+            out_ids[pos] = prefix
+            pos += 1
+        for i in range(min(m, max_genes)):
+            out_ids[pos] = tok[order[i]]
+            pos += 1
+        if suffix >= 0:
+            out_ids[pos] = suffix
+            pos += 1
+        out_len[r] = pos - start
+    return pos
+
+
+def rank_chunk(
+    counts: sp.csr_matrix,
+    n_counts: np.ndarray,
+    col_token: np.ndarray,
+    median_by_token: np.ndarray,
+    max_genes: int,
+    prefix: int = -1,
+    suffix: int = -1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(packed int32 token ids, int32 length per row; 0 = no vocabulary gene) for a CSR chunk."""
+    wd = work_dtype(counts.dtype, n_counts.dtype)
+    has_dups = bool(_has_duplicates(col_token))
+    data = np.ascontiguousarray(counts.data, dtype=wd)
+    extra = int(prefix >= 0) + int(suffix >= 0)
+    out_ids = np.empty(counts.nnz + extra * counts.shape[0], np.int32)
+    out_len = np.empty(counts.shape[0], np.int32)
+    used = rank_rows(
+        data, counts.indices, counts.indptr.astype(np.int64), n_counts.astype(wd), col_token,
+        has_dups, median_by_token, np.asarray([TARGET_SUM], wd), max_genes, prefix, suffix,
+        out_ids, out_len,
+    )
+    return out_ids[:used], out_len
+
+
+def _has_duplicates(col_token: np.ndarray) -> bool:
+    mapped = col_token[col_token >= 0]
+    return len(np.unique(mapped)) != len(mapped)
+
+
+# --- exact medians: per-gene normalized values, histograms and collection ------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def gene_values(data, indices, indptr, n_counts, col_gene, has_dups, n_genes):  # type: ignore[no-untyped-def]
+    """(gene index, count / n_counts * 10_000 in float64) for every nonzero of every row."""
+    nnz = indptr[-1] - indptr[0]
+    genes = np.empty(nnz, np.int32)
+    values = np.empty(nnz, np.float64)
+    width = 0
+    for r in range(len(indptr) - 1):
+        width = max(width, indptr[r + 1] - indptr[r])
+    tok = np.empty(width, np.int32)
+    cnt = np.empty(width, np.float64)
+    acc = np.zeros(n_genes, np.float64)
+    seen = np.zeros(n_genes, np.bool_)
+    pos = 0
+    for r in range(len(indptr) - 1):
+        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_gene, has_dups, acc, seen,
+                        tok, cnt)
+        for i in range(m):
+            genes[pos] = tok[i]
+            values[pos] = cnt[i] / n_counts[r] * 10000.0
+            pos += 1
+    return genes[:pos], values[:pos]
+
+
+@numba.njit(cache=True, nogil=True)
+def _linear_bin(v, lo, hi, n_bins):  # type: ignore[no-untyped-def]
+    """Bin of v in [lo, hi) split into n_bins; edges computed by one formula, checked exactly."""
+    width = hi - lo
+    j = int((v - lo) / width * n_bins)
+    j = min(max(j, 0), n_bins - 1)
+    while j > 0 and v < linear_edge(lo, hi, n_bins, j):
+        j -= 1
+    while j < n_bins - 1 and v >= linear_edge(lo, hi, n_bins, j + 1):
+        j += 1
+    return j
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_edge(lo, hi, n_bins, j):  # type: ignore[no-untyped-def]
+    if j >= n_bins:
+        return hi
+    return min(lo + (hi - lo) * (j / n_bins), hi)
+
+
+@numba.njit(cache=True, nogil=True)
+def histogram_values(genes, values, slot_of_gene, lo, hi, global_edges, n_bins, acc, gmax):  # type: ignore[no-untyped-def]
+    """Count values into per-slot bins: global explicit edges when ``global_edges`` is non-empty,
+    else ``n_bins`` linear bins of the gene's interval [lo, hi). Tracks each gene's max value."""
+    use_global = len(global_edges) > 0
+    for i in range(len(values)):
+        g = genes[i]
+        v = values[i]
+        if v > gmax[g]:
+            gmax[g] = v
+        s = slot_of_gene[g]
+        if s < 0 or v < lo[s] or v >= hi[s]:
+            continue
+        if use_global:
+            b = np.searchsorted(global_edges, v, side="right") - 1
+            b = min(max(b, 0), n_bins - 1)
+        else:
+            b = _linear_bin(v, lo[s], hi[s], n_bins)
+        acc[s * n_bins + b] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def select_in_interval(genes, values, slot_of_gene, lo, hi):  # type: ignore[no-untyped-def]
+    """(slot, value) of every value inside its gene's interval [lo, hi)."""
+    keep = np.zeros(len(values), np.bool_)
+    for i in range(len(values)):
+        s = slot_of_gene[genes[i]]
+        keep[i] = s >= 0 and lo[s] <= values[i] < hi[s]
+    idx = np.flatnonzero(keep)
+    slots = np.empty(len(idx), np.int32)
+    for j in range(len(idx)):
+        slots[j] = slot_of_gene[genes[idx[j]]]
+    return slots, values[idx]

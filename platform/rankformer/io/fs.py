@@ -1,0 +1,127 @@
+"""Local paths and s3:// URIs behind one small interface, with atomic writes.
+
+S3 endpoint and credentials come from the standard AWS settings (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_PROFILE, ...). Local writes go to a temporary name in the same folder and
+are renamed into place; S3 objects become visible only when their upload completes, and an upload
+that fails is aborted, so readers never see half a file in either case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _strip_file(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str) -> fsspec.AbstractFileSystem:
+    protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        return fsspec.filesystem("s3", **kwargs)
+    return fsspec.filesystem(protocol)
+
+
+def join(base: str, *names: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base.rstrip("/"), *names)
+    return os.path.join(_strip_file(base), *names)
+
+
+def _missing_message(uri: str, exc: BaseException) -> str:
+    text = str(exc)
+    if "bucket" in text.lower():
+        return f"bucket of {uri} does not exist ({text}); check the bucket name and AWS_ENDPOINT_URL"
+    return f"{uri} not found; check the path (and for s3:// the bucket and AWS_ENDPOINT_URL)"
+
+
+def exists(uri: str) -> bool:
+    return bool(filesystem(uri).exists(_strip_file(uri)))
+
+
+def is_dir(uri: str) -> bool:
+    return bool(filesystem(uri).isdir(_strip_file(uri)))
+
+
+def listdir(uri: str) -> list[str]:
+    """Base names in a folder ([] when it does not exist)."""
+    fs = filesystem(uri)
+    path = _strip_file(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def open_input(uri: str) -> IO[bytes]:
+    """A seekable binary stream. FileNotFoundError names the path and the fix."""
+    fs = filesystem(uri)
+    try:
+        return fs.open(_strip_file(uri), "rb")  # type: ignore[no-any-return]
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(_missing_message(uri, exc)) from exc
+    except IsADirectoryError as exc:
+        raise FileNotFoundError(f"{uri} is a folder, expected a file") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def open_output_atomic(uri: str) -> Iterator[IO[bytes]]:
+    """Write a file that appears whole at ``uri`` only if the block finishes without error."""
+    if is_remote(uri):
+        fs = filesystem(uri)
+        f = fs.open(uri, "wb")
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()  # abort the multipart upload: no object appears
+            raise
+        f.close()
+        return
+    path = _strip_file(uri)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    with open_output_atomic(uri) as f:
+        f.write(data)
+
+
+def remove(uri: str) -> None:
+    fs = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(_strip_file(uri))
+
+
+def makedirs(uri: str) -> None:
+    if not is_remote(uri):
+        os.makedirs(_strip_file(uri), exist_ok=True)
