@@ -193,35 +193,40 @@ def linear_edge(lo, hi, n_bins, j):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def histogram_values(genes, values, slot_of_gene, lo, hi, global_edges, n_bins, acc, gmax):  # type: ignore[no-untyped-def]
+def _bin_of(v, s, lo, hi, global_edges, n_bins):  # type: ignore[no-untyped-def]
+    if len(global_edges) > 0:
+        b = np.searchsorted(global_edges, v, side="right") - 1
+        return min(max(b, 0), n_bins - 1)
+    return _linear_bin(v, lo[s], hi[s], n_bins)
+
+
+@numba.njit(cache=True, nogil=True)
+def histogram_values(genes, values, slot_a, slot_b, lo, hi, global_edges, n_bins, acc, gmax):  # type: ignore[no-untyped-def]
     """Count values into per-slot bins: global explicit edges when ``global_edges`` is non-empty,
-    else ``n_bins`` linear bins of the gene's interval [lo, hi). Tracks each gene's max value."""
-    use_global = len(global_edges) > 0
+    else ``n_bins`` linear bins of the slot's interval [lo, hi). A gene feeds up to two slots
+    (``slot_a``/``slot_b``, -1 for none: one per middle rank). Tracks each gene's max value."""
     for i in range(len(values)):
         g = genes[i]
         v = values[i]
         if v > gmax[g]:
             gmax[g] = v
-        s = slot_of_gene[g]
-        if s < 0 or v < lo[s] or v >= hi[s]:
-            continue
-        if use_global:
-            b = np.searchsorted(global_edges, v, side="right") - 1
-            b = min(max(b, 0), n_bins - 1)
-        else:
-            b = _linear_bin(v, lo[s], hi[s], n_bins)
-        acc[s * n_bins + b] += 1
+        for s in (slot_a[g], slot_b[g]):
+            if s >= 0 and lo[s] <= v < hi[s]:
+                acc[s * n_bins + _bin_of(v, s, lo, hi, global_edges, n_bins)] += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def select_in_interval(genes, values, slot_of_gene, lo, hi):  # type: ignore[no-untyped-def]
-    """(slot, value) of every value inside its gene's interval [lo, hi)."""
-    keep = np.zeros(len(values), np.bool_)
+def select_in_interval(genes, values, slot_a, slot_b, lo, hi):  # type: ignore[no-untyped-def]
+    """(slot, value) of every value inside an interval [lo, hi) of one of its gene's slots."""
+    n = 0
+    slots = np.empty(2 * len(values), np.int32)
+    out = np.empty(2 * len(values), np.float64)
     for i in range(len(values)):
-        s = slot_of_gene[genes[i]]
-        keep[i] = s >= 0 and lo[s] <= values[i] < hi[s]
-    idx = np.flatnonzero(keep)
-    slots = np.empty(len(idx), np.int32)
-    for j in range(len(idx)):
-        slots[j] = slot_of_gene[genes[idx[j]]]
-    return slots, values[idx]
+        g = genes[i]
+        v = values[i]
+        for s in (slot_a[g], slot_b[g]):
+            if s >= 0 and lo[s] <= v < hi[s]:
+                slots[n] = s
+                out[n] = v
+                n += 1
+    return slots[:n], out[:n]

@@ -100,6 +100,7 @@ def open_output_atomic(uri: str) -> Iterator[IO[bytes]]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared artifacts
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -1,0 +1,165 @@
+"""`rankformer` command line: vocab build | vocab import-geneformer | tokenize.
+
+Each command accepts ``--config FILE.yaml``; flags given on the command line override it. The same
+functions back `jobs/` (for `ray job submit`), so the CLI and jobs share all code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rankformer.config import (
+    ClusterOptions,
+    ReadOptions,
+    TokenizeConfig,
+    VocabBuildConfig,
+    from_mapping,
+    load_yaml,
+)
+from rankformer.errors import InputError
+
+
+def _read_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gene-id-column", help="var column of gene ids ('index' for var names); "
+                   "default ensembl_id")
+    p.add_argument("--gene-table", help="CSV/TSV of Ensembl id and symbol, to map symbols")
+    p.add_argument("--allow-normalized", action="store_true", default=None,
+                   help="accept non-integer values (medians then describe normalised data)")
+    p.add_argument("--rows-per-shard", type=int, help="cells per shard / Ray task (50000)")
+    p.add_argument("--chunk-rows", type=int, help="cells in memory at once per task (4096)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default RAY_ADDRESS or local)")
+    p.add_argument("--num-workers", type=int, help="concurrent tasks (default: all CPUs)")
+    p.add_argument("--config", help="YAML file of options; flags override it")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankformer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    vocab = sub.add_parser("vocab", help="build or import a gene vocabulary").add_subparsers(
+        dest="vocab_command", required=True)
+    b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
+    b.add_argument("inputs", nargs="*")
+    b.add_argument("--out")
+    b.add_argument("--layout", choices=["v1", "v2"], help="reserve <cls>/<eos> (v2, default)")
+    b.add_argument("--min-cells", type=int, help="leave out genes nonzero in fewer cells (1)")
+    _read_args(b)
+    g = vocab.add_parser("import-geneformer", help="import Geneformer's pickled dictionaries")
+    g.add_argument("--token-dictionary", required=True)
+    g.add_argument("--gene-median-dictionary", required=True)
+    g.add_argument("--mapping-dictionary")
+    g.add_argument("--gene-name-dictionary")
+    g.add_argument("--out", required=True)
+    t = sub.add_parser("tokenize", help="rank-value encode INPUT files into a Parquet corpus")
+    t.add_argument("inputs", nargs="*")
+    t.add_argument("--vocab")
+    t.add_argument("--out")
+    t.add_argument("--layout", choices=["v1", "v2"])
+    t.add_argument("--max-length", type=int, help="tokens per cell incl. specials (2048 v1, 4096 v2)")
+    t.add_argument("--carry", action="append", metavar="OBS[:NAME]",
+                   help="obs column to carry into the corpus, optionally renamed; repeatable")
+    t.add_argument("--coverage-floor", type=float, help="minimum share of counts mapped (0.5)")
+    _read_args(t)
+    return p
+
+
+def _merge(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    """Config file values, overridden by flags that were given."""
+    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    read = dict(values.pop("read", {}) or {})
+    cluster = dict(values.pop("cluster", {}) or {})
+    for name in ("gene_id_column", "gene_table", "allow_normalized", "rows_per_shard", "chunk_rows"):
+        if getattr(args, name, None) is not None:
+            read[name] = getattr(args, name)
+    for name in ("ray_address", "num_workers"):
+        if getattr(args, name, None) is not None:
+            cluster[name] = getattr(args, name)
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None and value != []:
+            values[key] = value
+    values["read"] = from_mapping(ReadOptions, read)
+    values["cluster"] = from_mapping(ClusterOptions, cluster)
+    for required in ("inputs", "out"):
+        if not values.get(required):
+            raise InputError(f"missing {required!r}: give it as a flag or in --config")
+    return values
+
+
+def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
+    if isinstance(items, dict):
+        return items
+    out = {}
+    for item in items or []:
+        src, _, dst = item.partition(":")
+        out[src] = dst or src
+    return out
+
+
+def tokenize_config(args: argparse.Namespace) -> TokenizeConfig:
+    values = _merge(args, ["inputs", "vocab", "out", "layout", "max_length", "coverage_floor"])
+    values["carry"] = _parse_carry(args.carry if args.carry else values.get("carry"))
+    if not values.get("vocab"):
+        raise InputError("missing 'vocab': pass --vocab vocab.json")
+    return from_mapping(TokenizeConfig, values)
+
+
+def vocab_build_config(args: argparse.Namespace) -> VocabBuildConfig:
+    return from_mapping(VocabBuildConfig, _merge(args, ["inputs", "out", "layout", "min_cells"]))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "tokenize":
+        from rankformer.corpus.tokenize import run_tokenize
+
+        run_tokenize(tokenize_config(args))
+    elif args.vocab_command == "build":
+        from rankformer.corpus.medians import run_vocab_build
+
+        run_vocab_build(vocab_build_config(args))
+    else:
+        from rankformer.io.geneformer import import_geneformer
+
+        vocab = import_geneformer(args.token_dictionary, args.gene_median_dictionary,
+                                  args.mapping_dictionary, args.gene_name_dictionary)
+        digest = vocab.save(args.out)
+        print(f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
+              f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RANKFORMER_LOG", "WARNING"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        return run(argv)
+    except (InputError, FileNotFoundError) as exc:
+        print(f"rankformer: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = _user_error_inside(exc)
+        if cause is None:
+            raise
+        print(f"rankformer: error: {cause}", file=sys.stderr)
+        return 2
+
+
+def _user_error_inside(exc: BaseException) -> BaseException | None:
+    """An InputError/FileNotFoundError raised inside a Ray task, unwrapped from Ray's wrappers."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, InputError | FileNotFoundError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

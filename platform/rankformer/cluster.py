@@ -1,0 +1,66 @@
+"""The thin Ray layer: join or start a cluster, and run a plain function over shards with Ray Data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rankformer.config import ClusterOptions
+
+
+def ensure_ray(opts: ClusterOptions) -> None:
+    """Join ``opts.ray_address`` or RAY_ADDRESS (as under `ray job submit`), else start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+def map_shards(
+    tasks: list[dict[str, Any]],
+    fn: Callable[[dict[str, Any]], bytes],
+    opts: ClusterOptions,
+) -> Iterator[bytes]:
+    """Run ``fn(task)`` for every task dict on the cluster, one Ray task per shard, and yield the
+    payload each returns (callers choose the encoding). A worker that dies is retried by Ray; an
+    exception raised by ``fn`` is not, and surfaces here."""
+    import numpy as np
+    import ray
+
+    ensure_ray(opts)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+
+    def _apply(batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+        keys = list(batch)
+        n = len(batch[keys[0]])
+        return {"payload": [fn({k: _plain(batch[k][i]) for k in keys}) for i in range(n)]}
+
+    fault = os.environ.get("RANKFORMER_FAULT_INJECT")
+    # test hook: forward the fault plan to the workers
+    runtime_env = {"env_vars": {"RANKFORMER_FAULT_INJECT": fault}} if fault else None
+    ds = ds.map_batches(
+        _apply, batch_size=1, batch_format="numpy", num_cpus=1, concurrency=opts.num_workers,
+        runtime_env=runtime_env, ray_remote_args_fn=lambda: {"max_retries": 4},
+    )
+    for row in ds.iter_rows():
+        yield row["payload"]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
+def maybe_inject_fault(point: str, shard_name: str) -> None:
+    """Test hook: RANKFORMER_FAULT_INJECT='point:shard_name:marker_path' kills this worker process
+    once (the marker file records that it happened) at the named point."""
+    spec = os.environ.get("RANKFORMER_FAULT_INJECT", "")
+    if spec.count(":") < 2:
+        return
+    want_point, want_shard, marker = spec.split(":", 2)
+    if want_point == point and want_shard == shard_name and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"killed at {point} in {shard_name}, pid {os.getpid()}\n")
+        os._exit(1)

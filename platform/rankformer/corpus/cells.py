@@ -1,0 +1,176 @@
+"""What every pass over the corpus shares: the plan of row-range shards, checks of the counts, each
+cell's total counts and filter, and the mapping of a file's genes onto vocabulary genes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from rankformer import schema
+from rankformer.config import ReadOptions
+from rankformer.errors import InputError
+from rankformer.io.sources import CellSource, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of input file number ``file_index``: the unit of work and of output."""
+
+    file_index: int
+    uri: str
+    shard_index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"part-f{self.file_index:05d}-s{self.shard_index:06d}.parquet"
+
+
+@dataclass
+class FileInfo:
+    uri: str
+    fmt: str
+    n_cells: int
+    n_genes: int
+    gene_ids: list[str]
+    obs_columns: list[str]
+
+
+def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
+    """Open every input once (header only) so bad files fail before any work starts."""
+    infos = []
+    for uri in inputs:
+        with open_source(uri, read.gene_id_column) as src:
+            ids = ["" if g is None else str(g) for g in src.gene_ids]
+            if not any(i.strip() for i in ids):
+                raise InputError(
+                    f"{uri}: every gene id in column {read.gene_id_column!r} is empty; point "
+                    "--gene-id-column at the column holding Ensembl ids"
+                )
+            infos.append(FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns()))
+            check_counts(src.read_counts(0, min(src.n_cells, read.chunk_rows)), uri, 0,
+                         read.allow_normalized)
+    return infos
+
+
+def plan_shards(infos: list[FileInfo], rows_per_shard: int) -> list[Shard]:
+    shards = []
+    for fi, info in enumerate(infos):
+        for si, start in enumerate(range(0, info.n_cells, rows_per_shard)):
+            shards.append(Shard(fi, info.uri, si, start, min(start + rows_per_shard, info.n_cells)))
+    return shards
+
+
+def check_counts(x: sp.csr_matrix, uri: str, row0: int, allow_normalized: bool) -> None:
+    """Raw counts only: negative, NaN/inf or (unless allowed) non-integer values are errors."""
+    data = x.data
+    if data.dtype.kind in "iu":
+        bad = np.flatnonzero(data < 0) if data.dtype.kind == "i" else np.empty(0, int)
+        what = "a negative count"
+    else:
+        bad = np.flatnonzero(~np.isfinite(data))
+        what = "a NaN or infinite count"
+        if not len(bad):
+            bad = np.flatnonzero(data < 0)
+            what = "a negative count"
+        if not len(bad) and not allow_normalized:
+            bad = np.flatnonzero(data != np.round(data))
+            what = "a non-integer count"
+    if len(bad):
+        k = int(bad[0])
+        row = int(np.searchsorted(x.indptr, k, side="right") - 1) + row0
+        hint = (" Pass --allow-normalized to accept normalised values (medians then describe "
+                "normalised data, not counts)." if what == "a non-integer count" else "")
+        raise InputError(f"{uri}: row {row} has {what} ({data[k]!r}) in X; rankformer expects raw "
+                         f"UMI counts.{hint}")
+
+
+def cell_totals(src: CellSource, start: int, stop: int, x: sp.csr_matrix) -> np.ndarray:
+    """obs n_counts as given (the reference never recomputes it), else the row sums of X."""
+    if schema.N_COUNTS not in src.obs_columns():
+        return np.asarray(x.sum(axis=1)).ravel()
+    n = src.read_obs(schema.N_COUNTS, start, stop)
+    if n.dtype == object:
+        raise InputError(f"{src.uri}: obs['n_counts'] is not numeric; fix it or drop the column "
+                         "so rankformer computes totals from X")
+    has_counts = np.diff(x.indptr) > 0
+    bad = has_counts & ~(np.isfinite(n) & (n > 0))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{src.uri}: obs['n_counts'] is {n[row]!r} at row {start + row}, a cell with counts; "
+            "fix the column, or drop it so rankformer computes totals from X"
+        )
+    return n
+
+
+def keep_mask(src: CellSource, start: int, stop: int) -> np.ndarray:
+    """Cells to use: filter_pass == 1 when that obs column exists, else all."""
+    if schema.FILTER_PASS not in src.obs_columns():
+        return np.ones(stop - start, dtype=bool)
+    values = src.read_obs(schema.FILTER_PASS, start, stop)
+    return np.asarray([v == 1 or v is True for v in values], dtype=bool)
+
+
+@dataclass
+class Chunk:
+    start: int  # first row, in file coordinates
+    counts: sp.csr_matrix  # kept cells only
+    n_counts: np.ndarray
+    rows: np.ndarray  # file row of each kept cell
+    n_read: int
+    n_filtered: int
+
+
+def iter_chunks(src: CellSource, shard: Shard, read: ReadOptions) -> Iterator[Chunk]:
+    for start in range(shard.start, shard.stop, read.chunk_rows):
+        stop = min(start + read.chunk_rows, shard.stop)
+        x = src.read_counts(start, stop)
+        check_counts(x, src.uri, start, read.allow_normalized)
+        keep = keep_mask(src, start, stop)
+        n = cell_totals(src, start, stop, x)
+        rows = np.arange(start, stop, dtype=np.int64)
+        if not keep.all():
+            x, n, rows = x[keep], n[keep], rows[keep]
+        if not x.has_sorted_indices:
+            x = x.sorted_indices()
+        yield Chunk(start, x, n, rows, stop - start, int((~keep).sum()))
+
+
+def coverage(
+    src: CellSource, col_map: np.ndarray, read: ReadOptions, sample_rows: int = 2000
+) -> dict[str, float]:
+    """Share of genes and of counts (over the first ``sample_rows`` cells) that map."""
+    x = src.read_counts(0, min(src.n_cells, sample_rows))
+    per_col = np.asarray(x.sum(axis=0)).ravel().astype(np.float64)
+    total = per_col.sum()
+    mapped = col_map >= 0
+    return {
+        "genes": float(mapped.mean()),
+        "counts": float(per_col[mapped].sum() / total) if total > 0 else 0.0,
+        "n_genes": len(col_map),
+        "n_genes_mapped": int(mapped.sum()),
+        "n_empty_ids": int(sum(1 for g in src.gene_ids if g is None or not str(g).strip())),
+    }
+
+
+def check_coverage(
+    uri: str, cov: dict[str, float], floor: float, describe_ids: Callable[[], str]
+) -> None:
+    log.info("%s: %.1f%% of genes (%d/%d) and %.1f%% of counts map to the vocabulary", uri,
+             100 * cov["genes"], cov["n_genes_mapped"], cov["n_genes"], 100 * cov["counts"])
+    print(f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
+          f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%")
+    if cov["counts"] < floor:
+        raise InputError(
+            f"{uri}: only {100 * cov['counts']:.1f}% of counts map to the vocabulary (floor "
+            f"{100 * floor:.0f}%); the gene ids look like {describe_ids()}. Lower --coverage-floor "
+            "only if that is expected."
+        )

@@ -1,0 +1,222 @@
+"""Raw files -> Parquet corpus of rank-value encoded cells, one shard per row range, on Ray Data.
+
+Each shard is written whole or not at all (temporary name, then rename; on S3 the object appears
+when its upload completes) and carries its own statistics in the Parquet footer, so a rerun skips
+finished shards and the manifest is rebuilt from what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import rankformer
+from rankformer import schema
+from rankformer.cluster import map_shards, maybe_inject_fault
+from rankformer.config import TokenizeConfig, to_dict
+from rankformer.corpus.cells import (
+    Chunk,
+    Shard,
+    check_coverage,
+    coverage,
+    inspect_inputs,
+    iter_chunks,
+    plan_shards,
+)
+from rankformer.corpus.kernels import rank_chunk
+from rankformer.errors import InputError
+from rankformer.io import fs
+from rankformer.io.sources import open_source
+from rankformer.vocab import GeneVocab, guess_id_kind
+
+_VOCAB_CACHE: dict[str, GeneVocab] = {}
+
+
+def _vocab(uri: str, expect_hash: str) -> GeneVocab:
+    """Loaded once per worker process and checked against the hash the driver saw."""
+    if expect_hash not in _VOCAB_CACHE:
+        _VOCAB_CACHE[expect_hash] = GeneVocab.load(uri, expect_hash=expect_hash)
+    return _VOCAB_CACHE[expect_hash]
+
+
+@dataclass
+class _Layout:
+    max_genes: int
+    prefix: int
+    suffix: int
+
+
+def _layout(cfg: TokenizeConfig, vocab: GeneVocab) -> _Layout:
+    if cfg.layout == "v2":
+        if not vocab.has_v2_specials:
+            raise InputError(
+                f"vocabulary {cfg.vocab} has no <cls>/<eos> tokens (a Geneformer V1 vocabulary); "
+                "use --layout v1, or a V2 vocabulary for the v2 layout"
+            )
+        return _Layout(cfg.max_genes, vocab.token(schema.CLS), vocab.token(schema.EOS))
+    return _Layout(cfg.max_genes, -1, -1)
+
+
+def _carried_arrays(src: Any, chunk: Chunk, carry: dict[str, str], stop: int) -> dict[str, Any]:
+    out = {}
+    for obs_name, out_name in carry.items():
+        values = src.read_obs(obs_name, chunk.start, stop)[chunk.rows - chunk.start]
+        if values.dtype == object:
+            out[out_name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        else:
+            out[out_name] = pa.array(values)
+    return out
+
+
+def _chunk_table(
+    src: Any, chunk: Chunk, shard: Shard, col_token: np.ndarray, median: np.ndarray,
+    lay: _Layout, carry: dict[str, str],
+) -> tuple[pa.Table, int]:
+    ids, lengths = rank_chunk(chunk.counts, chunk.n_counts, col_token, median, lay.max_genes,
+                              lay.prefix, lay.suffix)
+    kept = lengths > 0
+    offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int32)
+    np.cumsum(lengths[kept], out=offsets[1:])
+    stop = chunk.start + chunk.n_read
+    cell_ids = src.cell_ids(chunk.start, stop)[chunk.rows - chunk.start][kept]
+    columns: dict[str, Any] = {
+        schema.INPUT_IDS: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
+        schema.LENGTH: pa.array(lengths[kept], pa.int32()),
+        schema.CELL_ID: pa.array([str(c) for c in cell_ids], pa.string()),
+        schema.SOURCE_FILE: pa.array([shard.uri] * int(kept.sum()), pa.string()),
+        schema.SOURCE_ROW: pa.array(chunk.rows[kept], pa.int64()),
+    }
+    for name, arr in _carried_arrays(src, chunk, carry, stop).items():
+        columns[name] = arr.filter(pa.array(kept))
+    return pa.table(columns), int((~kept).sum())
+
+
+def tokenize_shard(task: dict[str, Any]) -> bytes:
+    """Tokenize one shard into ``<out>/<shard name>``; return its statistics (JSON)."""
+    cfg = TokenizeConfig(**json.loads(task["config"]))
+    shard = Shard(task["file_index"], task["uri"], task["shard_index"], task["start"], task["stop"])
+    vocab = _vocab(cfg.vocab, task["vocab_hash"])
+    lay = _layout(cfg, vocab)
+    median = vocab.median_by_token()
+    stats = {"shard": shard.name, "file_index": shard.file_index, "uri": shard.uri,
+             "start": shard.start, "stop": shard.stop, "cells_in": 0, "cells_out": 0,
+             "dropped_no_genes": 0, "dropped_filter": 0, "tokens": 0}
+    t0 = time.perf_counter()
+    with open_source(shard.uri, cfg.read.gene_id_column) as src, \
+            fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink:
+        col_token = vocab.map_gene_ids(list(src.gene_ids))
+        writer: pq.ParquetWriter | None = None
+        for chunk in iter_chunks(src, shard, cfg.read):
+            table, dropped = _chunk_table(src, chunk, shard, col_token, median, lay, cfg.carry)
+            if writer is None:
+                writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+            stats["cells_in"] += chunk.n_read
+            stats["cells_out"] += table.num_rows
+            stats["dropped_no_genes"] += dropped
+            stats["dropped_filter"] += chunk.n_filtered
+            stats["tokens"] += int(table[schema.LENGTH].to_numpy().sum())
+        assert writer is not None  # a shard has at least one row
+        writer.add_key_value_metadata({schema.SHARD_STATS_KEY: json.dumps(stats, sort_keys=True)})
+        writer.close()
+        maybe_inject_fault("before-rename", shard.name)
+    stats["seconds"] = time.perf_counter() - t0
+    return json.dumps(stats).encode()
+
+
+def read_shard_stats(uri: str) -> dict[str, Any]:
+    with fs.open_input(uri) as f:
+        meta = pq.read_metadata(f).metadata or {}
+    if schema.SHARD_STATS_KEY not in meta:
+        raise InputError(f"{uri} is not a rankformer corpus shard (no shard statistics)")
+    return dict(json.loads(meta[schema.SHARD_STATS_KEY]))
+
+
+def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
+    """Refuse an output folder that holds anything but this very corpus (finished or partial)."""
+    claim_uri = fs.join(cfg.out, schema.CORPUS_CLAIM)
+    present = [n for n in fs.listdir(cfg.out) if not n.startswith(".tmp-")]
+    if schema.CORPUS_CLAIM in present:
+        claim = json.loads(fs.read_bytes(claim_uri))
+        if claim.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"output {cfg.out} holds a different corpus (inputs, vocabulary or options "
+                f"differ: {claim.get('fingerprint')} vs {fingerprint}); choose a new --out "
+                "folder or delete that one"
+            )
+        return
+    if present:
+        raise InputError(f"output {cfg.out} is not empty and holds no rankformer corpus "
+                         f"(found {present[:5]}); choose an empty or new --out folder")
+    fs.makedirs(cfg.out)
+    doc = {"fingerprint": fingerprint, "config": to_dict(cfg)}
+    fs.write_bytes_atomic(claim_uri, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
+    infos = inspect_inputs(cfg.inputs, cfg.read)
+    for info in infos:
+        missing = [c for c in cfg.carry if c not in info.obs_columns]
+        if missing:
+            raise InputError(f"{info.uri}: obs has no column(s) {missing} to carry; columns are "
+                             f"{info.obs_columns}")
+        col_token = vocab.map_gene_ids(info.gene_ids)
+        with open_source(info.uri, cfg.read.gene_id_column) as src:
+            cov = coverage(src, col_token, cfg.read)
+        ids = info.gene_ids
+        check_coverage(info.uri, cov, cfg.coverage_floor, lambda ids=ids: guess_id_kind(ids))
+    return plan_shards(infos, cfg.read.rows_per_shard)
+
+
+def run_tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
+    """Tokenize every input; return (and write) the corpus manifest."""
+    t0 = time.perf_counter()
+    vocab = GeneVocab.load(cfg.vocab)
+    _layout(cfg, vocab)
+    shards = _check_inputs(cfg, vocab)
+    fingerprint = cfg.output_fingerprint(vocab.content_hash)
+    _claim_output(cfg, fingerprint)
+    done = set(fs.listdir(cfg.out))
+    pending = [s for s in shards if s.name not in done]
+    config_json = json.dumps(to_dict(cfg))
+    tasks = [{"config": config_json, "vocab_hash": vocab.content_hash, "file_index": s.file_index,
+              "uri": s.uri, "shard_index": s.shard_index, "start": s.start, "stop": s.stop}
+             for s in pending]
+    for _ in map_shards(tasks, tokenize_shard, cfg.cluster) if tasks else ():
+        pass
+    manifest = _write_manifest(cfg, vocab, shards, fingerprint)
+    totals = manifest["totals"]
+    print(f"tokenized {totals['cells_out']:,} of {totals['cells_in']:,} cells "
+          f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
+          f"filtered) into {len(shards)} shards ({len(shards) - len(pending)} already done) at "
+          f"{cfg.out} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def _write_manifest(
+    cfg: TokenizeConfig, vocab: GeneVocab, shards: list[Shard], fingerprint: str
+) -> dict[str, Any]:
+    per_shard = [read_shard_stats(fs.join(cfg.out, s.name)) for s in shards]
+    keys = ("cells_in", "cells_out", "dropped_no_genes", "dropped_filter", "tokens")
+    files = []
+    for fi, uri in enumerate(cfg.inputs):
+        mine = [s for s in per_shard if s["file_index"] == fi]
+        files.append({"uri": uri, **{k: sum(s[k] for s in mine) for k in keys}})
+    manifest = {
+        "format": "rankformer-corpus", "format_version": 1,
+        "software": {"rankformer": rankformer.__version__},
+        "vocab_hash": vocab.content_hash, "fingerprint": fingerprint, "config": to_dict(cfg),
+        "files": files,
+        "shards": [{"name": s["shard"], "file_index": s["file_index"], "start": s["start"],
+                    "stop": s["stop"], "rows": s["cells_out"]} for s in per_shard],
+        "totals": {k: sum(f[k] for f in files) for k in keys},
+    }
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    fs.write_bytes_atomic(fs.join(cfg.out, schema.CORPUS_MANIFEST), body)
+    return manifest
