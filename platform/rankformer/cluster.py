@@ -49,6 +49,19 @@ def map_shards(
         yield row["payload"]
 
 
+def serial_shards(
+    tasks: list[dict[str, Any]], fn: Callable[[dict[str, Any]], bytes], opts: ClusterOptions
+) -> Iterator[bytes]:
+    """The same contract as :func:`map_shards`, in this process: for tests and debugging."""
+    for task in tasks:
+        yield fn(task)
+
+
+Runner = Callable[
+    [list[dict[str, Any]], Callable[[dict[str, Any]], bytes], ClusterOptions], Iterator[bytes]
+]
+
+
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 

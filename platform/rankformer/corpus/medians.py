@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rankformer.cluster import map_shards
+from rankformer.cluster import Runner, map_shards
 from rankformer.config import ReadOptions, VocabBuildConfig, to_dict
 from rankformer.corpus.cells import Shard, inspect_inputs, iter_chunks, plan_shards
 from rankformer.corpus.kernels import gene_values, histogram_values, select_in_interval
@@ -176,10 +176,10 @@ def _read_gene_table(uri: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _run_pass(fn: Any, base: list[dict[str, Any]], arrays: dict[str, np.ndarray],
-              cfg: VocabBuildConfig) -> list[dict[str, np.ndarray]]:
+              cfg: VocabBuildConfig, runner: Runner) -> list[dict[str, np.ndarray]]:
     blob = _to_npz(**arrays)
     tasks = [{**t, "arrays": blob} for t in base]
-    return [_from_npz(p) for p in map_shards(tasks, fn, cfg.cluster)]
+    return [_from_npz(p) for p in runner(tasks, fn, cfg.cluster)]
 
 
 def linear_edges(lo: np.ndarray, hi: np.ndarray, n_bins: int) -> np.ndarray:
@@ -201,7 +201,8 @@ def _slot_arrays(targets: np.ndarray, n_genes: int) -> dict[str, np.ndarray]:
 
 
 def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndarray],
-                    shards: list[Shard]) -> tuple[np.ndarray, np.ndarray, int]:
+                    shards: list[Shard], runner: Runner = map_shards
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """(median per gene, nonzero count per gene, passes over the corpus)."""
     g, nb = n_genes, cfg.histogram_bins
     base = [{"file_index": s.file_index, "uri": s.uri, "start": s.start, "stop": s.stop,
@@ -210,7 +211,7 @@ def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndar
 
     def histogram(arrays: dict[str, np.ndarray], n_slots: int) -> tuple[np.ndarray, np.ndarray]:
         hist, gmax = np.zeros(n_slots * nb, np.int64), np.zeros(g)
-        for part in _run_pass(histogram_shard, base, {**files, **arrays}, cfg):
+        for part in _run_pass(histogram_shard, base, {**files, **arrays}, cfg, runner):
             np.add.at(hist, part["code"], part["count"])
             np.maximum(gmax, part["gmax"], out=gmax)
         return hist.reshape(n_slots, nb), gmax
@@ -235,7 +236,7 @@ def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndar
     if len(collect):
         arrays = {**files, **_slot_arrays(collect, g), "lo": search.lo[collect],
                   "hi": search.hi[collect], "edges": np.empty(0)}
-        parts = _run_pass(collect_shard, base, arrays, cfg)
+        parts = _run_pass(collect_shard, base, arrays, cfg, runner)
         slots = np.concatenate([p["slot"] for p in parts])
         values = np.concatenate([p["value"] for p in parts])
         order = np.argsort(slots, kind="stable")
@@ -245,7 +246,7 @@ def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndar
     return search.medians(), search.n, passes
 
 
-def run_vocab_build(cfg: VocabBuildConfig) -> GeneVocab:
+def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneVocab:
     t0 = time.perf_counter()
     aliases, names = _read_gene_table(cfg.read.gene_table) if cfg.read.gene_table else ({}, {})
     infos = inspect_inputs(cfg.inputs, cfg.read)
@@ -261,7 +262,7 @@ def run_vocab_build(cfg: VocabBuildConfig) -> GeneVocab:
     col_genes = [np.asarray([-1 if r is None else index[r] for r in res], np.int32)
                  for res in resolved]
     shards = plan_shards(infos, cfg.read.rows_per_shard)
-    medians, n_nonzero, passes = compute_medians(cfg, len(genes), col_genes, shards)
+    medians, n_nonzero, passes = compute_medians(cfg, len(genes), col_genes, shards, runner)
     keep = n_nonzero >= cfg.min_cells
     kept = [gid for gid, k in zip(genes, keep, strict=True) if k]
     vocab = build_vocab(

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 import rankformer
 from rankformer import schema
-from rankformer.cluster import map_shards, maybe_inject_fault
+from rankformer.cluster import Runner, map_shards, maybe_inject_fault
 from rankformer.config import TokenizeConfig, to_dict
 from rankformer.corpus.cells import (
     Chunk,
@@ -138,6 +138,17 @@ def read_shard_stats(uri: str) -> dict[str, Any]:
     return dict(json.loads(meta[schema.SHARD_STATS_KEY]))
 
 
+def corpus_files(out: str) -> list[str]:
+    """The shard files of a finished corpus, in order, from its manifest (never a bare listing,
+    which could include another run's leftovers)."""
+    uri = fs.join(out, schema.CORPUS_MANIFEST)
+    if not fs.exists(uri):
+        raise InputError(f"{out} holds no finished corpus (no {schema.CORPUS_MANIFEST}); run or "
+                         "rerun `rankformer tokenize` to finish it")
+    manifest = json.loads(fs.read_bytes(uri))
+    return [fs.join(out, s["name"]) for s in manifest["shards"]]
+
+
 def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
     """Refuse an output folder that holds anything but this very corpus (finished or partial)."""
     claim_uri = fs.join(cfg.out, schema.CORPUS_CLAIM)
@@ -174,7 +185,7 @@ def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
     return plan_shards(infos, cfg.read.rows_per_shard)
 
 
-def run_tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
+def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, Any]:
     """Tokenize every input; return (and write) the corpus manifest."""
     t0 = time.perf_counter()
     vocab = GeneVocab.load(cfg.vocab)
@@ -188,7 +199,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
     tasks = [{"config": config_json, "vocab_hash": vocab.content_hash, "file_index": s.file_index,
               "uri": s.uri, "shard_index": s.shard_index, "start": s.start, "stop": s.stop}
              for s in pending]
-    for _ in map_shards(tasks, tokenize_shard, cfg.cluster) if tasks else ():
+    for _ in runner(tasks, tokenize_shard, cfg.cluster) if tasks else ():
         pass
     manifest = _write_manifest(cfg, vocab, shards, fingerprint)
     totals = manifest["totals"]

@@ -1,0 +1,133 @@
+"""Fixtures that start real components on 127.0.0.1: a two-raylet Ray cluster, a moto S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RANKFORMER_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+DATA = SHARED / "data"
+
+# Nothing writes to the real home or reaches for a hub.
+_HOME = tempfile.mkdtemp(prefix="rankformer-test-home-")
+for var, value in {
+    "HOME": _HOME, "HF_HOME": f"{_HOME}/hf", "MPLCONFIGDIR": f"{_HOME}/mpl",
+    "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}.items():
+    os.environ[var] = value
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def needs_shared() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not DATA.exists(), reason=f"../shared not found at {SHARED}: the real "
+                              "test data and reference dictionaries live there")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not DATA.exists():
+        pytest.skip(f"../shared not found at {SHARED}")
+    return SHARED
+
+
+def _ray(*args: str) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_bin), *args], check=True, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict[str, str]]:
+    """Two raylets on one machine (a real two-node cluster), shared by the whole session."""
+    import ray
+
+    port, dash = _free_port(), _free_port()
+    store = "--object-store-memory=1500000000"
+    _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+         store, "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--disable-usage-stats")
+    try:
+        _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             store, "--disable-usage-stats")
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, log_to_driver=False)
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        ray.shutdown()
+        _ray("stop", "--force")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1; AWS_* variables point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def geneformer_v2_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
+    from rankformer.io.geneformer import import_geneformer
+
+    g = shared / "reference" / "geneformer"
+    vocab = import_geneformer(str(g / "token_dictionary_gc104M.pkl"),
+                              str(g / "gene_median_dictionary_gc104M.pkl"),
+                              str(g / "ensembl_mapping_dict_gc104M.pkl"),
+                              str(g / "gene_name_id_dict_gc104M.pkl"))
+    out = str(tmp_path_factory.mktemp("vocab") / "gf_v2.json")
+    vocab.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def geneformer_v1_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
+    from rankformer.io.geneformer import import_geneformer
+
+    g = shared / "reference" / "geneformer"
+    vocab = import_geneformer(str(g / "token_dictionary_gc30M.pkl"),
+                              str(g / "gene_median_dictionary_gc30M.pkl"),
+                              str(g / "ensembl_mapping_dict_gc30M.pkl"))
+    out = str(tmp_path_factory.mktemp("vocab") / "gf_v1.json")
+    vocab.save(out)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_home() -> Iterator[None]:
+    yield
+    shutil.rmtree(_HOME, ignore_errors=True)
