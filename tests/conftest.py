@@ -54,8 +54,9 @@ def _ray(*args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[dict[str, str]]:
-    """Two raylets on one machine (a real two-node cluster), shared by the whole session."""
+def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
+    """Two raylets on one machine (a real two-node cluster), shared by the whole session. Started
+    after the S3 server so its nodes carry the AWS settings, as a configured cluster would."""
     import ray
 
     port, dash = _free_port(), _free_port()

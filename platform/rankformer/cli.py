@@ -21,6 +21,7 @@ from rankformer.config import (
     from_mapping,
     load_yaml,
 )
+from rankformer.cluster import user_error_inside
 from rankformer.errors import InputError
 
 
@@ -142,23 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rankformer: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        cause = _user_error_inside(exc)
+        cause = user_error_inside(exc)
         if cause is None:
             raise
         print(f"rankformer: error: {cause}", file=sys.stderr)
         return 2
-
-
-def _user_error_inside(exc: BaseException) -> BaseException | None:
-    """An InputError/FileNotFoundError raised inside a Ray task, unwrapped from Ray's wrappers."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, InputError | FileNotFoundError):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 if __name__ == "__main__":

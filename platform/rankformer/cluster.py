@@ -43,10 +43,45 @@ def map_shards(
     runtime_env = {"env_vars": {"RANKFORMER_FAULT_INJECT": fault}} if fault else None
     ds = ds.map_batches(
         _apply, batch_size=1, batch_format="numpy", num_cpus=1, concurrency=opts.num_workers,
-        runtime_env=runtime_env, ray_remote_args_fn=lambda: {"max_retries": 4},
+        runtime_env=runtime_env,  # Ray retries a task whose worker died (3 times by default)
     )
-    for row in ds.iter_rows():
-        yield row["payload"]
+    try:
+        for row in ds.iter_rows():
+            yield row["payload"]
+    except Exception as exc:
+        user = user_error_inside(exc)
+        if user is None:
+            raise
+        raise user from exc
+
+
+def user_error_inside(exc: BaseException) -> BaseException | None:
+    """An input error raised inside a Ray task, unwrapped from Ray's wrappers (None if none)."""
+    from rankformer.errors import InputError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, InputError | FileNotFoundError) and not type(cur).__name__.startswith("Ray"):
+            return cur
+        todo += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
+    # Ray Data keeps only the text of a UDF's exception: recover our own error types from it.
+    import re
+
+    from rankformer.errors import VocabError
+
+    kinds: dict[str, type[Exception]] = {"rankformer.errors.InputError": InputError,
+                                         "rankformer.errors.VocabError": VocabError,
+                                         "FileNotFoundError": FileNotFoundError}
+    found = re.findall(r"^(rankformer\.errors\.\w+|FileNotFoundError): (.+)$", str(exc), re.M)
+    for kind, message in found:
+        if kind in kinds:
+            return kinds[kind](message.strip())
+    return None
 
 
 def serial_shards(

@@ -88,7 +88,7 @@ def check_counts(x: sp.csr_matrix, uri: str, row0: int, allow_normalized: bool) 
         row = int(np.searchsorted(x.indptr, k, side="right") - 1) + row0
         hint = (" Pass --allow-normalized to accept normalised values (medians then describe "
                 "normalised data, not counts)." if what == "a non-integer count" else "")
-        raise InputError(f"{uri}: row {row} has {what} ({data[k]!r}) in X; rankformer expects raw "
+        raise InputError(f"{uri}: row {row} has {what} ({data[k].item()!r}) in X; rankformer expects raw "
                          f"UMI counts.{hint}")
 
 

@@ -202,6 +202,9 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     for _ in runner(tasks, tokenize_shard, cfg.cluster) if tasks else ():
         pass
     manifest = _write_manifest(cfg, vocab, shards, fingerprint)
+    for name in fs.listdir(cfg.out):  # leftovers of workers killed mid-write
+        if name.startswith(".tmp-"):
+            fs.remove(fs.join(cfg.out, name))
     totals = manifest["totals"]
     print(f"tokenized {totals['cells_out']:,} of {totals['cells_in']:,} cells "
           f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
