@@ -55,8 +55,9 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
                     "--gene-id-column at the column holding Ensembl ids"
                 )
             infos.append(FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns()))
-            check_counts(src.read_counts(0, min(src.n_cells, read.chunk_rows)), uri, 0,
-                         read.allow_normalized)
+            # the first chunk gets every check a worker makes, so most mistakes stop us here
+            first = Shard(len(infos) - 1, uri, 0, 0, min(src.n_cells, read.chunk_rows))
+            next(iter_chunks(src, first, read))
     return infos
 
 
@@ -105,7 +106,7 @@ def cell_totals(src: CellSource, start: int, stop: int, x: sp.csr_matrix) -> np.
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise InputError(
-            f"{src.uri}: obs['n_counts'] is {n[row]!r} at row {start + row}, a cell with counts; "
+            f"{src.uri}: obs['n_counts'] is {n[row].item()!r} at row {start + row}, a cell with counts; "
             "fix the column, or drop it so rankformer computes totals from X"
         )
     return n

@@ -30,7 +30,10 @@ def filesystem(uri: str) -> fsspec.AbstractFileSystem:
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        # other processes (Ray workers) write here: never answer from a stale listing cache
+        kwargs: dict[str, Any] = {"use_listings_cache": False}
+        if endpoint:
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
         return fsspec.filesystem("s3", **kwargs)
     return fsspec.filesystem(protocol)
 

@@ -1,0 +1,50 @@
+"""Every input format gives the same corpus as the same cells in .h5ad."""
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import write_anndata
+
+from rankformer.cluster import serial_shards
+from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.synth import SynthSpec, counts_chunk, gene_ids, write_10x_h5, write_10x_mtx, write_loom
+from rankformer.vocab import build_vocab
+
+N_CELLS, N_GENES = 30, 40
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fmt")
+    x, _ = counts_chunk(SynthSpec(n_cells=N_CELLS, n_genes=N_GENES, genes_per_cell=15, seed=9),
+                        0, N_CELLS)
+    ids = gene_ids(N_GENES)
+    barcodes = [f"c{i}" for i in range(N_CELLS)]
+    paths = {"h5ad": write_anndata(str(d / "x.h5ad"), x, list(ids))}
+    write_loom(str(d / "x.loom"), x, ids, barcodes)
+    write_10x_h5(str(d / "x.h5"), x, ids, barcodes)
+    write_10x_mtx(str(d / "mtx_gz"), x, ids, barcodes, gz=True)
+    write_10x_mtx(str(d / "mtx"), x, ids, barcodes, gz=False)
+    paths.update({"loom": str(d / "x.loom"), "10x-h5": str(d / "x.h5"),
+                  "mtx.gz folder": str(d / "mtx_gz"), "mtx file": str(d / "mtx" / "matrix.mtx")})
+    vocab = str(d / "v.json")
+    build_vocab(list(ids), [1.0 + i / 10 for i in range(N_GENES)]).save(vocab)
+    return paths, vocab
+
+
+def _tokens(path, vocab, out):
+    cfg = TokenizeConfig(inputs=[path], vocab=vocab, out=str(out),
+                         read=ReadOptions(rows_per_shard=11, chunk_rows=4))
+    run_tokenize(cfg, runner=serial_shards)
+    t = pq.read_table(corpus_files(str(out))).to_pydict()
+    return t["input_ids"], t["cell_id"]
+
+
+@pytest.mark.parametrize("fmt", ["loom", "10x-h5", "mtx.gz folder", "mtx file"])
+def test_format_matches_h5ad(cells, fmt, tmp_path):
+    paths, vocab = cells
+    ref_ids, ref_cells = _tokens(paths["h5ad"], vocab, tmp_path / "ref")
+    ids, cell_ids = _tokens(paths[fmt], vocab, tmp_path / "fmt")
+    assert ids == ref_ids and len(ids) == N_CELLS
+    assert cell_ids == [f"c{i}" for i in range(N_CELLS)]
+    assert ref_cells[0] == "c0"

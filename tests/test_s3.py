@@ -1,0 +1,74 @@
+"""s3:// inputs and outputs through a moto S3 server on 127.0.0.1, run on the Ray cluster."""
+
+import json
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from helpers import write_anndata
+
+from rankformer.config import ReadOptions, TokenizeConfig, VocabBuildConfig
+from rankformer.corpus.medians import run_vocab_build
+from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.synth import SynthSpec, write_h5ad
+
+pytestmark = [pytest.mark.s3, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, tmp_path_factory):
+    name = "rankformer-test"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    d = tmp_path_factory.mktemp("s3src")
+    write_h5ad(str(d / "a.h5ad"), SynthSpec(n_cells=60, n_genes=30, genes_per_cell=12, seed=5),
+               chunk_rows=25)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.upload_file(str(d / "a.h5ad"), name, "raw/a.h5ad")
+    return name, str(d / "a.h5ad")
+
+
+def test_vocab_build_and_tokenize_on_s3(ray_cluster, bucket, tmp_path):
+    name, local = bucket
+    read = ReadOptions(rows_per_shard=25, chunk_rows=10)
+    vocab_uri = f"s3://{name}/vocab/v.json"
+    remote = run_vocab_build(VocabBuildConfig(inputs=[f"s3://{name}/raw/a.h5ad"], out=vocab_uri,
+                                              read=read))
+    local_vocab = run_vocab_build(VocabBuildConfig(inputs=[local], out=str(tmp_path / "v.json"),
+                                                   read=read))
+    assert remote.medians.tolist() == local_vocab.medians.tolist()
+    out = f"s3://{name}/corpus"
+    manifest = run_tokenize(TokenizeConfig(inputs=[f"s3://{name}/raw/a.h5ad"], vocab=vocab_uri,
+                                           out=out, read=read))
+    assert manifest["totals"]["cells_out"] == 60 and len(manifest["shards"]) == 3
+    fs = s3fs.S3FileSystem()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{name}/corpus"))
+    assert names == ["_corpus_config.json", "manifest.json", "part-f00000-s000000.parquet",
+                     "part-f00000-s000001.parquet", "part-f00000-s000002.parquet"]
+    files = [f.replace("s3://", "") for f in corpus_files(out)]
+    table = pq.read_table(files, filesystem=fs)
+    assert table.num_rows == 60
+    on_s3 = json.loads(fs.cat(f"{name}/corpus/manifest.json"))
+    assert on_s3["vocab_hash"] == remote.content_hash
+
+
+def test_missing_bucket_and_key_are_named(s3_server, tmp_path):
+    vocab = str(tmp_path / "v.json")
+    from rankformer.vocab import build_vocab
+
+    build_vocab(["ENSG00000000001"], [1.0]).save(vocab)
+    for uri in ("s3://no-such-bucket/a.h5ad", "s3://rankformer-test/raw/missing.h5ad"):
+        with pytest.raises(FileNotFoundError, match=uri.replace(".", r"\.")):
+            run_tokenize(TokenizeConfig(inputs=[uri], vocab=vocab, out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_aborted_s3_write_leaves_no_object(s3_server, bucket):
+    from rankformer.io import fs as rfs
+
+    name, _ = bucket
+    with pytest.raises(RuntimeError), rfs.open_output_atomic(f"s3://{name}/half.bin") as f:
+        f.write(np.zeros(10, np.uint8).tobytes())
+        raise RuntimeError("die mid-write")
+    assert not rfs.exists(f"s3://{name}/half.bin")
