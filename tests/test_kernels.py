@@ -100,3 +100,19 @@ def test_random_cells_match_the_numpy_restatement(dtype, nc_dtype):
             merged[:, t - 4] += counts[:, j]
     expect = reference_rank(merged, n_counts, np.array([4, 5, 6, 7, -1, -1, -1, -1]), MEDIAN, 3)
     assert _rank(counts, n_counts, col_token, max_genes=3) == expect
+
+
+def test_values_differing_in_the_lowest_bits_keep_their_exact_order():
+    # token 4's median is one ulp above token 5's: with equal counts its value is a hair lower.
+    # The packed sort key drops the low bits (where token ids go), so the tie-break must see the
+    # full values: 5 before 4, although 4 has the lower token id.
+    median = np.array([np.nan] * 4 + [np.nextafter(1.0, 2.0), 1.0, 3.0])
+    x = sp.csr_matrix(np.array([[7.0, 7.0, 7.0]]))
+    ids, lengths = rank_chunk(x, np.array([100.0]), np.array([4, 5, 6], np.int32), median, 10)
+    v = 7.0 / 100.0 * 10000 / median[4:]
+    assert v[1] > v[0] and np.float64(v[1]).view(np.uint64) - np.float64(v[0]).view(np.uint64) < 8
+    assert split_packed(ids, lengths) == [[5, 4, 6]]
+    # and exactly equal values still go by token id
+    median = np.array([np.nan] * 4 + [1.0, 1.0, 3.0])
+    ids, lengths = rank_chunk(x, np.array([100.0]), np.array([5, 4, 6], np.int32), median, 10)
+    assert split_packed(ids, lengths) == [[4, 5, 6]]
