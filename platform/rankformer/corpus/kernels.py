@@ -117,7 +117,8 @@ def rank_rows(data, indices, indptr, n_counts, col_token, has_dups, median_by_to
               target, max_genes, prefix, suffix, out_ids, out_len):
     """Rank-value encode every row; write tokens packed into ``out_ids`` and lengths to ``out_len``.
 
-    ``data``/``n_counts``/``target`` share the work dtype. ``prefix``/``suffix`` are token ids added
+    ``n_counts``/``target`` are in the work dtype; ``data`` in its own (promotion happens per
+    division, as in numpy). ``prefix``/``suffix`` are token ids added
     around each kept cell's genes (-1 for none). A row with no vocabulary gene gets length 0.
     """
     n_rows = len(indptr) - 1
@@ -177,7 +178,9 @@ def rank_chunk(
     """(packed int32 token ids, int32 length per row; 0 = no vocabulary gene) for a CSR chunk."""
     wd = work_dtype(counts.dtype, n_counts.dtype)
     has_dups = bool(_has_duplicates(col_token))
-    data = np.ascontiguousarray(counts.data, dtype=wd)
+    # Counts stay in their own dtype: numba promotes ``count / n`` exactly as numpy does (integer
+    # or float32 counts over float64 totals -> float64; float32 over float32 -> float32).
+    data = counts.data if counts.data.dtype.kind in "iuf" else counts.data.astype(wd)
     extra = int(prefix >= 0) + int(suffix >= 0)
     out_ids = np.empty(counts.nnz + extra * counts.shape[0], np.int32)
     out_len = np.empty(counts.shape[0], np.int32)

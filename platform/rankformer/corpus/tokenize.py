@@ -8,6 +8,7 @@ finished shards and the manifest is rebuilt from what is on disk.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,9 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
         writer.add_key_value_metadata({schema.SHARD_STATS_KEY: json.dumps(stats, sort_keys=True)})
         writer.close()
         maybe_inject_fault("before-rename", shard.name)
+    # run-time facts go back to the driver only: the footer stays identical across reruns
     stats["seconds"] = time.perf_counter() - t0
+    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return json.dumps(stats).encode()
 
 
@@ -199,8 +202,7 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     tasks = [{"config": config_json, "vocab_hash": vocab.content_hash, "file_index": s.file_index,
               "uri": s.uri, "shard_index": s.shard_index, "start": s.start, "stop": s.stop}
              for s in pending]
-    for _ in runner(tasks, tokenize_shard, cfg.cluster) if tasks else ():
-        pass
+    ran = [json.loads(p) for p in runner(tasks, tokenize_shard, cfg.cluster)] if tasks else []
     manifest = _write_manifest(cfg, vocab, shards, fingerprint)
     for name in fs.listdir(cfg.out):  # leftovers of workers killed mid-write
         if name.startswith(".tmp-"):
@@ -210,6 +212,9 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
           f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
           f"filtered) into {len(shards)} shards ({len(shards) - len(pending)} already done) at "
           f"{cfg.out} in {time.perf_counter() - t0:.1f}s")
+    # returned, not written: how this run went (the manifest on disk stays deterministic)
+    manifest["run"] = {"seconds": time.perf_counter() - t0, "tasks": len(ran),
+                       "peak_rss_mb": max((r["peak_rss_mb"] for r in ran), default=0.0)}
     return manifest
 
 
