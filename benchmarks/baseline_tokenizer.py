@@ -44,12 +44,24 @@ def main() -> None:
             nz = np.flatnonzero(row)
             order = np.argsort(-row[nz])
             cells.append(np.concatenate([[2], tokens[nz[order]][:4094], [3]]).astype(np.int32))
-    table = pa.table({"input_ids": pa.array(cells, pa.list_(pa.int32())),
-                      "length": pa.array([len(c) for c in cells], pa.int32())})
+    table = pa.table(
+        {
+            "input_ids": pa.array(cells, pa.list_(pa.int32())),
+            "length": pa.array([len(c) for c in cells], pa.int32()),
+        }
+    )
     pq.write_table(table, args.out, compression="zstd")
     seconds = time.perf_counter() - t0
-    print(json.dumps({"cells": args.cells, "seconds": seconds, "cells_per_s": args.cells / seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "cells": args.cells,
+                "seconds": seconds,
+                "cells_per_s": args.cells / seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,39 +33,70 @@ def main() -> None:
     path = str(corpus(args.cells, args.genes, args.genes_per_cell))
     base = {"n_cells": args.cells, "n_genes": args.genes, "genes_per_cell_drawn": args.genes_per_cell}
     out = WORK / "plain_medians.npz"
-    proc = subprocess.run([sys.executable, str(HERE / "plain_medians.py"), "--input", path,
-                           "--out", str(out)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "plain_medians.py"), "--input", path, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = np.load(out)
     record("medians", "seconds", plain["seconds"], "s", {**base, "method": "plain numpy.median"})
-    record("medians", "peak_rss_mb", plain["peak_rss_mb"], "MB", {**base, "method": "plain numpy.median",
-                                                                 "nnz": plain["nnz"]})
-    record("medians", "seconds", plain["tdigest_seconds"], "s",
-           {**base, "method": "t-digest (delta 100, per shard then merged)"})
+    record(
+        "medians",
+        "peak_rss_mb",
+        plain["peak_rss_mb"],
+        "MB",
+        {**base, "method": "plain numpy.median", "nnz": plain["nnz"]},
+    )
+    record(
+        "medians",
+        "seconds",
+        plain["tdigest_seconds"],
+        "s",
+        {**base, "method": "t-digest (delta 100, per shard then merged)"},
+    )
     exact = ref["exact"]
     ok = ~np.isnan(exact)
     td_err = np.abs(ref["tdigest"][ok] - exact[ok]) / exact[ok]
-    record("medians", "tdigest_max_rel_error", td_err.max(), "fraction",
-           {**base, "delta": 100, "median_rel_error": round(float(np.median(td_err)), 6)})
+    record(
+        "medians",
+        "tdigest_max_rel_error",
+        td_err.max(),
+        "fraction",
+        {**base, "delta": 100, "median_rel_error": round(float(np.median(td_err)), 6)},
+    )
     for workers in (1, 2):
         ray.shutdown()
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cfg = VocabBuildConfig(inputs=[path], out=str(WORK / "bench_vocab.json"),
-                               read=ReadOptions(rows_per_shard=25_000, chunk_rows=4096),
-                               cluster=ClusterOptions(num_workers=workers))
+        cfg = VocabBuildConfig(
+            inputs=[path],
+            out=str(WORK / "bench_vocab.json"),
+            read=ReadOptions(rows_per_shard=25_000, chunk_rows=4096),
+            cluster=ClusterOptions(num_workers=workers),
+        )
         t = time.perf_counter()
         vocab = run_vocab_build(cfg)
         seconds = time.perf_counter() - t
         ray.shutdown()
         ours = np.full(args.genes, np.nan)
         ours[[int(g[4:]) - 1 for g in vocab.gene_ids]] = vocab.medians
-        record("medians", "seconds", seconds, "s", {**base, "method": "rankformer exact",
-                                                    "workers": workers,
-                                                    "passes": vocab.provenance["passes"]})
+        record(
+            "medians",
+            "seconds",
+            seconds,
+            "s",
+            {**base, "method": "rankformer exact", "workers": workers, "passes": vocab.provenance["passes"]},
+        )
     assert np.array_equal(np.isnan(ours), np.isnan(exact)), "genes differ"
-    record("medians", "max_abs_error_vs_numpy", np.abs(ours[ok] - exact[ok]).max(), "abs",
-           {**base, "method": "rankformer exact", "genes": int(ok.sum())})
+    record(
+        "medians",
+        "max_abs_error_vs_numpy",
+        np.abs(ours[ok] - exact[ok]).max(),
+        "abs",
+        {**base, "method": "rankformer exact", "genes": int(ok.sum())},
+    )
 
 
 if __name__ == "__main__":

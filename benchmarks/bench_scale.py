@@ -27,31 +27,50 @@ def main() -> None:
 
     t = time.perf_counter()
     path = str(corpus(args.cells, args.genes, args.genes_per_cell))
-    base = {"n_cells": args.cells, "n_genes": args.genes, "genes_per_cell_drawn": args.genes_per_cell,
-            "workers": args.workers, "file_gb": round(os.path.getsize(path) / 1e9, 1)}
+    base = {
+        "n_cells": args.cells,
+        "n_genes": args.genes,
+        "genes_per_cell_drawn": args.genes_per_cell,
+        "workers": args.workers,
+        "file_gb": round(os.path.getsize(path) / 1e9, 1),
+    }
     print(f"corpus ready in {time.perf_counter() - t:.0f}s: {path}")
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     read = ReadOptions(rows_per_shard=50_000, chunk_rows=4096)
     cluster = ClusterOptions(num_workers=args.workers)
     t = time.perf_counter()
-    vocab = run_vocab_build(VocabBuildConfig(inputs=[path], out=str(WORK / "scale_vocab.json"),
-                                             read=read, cluster=cluster))
+    vocab = run_vocab_build(
+        VocabBuildConfig(inputs=[path], out=str(WORK / "scale_vocab.json"), read=read, cluster=cluster)
+    )
     seconds = time.perf_counter() - t
-    record("scale", "seconds", seconds, "s", {**base, "stage": "vocab build",
-                                              "passes": vocab.provenance["passes"]})
+    record(
+        "scale",
+        "seconds",
+        seconds,
+        "s",
+        {**base, "stage": "vocab build", "passes": vocab.provenance["passes"]},
+    )
     record("scale", "cells_per_s", args.cells / seconds, "cells/s", {**base, "stage": "vocab build"})
     out = WORK / "scale_corpus"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    manifest = run_tokenize(TokenizeConfig(inputs=[path], vocab=str(WORK / "scale_vocab.json"),
-                                           out=str(out), read=read, cluster=cluster))
+    manifest = run_tokenize(
+        TokenizeConfig(
+            inputs=[path], vocab=str(WORK / "scale_vocab.json"), out=str(out), read=read, cluster=cluster
+        )
+    )
     seconds = time.perf_counter() - t
     stage = {**base, "stage": "tokenize", "shards": len(manifest["shards"])}
     record("scale", "seconds", seconds, "s", stage)
     record("scale", "cells_per_s", manifest["totals"]["cells_out"] / seconds, "cells/s", stage)
-    record("scale", "peak_rss_mb", manifest["run"]["peak_rss_mb"], "MB",
-           {**stage, "who": "worker (max over workers)"})
+    record(
+        "scale",
+        "peak_rss_mb",
+        manifest["run"]["peak_rss_mb"],
+        "MB",
+        {**stage, "who": "worker (max over workers)"},
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -49,8 +49,13 @@ def kernel(path: str, vocab_path: str, base: dict) -> float:
         t = time.perf_counter()
         rank_chunk(x, n, col, med, 4094, 2, 3)
         best = max(best, x.shape[0] / (time.perf_counter() - t))
-    record("tokenize", "cells_per_s_per_core", best, "cells/s",
-           {**base, "stage": "kernel", "n_cells": 8192, "nnz_per_cell": round(x.nnz / x.shape[0])})
+    record(
+        "tokenize",
+        "cells_per_s_per_core",
+        best,
+        "cells/s",
+        {**base, "stage": "kernel", "n_cells": 8192, "nnz_per_cell": round(x.nnz / x.shape[0])},
+    )
     return best
 
 
@@ -62,30 +67,64 @@ def end_to_end(path: str, vocab: str, workers: int, n_cells: int, base: dict) ->
     ray.shutdown()
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = TokenizeConfig(inputs=[path], vocab=vocab, out=str(out),
-                         read=ReadOptions(rows_per_shard=25_000, chunk_rows=4096),
-                         cluster=ClusterOptions(num_workers=workers))
+    cfg = TokenizeConfig(
+        inputs=[path],
+        vocab=vocab,
+        out=str(out),
+        read=ReadOptions(rows_per_shard=25_000, chunk_rows=4096),
+        cluster=ClusterOptions(num_workers=workers),
+    )
     t = time.perf_counter()
     manifest = run_tokenize(cfg)
     seconds = time.perf_counter() - t
     ray.shutdown()
     shutil.rmtree(out, ignore_errors=True)
     per_core = manifest["totals"]["cells_out"] / seconds / workers
-    cfg_rec = {**base, "stage": "end_to_end", "workers": workers, "n_cells": n_cells,
-               "rows_per_shard": 25_000, "seconds": round(seconds, 2)}
+    cfg_rec = {
+        **base,
+        "stage": "end_to_end",
+        "workers": workers,
+        "n_cells": n_cells,
+        "rows_per_shard": 25_000,
+        "seconds": round(seconds, 2),
+    }
     record("tokenize", "cells_per_s_per_core", per_core, "cells/s", cfg_rec)
-    record("tokenize", "tokens_per_s_per_core", manifest["totals"]["tokens"] / seconds / workers,
-           "tokens/s", cfg_rec)
-    record("tokenize", "peak_rss_mb", manifest["run"]["peak_rss_mb"], "MB",
-           {**cfg_rec, "who": "worker (max over workers)"})
+    record(
+        "tokenize",
+        "tokens_per_s_per_core",
+        manifest["totals"]["tokens"] / seconds / workers,
+        "tokens/s",
+        cfg_rec,
+    )
+    record(
+        "tokenize",
+        "peak_rss_mb",
+        manifest["run"]["peak_rss_mb"],
+        "MB",
+        {**cfg_rec, "who": "worker (max over workers)"},
+    )
     return per_core, manifest["run"]["peak_rss_mb"]
 
 
 def baseline(path: str, vocab: str, n_cells: int, base: dict) -> dict:
     out = WORK / "baseline.parquet"
-    proc = subprocess.run([sys.executable, str(HERE / "baseline_tokenizer.py"), "--input", path,
-                           "--vocab", vocab, "--cells", str(n_cells), "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "baseline_tokenizer.py"),
+            "--input",
+            path,
+            "--vocab",
+            vocab,
+            "--cells",
+            str(n_cells),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     out.unlink(missing_ok=True)
     cfg_rec = {**base, "stage": "baseline", "n_cells": n_cells, "seconds": round(res["seconds"], 2)}
@@ -116,9 +155,18 @@ def main() -> None:
     n = max(sizes)
     one, two = results[(n, 1)][0], results[(n, 2)][0]
     best_baseline = max(r["cells_per_s"] for r in base_runs)
-    record("tokenize", "ratio_vs_baseline", one / best_baseline, "x",
-           {**base, "n_cells": n, "ours": "end_to_end 1 worker", "baseline_cells_per_s":
-            round(best_baseline, 1)})
+    record(
+        "tokenize",
+        "ratio_vs_baseline",
+        one / best_baseline,
+        "x",
+        {
+            **base,
+            "n_cells": n,
+            "ours": "end_to_end 1 worker",
+            "baseline_cells_per_s": round(best_baseline, 1),
+        },
+    )
     record("tokenize", "scaling_efficiency_2_workers", two / one, "fraction", {**base, "n_cells": n})
 
 

@@ -21,10 +21,11 @@ def machine() -> str:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = "unknown cpu"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return f"{cores} cores, {mem_gib:.0f} GiB, {cpu}"
@@ -32,17 +33,25 @@ def machine() -> str:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def record(benchmark: str, metric: str, value: float, unit: str, config: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    line = {"benchmark": benchmark, "metric": metric, "value": round(float(value), 4), "unit": unit,
-            "config": config, "machine": machine(), "git": git_sha(),
-            "date": datetime.date.today().isoformat()}
+    line = {
+        "benchmark": benchmark,
+        "metric": metric,
+        "value": round(float(value), 4),
+        "unit": unit,
+        "config": config,
+        "machine": machine(),
+        "git": git_sha(),
+        "date": datetime.date.today().isoformat(),
+    }
     with open(RESULTS / f"{benchmark}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
     print(f"{benchmark:>9} {metric:<32} {value:>12.4g} {unit:<8} {json.dumps(config)}")
@@ -54,7 +63,10 @@ def corpus(n_cells: int, n_genes: int, genes_per_cell: int, seed: int = 0) -> Pa
     path = WORK / f"synth_{n_cells}x{n_genes}_g{genes_per_cell}_s{seed}.h5ad"
     if not path.exists():
         tmp = path.with_suffix(".tmp")
-        write_h5ad(str(tmp), SynthSpec(n_cells=n_cells, n_genes=n_genes,
-                                       genes_per_cell=genes_per_cell, seed=seed), chunk_rows=20_000)
+        write_h5ad(
+            str(tmp),
+            SynthSpec(n_cells=n_cells, n_genes=n_genes, genes_per_cell=genes_per_cell, seed=seed),
+            chunk_rows=20_000,
+        )
         tmp.rename(path)
     return path

@@ -99,8 +99,9 @@ def main() -> None:
     a = ad.read_h5ad(args.input)
     x = sp.csr_matrix(a.X)
     n = a.obs["n_counts"].to_numpy().astype(np.float64)
-    norm = sp.csr_matrix((x.data / np.repeat(n, np.diff(x.indptr)) * 10000, x.indices, x.indptr),
-                         shape=x.shape)
+    norm = sp.csr_matrix(
+        (x.data / np.repeat(n, np.diff(x.indptr)) * 10000, x.indices, x.indptr), shape=x.shape
+    )
     csc = norm.tocsc()
     csc.sort_indices()
     exact = np.full(x.shape[1], np.nan)
@@ -111,11 +112,20 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t1 = time.perf_counter()
-    td = tdigest_medians(csc.indptr.astype(np.int64), csc.data, csc.indices.astype(np.int64),
-                         args.rows_per_shard, args.delta)
+    td = tdigest_medians(
+        csc.indptr.astype(np.int64), csc.data, csc.indices.astype(np.int64), args.rows_per_shard, args.delta
+    )
     np.savez(args.out, exact=exact, tdigest=td)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak,
-                      "tdigest_seconds": time.perf_counter() - t1, "nnz": int(x.nnz)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_mb": peak,
+                "tdigest_seconds": time.perf_counter() - t1,
+                "nnz": int(x.nnz),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,17 @@ def _fmt(v: float) -> str:
 
 
 def table() -> str:
-    rows = ["| benchmark | metric | value | unit | configuration | machine, commit, date |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| benchmark | metric | value | unit | configuration | machine, commit, date |",
+        "|---|---|---|---|---|---|",
+    ]
     for path in sorted(RESULTS.glob("*.jsonl")):
         for r in latest(path):
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in HIDDEN)
-            rows.append(f"| {r['benchmark']} | {r['metric']} | {_fmt(r['value'])} | {r['unit']} | "
-                        f"{cfg} | {r['machine']}, {r['git']}, {r['date']} |")
+            rows.append(
+                f"| {r['benchmark']} | {r['metric']} | {_fmt(r['value'])} | {r['unit']} | "
+                f"{cfg} | {r['machine']}, {r['git']}, {r['date']} |"
+            )
     return "\n".join(rows)
 
 

@@ -31,12 +31,17 @@ def csv_to_h5ad(csv: str, out: str) -> None:
     if drift > 1e-6:
         raise ValueError(f"{csv}: values differ from integers by up to {drift}; not raw counts")
     x = sp.csr_matrix(counts.astype(np.int32))
-    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=table.index.astype(str)),
-                       var=pd.DataFrame(index=table.columns.astype(str)))
+    adata = ad.AnnData(
+        X=x,
+        obs=pd.DataFrame(index=table.index.astype(str)),
+        var=pd.DataFrame(index=table.columns.astype(str)),
+    )
     adata.obs["n_counts"] = np.asarray(x.sum(axis=1)).ravel()
     adata.write_h5ad(out)
-    print(f"demo data: {x.shape[0]} cells x {x.shape[1]} genes, {x.nnz / x.shape[0]:.0f} nonzero "
-          f"genes per cell -> {out}")
+    print(
+        f"demo data: {x.shape[0]} cells x {x.shape[1]} genes, {x.nnz / x.shape[0]:.0f} nonzero "
+        f"genes per cell -> {out}"
+    )
 
 
 def main() -> None:
@@ -72,15 +77,18 @@ def show(vocab_path: str, corpus: str) -> None:
     from rankformer.vocab import GeneVocab
 
     vocab = GeneVocab.load(vocab_path)
-    manifest = json.loads(open(os.path.join(corpus, "manifest.json")).read())
+    with open(os.path.join(corpus, "manifest.json")) as f:
+        manifest = json.load(f)
     table = pq.read_table(corpus_files(corpus))
     gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
     first = table.slice(0, 1).to_pylist()[0]
     top = [vocab.gene_names.get(gene_of[t], gene_of[t]) for t in first["input_ids"][1:11]]
     lengths = np.asarray(table["length"])
-    print(f"\ncorpus: {table.num_rows} cells, {lengths.mean():.0f} tokens per cell (min "
-          f"{lengths.min()}, max {lengths.max()}), vocab {vocab.content_hash[:19]}, "
-          f"{len(manifest['shards'])} shards")
+    print(
+        f"\ncorpus: {table.num_rows} cells, {lengths.mean():.0f} tokens per cell (min "
+        f"{lengths.min()}, max {lengths.max()}), vocab {vocab.content_hash[:19]}, "
+        f"{len(manifest['shards'])} shards"
+    )
     print(f"cell {first['cell_id']}: top-ranked genes {', '.join(top)}")
 
 

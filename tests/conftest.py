@@ -22,9 +22,14 @@ DATA = SHARED / "data"
 # Nothing writes to the real home or reaches for a hub.
 _HOME = tempfile.mkdtemp(prefix="rankformer-test-home-")
 for var, value in {
-    "HOME": _HOME, "HF_HOME": f"{_HOME}/hf", "MPLCONFIGDIR": f"{_HOME}/mpl",
-    "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HOME": _HOME,
+    "HF_HOME": f"{_HOME}/hf",
+    "MPLCONFIGDIR": f"{_HOME}/mpl",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }.items():
     os.environ[var] = value
 os.environ.pop("RAY_ADDRESS", None)
@@ -37,8 +42,10 @@ def _free_port() -> int:
 
 
 def needs_shared() -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not DATA.exists(), reason=f"../shared not found at {SHARED}: the real "
-                              "test data and reference dictionaries live there")
+    return pytest.mark.skipif(
+        not DATA.exists(),
+        reason=f"../shared not found at {SHARED}: the real test data and reference dictionaries live there",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +68,27 @@ def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
 
     port, dash = _free_port(), _free_port()
     store = "--object-store-memory=1500000000"
-    _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         store, "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--disable-usage-stats")
+    _ray(
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        store,
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--disable-usage-stats",
+    )
     try:
-        _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             store, "--disable-usage-stats")
+        _ray(
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            store,
+            "--disable-usage-stats",
+        )
         address = f"127.0.0.1:{port}"
         ray.init(address=address, log_to_driver=False)
         deadline = time.time() + 60
@@ -88,10 +110,18 @@ def s3_server() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     yield endpoint
     server.stop()
     for k, v in saved.items():
@@ -106,10 +136,12 @@ def geneformer_v2_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) 
     from rankformer.io.geneformer import import_geneformer
 
     g = shared / "reference" / "geneformer"
-    vocab = import_geneformer(str(g / "token_dictionary_gc104M.pkl"),
-                              str(g / "gene_median_dictionary_gc104M.pkl"),
-                              str(g / "ensembl_mapping_dict_gc104M.pkl"),
-                              str(g / "gene_name_id_dict_gc104M.pkl"))
+    vocab = import_geneformer(
+        str(g / "token_dictionary_gc104M.pkl"),
+        str(g / "gene_median_dictionary_gc104M.pkl"),
+        str(g / "ensembl_mapping_dict_gc104M.pkl"),
+        str(g / "gene_name_id_dict_gc104M.pkl"),
+    )
     out = str(tmp_path_factory.mktemp("vocab") / "gf_v2.json")
     vocab.save(out)
     return out
@@ -120,9 +152,11 @@ def geneformer_v1_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) 
     from rankformer.io.geneformer import import_geneformer
 
     g = shared / "reference" / "geneformer"
-    vocab = import_geneformer(str(g / "token_dictionary_gc30M.pkl"),
-                              str(g / "gene_median_dictionary_gc30M.pkl"),
-                              str(g / "ensembl_mapping_dict_gc30M.pkl"))
+    vocab = import_geneformer(
+        str(g / "token_dictionary_gc30M.pkl"),
+        str(g / "gene_median_dictionary_gc30M.pkl"),
+        str(g / "ensembl_mapping_dict_gc30M.pkl"),
+    )
     out = str(tmp_path_factory.mktemp("vocab") / "gf_v1.json")
     vocab.save(out)
     return out

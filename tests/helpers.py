@@ -8,8 +8,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 
-def write_anndata(path: str, x: sp.csr_matrix | np.ndarray, ids: list[str],
-                  obs: dict[str, object] | None = None, id_column: str = "ensembl_id") -> str:
+def write_anndata(
+    path: str,
+    x: sp.csr_matrix | np.ndarray,
+    ids: list[str],
+    obs: dict[str, object] | None = None,
+    id_column: str = "ensembl_id",
+) -> str:
     x = sp.csr_matrix(x)
     obs_df = pd.DataFrame(obs or {}, index=[f"c{i}" for i in range(x.shape[0])])
     var = pd.DataFrame({id_column: ids}, index=[f"g{i}" for i in range(x.shape[1])])
@@ -17,8 +22,13 @@ def write_anndata(path: str, x: sp.csr_matrix | np.ndarray, ids: list[str],
     return path
 
 
-def reference_rank(counts: np.ndarray, n_counts: np.ndarray, col_token: np.ndarray,
-                   median_by_token: np.ndarray, max_genes: int) -> list[list[int]]:
+def reference_rank(
+    counts: np.ndarray,
+    n_counts: np.ndarray,
+    col_token: np.ndarray,
+    median_by_token: np.ndarray,
+    max_genes: int,
+) -> list[list[int]]:
     """The reference's dense arithmetic ``X / n_counts * 10000 / median``, ties by token id."""
     med = np.where(col_token >= 0, median_by_token[np.maximum(col_token, 0)], np.nan)
     values = counts / n_counts[:, None] * 10000 / med[None, :]

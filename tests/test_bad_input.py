@@ -2,12 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import write_anndata
 
+from helpers import write_anndata
 from rankformer.cluster import serial_shards
 from rankformer.config import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import run_tokenize
@@ -42,8 +43,11 @@ def _h5ad(tmp_path, x=None, ids=IDS, **kw):
 
 def test_missing_gene_id_column_lists_the_columns(tmp_path, vocab):
     path = _h5ad(tmp_path, id_column="gene_ids")
-    with pytest.raises(InputError, match=r"gene-id column 'ensembl_id' not found; columns are: "
-                                         r"\['gene_ids'\].*--gene-id-column"):
+    with pytest.raises(
+        InputError,
+        match=r"gene-id column 'ensembl_id' not found; columns are: "
+        r"\['gene_ids'\].*--gene-id-column",
+    ):
         _tokenize(tmp_path, path, vocab)
 
 
@@ -53,8 +57,13 @@ def test_all_ids_empty(tmp_path, vocab):
         _tokenize(tmp_path, path, vocab)
 
 
-@pytest.mark.parametrize("ids,kind", [(["CD3E", "LYZ", "MS4A1", "NKG7"], "gene symbols"),
-                                      ([f"ENSMUSG{i:011d}" for i in range(4)], "mouse Ensembl")])
+@pytest.mark.parametrize(
+    "ids,kind",
+    [
+        (["CD3E", "LYZ", "MS4A1", "NKG7"], "gene symbols"),
+        ([f"ENSMUSG{i:011d}" for i in range(4)], "mouse Ensembl"),
+    ],
+)
 def test_ids_of_the_wrong_kind(tmp_path, vocab, ids, kind):
     path = _h5ad(tmp_path, ids=ids)
     with pytest.raises(InputError, match=f"only 0.0% of counts map .* look like {kind}"):
@@ -68,8 +77,9 @@ def test_no_cells_and_no_genes(tmp_path, vocab):
         _tokenize(tmp_path, _h5ad(tmp_path, x=np.zeros((3, 0)), ids=[]), vocab)
 
 
-@pytest.mark.parametrize("value,what", [(-1.0, "a negative count"), (np.nan, "a NaN or infinite"),
-                                        (2.5, "a non-integer count")])
+@pytest.mark.parametrize(
+    "value,what", [(-1.0, "a negative count"), (np.nan, "a NaN or infinite"), (2.5, "a non-integer count")]
+)
 def test_bad_counts_name_file_and_row(tmp_path, vocab, value, what):
     x = np.array([[1, 2, 0, 3], [0, 1, 1, 0]], np.float32)
     x[1, 2] = value
@@ -81,8 +91,12 @@ def test_bad_counts_name_file_and_row(tmp_path, vocab, value, what):
 def test_integer_valued_floats_pass_and_allow_normalized_accepts_fractions(tmp_path, vocab):
     x = np.array([[1, 2, 0, 3], [0, 1, 1.5, 0]], np.float32)
     path = _h5ad(tmp_path, x=x)
-    run_tokenize(TokenizeConfig(inputs=[path], vocab=vocab, out=str(tmp_path / "ok"),
-                                read=ReadOptions(allow_normalized=True)), runner=serial_shards)
+    run_tokenize(
+        TokenizeConfig(
+            inputs=[path], vocab=vocab, out=str(tmp_path / "ok"), read=ReadOptions(allow_normalized=True)
+        ),
+        runner=serial_shards,
+    )
     assert (tmp_path / "ok" / "manifest.json").exists()
 
 
@@ -94,7 +108,7 @@ def test_n_counts_zero_for_a_cell_with_counts(tmp_path, vocab):
 
 def test_corrupt_and_truncated_files(tmp_path, vocab):
     path = _h5ad(tmp_path)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     trunc = tmp_path / "trunc.h5ad"
     trunc.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="trunc.h5ad is not a readable HDF5 file.*corrupt or truncated"):
@@ -120,9 +134,9 @@ def test_unknown_format_and_missing_path(tmp_path, vocab):
 
 
 def test_vocab_with_wrong_hash(tmp_path, vocab):
-    doc = json.loads(open(vocab).read())
+    doc = json.loads(Path(vocab).read_text())
     doc["genes"]["median"][0] = 1.5  # edited by hand, hash left as it was
-    open(vocab, "w").write(json.dumps(doc))
+    Path(vocab).write_text(json.dumps(doc))
     with pytest.raises(VocabError, match="edited or corrupted"):
         _tokenize(tmp_path, _h5ad(tmp_path), vocab)
 

@@ -2,8 +2,8 @@
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_anndata
 
+from helpers import write_anndata
 from rankformer.cluster import serial_shards
 from rankformer.config import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
@@ -16,8 +16,7 @@ N_CELLS, N_GENES = 30, 40
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     d = tmp_path_factory.mktemp("fmt")
-    x, _ = counts_chunk(SynthSpec(n_cells=N_CELLS, n_genes=N_GENES, genes_per_cell=15, seed=9),
-                        0, N_CELLS)
+    x, _ = counts_chunk(SynthSpec(n_cells=N_CELLS, n_genes=N_GENES, genes_per_cell=15, seed=9), 0, N_CELLS)
     ids = gene_ids(N_GENES)
     barcodes = [f"c{i}" for i in range(N_CELLS)]
     paths = {"h5ad": write_anndata(str(d / "x.h5ad"), x, list(ids))}
@@ -25,16 +24,23 @@ def cells(tmp_path_factory):
     write_10x_h5(str(d / "x.h5"), x, ids, barcodes)
     write_10x_mtx(str(d / "mtx_gz"), x, ids, barcodes, gz=True)
     write_10x_mtx(str(d / "mtx"), x, ids, barcodes, gz=False)
-    paths.update({"loom": str(d / "x.loom"), "10x-h5": str(d / "x.h5"),
-                  "mtx.gz folder": str(d / "mtx_gz"), "mtx file": str(d / "mtx" / "matrix.mtx")})
+    paths.update(
+        {
+            "loom": str(d / "x.loom"),
+            "10x-h5": str(d / "x.h5"),
+            "mtx.gz folder": str(d / "mtx_gz"),
+            "mtx file": str(d / "mtx" / "matrix.mtx"),
+        }
+    )
     vocab = str(d / "v.json")
     build_vocab(list(ids), [1.0 + i / 10 for i in range(N_GENES)]).save(vocab)
     return paths, vocab
 
 
 def _tokens(path, vocab, out):
-    cfg = TokenizeConfig(inputs=[path], vocab=vocab, out=str(out),
-                         read=ReadOptions(rows_per_shard=11, chunk_rows=4))
+    cfg = TokenizeConfig(
+        inputs=[path], vocab=vocab, out=str(out), read=ReadOptions(rows_per_shard=11, chunk_rows=4)
+    )
     run_tokenize(cfg, runner=serial_shards)
     t = pq.read_table(corpus_files(str(out))).to_pydict()
     return t["input_ids"], t["cell_id"]

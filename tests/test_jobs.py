@@ -7,8 +7,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from rankformer.cli import main
 from rankformer.corpus.tokenize import corpus_files
 from rankformer.synth import SynthSpec, write_h5ad
@@ -26,11 +26,43 @@ def raw(tmp_path_factory):
 
 def test_cli_vocab_build_then_tokenize(ray_cluster, raw, capsys):
     d, path = raw
-    assert main(["vocab", "build", path, "--out", str(d / "cli_vocab.json"), "--rows-per-shard",
-                 "50", "--min-cells", "2"]) == 0
-    assert main(["tokenize", path, "--vocab", str(d / "cli_vocab.json"), "--out",
-                 str(d / "cli_corpus"), "--layout", "v1", "--max-length", "16", "--carry",
-                 "cell_type:celltype", "--rows-per-shard", "50"]) == 0
+    assert (
+        main(
+            [
+                "vocab",
+                "build",
+                path,
+                "--out",
+                str(d / "cli_vocab.json"),
+                "--rows-per-shard",
+                "50",
+                "--min-cells",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "tokenize",
+                path,
+                "--vocab",
+                str(d / "cli_vocab.json"),
+                "--out",
+                str(d / "cli_corpus"),
+                "--layout",
+                "v1",
+                "--max-length",
+                "16",
+                "--carry",
+                "cell_type:celltype",
+                "--rows-per-shard",
+                "50",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "vocabulary of" in out and "tokenized 120 of 120 cells" in out
     t = pq.read_table(corpus_files(str(d / "cli_corpus")))
@@ -40,8 +72,7 @@ def test_cli_vocab_build_then_tokenize(ray_cluster, raw, capsys):
 
 def test_cli_reports_input_errors_with_exit_code_2(raw, capsys, tmp_path):
     _, path = raw
-    code = main(["tokenize", path, "--vocab", str(tmp_path / "missing.json"), "--out",
-                 str(tmp_path / "o")])
+    code = main(["tokenize", path, "--vocab", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "missing.json not found" in capsys.readouterr().err
 
@@ -65,17 +96,26 @@ def _submit(ray_cluster, entrypoint: str) -> str:
 def test_ray_job_submit_of_both_jobs(ray_cluster, raw):
     d, path = raw
     vocab_cfg = d / "vocab.yaml"
-    vocab_cfg.write_text(yaml.safe_dump({"inputs": [path], "out": str(d / "job_vocab.json"),
-                                         "read": {"rows_per_shard": 60}}))
+    vocab_cfg.write_text(
+        yaml.safe_dump({"inputs": [path], "out": str(d / "job_vocab.json"), "read": {"rows_per_shard": 60}})
+    )
     logs = _submit(ray_cluster, f"{sys.executable} {REPO}/jobs/build_vocab.py --config {vocab_cfg}")
     assert "vocabulary of" in logs
     tok_cfg = d / "tokenize.yaml"
-    tok_cfg.write_text(yaml.safe_dump({
-        "inputs": [path], "vocab": str(d / "job_vocab.json"), "out": str(d / "job_corpus"),
-        "carry": {"cell_type": "celltype"}, "read": {"rows_per_shard": 40},
-    }))
-    logs = _submit(ray_cluster, f"{sys.executable} {REPO}/jobs/tokenize_corpus.py --config {tok_cfg}"
-                                " --max-length 64")
+    tok_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [path],
+                "vocab": str(d / "job_vocab.json"),
+                "out": str(d / "job_corpus"),
+                "carry": {"cell_type": "celltype"},
+                "read": {"rows_per_shard": 40},
+            }
+        )
+    )
+    logs = _submit(
+        ray_cluster, f"{sys.executable} {REPO}/jobs/tokenize_corpus.py --config {tok_cfg} --max-length 64"
+    )
     assert "tokenized 120 of 120 cells" in logs
     manifest = json.loads((d / "job_corpus" / "manifest.json").read_text())
     assert manifest["config"]["max_length"] == 64 and len(manifest["shards"]) == 3

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import reference_rank, split_packed
 
+from helpers import reference_rank, split_packed
 from rankformer.corpus.kernels import rank_chunk, work_dtype
 
 # token:  4     5     6     7        (0-3 are <pad> <mask> <cls> <eos>)
@@ -13,8 +13,9 @@ MEDIAN = np.array([np.nan, np.nan, np.nan, np.nan, 2.0, 0.5, 1.0, 4.0])
 
 def _rank(rows, n_counts, col_token, max_genes=10, prefix=-1, suffix=-1):
     x = sp.csr_matrix(np.asarray(rows))
-    ids, lengths = rank_chunk(x, np.asarray(n_counts), np.asarray(col_token, np.int32), MEDIAN,
-                              max_genes, prefix, suffix)
+    ids, lengths = rank_chunk(
+        x, np.asarray(n_counts), np.asarray(col_token, np.int32), MEDIAN, max_genes, prefix, suffix
+    )
     return split_packed(ids, lengths)
 
 
@@ -80,12 +81,15 @@ def test_float32_counts_keep_float32_arithmetic_like_the_reference():
     ours = split_packed(ids, lengths)
     assert ours == reference_rank(x.toarray(), nc, np.array([4, 5]), REAL_MEDIAN, 10)
     # float64 arithmetic would have given another order: the dtype decides
-    assert ours != reference_rank(x.toarray().astype(np.float64), nc.astype(np.float64),
-                                  np.array([4, 5]), REAL_MEDIAN, 10)
+    assert ours != reference_rank(
+        x.toarray().astype(np.float64), nc.astype(np.float64), np.array([4, 5]), REAL_MEDIAN, 10
+    )
 
 
-@pytest.mark.parametrize("dtype,nc_dtype", [(np.int32, np.int64), (np.float32, np.float32),
-                                            (np.float64, np.float64), (np.int64, np.float32)])
+@pytest.mark.parametrize(
+    "dtype,nc_dtype",
+    [(np.int32, np.int64), (np.float32, np.float32), (np.float64, np.float64), (np.int64, np.float32)],
+)
 def test_random_cells_match_the_numpy_restatement(dtype, nc_dtype):
     rng = np.random.default_rng(7)
     counts = rng.poisson(0.6, size=(60, 8)).astype(dtype)  # small counts: many exact ties

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import write_anndata
 
+from helpers import write_anndata
 from rankformer.cluster import serial_shards
 from rankformer.config import ReadOptions, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
@@ -31,8 +31,7 @@ def _numpy_medians(paths, n_genes):
 
 def _build(paths, tmp_path, **kw):
     read = ReadOptions(rows_per_shard=kw.pop("rows_per_shard", 7), chunk_rows=3)
-    cfg = VocabBuildConfig(inputs=[str(p) for p in paths], out=str(tmp_path / "v.json"), read=read,
-                           **kw)
+    cfg = VocabBuildConfig(inputs=[str(p) for p in paths], out=str(tmp_path / "v.json"), read=read, **kw)
     return run_vocab_build(cfg, runner=serial_shards)
 
 

@@ -11,12 +11,12 @@ from rankformer.config import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
 from rankformer.vocab import GeneVocab
 
-CASES = [("pbmc3k_first1k", "V2", "v2"), ("pbmc3k_first1k", "V1", "v1"),
-         ("breast_tumor_302", "V2", "v2")]
+CASES = [("pbmc3k_first1k", "V2", "v2"), ("pbmc3k_first1k", "V1", "v1"), ("breast_tumor_302", "V2", "v2")]
 
 
-def assert_same_modulo_ties(ours: list[int], ref: list[int], counts: list[float],
-                            median_by_token: np.ndarray) -> None:
+def assert_same_modulo_ties(
+    ours: list[int], ref: list[int], counts: list[float], median_by_token: np.ndarray
+) -> None:
     """Equal sequences up to the order inside runs of exactly equal ranking values."""
     assert len(ours) == len(ref)
     med = np.asarray([median_by_token[t] if t < len(median_by_token) else np.nan for t in ref])
@@ -44,12 +44,17 @@ def _check(out_dir: Path, ref_path: Path, vocab_path: str) -> int:
 
 
 @pytest.mark.parametrize("name,ref_layout,layout", CASES)
-def test_parity_with_reference_tokenizer(shared, tmp_path, name, ref_layout, layout,
-                                         geneformer_v1_vocab, geneformer_v2_vocab):
+def test_parity_with_reference_tokenizer(
+    shared, tmp_path, name, ref_layout, layout, geneformer_v1_vocab, geneformer_v2_vocab
+):
     vocab = geneformer_v2_vocab if layout == "v2" else geneformer_v1_vocab
-    cfg = TokenizeConfig(inputs=[str(shared / "data" / f"{name}.h5ad")], vocab=vocab,
-                         out=str(tmp_path / "corpus"), layout=layout,
-                         read=ReadOptions(rows_per_shard=400, chunk_rows=150))
+    cfg = TokenizeConfig(
+        inputs=[str(shared / "data" / f"{name}.h5ad")],
+        vocab=vocab,
+        out=str(tmp_path / "corpus"),
+        layout=layout,
+        read=ReadOptions(rows_per_shard=400, chunk_rows=150),
+    )
     manifest = run_tokenize(cfg, runner=serial_shards)
     ref = shared / "reference" / "expected" / f"{name}_{ref_layout}.parquet"
     exact = _check(tmp_path / "corpus", ref, vocab)

@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from helpers import write_anndata
 
 from rankformer.config import ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
@@ -22,8 +21,7 @@ def bucket(s3_server, tmp_path_factory):
     name = "rankformer-test"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     d = tmp_path_factory.mktemp("s3src")
-    write_h5ad(str(d / "a.h5ad"), SynthSpec(n_cells=60, n_genes=30, genes_per_cell=12, seed=5),
-               chunk_rows=25)
+    write_h5ad(str(d / "a.h5ad"), SynthSpec(n_cells=60, n_genes=30, genes_per_cell=12, seed=5), chunk_rows=25)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.upload_file(str(d / "a.h5ad"), name, "raw/a.h5ad")
     return name, str(d / "a.h5ad")
@@ -33,19 +31,23 @@ def test_vocab_build_and_tokenize_on_s3(ray_cluster, bucket, tmp_path):
     name, local = bucket
     read = ReadOptions(rows_per_shard=25, chunk_rows=10)
     vocab_uri = f"s3://{name}/vocab/v.json"
-    remote = run_vocab_build(VocabBuildConfig(inputs=[f"s3://{name}/raw/a.h5ad"], out=vocab_uri,
-                                              read=read))
-    local_vocab = run_vocab_build(VocabBuildConfig(inputs=[local], out=str(tmp_path / "v.json"),
-                                                   read=read))
+    remote = run_vocab_build(VocabBuildConfig(inputs=[f"s3://{name}/raw/a.h5ad"], out=vocab_uri, read=read))
+    local_vocab = run_vocab_build(VocabBuildConfig(inputs=[local], out=str(tmp_path / "v.json"), read=read))
     assert remote.medians.tolist() == local_vocab.medians.tolist()
     out = f"s3://{name}/corpus"
-    manifest = run_tokenize(TokenizeConfig(inputs=[f"s3://{name}/raw/a.h5ad"], vocab=vocab_uri,
-                                           out=out, read=read))
+    manifest = run_tokenize(
+        TokenizeConfig(inputs=[f"s3://{name}/raw/a.h5ad"], vocab=vocab_uri, out=out, read=read)
+    )
     assert manifest["totals"]["cells_out"] == 60 and len(manifest["shards"]) == 3
     fs = s3fs.S3FileSystem()
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{name}/corpus"))
-    assert names == ["_corpus_config.json", "manifest.json", "part-f00000-s000000.parquet",
-                     "part-f00000-s000001.parquet", "part-f00000-s000002.parquet"]
+    assert names == [
+        "_corpus_config.json",
+        "manifest.json",
+        "part-f00000-s000000.parquet",
+        "part-f00000-s000001.parquet",
+        "part-f00000-s000002.parquet",
+    ]
     files = [f.replace("s3://", "") for f in corpus_files(out)]
     table = pq.read_table(files, filesystem=fs)
     assert table.num_rows == 60

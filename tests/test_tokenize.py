@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import reference_rank, write_anndata
 
+from helpers import reference_rank, write_anndata
 from rankformer.cli import main
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
@@ -34,8 +34,7 @@ def corpus_inputs(tmp_path_factory) -> dict[str, str]:
     x = x.toarray()
     x[5] = 0
     x[5, N_GENES - 1] = 9  # only a gene outside the vocabulary
-    b = write_anndata(str(d / "b.h5ad"), x, list(gene_ids(N_GENES)),
-                      obs={"cell_type": ["t"] * 25})
+    b = write_anndata(str(d / "b.h5ad"), x, list(gene_ids(N_GENES)), obs={"cell_type": ["t"] * 25})
     medians = np.random.default_rng(0).uniform(0.5, 3.0, N_GENES - 1)
     vocab = str(d / "vocab.json")
     build_vocab(list(gene_ids(N_GENES)[:-1]), medians).save(vocab)
@@ -44,8 +43,14 @@ def corpus_inputs(tmp_path_factory) -> dict[str, str]:
 
 def _config(inputs, out, **kw) -> TokenizeConfig:
     read = kw.pop("read", ReadOptions(rows_per_shard=30, chunk_rows=16))
-    return TokenizeConfig(inputs=[inputs["a"], inputs["b"]], vocab=inputs["vocab"], out=str(out),
-                          carry={"cell_type": "celltype"}, read=read, **kw)
+    return TokenizeConfig(
+        inputs=[inputs["a"], inputs["b"]],
+        vocab=inputs["vocab"],
+        out=str(out),
+        carry={"cell_type": "celltype"},
+        read=read,
+        **kw,
+    )
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -67,8 +72,10 @@ def test_corpus_content_and_manifest(ray_cluster, corpus_inputs, tmp_path):
     assert rows["source_row"][:3] == [1, 2, 3]  # row 0 fails filter_pass
     assert rows["cell_id"][:2] == ["cell1", "cell2"]
     assert set(rows["celltype"][81:]) == {"t"} and rows["celltype"][0].startswith("type")
-    assert all(ids[0] == 2 and ids[-1] == 3 and len(ids) == n <= 12
-               for ids, n in zip(rows["input_ids"], rows["length"], strict=True))
+    assert all(
+        ids[0] == 2 and ids[-1] == 3 and len(ids) == n <= 12
+        for ids, n in zip(rows["input_ids"], rows["length"], strict=True)
+    )
     assert "b.h5ad" in rows["source_file"][-1] and 5 not in rows["source_row"][81:]
 
 
@@ -82,14 +89,14 @@ def test_tokens_equal_the_plain_restatement(ray_cluster, corpus_inputs, tmp_path
     vocab = GeneVocab.load(corpus_inputs["vocab"])
     a = ad.read_h5ad(corpus_inputs["b"])
     x = a.X.toarray()
-    expect = reference_rank(x, x.sum(axis=1), vocab.map_gene_ids(list(a.var["ensembl_id"])),
-                            vocab.median_by_token(), 4094)
+    expect = reference_rank(
+        x, x.sum(axis=1), vocab.map_gene_ids(list(a.var["ensembl_id"])), vocab.median_by_token(), 4094
+    )
     got = pq.read_table(corpus_files(str(out))).to_pydict()["input_ids"][81:]
     assert got == [[2, *e, 3] for e in expect if e]
 
 
-def test_rerun_skips_finished_shards_and_is_byte_identical(ray_cluster, corpus_inputs, tmp_path,
-                                                           capsys):
+def test_rerun_skips_finished_shards_and_is_byte_identical(ray_cluster, corpus_inputs, tmp_path, capsys):
     out = tmp_path / "corpus"
     run_tokenize(_config(corpus_inputs, out))
     first = _digests(out)
@@ -102,13 +109,13 @@ def test_rerun_skips_finished_shards_and_is_byte_identical(ray_cluster, corpus_i
     assert _digests(out) == first
 
 
-def test_worker_killed_mid_write_leaves_an_identical_corpus(ray_cluster, corpus_inputs, tmp_path,
-                                                            monkeypatch):
+def test_worker_killed_mid_write_leaves_an_identical_corpus(
+    ray_cluster, corpus_inputs, tmp_path, monkeypatch
+):
     clean = tmp_path / "clean"
     run_tokenize(_config(corpus_inputs, clean))
     marker = tmp_path / "killed.txt"
-    monkeypatch.setenv("RANKFORMER_FAULT_INJECT",
-                       f"before-rename:part-f00000-s000001.parquet:{marker}")
+    monkeypatch.setenv("RANKFORMER_FAULT_INJECT", f"before-rename:part-f00000-s000001.parquet:{marker}")
     faulty = tmp_path / "faulty"
     run_tokenize(_config(corpus_inputs, faulty))
     assert marker.exists(), "the fault was not injected"
@@ -138,8 +145,20 @@ def test_bad_counts_deep_in_a_file_surface_from_the_worker(ray_cluster, tmp_path
     path = write_anndata(str(tmp_path / "late.h5ad"), x, list(gene_ids(3)))
     vocab = str(tmp_path / "v.json")
     build_vocab(list(gene_ids(3)), [1.0, 1.0, 1.0]).save(vocab)
-    code = main(["tokenize", path, "--vocab", vocab, "--out", str(tmp_path / "o"),
-                 "--chunk-rows", "10", "--rows-per-shard", "20"])
+    code = main(
+        [
+            "tokenize",
+            path,
+            "--vocab",
+            vocab,
+            "--out",
+            str(tmp_path / "o"),
+            "--chunk-rows",
+            "10",
+            "--rows-per-shard",
+            "20",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "late.h5ad: row 33 has a non-integer count" in err and "--allow-normalized" in err
@@ -147,6 +166,5 @@ def test_bad_counts_deep_in_a_file_surface_from_the_worker(ray_cluster, tmp_path
 
 
 def test_two_workers_share_the_work(ray_cluster, corpus_inputs, tmp_path):
-    manifest = run_tokenize(_config(corpus_inputs, tmp_path / "c",
-                                    cluster=ClusterOptions(num_workers=2)))
+    manifest = run_tokenize(_config(corpus_inputs, tmp_path / "c", cluster=ClusterOptions(num_workers=2)))
     assert manifest["totals"]["cells_out"] == 105

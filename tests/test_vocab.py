@@ -3,22 +3,31 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_shared
 
+from conftest import needs_shared
 from rankformer.errors import InputError, VocabError
 from rankformer.io.geneformer import import_geneformer, load_plain_dict
 from rankformer.vocab import (
-    V1_SPECIALS, GeneVocab, aliases_from_table, build_vocab, guess_id_kind, normalize_gene_id,
+    V1_SPECIALS,
+    GeneVocab,
+    aliases_from_table,
+    build_vocab,
+    guess_id_kind,
+    normalize_gene_id,
 )
 
 
 def _vocab() -> GeneVocab:
-    return build_vocab(["ENSG00000000003", "ENSG00000000001", "ENSG00000000002"], [1.5, 0.25, 3.0],
-                       aliases={"TP53": "ENSG00000000002", "GONE": "ENSG99999999999"},
-                       gene_names={"ENSG00000000002": "TP53"})
+    return build_vocab(
+        ["ENSG00000000003", "ENSG00000000001", "ENSG00000000002"],
+        [1.5, 0.25, 3.0],
+        aliases={"TP53": "ENSG00000000002", "GONE": "ENSG99999999999"},
+        gene_names={"ENSG00000000002": "TP53"},
+    )
 
 
 def test_genes_are_numbered_after_specials_in_id_order():
@@ -41,9 +50,9 @@ def test_round_trip_keeps_content_and_hash(tmp_path):
 def test_edited_vocab_is_refused(tmp_path):
     path = str(tmp_path / "v.json")
     _vocab().save(path)
-    doc = json.loads(open(path).read())
+    doc = json.loads(Path(path).read_text())
     doc["genes"]["median"][0] = 0.5
-    open(path, "w").write(json.dumps(doc))
+    Path(path).write_text(json.dumps(doc))
     with pytest.raises(VocabError, match="content_hash .* does not match"):
         GeneVocab.load(path)
 
@@ -53,12 +62,12 @@ def test_wrong_version_and_wrong_expected_hash(tmp_path):
     _vocab().save(path)
     with pytest.raises(VocabError, match="made with sha256:abc"):
         GeneVocab.load(path, expect_hash="sha256:abc")
-    doc = json.loads(open(path).read())
+    doc = json.loads(Path(path).read_text())
     doc["format_version"] = 99
-    open(path, "w").write(json.dumps(doc))
+    Path(path).write_text(json.dumps(doc))
     with pytest.raises(VocabError, match="format_version 99"):
         GeneVocab.load(path)
-    open(path, "w").write("{not json")
+    Path(path).write_text("{not json")
     with pytest.raises(VocabError, match="not valid JSON"):
         GeneVocab.load(path)
 
@@ -100,8 +109,9 @@ def test_restricted_unpickler_refuses_non_dict_values(tmp_path):
 
 def test_numpy_scalars_are_accepted(tmp_path):
     path = tmp_path / "np.pkl"
-    path.write_bytes(pickle.dumps({"<pad>": 0, "ENSG00000000001": np.int16(2),
-                                   "ENSG00000000002": np.float64(0.5)}))
+    path.write_bytes(
+        pickle.dumps({"<pad>": 0, "ENSG00000000001": np.int16(2), "ENSG00000000002": np.float64(0.5)})
+    )
     assert load_plain_dict(str(path)) == {"<pad>": 0, "ENSG00000000001": 2, "ENSG00000000002": 0.5}
 
 
@@ -142,5 +152,7 @@ def test_import_real_geneformer_v1_has_no_cls(geneformer_v1_vocab):
 def test_import_refuses_mismatched_median_dictionary(shared, tmp_path):
     g = shared / "reference" / "geneformer"
     with pytest.raises(VocabError, match="have no entry in"):
-        import_geneformer(str(g / "token_dictionary_gc30M.pkl"), str(tmp_path / "m.pkl")
-                          if (tmp_path / "m.pkl").write_bytes(pickle.dumps({"<pad>": 0})) else "")
+        import_geneformer(
+            str(g / "token_dictionary_gc30M.pkl"),
+            str(tmp_path / "m.pkl") if (tmp_path / "m.pkl").write_bytes(pickle.dumps({"<pad>": 0})) else "",
+        )

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rankformer.cluster import user_error_inside
 from rankformer.config import (
     ClusterOptions,
     ReadOptions,
@@ -21,16 +22,20 @@ from rankformer.config import (
     from_mapping,
     load_yaml,
 )
-from rankformer.cluster import user_error_inside
 from rankformer.errors import InputError
 
 
 def _read_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gene-id-column", help="var column of gene ids ('index' for var names); "
-                   "default ensembl_id")
+    p.add_argument(
+        "--gene-id-column", help="var column of gene ids ('index' for var names); default ensembl_id"
+    )
     p.add_argument("--gene-table", help="CSV/TSV of Ensembl id and symbol, to map symbols")
-    p.add_argument("--allow-normalized", action="store_true", default=None,
-                   help="accept non-integer values (medians then describe normalised data)")
+    p.add_argument(
+        "--allow-normalized",
+        action="store_true",
+        default=None,
+        help="accept non-integer values (medians then describe normalised data)",
+    )
     p.add_argument("--rows-per-shard", type=int, help="cells per shard / Ray task (50000)")
     p.add_argument("--chunk-rows", type=int, help="cells in memory at once per task (4096)")
     p.add_argument("--ray-address", help="Ray cluster to join (default RAY_ADDRESS or local)")
@@ -42,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rankformer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     vocab = sub.add_parser("vocab", help="build or import a gene vocabulary").add_subparsers(
-        dest="vocab_command", required=True)
+        dest="vocab_command", required=True
+    )
     b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
     b.add_argument("inputs", nargs="*")
     b.add_argument("--out")
@@ -61,8 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out")
     t.add_argument("--layout", choices=["v1", "v2"])
     t.add_argument("--max-length", type=int, help="tokens per cell incl. specials (2048 v1, 4096 v2)")
-    t.add_argument("--carry", action="append", metavar="OBS[:NAME]",
-                   help="obs column to carry into the corpus, optionally renamed; repeatable")
+    t.add_argument(
+        "--carry",
+        action="append",
+        metavar="OBS[:NAME]",
+        help="obs column to carry into the corpus, optionally renamed; repeatable",
+    )
     t.add_argument("--coverage-floor", type=float, help="minimum share of counts mapped (0.5)")
     _read_args(t)
     return p
@@ -126,11 +136,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     else:
         from rankformer.io.geneformer import import_geneformer
 
-        vocab = import_geneformer(args.token_dictionary, args.gene_median_dictionary,
-                                  args.mapping_dictionary, args.gene_name_dictionary)
+        vocab = import_geneformer(
+            args.token_dictionary,
+            args.gene_median_dictionary,
+            args.mapping_dictionary,
+            args.gene_name_dictionary,
+        )
         digest = vocab.save(args.out)
-        print(f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
-              f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})")
+        print(
+            f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
+            f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})"
+        )
     return 0
 
 

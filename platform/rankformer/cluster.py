@@ -31,7 +31,7 @@ def map_shards(
     import ray
 
     ensure_ray(opts)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
 
     def _apply(batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
         keys = list(batch)
@@ -41,8 +41,12 @@ def map_shards(
     fault = os.environ.get("RANKFORMER_FAULT_INJECT")
     # test hook: forward the fault plan to the workers
     runtime_env = {"env_vars": {"RANKFORMER_FAULT_INJECT": fault}} if fault else None
-    ds = ds.map_batches(
-        _apply, batch_size=1, batch_format="numpy", num_cpus=1, concurrency=opts.num_workers,
+    ds = items.map_batches(
+        _apply,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        concurrency=opts.num_workers,
         runtime_env=runtime_env,  # Ray retries a task whose worker died (3 times by default)
     )
     try:
@@ -74,9 +78,11 @@ def user_error_inside(exc: BaseException) -> BaseException | None:
 
     from rankformer.errors import VocabError
 
-    kinds: dict[str, type[Exception]] = {"rankformer.errors.InputError": InputError,
-                                         "rankformer.errors.VocabError": VocabError,
-                                         "FileNotFoundError": FileNotFoundError}
+    kinds: dict[str, type[Exception]] = {
+        "rankformer.errors.InputError": InputError,
+        "rankformer.errors.VocabError": VocabError,
+        "FileNotFoundError": FileNotFoundError,
+    }
     found = re.findall(r"^(rankformer\.errors\.\w+|FileNotFoundError): (.+)$", str(exc), re.M)
     for kind, message in found:
         if kind in kinds:
@@ -92,9 +98,7 @@ def serial_shards(
         yield fn(task)
 
 
-Runner = Callable[
-    [list[dict[str, Any]], Callable[[dict[str, Any]], bytes], ClusterOptions], Iterator[bytes]
-]
+Runner = Callable[[list[dict[str, Any]], Callable[[dict[str, Any]], bytes], ClusterOptions], Iterator[bytes]]
 
 
 def _plain(value: Any) -> Any:

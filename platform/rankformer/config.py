@@ -70,12 +70,12 @@ class TokenizeConfig:
             raise InputError(f"max_length {self.max_length} is too small for layout {self.layout}")
         if not 0.0 <= self.coverage_floor <= 1.0:
             raise InputError(f"coverage_floor {self.coverage_floor} must be within [0, 1]")
-        reserved = {schema.INPUT_IDS, schema.LENGTH, schema.CELL_ID, schema.SOURCE_FILE,
-                    schema.SOURCE_ROW}
+        reserved = {schema.INPUT_IDS, schema.LENGTH, schema.CELL_ID, schema.SOURCE_FILE, schema.SOURCE_ROW}
         clash = reserved & set(self.carry.values())
         if clash:
-            raise InputError(f"carried columns may not be named {sorted(clash)}; rename them "
-                             "(--carry obs_name:new_name)")
+            raise InputError(
+                f"carried columns may not be named {sorted(clash)}; rename them (--carry obs_name:new_name)"
+            )
         self.read.check()
 
     @property
@@ -86,8 +86,11 @@ class TokenizeConfig:
     def output_fingerprint(self, vocab_hash: str) -> str:
         """Hash of everything that decides the corpus bytes (not where or how fast it runs)."""
         decisive = {
-            "inputs": self.inputs, "vocab_hash": vocab_hash, "layout": self.layout,
-            "max_length": self.max_length, "carry": self.carry,
+            "inputs": self.inputs,
+            "vocab_hash": vocab_hash,
+            "layout": self.layout,
+            "max_length": self.max_length,
+            "carry": self.carry,
             "gene_id_column": self.read.gene_id_column,
             "allow_normalized": self.read.allow_normalized,
             "rows_per_shard": self.read.rows_per_shard,

@@ -84,24 +84,32 @@ def counts_chunk(spec: SynthSpec, start: int, stop: int) -> tuple[sp.csr_matrix,
 
 
 def _string_dataset(group: h5py.Group, name: str, values: np.ndarray) -> None:
-    ds = group.create_dataset(name, data=np.asarray(values, dtype=object),
-                              dtype=h5py.string_dtype())
+    ds = group.create_dataset(name, data=np.asarray(values, dtype=object), dtype=h5py.string_dtype())
     ds.attrs["encoding-type"] = "string-array"
     ds.attrs["encoding-version"] = "0.2.0"
 
 
-def write_h5ad(path: str, spec: SynthSpec, chunk_rows: int = 20_000, with_n_counts: bool = True,
-               obs_extra: dict[str, np.ndarray] | None = None) -> None:
+def write_h5ad(
+    path: str,
+    spec: SynthSpec,
+    chunk_rows: int = 20_000,
+    with_n_counts: bool = True,
+    obs_extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """An AnnData-readable .h5ad with CSR X written chunk by chunk (anndata's on-disk encoding)."""
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
         x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": np.asarray([spec.n_cells, spec.n_genes])})
+        x.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": np.asarray([spec.n_cells, spec.n_genes]),
+            }
+        )
         data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                   chunks=(1 << 16,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
         indptr = np.zeros(spec.n_cells + 1, np.int64)
         n_counts = np.zeros(spec.n_cells, np.int64)
         types = np.zeros(spec.n_cells, np.int64)
@@ -123,18 +131,31 @@ def write_h5ad(path: str, spec: SynthSpec, chunk_rows: int = 20_000, with_n_coun
         if with_n_counts:
             columns["n_counts"] = n_counts
         columns.update(obs_extra or {})
-        obs.attrs.update({"_index": "_index", "column-order": np.asarray(list(columns), dtype=object),
-                          "encoding-type": "dataframe", "encoding-version": "0.2.0"})
+        obs.attrs.update(
+            {
+                "_index": "_index",
+                "column-order": np.asarray(list(columns), dtype=object),
+                "encoding-type": "dataframe",
+                "encoding-version": "0.2.0",
+            }
+        )
         _string_dataset(obs, "_index", np.asarray([f"cell{i}" for i in range(spec.n_cells)]))
         for name, values in columns.items():
             if values.dtype == object:
                 _string_dataset(obs, name, values)
             else:
                 obs.create_dataset(name, data=values).attrs.update(
-                    {"encoding-type": "array", "encoding-version": "0.2.0"})
+                    {"encoding-type": "array", "encoding-version": "0.2.0"}
+                )
         var = f.create_group("var")
-        var.attrs.update({"_index": "_index", "column-order": np.asarray(["ensembl_id"], dtype=object),
-                          "encoding-type": "dataframe", "encoding-version": "0.2.0"})
+        var.attrs.update(
+            {
+                "_index": "_index",
+                "column-order": np.asarray(["ensembl_id"], dtype=object),
+                "encoding-type": "dataframe",
+                "encoding-version": "0.2.0",
+            }
+        )
         ids = gene_ids(spec.n_genes)
         _string_dataset(var, "_index", np.asarray([f"GENE{i}" for i in range(spec.n_genes)]))
         _string_dataset(var, "ensembl_id", ids)
@@ -167,8 +188,9 @@ def write_10x_h5(path: str, x: sp.csr_matrix, ids: np.ndarray, barcodes: np.ndar
         feats.create_dataset("feature_type", data=np.asarray(["Gene Expression"] * len(ids), dtype="S"))
 
 
-def write_10x_mtx(folder: str, x: sp.csr_matrix, ids: np.ndarray, barcodes: np.ndarray,
-                  gz: bool = True) -> None:
+def write_10x_mtx(
+    folder: str, x: sp.csr_matrix, ids: np.ndarray, barcodes: np.ndarray, gz: bool = True
+) -> None:
     import scipy.io
 
     os.makedirs(folder, exist_ok=True)

@@ -106,9 +106,7 @@ class GeneVocab:
 
     @property
     def content_hash(self) -> str:
-        blob = json.dumps(
-            self._hashed_content(), sort_keys=True, separators=(",", ":"), allow_nan=False
-        )
+        blob = json.dumps(self._hashed_content(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
     def to_json(self) -> str:
@@ -181,8 +179,9 @@ def _check_content(v: GeneVocab) -> None:
     if n == 0:
         raise VocabError("vocabulary has no genes")
     if v.token_ids.shape != (n,) or v.medians.shape != (n,):
-        raise VocabError(f"vocabulary arrays disagree: {n} genes, tokens {v.token_ids.shape}, "
-                         f"medians {v.medians.shape}")
+        raise VocabError(
+            f"vocabulary arrays disagree: {n} genes, tokens {v.token_ids.shape}, medians {v.medians.shape}"
+        )
     for name in (schema.PAD, schema.MASK):
         if name not in v.specials:
             raise VocabError(f"vocabulary lacks special token {name}")
@@ -194,9 +193,7 @@ def _check_content(v: GeneVocab) -> None:
     bad = ~(np.isfinite(v.medians) & (v.medians > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise VocabError(
-            f"gene {v.gene_ids[i]} has median {v.medians[i]!r}; medians must be finite and > 0"
-        )
+        raise VocabError(f"gene {v.gene_ids[i]} has median {v.medians[i]!r}; medians must be finite and > 0")
 
 
 def build_vocab(
@@ -248,7 +245,7 @@ def guess_id_kind(raw_ids: Sequence[object]) -> str:
     ids = [x for x in ids if x]
     if not ids:
         return "empty ids"
-    sample = ids[: 5000]
+    sample = ids[:5000]
     share = lambda pat: sum(1 for x in sample if re.match(pat, x)) / len(sample)  # noqa: E731
     if share(r"^ENSMUSG\d") > 0.5:
         return "mouse Ensembl ids (ENSMUSG…): map them to human orthologs or use a mouse vocabulary"
@@ -259,6 +256,8 @@ def guess_id_kind(raw_ids: Sequence[object]) -> str:
     if share(r"^\d+$") > 0.5:
         return "numeric ids (Entrez?): map them to Ensembl ids first"
     if share(r"^[A-Z][A-Z0-9\-\.]*$") > 0.5:
-        return ("gene symbols (e.g. " + ", ".join(sample[:3]) + "): pass --gene-table with a "
-                "symbol->Ensembl table, or point --gene-id-column at an Ensembl id column")
+        return (
+            "gene symbols (e.g. " + ", ".join(sample[:3]) + "): pass --gene-table with a "
+            "symbol->Ensembl table, or point --gene-id-column at an Ensembl id column"
+        )
     return "unrecognised ids (e.g. " + ", ".join(sample[:3]) + ")"

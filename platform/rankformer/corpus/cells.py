@@ -87,10 +87,15 @@ def check_counts(x: sp.csr_matrix, uri: str, row0: int, allow_normalized: bool) 
     if len(bad):
         k = int(bad[0])
         row = int(np.searchsorted(x.indptr, k, side="right") - 1) + row0
-        hint = (" Pass --allow-normalized to accept normalised values (medians then describe "
-                "normalised data, not counts)." if what == "a non-integer count" else "")
-        raise InputError(f"{uri}: row {row} has {what} ({data[k].item()!r}) in X; rankformer expects raw "
-                         f"UMI counts.{hint}")
+        hint = (
+            " Pass --allow-normalized to accept normalised values (medians then describe "
+            "normalised data, not counts)."
+            if what == "a non-integer count"
+            else ""
+        )
+        raise InputError(
+            f"{uri}: row {row} has {what} ({data[k].item()!r}) in X; rankformer expects raw UMI counts.{hint}"
+        )
 
 
 def cell_totals(src: CellSource, start: int, stop: int, x: sp.csr_matrix) -> np.ndarray:
@@ -99,8 +104,10 @@ def cell_totals(src: CellSource, start: int, stop: int, x: sp.csr_matrix) -> np.
         return np.asarray(x.sum(axis=1)).ravel()
     n = src.read_obs(schema.N_COUNTS, start, stop)
     if n.dtype == object:
-        raise InputError(f"{src.uri}: obs['n_counts'] is not numeric; fix it or drop the column "
-                         "so rankformer computes totals from X")
+        raise InputError(
+            f"{src.uri}: obs['n_counts'] is not numeric; fix it or drop the column "
+            "so rankformer computes totals from X"
+        )
     has_counts = np.diff(x.indptr) > 0
     bad = has_counts & ~(np.isfinite(n) & (n > 0))
     if bad.any():
@@ -162,13 +169,19 @@ def coverage(
     }
 
 
-def check_coverage(
-    uri: str, cov: dict[str, float], floor: float, describe_ids: Callable[[], str]
-) -> None:
-    log.info("%s: %.1f%% of genes (%d/%d) and %.1f%% of counts map to the vocabulary", uri,
-             100 * cov["genes"], cov["n_genes_mapped"], cov["n_genes"], 100 * cov["counts"])
-    print(f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
-          f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%")
+def check_coverage(uri: str, cov: dict[str, float], floor: float, describe_ids: Callable[[], str]) -> None:
+    log.info(
+        "%s: %.1f%% of genes (%d/%d) and %.1f%% of counts map to the vocabulary",
+        uri,
+        100 * cov["genes"],
+        cov["n_genes_mapped"],
+        cov["n_genes"],
+        100 * cov["counts"],
+    )
+    print(
+        f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
+        f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%"
+    )
     if cov["counts"] < floor:
         raise InputError(
             f"{uri}: only {100 * cov['counts']:.1f}% of counts map to the vocabulary (floor "

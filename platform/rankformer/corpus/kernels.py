@@ -77,8 +77,10 @@ def _rank_tokens(val, tok, m, shift, keys, tmp, counts, val_by_tok, out):  # typ
         for a in range(i + 1, j):  # rare, short runs: insertion sort on (-value, token)
             cur = out[a]
             b = a - 1
-            while b >= i and (val_by_tok[out[b]] < val_by_tok[cur] or (
-                    val_by_tok[out[b]] == val_by_tok[cur] and out[b] > cur)):
+            while b >= i and (
+                val_by_tok[out[b]] < val_by_tok[cur]
+                or (val_by_tok[out[b]] == val_by_tok[cur] and out[b] > cur)
+            ):
                 out[b + 1] = out[b]
                 b -= 1
             out[b + 1] = cur
@@ -113,8 +115,21 @@ def _gather_row(data, indices, lo, hi, col_token, has_dups, acc, seen, tok, cnt)
 
 
 @numba.njit(cache=True, nogil=True)
-def rank_rows(data, indices, indptr, n_counts, col_token, has_dups, median_by_token,  # type: ignore[no-untyped-def]
-              target, max_genes, prefix, suffix, out_ids, out_len):
+def rank_rows(  # type: ignore[no-untyped-def]
+    data,
+    indices,
+    indptr,
+    n_counts,
+    col_token,
+    has_dups,
+    median_by_token,
+    target,
+    max_genes,
+    prefix,
+    suffix,
+    out_ids,
+    out_len,
+):
     """Rank-value encode every row; write tokens packed into ``out_ids`` and lengths to ``out_len``.
 
     ``n_counts``/``target`` are in the work dtype; ``data`` in its own (promotion happens per
@@ -141,8 +156,7 @@ def rank_rows(data, indices, indptr, n_counts, col_token, has_dups, median_by_to
     val_by_tok = np.zeros(n_tokens, np.float64)
     pos = 0
     for r in range(n_rows):
-        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_token, has_dups, acc, seen,
-                        tok, cnt)
+        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_token, has_dups, acc, seen, tok, cnt)
         if m == 0:
             out_len[r] = 0
             continue
@@ -185,9 +199,19 @@ def rank_chunk(
     out_ids = np.empty(counts.nnz + extra * counts.shape[0], np.int32)
     out_len = np.empty(counts.shape[0], np.int32)
     used = rank_rows(
-        data, counts.indices, counts.indptr.astype(np.int64), n_counts.astype(wd), col_token,
-        has_dups, median_by_token, np.asarray([TARGET_SUM], wd), max_genes, prefix, suffix,
-        out_ids, out_len,
+        data,
+        counts.indices,
+        counts.indptr.astype(np.int64),
+        n_counts.astype(wd),
+        col_token,
+        has_dups,
+        median_by_token,
+        np.asarray([TARGET_SUM], wd),
+        max_genes,
+        prefix,
+        suffix,
+        out_ids,
+        out_len,
     )
     return out_ids[:used], out_len
 
@@ -215,8 +239,7 @@ def gene_values(data, indices, indptr, n_counts, col_gene, has_dups, n_genes):  
     seen = np.zeros(n_genes, np.bool_)
     pos = 0
     for r in range(len(indptr) - 1):
-        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_gene, has_dups, acc, seen,
-                        tok, cnt)
+        m = _gather_row(data, indices, indptr[r], indptr[r + 1], col_gene, has_dups, acc, seen, tok, cnt)
         for i in range(m):
             genes[pos] = tok[i]
             values[pos] = cnt[i] / n_counts[r] * 10000.0

@@ -105,7 +105,7 @@ class MedianSearch:
 
 def _to_npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -124,9 +124,18 @@ def _shard_values(task: dict[str, Any]):  # type: ignore[no-untyped-def]
     with open_source(shard.uri, read.gene_id_column) as src:
         for chunk in iter_chunks(src, shard, read):
             x = chunk.counts
-            yield arrays, gene_values(x.data.astype(np.float64), x.indices,
-                                      x.indptr.astype(np.int64), chunk.n_counts.astype(np.float64),
-                                      col_gene, has_dups, int(task["n_genes"]))
+            yield (
+                arrays,
+                gene_values(
+                    x.data.astype(np.float64),
+                    x.indices,
+                    x.indptr.astype(np.int64),
+                    chunk.n_counts.astype(np.float64),
+                    col_gene,
+                    has_dups,
+                    int(task["n_genes"]),
+                ),
+            )
 
 
 def histogram_shard(task: dict[str, Any]) -> bytes:
@@ -136,8 +145,18 @@ def histogram_shard(task: dict[str, Any]) -> bytes:
     for arrays, (genes, values) in _shard_values(task):
         if acc is None:
             acc = np.zeros(len(arrays["lo"]) * n_bins, np.int64)
-        histogram_values(genes, values, arrays["slot_a"], arrays["slot_b"], arrays["lo"],
-                         arrays["hi"], arrays["edges"], n_bins, acc, gmax)
+        histogram_values(
+            genes,
+            values,
+            arrays["slot_a"],
+            arrays["slot_b"],
+            arrays["lo"],
+            arrays["hi"],
+            arrays["edges"],
+            n_bins,
+            acc,
+            gmax,
+        )
     assert acc is not None
     nz = np.flatnonzero(acc)
     return _to_npz(code=nz, count=acc[nz], gmax=gmax)
@@ -146,8 +165,9 @@ def histogram_shard(task: dict[str, Any]) -> bytes:
 def collect_shard(task: dict[str, Any]) -> bytes:
     parts_s, parts_v = [], []
     for arrays, (genes, values) in _shard_values(task):
-        s, v = select_in_interval(genes, values, arrays["slot_a"], arrays["slot_b"], arrays["lo"],
-                                  arrays["hi"])
+        s, v = select_in_interval(
+            genes, values, arrays["slot_a"], arrays["slot_b"], arrays["lo"], arrays["hi"]
+        )
         parts_s.append(s)
         parts_v.append(v)
     return _to_npz(slot=np.concatenate(parts_s), value=np.concatenate(parts_v))
@@ -175,8 +195,9 @@ def _read_gene_table(uri: str) -> tuple[dict[str, str], dict[str, str]]:
     return aliases_from_table(table.iloc[:, 1 - id_col], table.iloc[:, id_col])
 
 
-def _run_pass(fn: Any, base: list[dict[str, Any]], arrays: dict[str, np.ndarray],
-              cfg: VocabBuildConfig, runner: Runner) -> list[dict[str, np.ndarray]]:
+def _run_pass(
+    fn: Any, base: list[dict[str, Any]], arrays: dict[str, np.ndarray], cfg: VocabBuildConfig, runner: Runner
+) -> list[dict[str, np.ndarray]]:
     blob = _to_npz(**arrays)
     tasks = [{**t, "arrays": blob} for t in base]
     return [_from_npz(p) for p in runner(tasks, fn, cfg.cluster)]
@@ -200,13 +221,27 @@ def _slot_arrays(targets: np.ndarray, n_genes: int) -> dict[str, np.ndarray]:
     return {"slot_a": slot_a, "slot_b": slot_b}
 
 
-def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndarray],
-                    shards: list[Shard], runner: Runner = map_shards
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
+def compute_medians(
+    cfg: VocabBuildConfig,
+    n_genes: int,
+    col_genes: list[np.ndarray],
+    shards: list[Shard],
+    runner: Runner = map_shards,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(median per gene, nonzero count per gene, passes over the corpus)."""
     g, nb = n_genes, cfg.histogram_bins
-    base = [{"file_index": s.file_index, "uri": s.uri, "start": s.start, "stop": s.stop,
-             "n_genes": g, "n_bins": nb, "read": json.dumps(to_dict(cfg.read))} for s in shards]
+    base = [
+        {
+            "file_index": s.file_index,
+            "uri": s.uri,
+            "start": s.start,
+            "stop": s.stop,
+            "n_genes": g,
+            "n_bins": nb,
+            "read": json.dumps(to_dict(cfg.read)),
+        }
+        for s in shards
+    ]
     files = {f"col_gene_{i}": c for i, c in enumerate(col_genes)}
 
     def histogram(arrays: dict[str, np.ndarray], n_slots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,8 +254,16 @@ def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndar
     # pass 1: one log-binned histogram per gene serves both of its targets
     edges = global_edges(nb)
     genes = np.arange(g)
-    hist, gmax = histogram({"slot_a": genes.astype(np.int32), "slot_b": np.full(g, -1, np.int32),
-                            "lo": np.zeros(g), "hi": np.full(g, np.inf), "edges": edges}, g)
+    hist, gmax = histogram(
+        {
+            "slot_a": genes.astype(np.int32),
+            "slot_b": np.full(g, -1, np.int32),
+            "lo": np.zeros(g),
+            "hi": np.full(g, np.inf),
+            "edges": edges,
+        },
+        g,
+    )
     search = MedianSearch(hist.sum(axis=1))
     live = np.flatnonzero(search.live)
     search.absorb_histogram(live, hist[live % g], np.broadcast_to(edges, (len(live), nb + 1)))
@@ -228,14 +271,20 @@ def compute_medians(cfg: VocabBuildConfig, n_genes: int, col_genes: list[np.ndar
     refine, collect = search.pending(cfg.collect_limit, gmax)
     while len(refine):
         lo, hi = search.lo[refine], search.hi[refine]
-        hist, _ = histogram({**_slot_arrays(refine, g), "lo": lo, "hi": hi,
-                             "edges": np.empty(0)}, len(refine))
+        hist, _ = histogram(
+            {**_slot_arrays(refine, g), "lo": lo, "hi": hi, "edges": np.empty(0)}, len(refine)
+        )
         search.absorb_histogram(refine, hist, linear_edges(lo, hi, nb))
         passes += 1
         refine, collect = search.pending(cfg.collect_limit, gmax)
     if len(collect):
-        arrays = {**files, **_slot_arrays(collect, g), "lo": search.lo[collect],
-                  "hi": search.hi[collect], "edges": np.empty(0)}
+        arrays = {
+            **files,
+            **_slot_arrays(collect, g),
+            "lo": search.lo[collect],
+            "hi": search.hi[collect],
+            "edges": np.empty(0),
+        }
         parts = _run_pass(collect_shard, base, arrays, cfg, runner)
         slots = np.concatenate([p["slot"] for p in parts])
         values = np.concatenate([p["value"] for p in parts])
@@ -255,26 +304,36 @@ def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneV
         share = sum(r is not None for r in res) / len(res)
         print(f"coverage {info.uri}: {100 * share:.1f}% of gene ids resolve to Ensembl ids")
         if share < 0.5:
-            raise InputError(f"{info.uri}: only {100 * share:.1f}% of gene ids resolve to Ensembl "
-                             f"gene ids; they look like {guess_id_kind(info.gene_ids)}")
+            raise InputError(
+                f"{info.uri}: only {100 * share:.1f}% of gene ids resolve to Ensembl "
+                f"gene ids; they look like {guess_id_kind(info.gene_ids)}"
+            )
     genes = sorted({r for res in resolved for r in res if r is not None})
     index = {gid: i for i, gid in enumerate(genes)}
-    col_genes = [np.asarray([-1 if r is None else index[r] for r in res], np.int32)
-                 for res in resolved]
+    col_genes = [np.asarray([-1 if r is None else index[r] for r in res], np.int32) for res in resolved]
     shards = plan_shards(infos, cfg.read.rows_per_shard)
     medians, n_nonzero, passes = compute_medians(cfg, len(genes), col_genes, shards, runner)
     keep = n_nonzero >= cfg.min_cells
     kept = [gid for gid, k in zip(genes, keep, strict=True) if k]
     vocab = build_vocab(
-        kept, medians[keep], V2_SPECIALS if cfg.layout == "v2" else V1_SPECIALS,
-        aliases=aliases, gene_names=names,
-        provenance={"source": "rankformer vocab build", "inputs": cfg.inputs,
-                    "min_cells": cfg.min_cells, "cells": sum(i.n_cells for i in infos),
-                    "passes": passes,
-                    "nonzero_cells": dict(zip(kept, n_nonzero[keep].tolist(), strict=True))},
+        kept,
+        medians[keep],
+        V2_SPECIALS if cfg.layout == "v2" else V1_SPECIALS,
+        aliases=aliases,
+        gene_names=names,
+        provenance={
+            "source": "rankformer vocab build",
+            "inputs": cfg.inputs,
+            "min_cells": cfg.min_cells,
+            "cells": sum(i.n_cells for i in infos),
+            "passes": passes,
+            "nonzero_cells": dict(zip(kept, n_nonzero[keep].tolist(), strict=True)),
+        },
     )
     vocab.save(cfg.out)
-    print(f"vocabulary of {len(kept):,} genes ({len(genes) - len(kept):,} left out: nonzero in "
-          f"< {cfg.min_cells} cells) from {sum(i.n_cells for i in infos):,} cells in {passes} "
-          f"passes, {time.perf_counter() - t0:.1f}s -> {cfg.out} ({vocab.content_hash[:19]})")
+    print(
+        f"vocabulary of {len(kept):,} genes ({len(genes) - len(kept):,} left out: nonzero in "
+        f"< {cfg.min_cells} cells) from {sum(i.n_cells for i in infos):,} cells in {passes} "
+        f"passes, {time.perf_counter() - t0:.1f}s -> {cfg.out} ({vocab.content_hash[:19]})"
+    )
     return vocab

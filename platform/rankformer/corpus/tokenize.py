@@ -11,6 +11,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -76,11 +77,17 @@ def _carried_arrays(src: Any, chunk: Chunk, carry: dict[str, str], stop: int) ->
 
 
 def _chunk_table(
-    src: Any, chunk: Chunk, shard: Shard, col_token: np.ndarray, median: np.ndarray,
-    lay: _Layout, carry: dict[str, str],
+    src: Any,
+    chunk: Chunk,
+    shard: Shard,
+    col_token: np.ndarray,
+    median: np.ndarray,
+    lay: _Layout,
+    carry: dict[str, str],
 ) -> tuple[pa.Table, int]:
-    ids, lengths = rank_chunk(chunk.counts, chunk.n_counts, col_token, median, lay.max_genes,
-                              lay.prefix, lay.suffix)
+    ids, lengths = rank_chunk(
+        chunk.counts, chunk.n_counts, col_token, median, lay.max_genes, lay.prefix, lay.suffix
+    )
     kept = lengths > 0
     offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int32)
     np.cumsum(lengths[kept], out=offsets[1:])
@@ -105,12 +112,23 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
     vocab = _vocab(cfg.vocab, task["vocab_hash"])
     lay = _layout(cfg, vocab)
     median = vocab.median_by_token()
-    stats = {"shard": shard.name, "file_index": shard.file_index, "uri": shard.uri,
-             "start": shard.start, "stop": shard.stop, "cells_in": 0, "cells_out": 0,
-             "dropped_no_genes": 0, "dropped_filter": 0, "tokens": 0}
+    stats: dict[str, Any] = {
+        "shard": shard.name,
+        "file_index": shard.file_index,
+        "uri": shard.uri,
+        "start": shard.start,
+        "stop": shard.stop,
+        "cells_in": 0,
+        "cells_out": 0,
+        "dropped_no_genes": 0,
+        "dropped_filter": 0,
+        "tokens": 0,
+    }
     t0 = time.perf_counter()
-    with open_source(shard.uri, cfg.read.gene_id_column) as src, \
-            fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink:
+    with (
+        open_source(shard.uri, cfg.read.gene_id_column) as src,
+        fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink,
+    ):
         col_token = vocab.map_gene_ids(list(src.gene_ids))
         writer: pq.ParquetWriter | None = None
         for chunk in iter_chunks(src, shard, cfg.read):
@@ -146,8 +164,10 @@ def corpus_files(out: str) -> list[str]:
     which could include another run's leftovers)."""
     uri = fs.join(out, schema.CORPUS_MANIFEST)
     if not fs.exists(uri):
-        raise InputError(f"{out} holds no finished corpus (no {schema.CORPUS_MANIFEST}); run or "
-                         "rerun `rankformer tokenize` to finish it")
+        raise InputError(
+            f"{out} holds no finished corpus (no {schema.CORPUS_MANIFEST}); run or "
+            "rerun `rankformer tokenize` to finish it"
+        )
     manifest = json.loads(fs.read_bytes(uri))
     return [fs.join(out, s["name"]) for s in manifest["shards"]]
 
@@ -166,8 +186,10 @@ def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
             )
         return
     if present:
-        raise InputError(f"output {cfg.out} is not empty and holds no rankformer corpus "
-                         f"(found {present[:5]}); choose an empty or new --out folder")
+        raise InputError(
+            f"output {cfg.out} is not empty and holds no rankformer corpus "
+            f"(found {present[:5]}); choose an empty or new --out folder"
+        )
     fs.makedirs(cfg.out)
     doc = {"fingerprint": fingerprint, "config": to_dict(cfg)}
     fs.write_bytes_atomic(claim_uri, json.dumps(doc, indent=1, sort_keys=True).encode())
@@ -178,13 +200,13 @@ def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
     for info in infos:
         missing = [c for c in cfg.carry if c not in info.obs_columns]
         if missing:
-            raise InputError(f"{info.uri}: obs has no column(s) {missing} to carry; columns are "
-                             f"{info.obs_columns}")
+            raise InputError(
+                f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
+            )
         col_token = vocab.map_gene_ids(info.gene_ids)
         with open_source(info.uri, cfg.read.gene_id_column) as src:
             cov = coverage(src, col_token, cfg.read)
-        ids = info.gene_ids
-        check_coverage(info.uri, cov, cfg.coverage_floor, lambda ids=ids: guess_id_kind(ids))
+        check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
     return plan_shards(infos, cfg.read.rows_per_shard)
 
 
@@ -199,22 +221,36 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     done = set(fs.listdir(cfg.out))
     pending = [s for s in shards if s.name not in done]
     config_json = json.dumps(to_dict(cfg))
-    tasks = [{"config": config_json, "vocab_hash": vocab.content_hash, "file_index": s.file_index,
-              "uri": s.uri, "shard_index": s.shard_index, "start": s.start, "stop": s.stop}
-             for s in pending]
+    tasks = [
+        {
+            "config": config_json,
+            "vocab_hash": vocab.content_hash,
+            "file_index": s.file_index,
+            "uri": s.uri,
+            "shard_index": s.shard_index,
+            "start": s.start,
+            "stop": s.stop,
+        }
+        for s in pending
+    ]
     ran = [json.loads(p) for p in runner(tasks, tokenize_shard, cfg.cluster)] if tasks else []
     manifest = _write_manifest(cfg, vocab, shards, fingerprint)
     for name in fs.listdir(cfg.out):  # leftovers of workers killed mid-write
         if name.startswith(".tmp-"):
             fs.remove(fs.join(cfg.out, name))
     totals = manifest["totals"]
-    print(f"tokenized {totals['cells_out']:,} of {totals['cells_in']:,} cells "
-          f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
-          f"filtered) into {len(shards)} shards ({len(shards) - len(pending)} already done) at "
-          f"{cfg.out} in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"tokenized {totals['cells_out']:,} of {totals['cells_in']:,} cells "
+        f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
+        f"filtered) into {len(shards)} shards ({len(shards) - len(pending)} already done) at "
+        f"{cfg.out} in {time.perf_counter() - t0:.1f}s"
+    )
     # returned, not written: how this run went (the manifest on disk stays deterministic)
-    manifest["run"] = {"seconds": time.perf_counter() - t0, "tasks": len(ran),
-                       "peak_rss_mb": max((r["peak_rss_mb"] for r in ran), default=0.0)}
+    manifest["run"] = {
+        "seconds": time.perf_counter() - t0,
+        "tasks": len(ran),
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in ran), default=0.0),
+    }
     return manifest
 
 
@@ -228,12 +264,23 @@ def _write_manifest(
         mine = [s for s in per_shard if s["file_index"] == fi]
         files.append({"uri": uri, **{k: sum(s[k] for s in mine) for k in keys}})
     manifest = {
-        "format": "rankformer-corpus", "format_version": 1,
+        "format": "rankformer-corpus",
+        "format_version": 1,
         "software": {"rankformer": rankformer.__version__},
-        "vocab_hash": vocab.content_hash, "fingerprint": fingerprint, "config": to_dict(cfg),
+        "vocab_hash": vocab.content_hash,
+        "fingerprint": fingerprint,
+        "config": to_dict(cfg),
         "files": files,
-        "shards": [{"name": s["shard"], "file_index": s["file_index"], "start": s["start"],
-                    "stop": s["stop"], "rows": s["cells_out"]} for s in per_shard],
+        "shards": [
+            {
+                "name": s["shard"],
+                "file_index": s["file_index"],
+                "start": s["start"],
+                "stop": s["stop"],
+                "rows": s["cells_out"],
+            }
+            for s in per_shard
+        ],
         "totals": {k: sum(f[k] for f in files) for k in keys},
     }
     body = json.dumps(manifest, indent=1, sort_keys=True).encode()

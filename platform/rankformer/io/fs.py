@@ -72,7 +72,7 @@ def open_input(uri: str) -> IO[bytes]:
     """A seekable binary stream. FileNotFoundError names the path and the fix."""
     fs = filesystem(uri)
     try:
-        return fs.open(_strip_file(uri), "rb")  # type: ignore[no-any-return]
+        return fs.open(_strip_file(uri), "rb")
     except FileNotFoundError as exc:
         raise FileNotFoundError(_missing_message(uri, exc)) from exc
     except IsADirectoryError as exc:

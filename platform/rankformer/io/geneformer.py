@@ -42,8 +42,7 @@ def load_plain_dict(uri: str) -> dict[str, str | int | float]:
             "Geneformer's token, median, name and mapping dictionaries can be imported"
         ) from exc
     if not isinstance(obj, dict):
-        raise VocabError(f"{uri} holds a {type(obj).__name__}, not a dict; expected a Geneformer "
-                         "dictionary")
+        raise VocabError(f"{uri} holds a {type(obj).__name__}, not a dict; expected a Geneformer dictionary")
     out: dict[str, str | int | float] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
@@ -51,8 +50,9 @@ def load_plain_dict(uri: str) -> dict[str, str | int | float]:
         if isinstance(value, np.generic):
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise VocabError(f"{uri}: value for {key!r} is a {type(value).__name__}; expected "
-                             "str, int or float")
+            raise VocabError(
+                f"{uri}: value for {key!r} is a {type(value).__name__}; expected str, int or float"
+            )
         out[key] = value
     return out
 

@@ -194,8 +194,9 @@ class LoomSource(CellSource):
             raise self._missing_gene_column(sorted(rows))
         self.gene_ids = _decode(rows[gene_id_column][:])
         if len(self.gene_ids) != n_genes:
-            raise InputError(f"{uri}: row_attrs/{gene_id_column} has {len(self.gene_ids)} "
-                             f"entries for {n_genes} genes")
+            raise InputError(
+                f"{uri}: row_attrs/{gene_id_column} has {len(self.gene_ids)} entries for {n_genes} genes"
+            )
         cols = f["col_attrs"]
         self._id_col = next((c for c in ("CellID", "obs_names", "cell_id") if c in cols), None)
 
@@ -219,8 +220,14 @@ class LoomSource(CellSource):
             self._handle.close()
 
 
-_TENX_ID_COLUMNS = {"ensembl_id": "id", "id": "id", "gene_ids": "id", "name": "name",
-                    "gene_symbols": "name", "index": "id"}
+_TENX_ID_COLUMNS = {
+    "ensembl_id": "id",
+    "id": "id",
+    "gene_ids": "id",
+    "name": "name",
+    "gene_symbols": "name",
+    "index": "id",
+}
 
 
 class TenxH5Source(CellSource):
@@ -295,28 +302,31 @@ class TenxMtxSource(CellSource):
         feats = _first_existing(uri, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
         codes = _first_existing(uri, ("barcodes.tsv.gz", "barcodes.tsv"))
         if mtx is None or feats is None or codes is None:
-            raise InputError(f"{uri}: a 10x folder needs matrix.mtx[.gz], features.tsv[.gz] (or "
-                             f"genes.tsv) and barcodes.tsv[.gz]; found {fs.listdir(uri)}")
+            raise InputError(
+                f"{uri}: a 10x folder needs matrix.mtx[.gz], features.tsv[.gz] (or "
+                f"genes.tsv) and barcodes.tsv[.gz]; found {fs.listdir(uri)}"
+            )
         which = _TENX_ID_COLUMNS.get(gene_id_column)
         if which is None:
             raise self._missing_gene_column(["id", "name"])
         rows = [ln.split("\t") for ln in _read_text_maybe_gz(feats).decode().splitlines() if ln]
         col = 0 if which == "id" or any(len(r) < 2 for r in rows) else 1
         self.gene_ids = np.asarray([r[col] for r in rows], dtype=object)
-        self._barcodes = np.asarray(
-            _read_text_maybe_gz(codes).decode().split(), dtype=object
-        )
+        self._barcodes = np.asarray(_read_text_maybe_gz(codes).decode().split(), dtype=object)
         try:
             genes_by_cells = scipy.io.mmread(io.BytesIO(_read_text_maybe_gz(mtx)))
         except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{mtx} is not a readable Matrix Market file ({exc}); it is corrupt "
-                             "or truncated") from exc
+            raise InputError(
+                f"{mtx} is not a readable Matrix Market file ({exc}); it is corrupt or truncated"
+            ) from exc
         self._x = sp.csr_matrix(genes_by_cells.T)
         self.n_cells = self._x.shape[0]
         if self._x.shape[1] != len(self.gene_ids) or self.n_cells != len(self._barcodes):
-            raise InputError(f"{uri}: matrix is {self._x.shape[1]} genes x {self.n_cells} cells "
-                             f"but {feats} lists {len(self.gene_ids)} genes and {codes} "
-                             f"{len(self._barcodes)} barcodes")
+            raise InputError(
+                f"{uri}: matrix is {self._x.shape[1]} genes x {self.n_cells} cells "
+                f"but {feats} lists {len(self.gene_ids)} genes and {codes} "
+                f"{len(self._barcodes)} barcodes"
+            )
 
     def obs_columns(self) -> list[str]:
         return []
@@ -342,8 +352,9 @@ def detect_format(uri: str) -> str:
     if name.endswith((".mtx", ".mtx.gz")) or (fs.exists(uri) and fs.is_dir(uri)):
         return "10x-mtx"
     if not fs.exists(uri):
-        raise FileNotFoundError(f"{uri} not found; check the path (for s3:// also the bucket "
-                                "and AWS_ENDPOINT_URL)")
+        raise FileNotFoundError(
+            f"{uri} not found; check the path (for s3:// also the bucket and AWS_ENDPOINT_URL)"
+        )
     raise InputError(f"{uri}: unknown input format; expected {FORMATS}")
 
 
@@ -351,8 +362,12 @@ def open_source(uri: str, gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN) -
     fmt = detect_format(uri)
     if fmt == "10x-mtx" and uri.rstrip("/").lower().endswith((".mtx", ".mtx.gz")):
         uri = posixpath.dirname(uri.rstrip("/")) if fs.is_remote(uri) else os.path.dirname(uri)
-    readers: dict[str, Any] = {"h5ad": H5adSource, "loom": LoomSource, "10x-h5": TenxH5Source,
-                               "10x-mtx": TenxMtxSource}
+    readers: dict[str, Any] = {
+        "h5ad": H5adSource,
+        "loom": LoomSource,
+        "10x-h5": TenxH5Source,
+        "10x-mtx": TenxMtxSource,
+    }
     source: CellSource = readers[fmt](uri, gene_id_column)
     if source.n_cells == 0:
         source.close()
