@@ -54,3 +54,37 @@ def test_format_matches_h5ad(cells, fmt, tmp_path):
     assert ids == ref_ids and len(ids) == N_CELLS
     assert cell_ids == [f"c{i}" for i in range(N_CELLS)]
     assert ref_cells[0] == "c0"
+
+
+def test_symbol_input_maps_through_a_gene_table_at_tokenize(cells, tmp_path):
+    import numpy as np
+
+    from rankformer.errors import InputError
+
+    paths, vocab = cells
+    ids = gene_ids(N_GENES)
+    x, _ = counts_chunk(SynthSpec(n_cells=N_CELLS, n_genes=N_GENES, genes_per_cell=15, seed=9), 0, N_CELLS)
+    symbols = [f"SYM{i}" for i in range(N_GENES)]
+    sym_path = write_anndata(str(tmp_path / "sym.h5ad"), x, symbols)
+    table = tmp_path / "table.tsv"
+    table.write_text("".join(f"sym{i}\t{g}\n" for i, g in enumerate(ids)))  # symbol first, lower case
+    cfg = TokenizeConfig(
+        inputs=[sym_path], vocab=vocab, out=str(tmp_path / "sym"), read=ReadOptions(gene_table=str(table))
+    )
+    manifest = run_tokenize(cfg, runner=serial_shards)
+    ref_ids, _ = _tokens(paths["h5ad"], vocab, tmp_path / "ref")
+    got = pq.read_table(corpus_files(str(tmp_path / "sym"), manifest["vocab_hash"])).to_pydict()
+    assert got["input_ids"] == ref_ids
+    with pytest.raises(InputError, match="tokenized with vocabulary sha256:"):
+        corpus_files(str(tmp_path / "sym"), vocab_hash="sha256:other")
+    assert np.all(np.asarray(got["length"]) > 0)
+
+
+def test_allow_normalized_warns(cells, tmp_path, capsys):
+    paths, vocab = cells
+    cfg = TokenizeConfig(
+        inputs=[paths["h5ad"]], vocab=vocab, out=str(tmp_path / "n"), read=ReadOptions(allow_normalized=True)
+    )
+    with pytest.warns(UserWarning, match="normalised data"):
+        run_tokenize(cfg, runner=serial_shards)
+    assert "warning: --allow-normalized" in capsys.readouterr().out

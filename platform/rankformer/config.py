@@ -92,6 +92,7 @@ class TokenizeConfig:
             "max_length": self.max_length,
             "carry": self.carry,
             "gene_id_column": self.read.gene_id_column,
+            "gene_table": self.read.gene_table,
             "allow_normalized": self.read.allow_normalized,
             "rows_per_shard": self.read.rows_per_shard,
         }

@@ -75,18 +75,23 @@ class GeneVocab:
         out[self.token_ids] = self.medians
         return out
 
-    def map_gene_ids(self, raw_ids: Sequence[object]) -> np.ndarray:
+    def map_gene_ids(
+        self, raw_ids: Sequence[object], extra_aliases: Mapping[str, str] | None = None
+    ) -> np.ndarray:
         """Token id for each input gene id, or -1 where it maps to no vocabulary gene.
 
-        Ids are upper-cased and looked up in the alias table; an id that is itself a vocabulary
-        gene maps to itself. Several input ids may map to one token: callers sum their counts.
+        Ids are upper-cased and looked up in ``extra_aliases`` (a user's symbol table), then in
+        the vocabulary's alias table; an id that is itself a vocabulary gene maps to itself.
+        Several input ids may map to one token: callers sum their counts.
         """
         token_of = dict(zip(self.gene_ids, self.token_ids.tolist(), strict=True))
+        extra = extra_aliases or {}
         out = np.full(len(raw_ids), -1, dtype=np.int32)
         for i, raw in enumerate(raw_ids):
             key = normalize_gene_id(raw)
             if not key:
                 continue
+            key = extra.get(key, key)
             gene = self.aliases.get(key, key)
             out[i] = token_of.get(gene, -1)
         return out
@@ -237,6 +242,23 @@ def aliases_from_table(
         names.setdefault(g, str(sym).strip())
     aliases = {s: next(iter(gs)) for s, gs in seen.items() if len(gs) == 1}
     return aliases, names
+
+
+def read_gene_table(uri: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(aliases, names) from a two-column CSV/TSV of Ensembl id and symbol (either order, no
+    header needed; the column of Ensembl-looking values is the id)."""
+    import pandas as pd
+
+    from rankformer.io.fs import open_input
+
+    with open_input(uri) as f:
+        table = pd.read_csv(f, sep=None, engine="python", header=None, dtype=str)
+    if table.shape[1] < 2:
+        raise VocabError(
+            f"{uri}: a gene table needs two columns (Ensembl id, symbol); found {table.shape[1]}"
+        )
+    id_col = int(table.iloc[:, 1].str.match(r"^ENS[A-Z]*G\d").mean() > 0.5)
+    return aliases_from_table(table.iloc[:, 1 - id_col], table.iloc[:, id_col])
 
 
 def guess_id_kind(raw_ids: Sequence[object]) -> str:

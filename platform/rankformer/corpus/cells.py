@@ -4,7 +4,8 @@ cell's total counts and filter, and the mapping of a file's genes onto vocabular
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ from rankformer import schema
 from rankformer.config import ReadOptions
 from rankformer.errors import InputError
 from rankformer.io.sources import CellSource, open_source
+from rankformer.vocab import GeneVocab, read_gene_table
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,30 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
             first = Shard(len(infos) - 1, uri, 0, 0, min(src.n_cells, read.chunk_rows))
             next(iter_chunks(src, first, read))
     return infos
+
+
+_TABLES: dict[str, dict[str, str]] = {}
+
+
+def column_tokens(vocab: GeneVocab, gene_ids: Sequence[object], read: ReadOptions) -> np.ndarray:
+    """Token id of each input column (-1: not in the vocabulary), through the user's gene table
+    when one is given (read once per process)."""
+    extra: dict[str, str] = {}
+    if read.gene_table:
+        if read.gene_table not in _TABLES:
+            _TABLES[read.gene_table] = read_gene_table(read.gene_table)[0]
+        extra = _TABLES[read.gene_table]
+    return vocab.map_gene_ids(gene_ids, extra)
+
+
+def warn_if_normalized(read: ReadOptions) -> None:
+    if read.allow_normalized:
+        msg = (
+            "--allow-normalized: non-integer values are accepted as they are; medians and "
+            "rankings then describe normalised data, not raw counts"
+        )
+        warnings.warn(msg, stacklevel=2)
+        print(f"warning: {msg}")
 
 
 def plan_shards(infos: list[FileInfo], rows_per_shard: int) -> list[Shard]:

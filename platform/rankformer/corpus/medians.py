@@ -28,7 +28,7 @@ import numpy as np
 
 from rankformer.cluster import Runner, map_shards
 from rankformer.config import ReadOptions, VocabBuildConfig, to_dict
-from rankformer.corpus.cells import Shard, inspect_inputs, iter_chunks, plan_shards
+from rankformer.corpus.cells import Shard, inspect_inputs, iter_chunks, plan_shards, warn_if_normalized
 from rankformer.corpus.kernels import gene_values, histogram_values, select_in_interval
 from rankformer.errors import InputError
 from rankformer.io.sources import open_source
@@ -37,10 +37,10 @@ from rankformer.vocab import (
     V1_SPECIALS,
     V2_SPECIALS,
     GeneVocab,
-    aliases_from_table,
     build_vocab,
     guess_id_kind,
     normalize_gene_id,
+    read_gene_table,
 )
 
 
@@ -182,19 +182,6 @@ def _resolve_genes(raw_ids: list[str], aliases: dict[str, str]) -> list[str | No
     return out
 
 
-def _read_gene_table(uri: str) -> tuple[dict[str, str], dict[str, str]]:
-    import pandas as pd
-
-    from rankformer.io.fs import open_input
-
-    with open_input(uri) as f:
-        table = pd.read_csv(f, sep=None, engine="python", header=None, dtype=str)
-    if table.shape[1] < 2:
-        raise InputError(f"{uri}: a gene table needs two columns (Ensembl id, symbol)")
-    id_col = int(table.iloc[:, 1].str.match(r"^ENS[A-Z]*G\d").mean() > 0.5)
-    return aliases_from_table(table.iloc[:, 1 - id_col], table.iloc[:, id_col])
-
-
 def _run_pass(
     fn: Any, base: list[dict[str, Any]], arrays: dict[str, np.ndarray], cfg: VocabBuildConfig, runner: Runner
 ) -> list[dict[str, np.ndarray]]:
@@ -297,7 +284,8 @@ def compute_medians(
 
 def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneVocab:
     t0 = time.perf_counter()
-    aliases, names = _read_gene_table(cfg.read.gene_table) if cfg.read.gene_table else ({}, {})
+    aliases, names = read_gene_table(cfg.read.gene_table) if cfg.read.gene_table else ({}, {})
+    warn_if_normalized(cfg.read)
     infos = inspect_inputs(cfg.inputs, cfg.read)
     resolved = [_resolve_genes(info.gene_ids, aliases) for info in infos]
     for info, res in zip(infos, resolved, strict=True):

@@ -26,10 +26,12 @@ from rankformer.corpus.cells import (
     Chunk,
     Shard,
     check_coverage,
+    column_tokens,
     coverage,
     inspect_inputs,
     iter_chunks,
     plan_shards,
+    warn_if_normalized,
 )
 from rankformer.corpus.kernels import rank_chunk
 from rankformer.errors import InputError
@@ -129,7 +131,7 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
         open_source(shard.uri, cfg.read.gene_id_column) as src,
         fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink,
     ):
-        col_token = vocab.map_gene_ids(list(src.gene_ids))
+        col_token = column_tokens(vocab, list(src.gene_ids), cfg.read)
         writer: pq.ParquetWriter | None = None
         for chunk in iter_chunks(src, shard, cfg.read):
             table, dropped = _chunk_table(src, chunk, shard, col_token, median, lay, cfg.carry)
@@ -159,9 +161,10 @@ def read_shard_stats(uri: str) -> dict[str, Any]:
     return dict(json.loads(meta[schema.SHARD_STATS_KEY]))
 
 
-def corpus_files(out: str) -> list[str]:
+def corpus_files(out: str, vocab_hash: str | None = None) -> list[str]:
     """The shard files of a finished corpus, in order, from its manifest (never a bare listing,
-    which could include another run's leftovers)."""
+    which could include another run's leftovers). With ``vocab_hash``, refuse a corpus made
+    with another vocabulary."""
     uri = fs.join(out, schema.CORPUS_MANIFEST)
     if not fs.exists(uri):
         raise InputError(
@@ -169,6 +172,11 @@ def corpus_files(out: str) -> list[str]:
             "rerun `rankformer tokenize` to finish it"
         )
     manifest = json.loads(fs.read_bytes(uri))
+    if vocab_hash is not None and manifest["vocab_hash"] != vocab_hash:
+        raise InputError(
+            f"corpus {out} was tokenized with vocabulary {manifest['vocab_hash']}, not "
+            f"{vocab_hash}; use the vocabulary it was made with or tokenize again"
+        )
     return [fs.join(out, s["name"]) for s in manifest["shards"]]
 
 
@@ -203,7 +211,7 @@ def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
             raise InputError(
                 f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
             )
-        col_token = vocab.map_gene_ids(info.gene_ids)
+        col_token = column_tokens(vocab, info.gene_ids, cfg.read)
         with open_source(info.uri, cfg.read.gene_id_column) as src:
             cov = coverage(src, col_token, cfg.read)
         check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
@@ -215,6 +223,7 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     t0 = time.perf_counter()
     vocab = GeneVocab.load(cfg.vocab)
     _layout(cfg, vocab)
+    warn_if_normalized(cfg.read)
     shards = _check_inputs(cfg, vocab)
     fingerprint = cfg.output_fingerprint(vocab.content_hash)
     _claim_output(cfg, fingerprint)
