@@ -35,8 +35,12 @@ def main() -> None:
         "file_gb": round(os.path.getsize(path) / 1e9, 1),
     }
     print(f"corpus ready in {time.perf_counter() - t:.0f}s: {path}")
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    def fresh_ray() -> None:  # new worker processes, so each stage's peak memory is its own
+        ray.shutdown()
+        ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+    fresh_ray()
     read = ReadOptions(rows_per_shard=50_000, chunk_rows=4096)
     cluster = ClusterOptions(num_workers=args.workers)
     t = time.perf_counter()
@@ -54,6 +58,7 @@ def main() -> None:
     record("scale", "cells_per_s", args.cells / seconds, "cells/s", {**base, "stage": "vocab build"})
     out = WORK / "scale_corpus"
     shutil.rmtree(out, ignore_errors=True)
+    fresh_ray()
     t = time.perf_counter()
     manifest = run_tokenize(
         TokenizeConfig(

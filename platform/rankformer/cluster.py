@@ -31,6 +31,11 @@ def map_shards(
     import ray
 
     ensure_ray(opts)
+    ctx = ray.data.DataContext.get_current()
+    # One operator only: reserving half the CPUs for (absent) downstream operators would leave
+    # workers idle, so let this map use the whole budget while it runs.
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
     items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
 
     def _apply(batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
@@ -41,12 +46,13 @@ def map_shards(
     fault = os.environ.get("RANKFORMER_FAULT_INJECT")
     # test hook: forward the fault plan to the workers
     runtime_env = {"env_vars": {"RANKFORMER_FAULT_INJECT": fault}} if fault else None
+    pool = ray.data.TaskPoolStrategy(size=opts.num_workers) if opts.num_workers else None
     ds = items.map_batches(
         _apply,
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,
-        concurrency=opts.num_workers,
+        compute=pool,
         runtime_env=runtime_env,  # Ray retries a task whose worker died (3 times by default)
     )
     try:
@@ -57,6 +63,8 @@ def map_shards(
         if user is None:
             raise
         raise user from exc
+    finally:
+        ctx.op_resource_reservation_enabled = saved
 
 
 def user_error_inside(exc: BaseException) -> BaseException | None:
