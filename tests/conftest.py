@@ -131,35 +131,31 @@ def s3_server() -> Iterator[str]:
             os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def geneformer_v2_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
+def _import_release(tmp_path_factory: pytest.TempPathFactory, shared: Path, release: str) -> str:
+    """Geneformer's dictionaries of one release (gc104M = V2, gc30M = V1) as a vocab JSON."""
     from rankformer.io.geneformer import import_geneformer
 
     g = shared / "reference" / "geneformer"
+    names = g / f"gene_name_id_dict_{release}.pkl"
     vocab = import_geneformer(
-        str(g / "token_dictionary_gc104M.pkl"),
-        str(g / "gene_median_dictionary_gc104M.pkl"),
-        str(g / "ensembl_mapping_dict_gc104M.pkl"),
-        str(g / "gene_name_id_dict_gc104M.pkl"),
+        str(g / f"token_dictionary_{release}.pkl"),
+        str(g / f"gene_median_dictionary_{release}.pkl"),
+        str(g / f"ensembl_mapping_dict_{release}.pkl"),
+        str(names) if release == "gc104M" else None,
     )
-    out = str(tmp_path_factory.mktemp("vocab") / "gf_v2.json")
+    out = str(tmp_path_factory.mktemp("vocab") / f"gf_{release}.json")
     vocab.save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def geneformer_v2_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
+    return _import_release(tmp_path_factory, shared, "gc104M")
 
 
 @pytest.fixture(scope="session")
 def geneformer_v1_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> str:
-    from rankformer.io.geneformer import import_geneformer
-
-    g = shared / "reference" / "geneformer"
-    vocab = import_geneformer(
-        str(g / "token_dictionary_gc30M.pkl"),
-        str(g / "gene_median_dictionary_gc30M.pkl"),
-        str(g / "ensembl_mapping_dict_gc30M.pkl"),
-    )
-    out = str(tmp_path_factory.mktemp("vocab") / "gf_v1.json")
-    vocab.save(out)
-    return out
+    return _import_release(tmp_path_factory, shared, "gc30M")
 
 
 @pytest.fixture(scope="session", autouse=True)

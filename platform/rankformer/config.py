@@ -54,14 +54,7 @@ class TokenizeConfig:
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
 
     def __post_init__(self) -> None:
-        if isinstance(self.read, dict):
-            self.read = ReadOptions(**self.read)
-        if isinstance(self.cluster, dict):
-            self.cluster = ClusterOptions(**self.cluster)
-        if not self.inputs:
-            raise InputError("no input files given")
-        if self.layout not in LAYOUT_MAX_LENGTH:
-            raise InputError(f"layout {self.layout!r} is not one of {sorted(LAYOUT_MAX_LENGTH)}")
+        self.read, self.cluster = _check_common(self.inputs, self.layout, self.read, self.cluster)
         limit = LAYOUT_MAX_LENGTH[self.layout]
         if self.max_length is None:
             self.max_length = limit
@@ -76,7 +69,6 @@ class TokenizeConfig:
             raise InputError(
                 f"carried columns may not be named {sorted(clash)}; rename them (--carry obs_name:new_name)"
             )
-        self.read.check()
 
     @property
     def max_genes(self) -> int:
@@ -114,19 +106,28 @@ class VocabBuildConfig:
     collect_limit: int = 4096  # values per gene gathered exactly in the last pass
 
     def __post_init__(self) -> None:
-        if isinstance(self.read, dict):
-            self.read = ReadOptions(**self.read)
-        if isinstance(self.cluster, dict):
-            self.cluster = ClusterOptions(**self.cluster)
-        if not self.inputs:
-            raise InputError("no input files given")
-        if self.layout not in LAYOUT_MAX_LENGTH:
-            raise InputError(f"layout {self.layout!r} is not one of {sorted(LAYOUT_MAX_LENGTH)}")
+        self.read, self.cluster = _check_common(self.inputs, self.layout, self.read, self.cluster)
         if self.min_cells < 1:
             raise InputError(f"min_cells {self.min_cells} must be >= 1")
         if self.histogram_bins < 16 or self.collect_limit < 2:
             raise InputError("histogram_bins must be >= 16 and collect_limit >= 2")
-        self.read.check()
+
+
+def _check_common(
+    inputs: list[str],
+    layout: str,
+    read: ReadOptions | dict[str, Any],
+    cluster: ClusterOptions | dict[str, Any],
+) -> tuple[ReadOptions, ClusterOptions]:
+    """Checks every corpus job shares; nested options may arrive as dicts (YAML, JSON)."""
+    read = ReadOptions(**read) if isinstance(read, dict) else read
+    cluster = ClusterOptions(**cluster) if isinstance(cluster, dict) else cluster
+    if not inputs:
+        raise InputError("no input files given")
+    if layout not in LAYOUT_MAX_LENGTH:
+        raise InputError(f"layout {layout!r} is not one of {sorted(LAYOUT_MAX_LENGTH)}")
+    read.check()
+    return read, cluster
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
