@@ -95,6 +95,7 @@ def open_output_atomic(uri: str) -> Iterator[IO[bytes]]:
         except BaseException:
             with contextlib.suppress(Exception):
                 f.discard()  # abort the multipart upload: no object appears
+                f.closed = True  # or its finaliser would try to flush the discarded buffer
             raise
         f.close()
         return
