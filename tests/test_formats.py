@@ -22,12 +22,14 @@ def cells(tmp_path_factory):
     paths = {"h5ad": write_anndata(str(d / "x.h5ad"), x, list(ids))}
     write_loom(str(d / "x.loom"), x, ids, barcodes)
     write_10x_h5(str(d / "x.h5"), x, ids, barcodes)
+    write_10x_h5(str(d / "x_v2.h5"), x, ids, barcodes, version=2)
     write_10x_mtx(str(d / "mtx_gz"), x, ids, barcodes, gz=True)
     write_10x_mtx(str(d / "mtx"), x, ids, barcodes, gz=False)
     paths.update(
         {
             "loom": str(d / "x.loom"),
             "10x-h5": str(d / "x.h5"),
+            "10x-h5 v2": str(d / "x_v2.h5"),
             "mtx.gz folder": str(d / "mtx_gz"),
             "mtx file": str(d / "mtx" / "matrix.mtx"),
         }
@@ -46,7 +48,7 @@ def _tokens(path, vocab, out):
     return t["input_ids"], t["cell_id"]
 
 
-@pytest.mark.parametrize("fmt", ["loom", "10x-h5", "mtx.gz folder", "mtx file"])
+@pytest.mark.parametrize("fmt", ["loom", "10x-h5", "10x-h5 v2", "mtx.gz folder", "mtx file"])
 def test_format_matches_h5ad(cells, fmt, tmp_path):
     paths, vocab = cells
     ref_ids, ref_cells = _tokens(paths["h5ad"], vocab, tmp_path / "ref")

@@ -173,8 +173,21 @@ def write_loom(path: str, x: sp.csr_matrix, ids: np.ndarray, cell_ids: np.ndarra
         f.create_group("layers")
 
 
-def write_10x_h5(path: str, x: sp.csr_matrix, ids: np.ndarray, barcodes: np.ndarray) -> None:
-    """Cell Ranger v3 layout: CSC genes x cells (= CSR cells x genes) under /matrix."""
+def write_10x_h5(
+    path: str, x: sp.csr_matrix, ids: np.ndarray, barcodes: np.ndarray, version: int = 3
+) -> None:
+    """Cell Ranger layout: CSC genes x cells (= CSR cells x genes) under /matrix (v3) or under
+    /<genome> with genes/gene_names (v2)."""
+    if version == 2:
+        with h5py.File(path, "w") as f:
+            g = f.create_group("GRCh38")
+            for name, data in (("data", x.data), ("indices", x.indices), ("indptr", x.indptr)):
+                g.create_dataset(name, data=data)
+            g.create_dataset("shape", data=np.asarray([x.shape[1], x.shape[0]], np.int32))
+            g.create_dataset("barcodes", data=np.asarray(barcodes, dtype="S"))
+            g.create_dataset("genes", data=np.asarray(ids, dtype="S"))
+            g.create_dataset("gene_names", data=np.asarray([f"SYM{i}" for i in range(len(ids))], dtype="S"))
+        return
     with h5py.File(path, "w") as f:
         m = f.create_group("matrix")
         m.create_dataset("data", data=x.data)

@@ -43,6 +43,8 @@ from rankformer.vocab import (
     read_gene_table,
 )
 
+MAX_PASSES = 40
+
 
 def global_edges(n_bins: int, log2_lo: float = -12.0, log2_hi: float = 16.0) -> np.ndarray:
     """n_bins + 1 explicit edges: 0, then log-spaced 2**lo .. 2**hi, then +inf (open ends)."""
@@ -264,6 +266,11 @@ def compute_medians(
         search.absorb_histogram(refine, hist, linear_edges(lo, hi, nb))
         passes += 1
         refine, collect = search.pending(cfg.collect_limit, gmax)
+        if passes > MAX_PASSES:  # each pass shrinks an interval ~n_bins-fold: float64 needs < 10
+            raise RuntimeError(
+                f"median search did not converge in {MAX_PASSES} passes ({len(refine)} "
+                "ranks left); please report this with the corpus shape"
+            )
     if len(collect):
         arrays = {
             **files,
