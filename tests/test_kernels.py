@@ -120,3 +120,18 @@ def test_values_differing_in_the_lowest_bits_keep_their_exact_order():
     median = np.array([np.nan] * 4 + [1.0, 1.0, 3.0])
     ids, lengths = rank_chunk(x, np.array([100.0]), np.array([5, 4, 6], np.int32), median, 10)
     assert split_packed(ids, lengths) == [[4, 5, 6]]
+
+
+def test_long_runs_of_nearly_equal_values_are_ordered_exactly():
+    # 400 genes whose values differ by ~1e-9 relative: one key prefix, one long fix-up run;
+    # plus exact duplicates of medians (exact ties) mixed in.
+    rng = np.random.default_rng(3)
+    n_genes = 400
+    med = 1.0 + rng.integers(0, 50, n_genes) * 1e-9
+    median = np.concatenate([[np.nan] * 4, med])
+    counts = np.full((3, n_genes), 5.0)
+    counts[1, ::7] = 6.0  # a second cluster of values
+    col = np.arange(4, 4 + n_genes, dtype=np.int32)
+    ids, lengths = rank_chunk(sp.csr_matrix(counts), np.array([1000.0] * 3), col, median, 4094)
+    expect = reference_rank(counts, np.array([1000.0] * 3), col, median, 4094)
+    assert split_packed(ids, lengths) == expect

@@ -26,12 +26,12 @@ def work_dtype(counts_dtype: np.dtype, n_counts_dtype: np.dtype) -> np.dtype:
 
 
 @numba.njit(cache=True, nogil=True)
-def _radix_sort(keys, tmp, n, counts):  # type: ignore[no-untyped-def]
+def _radix_sort(keys, tmp, n, counts, n_digits):  # type: ignore[no-untyped-def]
     """LSD radix sort of keys[:n] (uint64, 8-bit digits, constant digits skipped). Branch-free
     in the data, unlike quicksort, whose mispredictions dominate on real cells. Returns the
     buffer (``keys`` or ``tmp``) that holds the sorted keys."""
     src, dst = keys, tmp
-    for p in range(8):
+    for p in range(n_digits):
         sh = np.uint64(8 * p)
         counts[:] = 0
         for i in range(n):
@@ -55,17 +55,19 @@ def _radix_sort(keys, tmp, n, counts):  # type: ignore[no-untyped-def]
 def _rank_tokens(val, tok, m, shift, keys, tmp, counts, val_by_tok, out):  # type: ignore[no-untyped-def]
     """Tokens of val[:m] by value descending, exactly equal values by token ascending, into out.
 
-    Positive float64 values order like their bit patterns, so one key per gene is the
-    complemented bits (descending) with the low ``shift`` bits replaced by the token id
-    (ascending among equal keys). Values that differ only in those dropped bits share a key
-    prefix; such runs are re-ordered on the full values afterwards, so the result is exact.
+    One 64-bit key per gene: the top 24 bits of the value's float32 rounding (monotone in the
+    value), complemented so larger values sort first, then the token id in the low ``shift``
+    bits (ascending among equal prefixes). Radix-sorting these few bytes is the fast part; genes
+    whose values share a prefix (exact ties, or values within ~1e-5 of each other) form short runs
+    that are re-ordered on the full float64 values afterwards, so the result is exact.
     """
     s = np.uint64(shift)
-    bits = val.view(np.uint64)
     for i in range(m):
-        keys[i] = ((~bits[i]) >> s << s) | np.uint64(tok[i])
+        # top 24 bits of the float32 rounding (monotone in the value), complemented: descending
+        prefix = np.uint64(~(np.float32(val[i]).view(np.uint32) >> np.uint32(8)) & np.uint32(0xFFFFFF))
+        keys[i] = (prefix << s) | np.uint64(tok[i])
         val_by_tok[tok[i]] = val[i]
-    ranked = _radix_sort(keys, tmp, m, counts)
+    ranked = _radix_sort(keys, tmp, m, counts, (24 + shift + 7) // 8)
     mask = (np.uint64(1) << s) - np.uint64(1)
     for i in range(m):
         out[i] = np.int32(ranked[i] & mask)
