@@ -136,7 +136,9 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
         for chunk in iter_chunks(src, shard, cfg.read):
             table, dropped = _chunk_table(src, chunk, shard, col_token, median, lay, cfg.carry)
             if writer is None:
-                writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                # min/max of token lists serve no query and cost ~12% of the write
+                stats_cols = [n for n in table.schema.names if n != schema.INPUT_IDS]
+                writer = pq.ParquetWriter(sink, table.schema, compression="zstd", write_statistics=stats_cols)
             writer.write_table(table.cast(writer.schema))
             stats["cells_in"] += chunk.n_read
             stats["cells_out"] += table.num_rows
