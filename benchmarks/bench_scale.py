@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import Any
 
-from common import WORK, corpus, record
+from common import WORK, corpus, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
 from rankformer.corpus.tokenize import run_tokenize
@@ -29,6 +29,7 @@ def fresh_ray(workers: int) -> None:
 
 def vocab_stage(path: str, vocab: str, workers: int, base: dict[str, Any]) -> None:
     fresh_ray(workers)
+    warm_cache(path)
     t = time.perf_counter()
     built = run_vocab_build(
         VocabBuildConfig(inputs=[path], out=vocab, read=READ, cluster=ClusterOptions(num_workers=workers))
@@ -43,6 +44,7 @@ def tokenize_stage(path: str, vocab: str, workers: int, base: dict[str, Any]) ->
     out = WORK / "scale_corpus"
     shutil.rmtree(out, ignore_errors=True)
     fresh_ray(workers)
+    warm_cache(path)
     t = time.perf_counter()
     manifest = run_tokenize(
         TokenizeConfig(

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from common import HERE, WORK, corpus, record
+from common import HERE, WORK, corpus, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig
 from rankformer.corpus.kernels import rank_chunk
 from rankformer.corpus.tokenize import run_tokenize
@@ -67,6 +67,7 @@ def end_to_end(path: str, vocab: str, workers: int, n_cells: int, base: dict) ->
     ray.shutdown()
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    warm_cache(path)
     cfg = TokenizeConfig(
         inputs=[path],
         vocab=vocab,
