@@ -13,9 +13,13 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
+IDENTITY = ("stage", "workers", "n_cells", "method")
+
+
 def _key(rec: dict) -> str:
-    cfg = {k: v for k, v in rec["config"].items() if k not in HIDDEN}
-    return rec["metric"] + json.dumps(cfg, sort_keys=True)
+    """What a figure is a figure of: a newer record with the same identity replaces an older one."""
+    cfg = rec["config"]
+    return json.dumps([rec["metric"], *(cfg.get(k) for k in IDENTITY)])
 
 
 def latest(path: Path) -> list[dict]:
