@@ -326,9 +326,10 @@ def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneV
         },
     )
     vocab.save(cfg.out)
+    why = "never expressed" if cfg.min_cells == 1 else f"nonzero in fewer than {cfg.min_cells} cells"
     print(
-        f"vocabulary of {len(kept):,} genes ({len(genes) - len(kept):,} left out: nonzero in "
-        f"< {cfg.min_cells} cells) from {sum(i.n_cells for i in infos):,} cells in {passes} "
-        f"passes, {time.perf_counter() - t0:.1f}s -> {cfg.out} ({vocab.content_hash[:19]})"
+        f"vocabulary of {len(kept):,} genes ({len(genes) - len(kept):,} left out: {why}) from "
+        f"{sum(i.n_cells for i in infos):,} cells in {passes} passes, "
+        f"{time.perf_counter() - t0:.1f}s -> {cfg.out} ({vocab.content_hash[:19]})"
     )
     return vocab
