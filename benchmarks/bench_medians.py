@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import HERE, WORK, corpus, record
+from common import HERE, WORK, corpus, fresh_ray, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
 
@@ -67,9 +67,8 @@ def main() -> None:
         {**base, "delta": 100, "median_rel_error": round(float(np.median(td_err)), 6)},
     )
     for workers in (1, 2):
-        ray.shutdown()
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        fresh_ray(workers)
+        warm_cache(path)
         cfg = VocabBuildConfig(
             inputs=[path],
             out=str(WORK / "bench_vocab.json"),

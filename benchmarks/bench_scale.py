@@ -10,21 +10,12 @@ import shutil
 import time
 from typing import Any
 
-from common import WORK, corpus, record, warm_cache
+from common import WORK, corpus, fresh_ray, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
 from rankformer.corpus.tokenize import run_tokenize
 
 READ = ReadOptions(rows_per_shard=50_000, chunk_rows=4096)
-
-
-def fresh_ray(workers: int) -> None:
-    """New worker processes, so each stage's peak memory is its own."""
-    import ray
-
-    ray.shutdown()
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def vocab_stage(path: str, vocab: str, workers: int, base: dict[str, Any]) -> None:

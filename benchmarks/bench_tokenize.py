@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from common import HERE, WORK, corpus, record, warm_cache
+from common import HERE, WORK, corpus, fresh_ray, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig
 from rankformer.corpus.kernels import rank_chunk
 from rankformer.corpus.tokenize import run_tokenize
@@ -39,8 +39,9 @@ def kernel(path: str, vocab_path: str, base: dict) -> float:
 
     vocab = GeneVocab.load(vocab_path)
     with open_source(path) as src:
-        x = src.read_counts(0, 8192)
-        n = src.read_obs("n_counts", 0, 8192)
+        n_cells = min(8192, src.n_cells)
+        x = src.read_counts(0, n_cells)
+        n = src.read_obs("n_counts", 0, n_cells)
         col = vocab.map_gene_ids(list(src.gene_ids))
     med = vocab.median_by_token()
     rank_chunk(x[:8], n[:8], col, med, 4094, 2, 3)  # compile
@@ -54,7 +55,7 @@ def kernel(path: str, vocab_path: str, base: dict) -> float:
         "cells_per_s_per_core",
         best,
         "cells/s",
-        {**base, "stage": "kernel", "n_cells": 8192, "nnz_per_cell": round(x.nnz / x.shape[0])},
+        {**base, "stage": "kernel", "n_cells": n_cells, "nnz_per_cell": round(x.nnz / x.shape[0])},
     )
     return best
 
@@ -64,9 +65,7 @@ def end_to_end(path: str, vocab: str, workers: int, n_cells: int, base: dict) ->
 
     out = WORK / f"corpus_{n_cells}_{workers}w"
     shutil.rmtree(out, ignore_errors=True)
-    ray.shutdown()
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    fresh_ray(workers)
     warm_cache(path)
     cfg = TokenizeConfig(
         inputs=[path],

@@ -12,7 +12,7 @@ from typing import Any
 from rankformer.synth import SynthSpec, write_h5ad
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("RANKFORMER_BENCH_RESULTS", HERE / "results"))
 WORK = Path(os.environ.get("RANKFORMER_BENCH_WORK", HERE.parent / "bench_work"))
 
 
@@ -55,6 +55,16 @@ def record(benchmark: str, metric: str, value: float, unit: str, config: dict[st
     with open(RESULTS / f"{benchmark}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
     print(f"{benchmark:>9} {metric:<32} {value:>12.4g} {unit:<8} {json.dumps(config)}")
+
+
+def fresh_ray(workers: int) -> None:
+    """A new local Ray instance with ``workers`` CPUs: new worker processes, so each timed stage's
+    peak memory is its own."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def warm_cache(path: str) -> None:
