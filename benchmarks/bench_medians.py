@@ -18,7 +18,7 @@ import numpy as np
 
 from common import HERE, WORK, corpus, fresh_ray, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, VocabBuildConfig
-from rankformer.corpus.medians import run_vocab_build
+from rankformer.corpus.medians import build_vocab_with_stats
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
             cluster=ClusterOptions(num_workers=workers),
         )
         t = time.perf_counter()
-        vocab = run_vocab_build(cfg)
+        vocab, stats = build_vocab_with_stats(cfg)
         seconds = time.perf_counter() - t
         ray.shutdown()
         ours = np.full(args.genes, np.nan)
@@ -87,6 +87,19 @@ def main() -> None:
             seconds,
             "s",
             {**base, "method": "rankformer exact", "workers": workers, "passes": vocab.provenance["passes"]},
+        )
+        record(
+            "medians",
+            "peak_rss_mb",
+            stats.peak_rss_mb,
+            "MB",
+            {
+                **base,
+                "method": "rankformer exact",
+                "workers": workers,
+                "who": "worker (max)",
+                "rows_per_shard": 25_000,
+            },
         )
     assert np.array_equal(np.isnan(ours), np.isnan(exact)), "genes differ"
     record(

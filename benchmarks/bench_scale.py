@@ -12,7 +12,7 @@ from typing import Any
 
 from common import WORK, corpus, fresh_ray, record, warm_cache
 from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig, VocabBuildConfig
-from rankformer.corpus.medians import run_vocab_build
+from rankformer.corpus.medians import build_vocab_with_stats
 from rankformer.corpus.tokenize import run_tokenize
 
 READ = ReadOptions(rows_per_shard=50_000, chunk_rows=4096)
@@ -22,13 +22,14 @@ def vocab_stage(path: str, vocab: str, workers: int, base: dict[str, Any]) -> No
     fresh_ray(workers)
     warm_cache(path)
     t = time.perf_counter()
-    built = run_vocab_build(
+    built, stats = build_vocab_with_stats(
         VocabBuildConfig(inputs=[path], out=vocab, read=READ, cluster=ClusterOptions(num_workers=workers))
     )
     seconds = time.perf_counter() - t
     stage = {**base, "workers": workers, "stage": "vocab build", "passes": built.provenance["passes"]}
     record("scale", "seconds", seconds, "s", stage)
     record("scale", "cells_per_s", base["n_cells"] / seconds, "cells/s", stage)
+    record("scale", "peak_rss_mb", stats.peak_rss_mb, "MB", {**stage, "who": "worker (max)"})
 
 
 def tokenize_stage(path: str, vocab: str, workers: int, base: dict[str, Any]) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -161,7 +162,7 @@ def histogram_shard(task: dict[str, Any]) -> bytes:
         )
     assert acc is not None
     nz = np.flatnonzero(acc)
-    return _to_npz(code=nz, count=acc[nz], gmax=gmax)
+    return _to_npz(code=nz, count=acc[nz], gmax=gmax, rss_mb=_peak_rss_mb())
 
 
 def collect_shard(task: dict[str, Any]) -> bytes:
@@ -172,7 +173,20 @@ def collect_shard(task: dict[str, Any]) -> bytes:
         )
         parts_s.append(s)
         parts_v.append(v)
-    return _to_npz(slot=np.concatenate(parts_s), value=np.concatenate(parts_v))
+    return _to_npz(slot=np.concatenate(parts_s), value=np.concatenate(parts_v), rss_mb=_peak_rss_mb())
+
+
+def _peak_rss_mb() -> np.ndarray:
+    """This worker process's peak resident memory (run-time facts travel to the driver only)."""
+    return np.asarray(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+@dataclass
+class MedianResult:
+    medians: np.ndarray  # per gene, NaN where never expressed
+    n_nonzero: np.ndarray  # nonzero cells per gene
+    passes: int  # passes over the corpus
+    peak_rss_mb: float  # largest worker peak memory seen
 
 
 def _resolve_genes(raw_ids: list[str], aliases: dict[str, str]) -> list[str | None]:
@@ -216,8 +230,8 @@ def compute_medians(
     col_genes: list[np.ndarray],
     shards: list[Shard],
     runner: Runner = map_shards,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(median per gene, nonzero count per gene, passes over the corpus)."""
+) -> MedianResult:
+    """Exact median and nonzero count per gene, in a few passes over the shards."""
     g, nb = n_genes, cfg.histogram_bins
     base = [
         {
@@ -232,12 +246,14 @@ def compute_medians(
         for s in shards
     ]
     files = {f"col_gene_{i}": c for i, c in enumerate(col_genes)}
+    peak = [0.0]
 
     def histogram(arrays: dict[str, np.ndarray], n_slots: int) -> tuple[np.ndarray, np.ndarray]:
         hist, gmax = np.zeros(n_slots * nb, np.int64), np.zeros(g)
         for part in _run_pass(histogram_shard, base, {**files, **arrays}, cfg, runner):
             np.add.at(hist, part["code"], part["count"])
             np.maximum(gmax, part["gmax"], out=gmax)
+            peak[0] = max(peak[0], float(part["rss_mb"]))
         return hist.reshape(n_slots, nb), gmax
 
     # pass 1: one log-binned histogram per gene serves both of its targets
@@ -280,16 +296,25 @@ def compute_medians(
             "edges": np.empty(0),
         }
         parts = _run_pass(collect_shard, base, arrays, cfg, runner)
+        peak[0] = max([peak[0], *(float(p["rss_mb"]) for p in parts)])
         slots = np.concatenate([p["slot"] for p in parts])
         values = np.concatenate([p["value"] for p in parts])
         order = np.argsort(slots, kind="stable")
         cuts = np.searchsorted(slots[order], np.arange(1, len(collect)))
         search.absorb_collected(collect, np.split(values[order], cuts))
         passes += 1
-    return search.medians(), search.n, passes
+    return MedianResult(search.medians(), search.n, passes, peak[0])
 
 
 def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneVocab:
+    """Exact medians over the corpus -> the vocabulary, saved to ``cfg.out``."""
+    return build_vocab_with_stats(cfg, runner)[0]
+
+
+def build_vocab_with_stats(
+    cfg: VocabBuildConfig, runner: Runner = map_shards
+) -> tuple[GeneVocab, MedianResult]:
+    """:func:`run_vocab_build`, also returning how the run went (passes, worker memory)."""
     t0 = time.perf_counter()
     aliases, names = read_gene_table(cfg.read.gene_table) if cfg.read.gene_table else ({}, {})
     warn_if_normalized(cfg.read)
@@ -307,7 +332,8 @@ def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneV
     index = {gid: i for i, gid in enumerate(genes)}
     col_genes = [np.asarray([-1 if r is None else index[r] for r in res], np.int32) for res in resolved]
     shards = plan_shards(infos, cfg.read.rows_per_shard)
-    medians, n_nonzero, passes = compute_medians(cfg, len(genes), col_genes, shards, runner)
+    result = compute_medians(cfg, len(genes), col_genes, shards, runner)
+    medians, n_nonzero, passes = result.medians, result.n_nonzero, result.passes
     keep = n_nonzero >= cfg.min_cells
     kept = [gid for gid, k in zip(genes, keep, strict=True) if k]
     vocab = build_vocab(
@@ -332,4 +358,4 @@ def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneV
         f"{sum(i.n_cells for i in infos):,} cells in {passes} passes, "
         f"{time.perf_counter() - t0:.1f}s -> {cfg.out} ({vocab.content_hash[:19]})"
     )
-    return vocab
+    return vocab, result
