@@ -112,12 +112,32 @@ def _read_elem_slice(elem: h5py.Dataset | h5py.Group, start: int, stop: int) -> 
     return _decode(elem[start:stop])
 
 
-class H5adSource(CellSource):
-    fmt = "h5ad"
+class _Hdf5Source(CellSource):
+    """An HDF5-based format: the file is opened here, checked by ``_setup``, closed on failure."""
 
     def __init__(self, uri: str, gene_id_column: str) -> None:
         super().__init__(uri, gene_id_column)
         self._file, self._handle = _open_hdf5(uri)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    @abstractmethod
+    def _setup(self) -> None: ...
+
+    def close(self) -> None:
+        self._file.close()
+        if self._handle is not None:
+            self._handle.close()
+
+
+class H5adSource(_Hdf5Source):
+    fmt = "h5ad"
+
+    def _setup(self) -> None:
+        uri, gene_id_column = self.uri, self.gene_id_column
         f = self._file
         for key in ("X", "obs", "var"):
             if key not in f:
@@ -171,20 +191,14 @@ class H5adSource(CellSource):
         indices = x["indices"][lo:hi]
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
 
-    def close(self) -> None:
-        self._file.close()
-        if self._handle is not None:
-            self._handle.close()
 
-
-class LoomSource(CellSource):
+class LoomSource(_Hdf5Source):
     """Loom: /matrix is genes x cells; gene attributes in /row_attrs, cell attributes in /col_attrs."""
 
     fmt = "loom"
 
-    def __init__(self, uri: str, gene_id_column: str) -> None:
-        super().__init__(uri, gene_id_column)
-        self._file, self._handle = _open_hdf5(uri)
+    def _setup(self) -> None:
+        uri, gene_id_column = self.uri, self.gene_id_column
         f = self._file
         if "matrix" not in f or "row_attrs" not in f or "col_attrs" not in f:
             raise InputError(f"{uri}: missing /matrix, /row_attrs or /col_attrs: not a loom file")
@@ -214,11 +228,6 @@ class LoomSource(CellSource):
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(self._file["matrix"][:, start:stop].T)
 
-    def close(self) -> None:
-        self._file.close()
-        if self._handle is not None:
-            self._handle.close()
-
 
 _TENX_ID_COLUMNS = {
     "ensembl_id": "id",
@@ -230,14 +239,13 @@ _TENX_ID_COLUMNS = {
 }
 
 
-class TenxH5Source(CellSource):
+class TenxH5Source(_Hdf5Source):
     """Cell Ranger .h5: a CSC genes x cells matrix, i.e. CSR over cells (v3 /matrix, v2 /<genome>)."""
 
     fmt = "10x-h5"
 
-    def __init__(self, uri: str, gene_id_column: str) -> None:
-        super().__init__(uri, gene_id_column)
-        self._file, self._handle = _open_hdf5(uri)
+    def _setup(self) -> None:
+        uri, gene_id_column = self.uri, self.gene_id_column
         f = self._file
         if "matrix" in f:
             g = f["matrix"]
@@ -271,11 +279,6 @@ class TenxH5Source(CellSource):
             (self._g["data"][lo:hi], self._g["indices"][lo:hi], indptr - lo),
             shape=(stop - start, self.n_genes),
         )
-
-    def close(self) -> None:
-        self._file.close()
-        if self._handle is not None:
-            self._handle.close()
 
 
 def _read_text_maybe_gz(uri: str) -> bytes:
