@@ -43,11 +43,12 @@ class FileInfo:
     n_genes: int
     gene_ids: list[str]
     obs_columns: list[str]
+    sample_counts: np.ndarray  # per gene, summed over the first chunk's cells (coverage report)
 
 
 def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
     """Open every input once (header only) so bad files fail before any work starts."""
-    infos = []
+    infos: list[FileInfo] = []
     for uri in inputs:
         with open_source(uri, read.gene_id_column) as src:
             ids = ["" if g is None else str(g) for g in src.gene_ids]
@@ -56,10 +57,11 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
                     f"{uri}: every gene id in column {read.gene_id_column!r} is empty; point "
                     "--gene-id-column at the column holding Ensembl ids"
                 )
-            infos.append(FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns()))
             # the first chunk gets every check a worker makes, so most mistakes stop us here
-            first = Shard(len(infos) - 1, uri, 0, 0, min(src.n_cells, read.chunk_rows))
-            next(iter_chunks(src, first, read))
+            first = Shard(len(infos), uri, 0, 0, min(src.n_cells, read.chunk_rows))
+            chunk = next(iter_chunks(src, first, read))
+            sample = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
+            infos.append(FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample))
     return infos
 
 
@@ -178,20 +180,16 @@ def iter_chunks(src: CellSource, shard: Shard, read: ReadOptions) -> Iterator[Ch
         yield Chunk(start, x, n, rows, stop - start, int((~keep).sum()))
 
 
-def coverage(
-    src: CellSource, col_map: np.ndarray, read: ReadOptions, sample_rows: int = 2000
-) -> dict[str, float]:
-    """Share of genes and of counts (over the first ``sample_rows`` cells) that map."""
-    x = src.read_counts(0, min(src.n_cells, sample_rows))
-    per_col = np.asarray(x.sum(axis=0)).ravel().astype(np.float64)
-    total = per_col.sum()
+def coverage(info: FileInfo, col_map: np.ndarray) -> dict[str, float]:
+    """Share of genes, and of counts in the file's first chunk, that map to the vocabulary."""
+    total = info.sample_counts.sum()
     mapped = col_map >= 0
     return {
         "genes": float(mapped.mean()),
-        "counts": float(per_col[mapped].sum() / total) if total > 0 else 0.0,
+        "counts": float(info.sample_counts[mapped].sum() / total) if total > 0 else 0.0,
         "n_genes": len(col_map),
         "n_genes_mapped": int(mapped.sum()),
-        "n_empty_ids": int(sum(1 for g in src.gene_ids if g is None or not str(g).strip())),
+        "n_empty_ids": sum(1 for g in info.gene_ids if not g.strip()),
     }
 
 

@@ -213,9 +213,7 @@ def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
             raise InputError(
                 f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
             )
-        col_token = column_tokens(vocab, info.gene_ids, cfg.read)
-        with open_source(info.uri, cfg.read.gene_id_column) as src:
-            cov = coverage(src, col_token, cfg.read)
+        cov = coverage(info, column_tokens(vocab, info.gene_ids, cfg.read))
         check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
     return plan_shards(infos, cfg.read.rows_per_shard)
 
