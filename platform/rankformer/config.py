@@ -24,6 +24,7 @@ class ReadOptions:
 
     gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN  # var column of gene ids ('index' = names)
     gene_table: str | None = None  # CSV/TSV mapping symbols to Ensembl ids (adds aliases)
+    counts: str = "X"  # matrix of raw counts: X, raw (raw/X with raw/var) or layers/NAME
     allow_normalized: bool = False  # accept non-integer counts (medians then mean something else)
     rows_per_shard: int = 50_000  # cells per output shard / Ray task
     chunk_rows: int = 4096  # cells read into memory at once inside a task
@@ -31,6 +32,10 @@ class ReadOptions:
     def check(self) -> None:
         if self.rows_per_shard < 1 or self.chunk_rows < 1:
             raise InputError("rows_per_shard and chunk_rows must be >= 1")
+        if self.counts not in ("X", "raw", "raw/X") and not (
+            self.counts.startswith("layers/") and len(self.counts) > len("layers/")
+        ):
+            raise InputError(f"counts {self.counts!r} must be X, raw or layers/NAME (e.g. layers/counts)")
 
 
 @dataclass
@@ -88,6 +93,8 @@ class TokenizeConfig:
             "allow_normalized": self.read.allow_normalized,
             "rows_per_shard": self.read.rows_per_shard,
         }
+        if self.read.counts != "X":  # older corpora (always X) keep their fingerprint
+            decisive["counts"] = self.read.counts
         blob = json.dumps(decisive, sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 

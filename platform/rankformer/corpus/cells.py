@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,13 +45,14 @@ class FileInfo:
     gene_ids: list[str]
     obs_columns: list[str]
     sample_counts: np.ndarray  # per gene, summed over the first chunk's cells (coverage report)
+    id_note: str = ""  # where the gene ids came from, when not the named column
 
 
 def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
     """Open every input once (header only) so bad files fail before any work starts."""
     infos: list[FileInfo] = []
     for uri in inputs:
-        with open_source(uri, read.gene_id_column) as src:
+        with open_source(uri, read.gene_id_column, read.counts) as src:
             ids = ["" if g is None else str(g) for g in src.gene_ids]
             if not any(i.strip() for i in ids):
                 raise InputError(
@@ -61,7 +63,9 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
             first = Shard(len(infos), uri, 0, 0, min(src.n_cells, read.chunk_rows))
             chunk = next(iter_chunks(src, first, read))
             sample = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
-            infos.append(FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample))
+            infos.append(
+                FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample, src.id_note)
+            )
     return infos
 
 
@@ -97,7 +101,7 @@ def plan_shards(infos: list[FileInfo], rows_per_shard: int) -> list[Shard]:
     return shards
 
 
-def check_counts(x: sp.csr_matrix, uri: str, row0: int, allow_normalized: bool) -> None:
+def check_counts(x: sp.csr_matrix, src: CellSource, row0: int, allow_normalized: bool) -> None:
     """Raw counts only: negative, NaN/inf or (unless allowed) non-integer values are errors."""
     data = x.data
     if data.dtype.kind in "iu":
@@ -115,14 +119,18 @@ def check_counts(x: sp.csr_matrix, uri: str, row0: int, allow_normalized: bool) 
     if len(bad):
         k = int(bad[0])
         row = int(np.searchsorted(x.indptr, k, side="right") - 1) + row0
-        hint = (
-            " Pass --allow-normalized to accept normalised values (medians then describe "
-            "normalised data, not counts)."
-            if what == "a non-integer count"
-            else ""
-        )
+        hint = ""
+        if what == "a non-integer count":
+            better = src.integer_alternatives()
+            hint = (
+                f" The file holds integer counts in {better[0]}: pass --counts {better[0]} to use them."
+                if better
+                else " Pass --allow-normalized to accept normalised values (medians then describe "
+                "normalised data, not counts)."
+            )
         raise InputError(
-            f"{uri}: row {row} has {what} ({data[k].item()!r}) in X; rankformer expects raw UMI counts.{hint}"
+            f"{src.uri}: row {row} has {what} ({data[k].item()!r}) in {src.counts}; rankformer expects "
+            f"raw UMI counts.{hint}"
         )
 
 
@@ -169,7 +177,7 @@ def iter_chunks(src: CellSource, shard: Shard, read: ReadOptions) -> Iterator[Ch
     for start in range(shard.start, shard.stop, read.chunk_rows):
         stop = min(start + read.chunk_rows, shard.stop)
         x = src.read_counts(start, stop)
-        check_counts(x, src.uri, start, read.allow_normalized)
+        check_counts(x, src, start, read.allow_normalized)
         keep = keep_mask(src, start, stop)
         n = cell_totals(src, start, stop, x)
         rows = np.arange(start, stop, dtype=np.int64)
@@ -180,7 +188,7 @@ def iter_chunks(src: CellSource, shard: Shard, read: ReadOptions) -> Iterator[Ch
         yield Chunk(start, x, n, rows, stop - start, int((~keep).sum()))
 
 
-def coverage(info: FileInfo, col_map: np.ndarray) -> dict[str, float]:
+def coverage(info: FileInfo, col_map: np.ndarray) -> dict[str, Any]:
     """Share of genes, and of counts in the file's first chunk, that map to the vocabulary."""
     total = info.sample_counts.sum()
     mapped = col_map >= 0
@@ -190,10 +198,11 @@ def coverage(info: FileInfo, col_map: np.ndarray) -> dict[str, float]:
         "n_genes": len(col_map),
         "n_genes_mapped": int(mapped.sum()),
         "n_empty_ids": sum(1 for g in info.gene_ids if not g.strip()),
+        "id_note": info.id_note,
     }
 
 
-def check_coverage(uri: str, cov: dict[str, float], floor: float, describe_ids: Callable[[], str]) -> None:
+def check_coverage(uri: str, cov: dict[str, Any], floor: float, describe_ids: Callable[[], str]) -> None:
     log.info(
         "%s: %.1f%% of genes (%d/%d) and %.1f%% of counts map to the vocabulary",
         uri,
@@ -202,9 +211,10 @@ def check_coverage(uri: str, cov: dict[str, float], floor: float, describe_ids: 
         cov["n_genes"],
         100 * cov["counts"],
     )
+    note = f"; {cov['id_note']}" if cov.get("id_note") else ""
     print(
         f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
-        f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%"
+        f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%{note}"
     )
     if cov["counts"] < floor:
         raise InputError(

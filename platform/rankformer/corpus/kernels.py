@@ -4,10 +4,18 @@ Rank value encoding of one cell, as Geneformer defines it:
     value(g) = count(g) / n_counts * 10_000 / median(g)       for vocabulary genes with count > 0
     tokens   = genes sorted by value, highest first; exactly equal values by ascending token id.
 
-The arithmetic follows numpy's dtype promotion of the reference (``X / n_counts * 10000 / median``):
-``count / n_counts`` and ``* 10000`` run in ``result_type(counts, n_counts)`` (float64 for integer
-counts, float32 when both are float32), the division by the float64 median in float64. Callers cast
-``data`` and ``n_counts`` to that work dtype; the kernel then performs the same IEEE operations.
+The arithmetic follows the reference's ``X / n_counts * 10000 / median`` operation for operation,
+in one of two ways depending on how the input is stored:
+
+- ``divide`` (dense X, loom): numpy's true division. ``count / n_counts`` and ``* 10000`` run in
+  ``result_type(counts, n_counts)`` (float64 for integer counts, float32 when both are float32),
+  the division by the float64 median in float64.
+- ``reciprocal`` (CSR X of an h5ad): scipy divides a sparse matrix by a dense array as
+  ``X.multiply(1 / other)``: ``1 / n_counts`` in the dtype of ``n_counts``, the product in the
+  promoted dtype of counts and that reciprocal, ``* 10000`` in the same dtype, then a multiply by
+  ``1 / median`` (float64).
+
+Values one ulp apart can sort differently under the two, so each storage kind gets its own.
 """
 
 from __future__ import annotations
@@ -131,11 +139,14 @@ def rank_rows(  # type: ignore[no-untyped-def]
     suffix,
     out_ids,
     out_len,
+    reciprocal,
 ):
     """Rank-value encode every row; write tokens packed into ``out_ids`` and lengths to ``out_len``.
 
     ``n_counts``/``target`` are in the work dtype; ``data`` in its own (promotion happens per
-    division, as in numpy). ``prefix``/``suffix`` are token ids added
+    division, as in numpy). With ``reciprocal``, ``n_counts`` holds ``1 / n_counts`` and
+    ``median_by_token`` ``1 / median`` and both are multiplied, as scipy's sparse division does;
+    ``data`` is then already in the product's dtype. ``prefix``/``suffix`` are token ids added
     around each kept cell's genes (-1 for none). A row with no vocabulary gene gets length 0.
     """
     n_rows = len(indptr) - 1
@@ -163,10 +174,16 @@ def rank_rows(  # type: ignore[no-untyped-def]
             out_len[r] = 0
             continue
         n = n_counts[r]
-        for i in range(m):
-            q = cnt[i] / n
-            q = q * target[0]
-            val[i] = np.float64(q) / median_by_token[tok[i]]
+        if reciprocal:
+            for i in range(m):
+                q = cnt[i] * n
+                q = q * target[0]
+                val[i] = np.float64(q) * median_by_token[tok[i]]
+        else:
+            for i in range(m):
+                q = cnt[i] / n
+                q = q * target[0]
+                val[i] = np.float64(q) / median_by_token[tok[i]]
         _rank_tokens(val, tok, m, shift, keys, tmp, counts, val_by_tok, ranked)
         start = pos
         if prefix >= 0:
@@ -190,13 +207,24 @@ def rank_chunk(
     max_genes: int,
     prefix: int = -1,
     suffix: int = -1,
+    arithmetic: str = "divide",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(packed int32 token ids, int32 length per row; 0 = no vocabulary gene) for a CSR chunk."""
-    wd = work_dtype(counts.dtype, n_counts.dtype)
+    """(packed int32 token ids, int32 length per row; 0 = no vocabulary gene) for a CSR chunk.
+    ``arithmetic``: ``divide`` (numpy's true division) or ``reciprocal`` (scipy's sparse division)."""
     has_dups = bool(_has_duplicates(col_token))
-    # Counts stay in their own dtype: numba promotes ``count / n`` exactly as numpy does (integer
-    # or float32 counts over float64 totals -> float64; float32 over float32 -> float32).
-    data = counts.data if counts.data.dtype.kind in "iuf" else counts.data.astype(wd)
+    reciprocal = arithmetic == "reciprocal"
+    if reciprocal:
+        scale = np.divide(1, n_counts)  # in the dtype of n_counts (integers: float64)
+        wd = np.result_type(counts.dtype, scale.dtype)
+        wd = np.dtype(np.float32) if wd == np.float32 else np.dtype(np.float64)
+        data = counts.data.astype(wd, copy=False)
+        median_by_token = np.divide(1.0, median_by_token)
+    else:
+        wd = work_dtype(counts.dtype, n_counts.dtype)
+        scale = n_counts
+        # Counts stay in their own dtype: numba promotes ``count / n`` exactly as numpy does
+        # (integer or float32 counts over float64 totals -> float64; float32 over float32 -> float32).
+        data = counts.data if counts.data.dtype.kind in "iuf" else counts.data.astype(wd)
     extra = int(prefix >= 0) + int(suffix >= 0)
     out_ids = np.empty(counts.nnz + extra * counts.shape[0], np.int32)
     out_len = np.empty(counts.shape[0], np.int32)
@@ -204,7 +232,7 @@ def rank_chunk(
         data,
         counts.indices,
         counts.indptr.astype(np.int64),
-        n_counts.astype(wd),
+        scale.astype(wd),
         col_token,
         has_dups,
         median_by_token,
@@ -214,8 +242,21 @@ def rank_chunk(
         suffix,
         out_ids,
         out_len,
+        reciprocal,
     )
     return out_ids[:used], out_len
+
+
+def ranking_values(
+    counts: np.ndarray, n_counts: np.generic | float, median: np.ndarray, arithmetic: str = "divide"
+) -> np.ndarray:
+    """One cell's ranking values in plain numpy, the same operations as :func:`rank_rows`
+    (for reports such as `rankformer corpus show`, and as the kernel's specification)."""
+    n = np.asarray(n_counts)[()]  # a numpy scalar keeps its dtype in the promotions below
+    if arithmetic == "reciprocal":
+        q = counts * np.divide(1, n)
+        return np.asarray((q * TARGET_SUM) * np.divide(1.0, np.asarray(median, np.float64)))
+    return np.asarray(counts / n * TARGET_SUM / np.asarray(median, np.float64))
 
 
 def _has_duplicates(col_token: np.ndarray) -> bool:

@@ -124,7 +124,7 @@ def _shard_values(task: dict[str, Any]):  # type: ignore[no-untyped-def]
     col_gene = arrays[f"col_gene_{task['file_index']}"]
     shard = Shard(task["file_index"], task["uri"], 0, task["start"], task["stop"])
     has_dups = len(np.unique(col_gene[col_gene >= 0])) != int((col_gene >= 0).sum())
-    with open_source(shard.uri, read.gene_id_column) as src:
+    with open_source(shard.uri, read.gene_id_column, read.counts) as src:
         for chunk in iter_chunks(src, shard, read):
             x = chunk.counts
             yield (
@@ -322,7 +322,8 @@ def build_vocab_with_stats(
     resolved = [_resolve_genes(info.gene_ids, aliases) for info in infos]
     for info, res in zip(infos, resolved, strict=True):
         share = sum(r is not None for r in res) / len(res)
-        print(f"coverage {info.uri}: {100 * share:.1f}% of gene ids resolve to Ensembl ids")
+        note = f"; {info.id_note}" if info.id_note else ""
+        print(f"coverage {info.uri}: {100 * share:.1f}% of gene ids resolve to Ensembl ids{note}")
         if share < 0.5:
             raise InputError(
                 f"{info.uri}: only {100 * share:.1f}% of gene ids resolve to Ensembl "

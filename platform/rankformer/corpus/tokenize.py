@@ -88,7 +88,14 @@ def _chunk_table(
     carry: dict[str, str],
 ) -> tuple[pa.Table, int]:
     ids, lengths = rank_chunk(
-        chunk.counts, chunk.n_counts, col_token, median, lay.max_genes, lay.prefix, lay.suffix
+        chunk.counts,
+        chunk.n_counts,
+        col_token,
+        median,
+        lay.max_genes,
+        lay.prefix,
+        lay.suffix,
+        src.arithmetic,
     )
     kept = lengths > 0
     offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int32)
@@ -128,7 +135,7 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
     }
     t0 = time.perf_counter()
     with (
-        open_source(shard.uri, cfg.read.gene_id_column) as src,
+        open_source(shard.uri, cfg.read.gene_id_column, cfg.read.counts) as src,
         fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink,
     ):
         col_token = column_tokens(vocab, list(src.gene_ids), cfg.read)

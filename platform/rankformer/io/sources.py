@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import posixpath
+import re
 from abc import ABC, abstractmethod
 from typing import IO, Any
 
@@ -24,18 +25,42 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 
 FORMATS = "'.h5ad', '.loom', 10x '.h5', or a 10x folder holding matrix.mtx[.gz]"
+ENSEMBL_ID_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+# How the reference divides, by storage kind (see the README's exactness section): scipy's
+# sparse-by-dense division is a reciprocal then a multiply; numpy's dense division is a true one.
+DIVIDE = "divide"
+RECIPROCAL = "reciprocal"
+
+
+def looks_like_ensembl(values: np.ndarray) -> bool:
+    sample = [str(v).strip().upper() for v in values[:2000] if v is not None]
+    return bool(sample) and sum(bool(ENSEMBL_ID_RE.match(v)) for v in sample) > 0.5 * len(sample)
 
 
 class CellSource(ABC):
     """Cells (rows) x genes (columns) of one file."""
 
     fmt: str = ""
+    matrices: tuple[str, ...] = ("X",)  # the --counts choices this format has
 
-    def __init__(self, uri: str, gene_id_column: str) -> None:
+    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
         self.uri = uri
         self.gene_id_column = gene_id_column
+        self.counts = counts
         self.n_cells = 0
         self.gene_ids: np.ndarray = np.empty(0, dtype=object)
+        self.arithmetic = DIVIDE  # how the reference normalises this storage kind
+        self.id_note = ""  # said in the coverage line when ids come from somewhere unexpected
+        if counts not in self.matrices and not (counts.startswith("layers/") and "layers/*" in self.matrices):
+            raise InputError(
+                f"{uri}: --counts {counts!r} does not apply to {self.fmt or 'this'} files; "
+                f"choose one of {list(self.matrices)}"
+            )
+
+    def integer_alternatives(self) -> list[str]:
+        """Other matrices of this file (for --counts) whose stored values are integers."""
+        return []
 
     @property
     def n_genes(self) -> int:
@@ -115,8 +140,8 @@ def _read_elem_slice(elem: h5py.Dataset | h5py.Group, start: int, stop: int) -> 
 class _Hdf5Source(CellSource):
     """An HDF5-based format: the file is opened here, checked by ``_setup``, closed on failure."""
 
-    def __init__(self, uri: str, gene_id_column: str) -> None:
-        super().__init__(uri, gene_id_column)
+    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
+        super().__init__(uri, gene_id_column, counts)
         self._file, self._handle = _open_hdf5(uri)
         try:
             self._setup()
@@ -133,39 +158,89 @@ class _Hdf5Source(CellSource):
             self._handle.close()
 
 
+def _h5_integral(node: h5py.Dataset | h5py.Group, n: int = 20_000) -> bool:
+    """Whether the first ``n`` stored values of a dense or sparse matrix are all integers."""
+    data = node["data"] if isinstance(node, h5py.Group) else node
+    if data.dtype.kind in "iu":
+        return True
+    head = data[:n] if data.ndim == 1 else data[: max(1, n // max(1, data.shape[1]))]
+    return bool(np.all(np.isfinite(head)) and np.all(head == np.round(head)) and np.all(head >= 0))
+
+
 class H5adSource(_Hdf5Source):
     fmt = "h5ad"
+    matrices = ("X", "raw", "raw/X", "layers/*")
+
+    def _matrix(self) -> tuple[h5py.Dataset | h5py.Group, h5py.Group]:
+        """The chosen count matrix and the var table that names its columns."""
+        f, counts = self._file, self.counts
+        if counts == "X":
+            return f["X"], f["var"]
+        if counts in ("raw", "raw/X"):
+            if "raw" not in f or "X" not in f["raw"]:
+                raise InputError(f"{self.uri}: --counts raw, but the file has no raw/X; {self._choices()}")
+            return f["raw/X"], f["raw/var"]
+        name = counts.split("/", 1)[1]
+        if "layers" not in f or name not in f["layers"]:
+            raise InputError(f"{self.uri}: --counts {counts}, but there is no such layer; {self._choices()}")
+        return f["layers"][name], f["var"]
+
+    def _choices(self) -> str:
+        return f"matrices in the file: {self._available()}"
+
+    def _available(self) -> list[str]:
+        f = self._file
+        out = ["X"]
+        if "raw" in f and "X" in f["raw"]:
+            out.append("raw")
+        if "layers" in f:
+            out += [f"layers/{k}" for k in f["layers"]]
+        return out
+
+    def integer_alternatives(self) -> list[str]:
+        f = self._file
+        nodes = {a: "raw/X" if a == "raw" else a for a in self._available() if a != "X"}
+        current = "raw" if self.counts == "raw/X" else self.counts
+        return [name for name, key in nodes.items() if name != current and _h5_integral(f[key])]
 
     def _setup(self) -> None:
-        uri, gene_id_column = self.uri, self.gene_id_column
+        uri = self.uri
         f = self._file
         for key in ("X", "obs", "var"):
             if key not in f:
                 raise InputError(f"{uri}: no '{key}' in the file; it is not an AnnData .h5ad file")
-        x = f["X"]
+        x, var = self._matrix()
+        self._x = x
         if isinstance(x, h5py.Group):
             enc = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
             enc = enc.decode() if isinstance(enc, bytes) else str(enc)
             if enc not in ("csr_matrix", "csr"):
                 raise InputError(
-                    f"{uri}: X is stored as {enc or 'an unknown encoding'}; row chunks need CSR or "
-                    "dense X. Rewrite it with adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
+                    f"{uri}: {self.counts} is stored as {enc or 'an unknown encoding'}; row chunks need "
+                    "CSR or dense. Rewrite it with adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
                 )
             shape = x.attrs.get("shape", x.attrs.get("h5sparse_shape"))
             self.n_cells = int(shape[0])
             n_vars = int(shape[1])
+            self.arithmetic = RECIPROCAL
         else:
             self.n_cells, n_vars = (int(s) for s in x.shape)
         self._obs_index = self._index_name(f["obs"])
-        var = f["var"]
+        self.gene_ids = self._gene_ids(var, n_vars)
+
+    def _gene_ids(self, var: h5py.Group, n_vars: int) -> np.ndarray:
         var_index = self._index_name(var)
-        cols = [k for k in var if k != var_index]
-        if gene_id_column == "index":
-            self.gene_ids = _read_elem_slice(var[var_index], 0, n_vars)
-        elif gene_id_column in var:
-            self.gene_ids = _read_elem_slice(var[gene_id_column], 0, n_vars)
-        else:
-            raise self._missing_gene_column(cols)
+        col = self.gene_id_column
+        if col == "index":
+            return _read_elem_slice(var[var_index], 0, n_vars)
+        if col in var:
+            return _read_elem_slice(var[col], 0, n_vars)
+        index = _read_elem_slice(var[var_index], 0, n_vars)
+        if col == schema.DEFAULT_GENE_ID_COLUMN and looks_like_ensembl(index):
+            # CELLxGENE and most scanpy pipelines: Ensembl ids as the var index
+            self.id_note = f"gene ids from the var index (Ensembl ids; no {col!r} column)"
+            return index
+        raise self._missing_gene_column([k for k in var if k != var_index])
 
     @staticmethod
     def _index_name(group: h5py.Group) -> str:
@@ -182,7 +257,7 @@ class H5adSource(_Hdf5Source):
         return _read_elem_slice(self._file["obs"][self._obs_index], start, stop)
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
-        x = self._file["X"]
+        x = self._x
         if isinstance(x, h5py.Dataset):
             return sp.csr_matrix(x[start:stop])
         indptr = x["indptr"][start : stop + 1].astype(np.int64)
@@ -196,13 +271,21 @@ class LoomSource(_Hdf5Source):
     """Loom: /matrix is genes x cells; gene attributes in /row_attrs, cell attributes in /col_attrs."""
 
     fmt = "loom"
+    matrices = ("X", "layers/*")
 
     def _setup(self) -> None:
         uri, gene_id_column = self.uri, self.gene_id_column
         f = self._file
         if "matrix" not in f or "row_attrs" not in f or "col_attrs" not in f:
             raise InputError(f"{uri}: missing /matrix, /row_attrs or /col_attrs: not a loom file")
-        n_genes, self.n_cells = (int(s) for s in f["matrix"].shape)
+        self._m = f["matrix"]
+        if self.counts != "X":
+            name = self.counts.split("/", 1)[1]
+            if "layers" not in f or name not in f["layers"]:
+                have = [f"layers/{k}" for k in f.get("layers", {})]
+                raise InputError(f"{uri}: --counts {self.counts}, but the loom layers are {have}")
+            self._m = f["layers"][name]
+        n_genes, self.n_cells = (int(s) for s in self._m.shape)
         rows = f["row_attrs"]
         if gene_id_column not in rows:
             raise self._missing_gene_column(sorted(rows))
@@ -226,7 +309,12 @@ class LoomSource(_Hdf5Source):
         return _decode(self._file["col_attrs"][self._id_col][start:stop])
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
-        return sp.csr_matrix(self._file["matrix"][:, start:stop].T)
+        return sp.csr_matrix(self._m[:, start:stop].T)
+
+    def integer_alternatives(self) -> list[str]:
+        layers = self._file.get("layers", {})
+        names = [f"layers/{k}" for k in layers if f"layers/{k}" != self.counts]
+        return [n for n in names if _h5_integral(layers[n.split("/", 1)[1]], 2000)]
 
 
 _TENX_ID_COLUMNS = {
@@ -299,8 +387,8 @@ class TenxMtxSource(CellSource):
 
     fmt = "10x-mtx"
 
-    def __init__(self, uri: str, gene_id_column: str) -> None:
-        super().__init__(uri, gene_id_column)
+    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
+        super().__init__(uri, gene_id_column, counts)
         mtx = _first_existing(uri, ("matrix.mtx.gz", "matrix.mtx"))
         feats = _first_existing(uri, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
         codes = _first_existing(uri, ("barcodes.tsv.gz", "barcodes.tsv"))
@@ -361,7 +449,9 @@ def detect_format(uri: str) -> str:
     raise InputError(f"{uri}: unknown input format; expected {FORMATS}")
 
 
-def open_source(uri: str, gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN) -> CellSource:
+def open_source(
+    uri: str, gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN, counts: str = "X"
+) -> CellSource:
     fmt = detect_format(uri)
     if fmt == "10x-mtx" and uri.rstrip("/").lower().endswith((".mtx", ".mtx.gz")):
         uri = posixpath.dirname(uri.rstrip("/")) if fs.is_remote(uri) else os.path.dirname(uri)
@@ -371,7 +461,7 @@ def open_source(uri: str, gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN) -
         "10x-h5": TenxH5Source,
         "10x-mtx": TenxMtxSource,
     }
-    source: CellSource = readers[fmt](uri, gene_id_column)
+    source: CellSource = readers[fmt](uri, gene_id_column, counts)
     if source.n_cells == 0:
         source.close()
         raise InputError(f"{uri} holds no cells (0 rows); check the file or drop it from the inputs")
