@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "uv>=0.4"
 	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)"
-	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)" -e ".[dev,bench]"
+	$(UV) pip install -q --compile-bytecode --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)" -e ".[dev,bench]"
 	@touch $@
 
 # The demo sample: celltypist's wheel ships 559 real cells (whole transcriptome, gene symbols) and

@@ -1,3 +1,22 @@
-"""rankformer: single-cell foundation models of the Geneformer kind, at corpus scale on Ray."""
+"""rankformer: single-cell foundation models of the Geneformer kind, at corpus scale on Ray.
+
+The Python API (imported on first use, so ``import rankformer`` stays instant):
+``tokenize_anndata``, ``read_corpus``, ``GeneVocab``.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["GeneVocab", "read_corpus", "tokenize_anndata"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("tokenize_anndata", "read_corpus"):
+        from rankformer import api
+
+        return getattr(api, name)
+    if name == "GeneVocab":
+        from rankformer.vocab import GeneVocab
+
+        return GeneVocab
+    raise AttributeError(f"module 'rankformer' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`rankformer` command line: vocab build | vocab import-geneformer | tokenize.
+"""`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats.
 
 Each command accepts ``--config FILE.yaml``; flags given on the command line override it. The same
 functions back `jobs/` (for `ray job submit`), so the CLI and jobs share all code.
@@ -30,6 +30,9 @@ def _read_args(p: argparse.ArgumentParser) -> None:
         "--gene-id-column", help="var column of gene ids ('index' for var names); default ensembl_id"
     )
     p.add_argument("--gene-table", help="CSV/TSV of Ensembl id and symbol, to map symbols")
+    p.add_argument(
+        "--counts", help="matrix of raw counts: X (default), raw (raw/X with raw/var) or layers/NAME"
+    )
     p.add_argument(
         "--allow-normalized",
         action="store_true",
@@ -75,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--coverage-floor", type=float, help="minimum share of counts mapped (0.5)")
     _read_args(t)
+    c = sub.add_parser("corpus", help="look inside a finished corpus").add_subparsers(
+        dest="corpus_command", required=True
+    )
+    show = c.add_parser("show", help="one cell's tokens in rank order, with how each value came about")
+    show.add_argument("out", help="corpus folder (local or s3://)")
+    show.add_argument("--cell", help="cell id (obs name) to show")
+    show.add_argument("--row", type=int, help="or the corpus row, 0-based in manifest order")
+    show.add_argument("--limit", type=int, default=40, help="genes to print (40)")
+    show.add_argument("--csv", help="write every gene's row to this CSV")
+    st = c.add_parser("stats", help="cells, tokens, length distribution, drops, vocab and config")
+    st.add_argument("out", help="corpus folder (local or s3://)")
+    st.add_argument("--plot", help="length histogram PNG to write (default: <corpus name>_lengths.png)")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     return p
 
 
@@ -83,7 +99,14 @@ def _merge(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
     read = dict(values.pop("read", {}) or {})
     cluster = dict(values.pop("cluster", {}) or {})
-    for name in ("gene_id_column", "gene_table", "allow_normalized", "rows_per_shard", "chunk_rows"):
+    for name in (
+        "gene_id_column",
+        "gene_table",
+        "counts",
+        "allow_normalized",
+        "rows_per_shard",
+        "chunk_rows",
+    ):
         if getattr(args, name, None) is not None:
             read[name] = getattr(args, name)
     for name in ("ray_address", "num_workers"):
@@ -125,6 +148,8 @@ def vocab_build_config(args: argparse.Namespace) -> VocabBuildConfig:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "corpus":
+        return _corpus_command(args)
     if args.command == "tokenize":
         from rankformer.corpus.tokenize import run_tokenize
 
@@ -147,6 +172,44 @@ def run(argv: Sequence[str] | None = None) -> int:
             f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
             f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})"
         )
+    return 0
+
+
+def _corpus_command(args: argparse.Namespace) -> int:
+    import json
+
+    from rankformer.corpus import inspect
+
+    if args.corpus_command == "show":
+        table = inspect.explain_cell(args.out, args.cell, args.row)
+        print(inspect.format_explanation(table, args.limit))
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+            print(f"all {len(table)} genes -> {args.csv}")
+        return 0
+    plot = args.plot or f"{os.path.basename(args.out.rstrip('/')) or 'corpus'}_lengths.png"
+    stats = inspect.corpus_stats(args.out, plot)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    q = stats["length"]
+    print(
+        f"{stats['cells']:,} cells ({stats['cells_in']:,} read), {stats['tokens']:,} tokens in "
+        f"{stats['shards']} shards\nlength: mean {q['mean']:.0f}, min {q['min']:.0f}, p5 {q['p5']:.0f}, "
+        f"median {q['median']:.0f}, p95 {q['p95']:.0f}, max {q['max']:.0f}; {stats['at_max_length']:,} "
+        f"cells at max_length {stats['config']['max_length']}"
+    )
+    for uri, d in stats["dropped"].items():
+        print(
+            f"dropped from {uri}: {d['no_vocabulary_gene']:,} without a vocabulary gene, "
+            f"{d['filter_pass']:,} by filter_pass"
+        )
+    cfg = stats["config"]
+    print(
+        f"vocabulary {stats['vocab']['path']} ({stats['vocab']['hash'][:19]}); layout {cfg['layout']}, "
+        f"counts {cfg['read'].get('counts', 'X')}, carried {cfg['carry'] or 'none'}"
+    )
+    print(f"length histogram -> {stats['plot']}")
     return 0
 
 

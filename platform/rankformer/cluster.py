@@ -3,20 +3,61 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from rankformer.config import ClusterOptions
 
 
+def cluster_address(opts: ClusterOptions) -> str | None:
+    """The cluster this job was told to use (flag, else RAY_ADDRESS as under `ray job submit`)."""
+    return opts.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_connected() -> bool:
+    """Whether this process is already a Ray driver (without importing Ray, which costs ~2 s)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def ensure_ray(opts: ClusterOptions) -> None:
-    """Join ``opts.ray_address`` or RAY_ADDRESS (as under `ray job submit`), else start locally."""
+    """Join ``opts.ray_address`` or RAY_ADDRESS, else a Ray instance already running on this
+    machine, else start a local one without the dashboard (a local run needs none, and it costs
+    seconds to start)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = opts.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    address = cluster_address(opts) or _running_local_instance()
+    if address is not None:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        return
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def _running_local_instance() -> str | None:
+    """The GCS address of a Ray instance started on this machine (`ray start`), if exactly one."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        found = sorted(find_gcs_addresses())
+    except Exception:  # a private helper: when it moves, start a fresh instance instead
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def runs_in_process(n_tasks: int, opts: ClusterOptions) -> bool:
+    """Work that fits one shard, with no cluster named and no Ray running in this process, runs
+    here: starting Ray and a Ray Data pipeline would cost far more than the work itself."""
+    if opts.in_process is not None:
+        return opts.in_process
+    return n_tasks <= 1 and cluster_address(opts) is None and not ray_connected()
 
 
 def map_shards(
@@ -27,6 +68,9 @@ def map_shards(
     """Run ``fn(task)`` for every task dict on the cluster, one Ray task per shard, and yield the
     payload each returns (callers choose the encoding). A worker that dies is retried by Ray; an
     exception raised by ``fn`` is not, and surfaces here."""
+    if runs_in_process(len(tasks), opts):
+        yield from serial_shards(tasks, fn, opts)
+        return
     import numpy as np
     import ray
 

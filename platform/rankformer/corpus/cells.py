@@ -53,20 +53,23 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
     infos: list[FileInfo] = []
     for uri in inputs:
         with open_source(uri, read.gene_id_column, read.counts) as src:
-            ids = ["" if g is None else str(g) for g in src.gene_ids]
-            if not any(i.strip() for i in ids):
-                raise InputError(
-                    f"{uri}: every gene id in column {read.gene_id_column!r} is empty; point "
-                    "--gene-id-column at the column holding Ensembl ids"
-                )
-            # the first chunk gets every check a worker makes, so most mistakes stop us here
-            first = Shard(len(infos), uri, 0, 0, min(src.n_cells, read.chunk_rows))
-            chunk = next(iter_chunks(src, first, read))
-            sample = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
-            infos.append(
-                FileInfo(uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample, src.id_note)
-            )
+            infos.append(inspect_source(src, read, len(infos)))
     return infos
+
+
+def inspect_source(src: CellSource, read: ReadOptions, file_index: int = 0) -> FileInfo:
+    """Gene ids, obs columns and the first chunk of one source, with every check a worker makes
+    run on that chunk, so most mistakes stop here."""
+    ids = ["" if g is None else str(g) for g in src.gene_ids]
+    if not any(i.strip() for i in ids):
+        raise InputError(
+            f"{src.uri}: every gene id in column {read.gene_id_column!r} is empty; point "
+            "--gene-id-column at the column holding Ensembl ids"
+        )
+    first = Shard(file_index, src.uri, 0, 0, min(src.n_cells, read.chunk_rows))
+    chunk = next(iter_chunks(src, first, read))
+    sample = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
+    return FileInfo(src.uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample, src.id_note)
 
 
 _TABLES: dict[str, dict[str, str]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,6 +25,7 @@ from rankformer.cluster import Runner, map_shards, maybe_inject_fault
 from rankformer.config import TokenizeConfig, to_dict
 from rankformer.corpus.cells import (
     Chunk,
+    FileInfo,
     Shard,
     check_coverage,
     column_tokens,
@@ -36,7 +38,7 @@ from rankformer.corpus.cells import (
 from rankformer.corpus.kernels import rank_chunk
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.io.sources import open_source
+from rankformer.io.sources import CellSource, open_source
 from rankformer.vocab import GeneVocab, guess_id_kind
 
 _VOCAB_CACHE: dict[str, GeneVocab] = {}
@@ -114,13 +116,24 @@ def _chunk_table(
     return pa.table(columns), int((~kept).sum())
 
 
+def encode_source(
+    src: CellSource, shard: Shard, cfg: TokenizeConfig, vocab: GeneVocab
+) -> Iterator[tuple[pa.Table, Chunk, int]]:
+    """(corpus rows, the chunk they came from, cells dropped for having no vocabulary gene) for
+    each row chunk of ``shard``: the one path from counts to tokens, for the job and the API."""
+    lay = _layout(cfg, vocab)
+    median = vocab.median_by_token()
+    col_token = column_tokens(vocab, list(src.gene_ids), cfg.read)
+    for chunk in iter_chunks(src, shard, cfg.read):
+        table, dropped = _chunk_table(src, chunk, shard, col_token, median, lay, cfg.carry)
+        yield table, chunk, dropped
+
+
 def tokenize_shard(task: dict[str, Any]) -> bytes:
     """Tokenize one shard into ``<out>/<shard name>``; return its statistics (JSON)."""
     cfg = TokenizeConfig(**json.loads(task["config"]))
     shard = Shard(task["file_index"], task["uri"], task["shard_index"], task["start"], task["stop"])
     vocab = _vocab(cfg.vocab, task["vocab_hash"])
-    lay = _layout(cfg, vocab)
-    median = vocab.median_by_token()
     stats: dict[str, Any] = {
         "shard": shard.name,
         "file_index": shard.file_index,
@@ -138,10 +151,8 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
         open_source(shard.uri, cfg.read.gene_id_column, cfg.read.counts) as src,
         fs.open_output_atomic(fs.join(cfg.out, shard.name)) as sink,
     ):
-        col_token = column_tokens(vocab, list(src.gene_ids), cfg.read)
         writer: pq.ParquetWriter | None = None
-        for chunk in iter_chunks(src, shard, cfg.read):
-            table, dropped = _chunk_table(src, chunk, shard, col_token, median, lay, cfg.carry)
+        for table, chunk, dropped in encode_source(src, shard, cfg, vocab):
             if writer is None:
                 # min/max of token lists serve no query and cost ~12% of the write
                 stats_cols = [n for n in table.schema.names if n != schema.INPUT_IDS]
@@ -215,14 +226,19 @@ def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
 def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
     infos = inspect_inputs(cfg.inputs, cfg.read)
     for info in infos:
-        missing = [c for c in cfg.carry if c not in info.obs_columns]
-        if missing:
-            raise InputError(
-                f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
-            )
-        cov = coverage(info, column_tokens(vocab, info.gene_ids, cfg.read))
-        check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
+        check_info(info, cfg, vocab)
     return plan_shards(infos, cfg.read.rows_per_shard)
+
+
+def check_info(info: FileInfo, cfg: TokenizeConfig, vocab: GeneVocab) -> None:
+    """Carried columns exist and enough of the counts map to the vocabulary (prints coverage)."""
+    missing = [c for c in cfg.carry if c not in info.obs_columns]
+    if missing:
+        raise InputError(
+            f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
+        )
+    cov = coverage(info, column_tokens(vocab, info.gene_ids, cfg.read))
+    check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
 
 
 def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, Any]:

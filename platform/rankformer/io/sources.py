@@ -87,11 +87,23 @@ class CellSource(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _missing_gene_column(self, available: list[str]) -> InputError:
+    def missing_gene_column(self, available: list[str]) -> InputError:
         return InputError(
             f"{self.uri}: gene-id column {self.gene_id_column!r} not found; columns are: "
             f"{available}. Pass --gene-id-column with one of them ('index' for the row names)."
         )
+
+
+def gene_ids_from_index(src: CellSource, index: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:
+    """(gene ids, note) when the gene-id column is not among ``columns``: the var index if asked
+    for ('index'), or if the default column is absent and the index holds Ensembl ids (CELLxGENE
+    and most scanpy pipelines), else the error that lists the columns."""
+    col = src.gene_id_column
+    if col == "index":
+        return index, ""
+    if col == schema.DEFAULT_GENE_ID_COLUMN and looks_like_ensembl(index):
+        return index, f"gene ids from the var index (Ensembl ids; no {col!r} column)"
+    raise src.missing_gene_column(columns)
 
 
 def _open_hdf5(uri: str) -> tuple[h5py.File, IO[bytes] | None]:
@@ -230,17 +242,12 @@ class H5adSource(_Hdf5Source):
 
     def _gene_ids(self, var: h5py.Group, n_vars: int) -> np.ndarray:
         var_index = self._index_name(var)
+        columns = [k for k in var if k != var_index]
         col = self.gene_id_column
-        if col == "index":
-            return _read_elem_slice(var[var_index], 0, n_vars)
-        if col in var:
+        if col in columns:
             return _read_elem_slice(var[col], 0, n_vars)
-        index = _read_elem_slice(var[var_index], 0, n_vars)
-        if col == schema.DEFAULT_GENE_ID_COLUMN and looks_like_ensembl(index):
-            # CELLxGENE and most scanpy pipelines: Ensembl ids as the var index
-            self.id_note = f"gene ids from the var index (Ensembl ids; no {col!r} column)"
-            return index
-        raise self._missing_gene_column([k for k in var if k != var_index])
+        ids, self.id_note = gene_ids_from_index(self, _read_elem_slice(var[var_index], 0, n_vars), columns)
+        return ids
 
     @staticmethod
     def _index_name(group: h5py.Group) -> str:
@@ -288,7 +295,7 @@ class LoomSource(_Hdf5Source):
         n_genes, self.n_cells = (int(s) for s in self._m.shape)
         rows = f["row_attrs"]
         if gene_id_column not in rows:
-            raise self._missing_gene_column(sorted(rows))
+            raise self.missing_gene_column(sorted(rows))
         self.gene_ids = _decode(rows[gene_id_column][:])
         if len(self.gene_ids) != n_genes:
             raise InputError(
@@ -346,7 +353,7 @@ class TenxH5Source(_Hdf5Source):
             raise InputError(f"{uri}: no /matrix group: not a Cell Ranger feature-barcode .h5 file")
         which = _TENX_ID_COLUMNS.get(gene_id_column)
         if which is None:
-            raise self._missing_gene_column(["id", "name"])
+            raise self.missing_gene_column(["id", "name"])
         self._g = g
         self.gene_ids = _decode(ids[which][:])
         self.n_cells = int(g["shape"][1])
@@ -399,7 +406,7 @@ class TenxMtxSource(CellSource):
             )
         which = _TENX_ID_COLUMNS.get(gene_id_column)
         if which is None:
-            raise self._missing_gene_column(["id", "name"])
+            raise self.missing_gene_column(["id", "name"])
         rows = [ln.split("\t") for ln in _read_text_maybe_gz(feats).decode().splitlines() if ln]
         col = 0 if which == "id" or any(len(r) < 2 for r in rows) else 1
         self.gene_ids = np.asarray([r[col] for r in rows], dtype=object)
