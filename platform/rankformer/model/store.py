@@ -1,0 +1,115 @@
+"""A model directory: Hugging Face ``save_pretrained`` output, the GeneVocab (``vocab.json``, hash
+included) and ``rankformer.json`` (format, vocab hash, layout, preset, corpus, training summary).
+
+``transformers.BertForMaskedLM.from_pretrained(dir)`` loads it without rankformer installed;
+:func:`load_model_dir` also checks model and vocabulary against each other. A directory is complete
+only once ``rankformer.json`` exists: it is written last (and locally the whole directory appears
+by one rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BertForMaskedLM, PreTrainedModel
+
+from rankformer import schema
+from rankformer.errors import InputError
+from rankformer.io import fs
+from rankformer.vocab import GeneVocab
+
+META = "rankformer.json"
+VOCAB = "vocab.json"
+FORMAT = "rankformer-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    vocab: GeneVocab
+    meta: dict[str, Any]
+    source: str  # where it was loaded from (path, s3:// or models:/ URI)
+
+    @property
+    def layout(self) -> str:
+        return str(self.meta["layout"])
+
+
+def save_model_dir(model: PreTrainedModel, vocab: GeneVocab, meta: dict[str, Any], out: str) -> None:
+    """Write the model directory at ``out`` (local or s3://) whole."""
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "vocab_hash": vocab.content_hash, **meta}
+    with tempfile.TemporaryDirectory(prefix="rankformer-model-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        vocab.save(os.path.join(tmp, VOCAB))
+        if fs.is_remote(out):
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    fs.write_bytes_atomic(fs.join(out, name), f.read())
+            fs.write_bytes_atomic(fs.join(out, META), json.dumps(doc, indent=1).encode())
+            return
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(doc, f, indent=1)
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        staged = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
+        shutil.copytree(tmp, staged, dirs_exist_ok=True)
+        if os.path.isdir(out):  # replacing our own earlier model: never a foreign folder
+            check_model_output(out, allow_model=True)
+            shutil.rmtree(out)
+        os.replace(staged, out)
+
+
+def check_model_output(out: str, allow_model: bool = True) -> None:
+    """Refuse an output folder that holds anything other than a rankformer model."""
+    present = [n for n in fs.listdir(out) if not n.startswith(".tmp-")]
+    if not present:
+        return
+    if allow_model and META in present:
+        return
+    raise InputError(
+        f"output {out} is not empty and holds no rankformer model (found {present[:5]}); choose a new "
+        "--out folder or delete that one"
+    )
+
+
+def read_meta(local_dir: str) -> dict[str, Any]:
+    path = os.path.join(local_dir, META)
+    if not os.path.exists(path):
+        raise InputError(
+            f"{local_dir} is not a rankformer model directory (no {META}); make one with `rankformer "
+            "pretrain` or `rankformer model import-geneformer`"
+        )
+    with open(path) as f:
+        doc: dict[str, Any] = json.load(f)
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        got = f"{doc.get('format')!r} v{doc.get('format_version')}"
+        raise InputError(f"{path}: format {got} is not {FORMAT} v{FORMAT_VERSION}; upgrade rankformer")
+    return doc
+
+
+def load_model_dir(
+    local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
+) -> LoadedModel:
+    """Model, vocabulary and metadata from a local model directory, checked against each other."""
+    meta = read_meta(local_dir)
+    vocab = GeneVocab.load(os.path.join(local_dir, VOCAB), expect_hash=meta["vocab_hash"])
+    model = head.from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
+    cfg = model.config
+    if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
+        raise InputError(
+            f"{local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} but its "
+            f"vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
+        )
+    return LoadedModel(model, vocab, meta, source or local_dir)
+
+
+def state_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the weights (tests compare models with it)."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))

@@ -1,0 +1,198 @@
+"""The one MLflow module: where runs go, what they record, the model registry, and `models:/` URIs.
+
+Tracking URI: the job's setting, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the working
+directory (``sqlite:///mlflow.db``, artifacts in ``./mlartifacts``), so a laptop run needs no server.
+A relative SQLite path is made absolute so Ray workers (other working directories) reach the same
+store; on a multi-node cluster use a tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from rankformer.errors import InputError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RESERVED_ALIASES = {"latest"}  # MLflow reserves it (models:/NAME/latest)
+
+
+def resolve_uri(uri: str | None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts live beside the database (absolute, shared by workers)."""
+    if uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
+    return None
+
+
+def _client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any work when the tracking store cannot be reached, naming it and the fix."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise InputError(
+            f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {str(exc)[:200]}); start "
+            "the server or pass --tracking-uri (default: a local sqlite:///mlflow.db)"
+        ) from exc
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name, artifact_location=artifact_location(uri)))
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """A new run (not active in this process); returns its id for every process to log into."""
+    client = _client(uri)
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=dict(tags or {}))
+    return str(run.info.run_id)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | dict) else str(v)
+    return out
+
+
+def log_params(uri: str, run_id: str, config: Mapping[str, Any]) -> None:
+    """The whole config as params (values over MLflow's 6,000-character limit are cut and tagged)."""
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+    client = _client(uri)
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_text(run_id, json.dumps(config, indent=1, default=str), "config.json")
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str, path: str | None = None) -> None:
+    _client(uri).log_artifacts(run_id, local_dir, path)
+
+
+def log_file(uri: str, run_id: str, local_file: str, path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, local_file, path)
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str) -> Iterator[None]:
+    """CPU, memory (and GPU where present) sampled into the run while the block runs."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
+    except Exception:  # psutil missing or an older MLflow: training goes on without them
+        yield
+        return
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def register_model(
+    uri: str, run_id: str, artifact_path: str, name: str, alias: str, tags: Mapping[str, str]
+) -> str:
+    """Register the run's model folder as a new version of ``name``, tag it, point ``alias`` at it."""
+    if alias in RESERVED_ALIASES:
+        raise InputError(f"alias {alias!r} is reserved by MLflow; use another (default 'current')")
+    client = _client(uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    _client(uri).set_registered_model_alias(name, alias, version)
+
+
+def model_version_info(uri: str, model_uri: str) -> dict[str, Any]:
+    """name, version, alias and tags of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI."""
+    name, ref = _parse_models_uri(model_uri)
+    client = _client(uri)
+    if "@" in model_uri:
+        mv = client.get_model_version_by_alias(name, ref)
+        alias = ref
+    else:
+        mv = client.get_model_version(name, ref)
+        alias = None
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "tags": dict(mv.tags),
+        "source": mv.source,
+    }
+
+
+def _parse_models_uri(model_uri: str) -> tuple[str, str]:
+    body = model_uri[len("models:/") :]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias
+    if "/" in body:
+        name, version = body.rsplit("/", 1)
+        return name, version
+    raise InputError(f"{model_uri}: a registry URI is models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def download_model(model_uri: str, tracking_uri: str | None = None) -> str:
+    """A local copy of a registered model's folder."""
+    uri = resolve_uri(tracking_uri)
+    info = model_version_info(uri, model_uri)
+    import mlflow.artifacts
+
+    dst = tempfile.mkdtemp(prefix="rankformer-registry-")
+    try:
+        return str(
+            mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=dst, tracking_uri=uri)
+        )
+    except Exception as exc:
+        raise InputError(f"{model_uri}: could not download its files from {info['source']} ({exc})") from exc
