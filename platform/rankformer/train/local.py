@@ -1,0 +1,50 @@
+"""Run the training loop in this process (tests, benchmarks, debugging): the same loop, task and
+checkpoint format as on Ray Train, with checkpoints kept in a local folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class LocalContext:
+    rank = 0
+    world = 1
+
+    def __init__(self, checkpoint_root: str | None = None, device: str | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.root = checkpoint_root
+        self.history: list[dict[str, float]] = []
+        self.checkpoints: list[int] = []
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def _latest(self) -> str | None:
+        if not self.root or not os.path.isdir(self.root):
+            return None
+        steps = sorted(int(n.split("-")[1]) for n in os.listdir(self.root) if n.startswith("step-"))
+        return os.path.join(self.root, f"step-{steps[-1]}") if steps else None
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        yield self._latest()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and self.root:
+            step = int(metrics.get("step", 0))
+            staged = os.path.join(self.root, f".tmp-step-{step}")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, staged)
+            os.replace(staged, os.path.join(self.root, f"step-{step}"))
+            self.checkpoints.append(step)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.history.append(dict(metrics))
+
+    def all_min(self, value: int) -> int:
+        return value

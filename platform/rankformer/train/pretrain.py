@@ -1,0 +1,329 @@
+"""`rankformer pretrain`: masked-gene BERT from a Parquet corpus on Ray Train, tracked in MLflow.
+
+The driver checks everything it can before the first step (corpus, vocabulary, preset, output,
+tracking store), opens one MLflow run, and starts the workers; each worker streams its split of the
+corpus (Ray Data, `get_dataset_shard`), batches it by length and trains; rank 0 logs to the run.
+At the end the model directory is written and registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from rankformer import schema
+from rankformer.errors import InputError
+from rankformer.io import fs
+from rankformer.model.batching import length_grouped, pad_batch
+from rankformer.model.masking import mask_genes
+from rankformer.model.mlm import MaskedGeneLM
+from rankformer.model.presets import bert_config, check_fits, preset
+from rankformer.model.store import check_model_output, save_model_dir
+from rankformer.train.config import PretrainConfig
+from rankformer.train.loop import LoopOptions
+from rankformer.vocab import GeneVocab
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclasses.dataclass
+class TokenSpec:
+    """What masking needs to know about the vocabulary."""
+
+    pad: int
+    mask: int
+    gene_lo: int  # gene tokens are >= this (specials come first)
+    n_tokens: int
+
+    @classmethod
+    def of(cls, vocab: GeneVocab) -> TokenSpec:
+        gene_lo = int(vocab.token_ids.min())
+        if max(vocab.specials.values()) >= gene_lo:
+            raise InputError("vocabulary special tokens must precede the gene tokens")
+        return cls(vocab.specials[schema.PAD], vocab.specials[schema.MASK], gene_lo, vocab.n_tokens)
+
+
+class MaskedGeneTask:
+    """Length-grouped batches of cells; the masked-gene loss and accuracy on each."""
+
+    def __init__(self, cells: Any, spec: TokenSpec, cfg: PretrainConfig, rank: int) -> None:
+        self.cells, self.spec, self.cfg, self.rank = cells, spec, cfg, rank
+        self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[np.ndarray]]:
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        b = self.cfg.batch
+        return length_grouped(self.cells(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng)
+
+    def forward(
+        self, model: torch.nn.Module, batch: list[np.ndarray], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, attn = pad_batch(batch, self.spec.pad)
+        s = self.spec
+        inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
+        loss, logits, target = model(inputs.to(device), attn.to(device), labels.to(device))
+        real = int(attn.sum())
+        with torch.no_grad():
+            correct = int((logits.argmax(-1) == target).sum())
+        stats = {
+            "tokens": real,
+            "pad_tokens": attn.numel() - real,
+            "correct": correct,
+            "labels": target.numel(),
+        }
+        return loss, {k: float(v) for k, v in stats.items()}
+
+
+def ray_cells(shard: Any, seed: int, rank: int) -> Any:
+    """This worker's split of the corpus, one epoch per call, locally shuffled (seeded per epoch)."""
+
+    def cells(epoch: int) -> Iterator[np.ndarray]:
+        batches = shard.iter_batches(
+            batch_size=256,
+            batch_format="numpy",
+            local_shuffle_buffer_size=1024,
+            local_shuffle_seed=seed * 1_000 + epoch * 97 + rank,
+        )
+        for batch in batches:
+            yield from batch[schema.INPUT_IDS]
+
+    return cells
+
+
+def arrow_cells(files: list[str], seed: int, rank: int = 0, world: int = 1) -> Any:
+    """The same without Ray: files in a seeded order per epoch, every ``world``-th cell."""
+    import pyarrow.parquet as pq
+
+    def cells(epoch: int) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(files))
+        i = 0
+        for fi in order:
+            with fs.open_input(files[fi]) as f:
+                for rb in pq.ParquetFile(f).iter_batches(columns=[schema.INPUT_IDS]):
+                    for ids in rb.column(0).to_numpy(zero_copy_only=False):
+                        if i % world == rank:
+                            yield np.asarray(ids)
+                        i += 1
+
+    return cells
+
+
+def build_model(cfg: PretrainConfig, vocab: GeneVocab, tracking_uri: str | None) -> MaskedGeneLM:
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        from rankformer.loader import load_model
+
+        return MaskedGeneLM(load_model(cfg.init_from, tracking_uri=tracking_uri).model)  # type: ignore[arg-type]
+    config = bert_config(preset(cfg.preset, cfg.model), vocab)
+    return MaskedGeneLM(BertForMaskedLM._from_config(config, attn_implementation="sdpa"))
+
+
+def loop_options(cfg: PretrainConfig, extra: dict[str, float]) -> LoopOptions:
+    return LoopOptions(
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        optim=cfg.optim,
+        precision=cfg.precision,
+        compile=cfg.compile,
+        extra_metrics=extra,
+    )
+
+
+def flops_per_token(model: torch.nn.Module, mean_length: float) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters + attention (12 x layers x hidden x length)."""
+    c: Any = model.mlm.config  # type: ignore[union-attr]
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    n = sum(p.numel() for p in model.parameters()) - emb
+    return float(6 * n + 12 * c.num_hidden_layers * c.hidden_size * mean_length)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    if os.environ.get("RANKFORMER_PEAK_FLOPS"):
+        return float(os.environ["RANKFORMER_PEAK_FLOPS"])
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def pretrain_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: stream its split, train, report checkpoints (rank 0 logs to MLflow)."""
+    import ray.train
+
+    from rankformer.train.loop import run_loop
+    from rankformer.train.ray_train import RayContext, worker_setup
+
+    worker_setup(config)
+    cfg = PretrainConfig(**config["pretrain"])
+    vocab = GeneVocab.from_doc(config["vocab"])
+    ctx = RayContext(config.get("tracking"))
+    model = build_model(cfg, vocab, (config.get("tracking") or {}).get("uri"))
+    cells = ray_cells(ray.train.get_dataset_shard("train"), cfg.seed, ctx.rank)
+    task = MaskedGeneTask(cells, TokenSpec.of(vocab), cfg, ctx.rank)
+    extra = {"flops_per_token": flops_per_token(model, config["mean_length"])}
+    peak = peak_flops(ctx.device)
+    if peak:
+        extra["peak_flops"] = peak
+    run_loop(model, task, loop_options(cfg, extra), ctx)
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_final(cfg: PretrainConfig, checkpoint_dir: str, vocab: GeneVocab, meta: dict[str, Any]) -> str:
+    """Model directory at ``cfg.out`` from the final checkpoint's weights; returns a local copy."""
+    model = build_model(dataclasses.replace(cfg, init_from=None), vocab, None)
+    if cfg.init_from:  # the architecture is the initial model's, not the preset's
+        from rankformer.loader import load_model
+
+        model = MaskedGeneLM(load_model(cfg.init_from, tracking_uri=cfg.track.tracking_uri).model)  # type: ignore[arg-type]
+    state = torch.load(os.path.join(checkpoint_dir, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    save_model_dir(model.mlm, vocab, meta, cfg.out)
+    local = tempfile.mkdtemp(prefix="rankformer-final-")
+    save_model_dir(model.mlm, vocab, meta, os.path.join(local, "model"))
+    return os.path.join(local, "model")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the driver learned at the door."""
+
+    manifest: dict[str, Any]
+    vocab: GeneVocab
+    layout: str
+    max_length: int
+    mean_length: float
+    tracking_uri: str
+
+
+def plan(cfg: PretrainConfig) -> Plan:
+    """Every check that can fail before the first step, each a clear error."""
+    from rankformer import tracking
+    from rankformer.api import corpus_manifest
+
+    manifest = corpus_manifest(cfg.corpus)
+    totals = manifest["totals"]
+    if totals["cells_out"] == 0:
+        raise InputError(f"corpus {cfg.corpus} holds no cells; tokenize a non-empty input")
+    ccfg = manifest["config"]
+    vocab = GeneVocab.load(cfg.vocab or ccfg["vocab"])
+    if vocab.content_hash != manifest["vocab_hash"]:
+        raise InputError(
+            f"vocabulary {cfg.vocab or ccfg['vocab']} ({vocab.content_hash[:19]}) is not the one corpus "
+            f"{cfg.corpus} was tokenized with ({manifest['vocab_hash'][:19]}); pass the corpus's vocab"
+        )
+    layout, max_length = str(ccfg["layout"]), int(ccfg["max_length"])
+    uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    if cfg.init_from:
+        _check_init(cfg, manifest, layout, max_length, uri)
+    else:
+        check_fits(preset(cfg.preset, cfg.model), cfg.preset, layout, max_length)
+    check_model_output(cfg.out, allow_model=True)
+    tracking.check_reachable(uri)
+    return Plan(manifest, vocab, layout, max_length, totals["tokens"] / totals["cells_out"], uri)
+
+
+def _check_init(
+    cfg: PretrainConfig, manifest: dict[str, Any], layout: str, max_length: int, uri: str
+) -> None:
+    from rankformer.loader import load_model
+
+    init = load_model(cfg.init_from or "", tracking_uri=uri, expect_vocab_hash=manifest["vocab_hash"])
+    if init.layout != layout:
+        raise InputError(f"model {cfg.init_from} is for {init.layout} corpora, the corpus is {layout}")
+    positions = int(init.model.config.max_position_embeddings)
+    if positions < max_length:
+        raise InputError(
+            f"model {cfg.init_from} has {positions} positions, fewer than the corpus max_length {max_length}"
+        )
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain; write, log and register the model; return a summary."""
+    from rankformer import tracking
+    from rankformer.api import read_corpus
+    from rankformer.train.ray_train import fit
+
+    p = plan(cfg)
+    uri = p.tracking_uri
+    name = cfg.track.run_name or f"pretrain-{os.path.basename(cfg.out.rstrip('/'))}"
+    tags = {"job": "pretrain", "vocab_hash": p.vocab.content_hash, "corpus": cfg.corpus}
+    run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
+    try:
+        tracking.log_params(uri, run_id, config_dict(cfg))
+        ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS]).randomize_block_order(seed=cfg.seed)
+        config = {
+            "pretrain": config_dict(cfg),
+            "vocab": json.loads(p.vocab.to_json()),
+            "tracking": {"uri": uri, "run_id": run_id},
+            "mean_length": p.mean_length,
+        }
+        with tracking.system_metrics(uri, run_id):
+            result = fit(pretrain_worker, config, {"train": ds}, cfg.scale, f"{name}-{run_id[:8]}")
+        summary = _finish(cfg, p, result, run_id)
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id)
+    return summary
+
+
+def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str, Any]:
+    from rankformer import tracking
+
+    metrics = dict(result.metrics or {})
+    meta = {
+        "task": "masked-lm",
+        "layout": p.layout,
+        "max_length": p.max_length,
+        "preset": cfg.preset if not cfg.init_from else f"init:{cfg.init_from}",
+        "corpus": cfg.corpus,
+        "corpus_manifest_hash": manifest_hash(p.manifest),
+        "training": {"mlflow_run_id": run_id, **{k: metrics[k] for k in sorted(metrics) if k != "epoch"}},
+    }
+    with result.checkpoint.as_directory() as d:
+        local = save_final(cfg, d, p.vocab, meta)
+    tracking.log_artifacts(p.tracking_uri, run_id, local, "model")
+    version = None
+    if cfg.track.registered_model:
+        reg_tags = {
+            "vocab_hash": p.vocab.content_hash,
+            "corpus_manifest": manifest_hash(p.manifest),
+            "corpus": cfg.corpus,
+            "layout": p.layout,
+        }
+        version = tracking.register_model(
+            p.tracking_uri, run_id, "model", cfg.track.registered_model, cfg.track.alias, reg_tags
+        )
+    summary = {
+        "out": cfg.out,
+        "run_id": run_id,
+        "tracking_uri": p.tracking_uri,
+        "version": version,
+        **metrics,
+    }
+    reg = f", registered {cfg.track.registered_model} v{version} @{cfg.track.alias}" if version else ""
+    print(
+        f"pretrained {cfg.preset} for {int(metrics.get('step', cfg.max_steps))} steps: loss "
+        f"{metrics.get('loss', float('nan')):.3f}, masked-gene accuracy "
+        f"{metrics.get('accuracy', float('nan')):.3f} -> {cfg.out} (MLflow run {run_id}{reg})"
+    )
+    return summary

@@ -1,0 +1,114 @@
+"""The Ray Train layer every training job shares: a TorchTrainer around a worker function, and
+the loop context a Ray Train worker gives :func:`rankformer.train.loop.run_loop`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from rankformer.cluster import ensure_ray, user_error_inside
+from rankformer.config import ClusterOptions
+from rankformer.train.config import ScaleOptions
+
+FAULT_ENV = "RANKFORMER_FAULT_INJECT"
+
+
+class RayContext:
+    """Where :func:`run_loop` runs inside a Ray Train worker: DDP, checkpoints, reports, MLflow."""
+
+    def __init__(self, tracking: dict[str, str] | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.node = ctx.get_node_rank() if hasattr(ctx, "get_node_rank") else 0
+        self.device = ray.train.torch.get_device()
+        self.tracking = tracking if self.rank == 0 else None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(dict(metrics), checkpoint=ckpt)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.tracking:
+            from rankformer import tracking
+
+            tracking.log_metrics(self.tracking["uri"], self.tracking["run_id"], metrics, int(metrics["step"]))
+
+    def all_min(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
+
+def worker_setup(config: dict[str, Any]) -> None:
+    """Process-level settings a driver forwards to its workers (test fault plans, quiet hubs)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if config.get("fault_inject"):
+        os.environ[FAULT_ENV] = config["fault_inject"]
+
+
+def fit(
+    worker_fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    datasets: dict[str, Any],
+    scale: ScaleOptions,
+    name: str,
+) -> Any:
+    """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(ClusterOptions(ray_address=scale.ray_address))
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
+    storage = scale.storage_path or os.path.abspath("ray_results")
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={**config, "fault_inject": os.environ.get(FAULT_ENV)},
+        scaling_config=ScalingConfig(
+            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=scale.keep_checkpoints,
+                checkpoint_score_attribute="loss",
+                checkpoint_score_order="min",
+            ),
+        ),
+        datasets=datasets,
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        user = user_error_inside(exc)
+        if user is not None:
+            raise user from exc
+        raise
