@@ -1,7 +1,9 @@
-"""`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats.
+"""`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
+pretrain.
 
-Each command accepts ``--config FILE.yaml``; flags given on the command line override it. The same
-functions back `jobs/` (for `ray job submit`), so the CLI and jobs share all code.
+The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
+each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
+is an error naming the field. The same functions back `jobs/` (for `ray job submit`).
 """
 
 from __future__ import annotations
@@ -11,39 +13,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
+from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.cluster import user_error_inside
-from rankformer.config import (
-    ClusterOptions,
-    ReadOptions,
-    TokenizeConfig,
-    VocabBuildConfig,
-    from_mapping,
-    load_yaml,
-)
+from rankformer.config import TokenizeConfig, VocabBuildConfig
 from rankformer.errors import InputError
-
-
-def _read_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--gene-id-column", help="var column of gene ids ('index' for var names); default ensembl_id"
-    )
-    p.add_argument("--gene-table", help="CSV/TSV of Ensembl id and symbol, to map symbols")
-    p.add_argument(
-        "--counts", help="matrix of raw counts: X (default), raw (raw/X with raw/var) or layers/NAME"
-    )
-    p.add_argument(
-        "--allow-normalized",
-        action="store_true",
-        default=None,
-        help="accept non-integer values (medians then describe normalised data)",
-    )
-    p.add_argument("--rows-per-shard", type=int, help="cells per shard / Ray task (50000)")
-    p.add_argument("--chunk-rows", type=int, help="cells in memory at once per task (4096)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default RAY_ADDRESS or local)")
-    p.add_argument("--num-workers", type=int, help="concurrent tasks (default: all CPUs)")
-    p.add_argument("--config", help="YAML file of options; flags override it")
+from rankformer.train.config import PretrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,11 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="vocab_command", required=True
     )
     b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
-    b.add_argument("inputs", nargs="*", help="h5ad/loom/10x files or folders, local or s3://")
-    b.add_argument("--out", help="vocabulary JSON to write (local or s3://)")
-    b.add_argument("--layout", choices=["v1", "v2"], help="reserve <cls>/<eos> (v2, default)")
-    b.add_argument("--min-cells", type=int, help="leave out genes nonzero in fewer cells (1)")
-    _read_args(b)
+    add_config_arguments(b, VocabBuildConfig, positional=("inputs",))
     g = vocab.add_parser("import-geneformer", help="import Geneformer's pickled dictionaries")
     g.add_argument("--token-dictionary", required=True, help="token_dictionary_*.pkl")
     g.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
@@ -65,19 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
     g.add_argument("--out", required=True, help="vocabulary JSON to write")
     t = sub.add_parser("tokenize", help="rank-value encode INPUT files into a Parquet corpus")
-    t.add_argument("inputs", nargs="*", help="h5ad/loom/10x files or folders, local or s3://")
-    t.add_argument("--vocab", help="vocabulary JSON (from `vocab build` or `vocab import-geneformer`)")
-    t.add_argument("--out", help="corpus folder to write (local or s3://); must be new or this corpus")
-    t.add_argument("--layout", choices=["v1", "v2"], help="v1: genes only; v2: <cls> genes <eos> (default)")
-    t.add_argument("--max-length", type=int, help="tokens per cell incl. specials (2048 v1, 4096 v2)")
+    add_config_arguments(t, TokenizeConfig, positional=("inputs",), skip=("carry",))
     t.add_argument(
         "--carry",
         action="append",
         metavar="OBS[:NAME]",
         help="obs column to carry into the corpus, optionally renamed; repeatable",
     )
-    t.add_argument("--coverage-floor", type=float, help="minimum share of counts mapped (0.5)")
-    _read_args(t)
     c = sub.add_parser("corpus", help="look inside a finished corpus").add_subparsers(
         dest="corpus_command", required=True
     )
@@ -91,37 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("out", help="corpus folder (local or s3://)")
     st.add_argument("--plot", help="length histogram PNG to write (default: <corpus name>_lengths.png)")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    pre = sub.add_parser("pretrain", help="masked-gene pretraining on Ray Train, tracked in MLflow")
+    add_config_arguments(pre, PretrainConfig)
     return p
-
-
-def _merge(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
-    """Config file values, overridden by flags that were given."""
-    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
-    read = dict(values.pop("read", {}) or {})
-    cluster = dict(values.pop("cluster", {}) or {})
-    for name in (
-        "gene_id_column",
-        "gene_table",
-        "counts",
-        "allow_normalized",
-        "rows_per_shard",
-        "chunk_rows",
-    ):
-        if getattr(args, name, None) is not None:
-            read[name] = getattr(args, name)
-    for name in ("ray_address", "num_workers"):
-        if getattr(args, name, None) is not None:
-            cluster[name] = getattr(args, name)
-    for key in keys:
-        value = getattr(args, key, None)
-        if value is not None and value != []:
-            values[key] = value
-    values["read"] = from_mapping(ReadOptions, read)
-    values["cluster"] = from_mapping(ClusterOptions, cluster)
-    for required in ("inputs", "out"):
-        if not values.get(required):
-            raise InputError(f"missing {required!r}: give it as a flag or in --config")
-    return values
 
 
 def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
@@ -135,21 +72,28 @@ def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
 
 
 def tokenize_config(args: argparse.Namespace) -> TokenizeConfig:
-    values = _merge(args, ["inputs", "vocab", "out", "layout", "max_length", "coverage_floor"])
+    values = merged_values(args, TokenizeConfig)
     values["carry"] = _parse_carry(args.carry if args.carry else values.get("carry"))
-    if not values.get("vocab"):
-        raise InputError("missing 'vocab': pass --vocab vocab.json")
-    return from_mapping(TokenizeConfig, values)
+    return build(TokenizeConfig, values)
 
 
 def vocab_build_config(args: argparse.Namespace) -> VocabBuildConfig:
-    return from_mapping(VocabBuildConfig, _merge(args, ["inputs", "out", "layout", "min_cells"]))
+    return build(VocabBuildConfig, merged_values(args, VocabBuildConfig))
+
+
+def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    return build(PretrainConfig, merged_values(args, PretrainConfig))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "corpus":
         return _corpus_command(args)
+    if args.command == "pretrain":
+        from rankformer.train.pretrain import run_pretrain
+
+        run_pretrain(pretrain_config(args))
+        return 0
     if args.command == "tokenize":
         from rankformer.corpus.tokenize import run_tokenize
 
