@@ -162,3 +162,109 @@ def geneformer_v1_vocab(tmp_path_factory: pytest.TempPathFactory, shared: Path) 
 def _cleanup_home() -> Iterator[None]:
     yield
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the postgres user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server on 127.0.0.1 (Debian's package; .ci/run installs it). Yields its URL."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        msg = "PostgreSQL is not installed (apt-get install postgresql; .ci/run does this)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + ": CI never skips the PostgreSQL-backed MLflow server test")
+        pytest.skip(msg)
+    root = tempfile.mkdtemp(prefix="rankformer-pg-")
+    data, sock = os.path.join(root, "data"), os.path.join(root, "sock")
+    os.makedirs(sock)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+    port = _free_port()
+    subprocess.run(
+        _as_postgres([initdb, "-D", data, "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", data, "-o", opts, "-w", "-l", os.path.join(root, "log"), "start"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(
+            _as_postgres([pg_ctl, "-D", data, "-m", "fast", "stop"]), capture_output=True, timeout=120
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: str, s3_server: str) -> Iterator[str]:
+    """`mlflow server` as a team deploys it: PostgreSQL backend store, artifacts on the S3 server."""
+    import urllib.request
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mlflow-artifacts")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    log = open(tempfile.mktemp(prefix="mlflow-server-", suffix=".log"), "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            postgres,
+            "--artifacts-destination",
+            "s3://mlflow-artifacts/",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            log.close()
+            raise RuntimeError(f"mlflow server did not start; see {log.name}")
+        time.sleep(1)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()

@@ -64,12 +64,18 @@ def tokenize_anndata(
 
 
 def read_corpus(
-    out: str, *, engine: str = "ray", vocab_hash: str | None = None, columns: list[str] | None = None
+    out: str,
+    *,
+    engine: str = "ray",
+    vocab_hash: str | None = None,
+    columns: list[str] | None = None,
+    read_cpus: float | None = None,
 ) -> ray.data.Dataset | pads.Dataset:
     """A finished corpus in manifest order: a Ray Dataset (``engine="ray"``; streams, shards over a
     cluster; its blocks follow the manifest, and iteration keeps that order when Ray Data's
     ``execution_options.preserve_order`` is on) or a ``pyarrow.dataset.Dataset``
-    (``engine="arrow"``; no Ray). ``vocab_hash`` refuses a corpus made with another vocabulary."""
+    (``engine="arrow"``; no Ray). ``vocab_hash`` refuses a corpus made with another vocabulary;
+    ``read_cpus`` is the CPU reservation of each read task (Ray Data's default: 1)."""
     files = corpus_files(out, vocab_hash=vocab_hash)
     filesystem = arrow_filesystem(out)
     paths = [_path_in(f, filesystem) for f in files]
@@ -81,7 +87,7 @@ def read_corpus(
         raise InputError(f"engine {engine!r} must be 'ray' or 'arrow'")
     import ray.data
 
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=None)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=None, num_cpus=read_cpus)
     return ds.select_columns(columns) if columns else ds
 
 

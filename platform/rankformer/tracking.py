@@ -107,6 +107,10 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
     _client(uri).log_batch(run_id, metrics=batch)
 
 
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    _client(uri).set_tag(run_id, key, value)
+
+
 def log_artifacts(uri: str, run_id: str, local_dir: str, path: str | None = None) -> None:
     _client(uri).log_artifacts(run_id, local_dir, path)
 

@@ -43,12 +43,17 @@ class ScaleOptions:
     num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster)
     use_gpu: bool = False  # one GPU per worker; DDP over NCCL (else gloo on CPU)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
+    placement: str = "PACK"  # PACK workers onto few nodes, or SPREAD them over nodes
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else a local one
     storage_path: str | None = None  # checkpoints, local or s3:// (default ./ray_results)
     max_failures: int = 1  # restarts from the last checkpoint after a worker dies
     keep_checkpoints: int = 2  # checkpoints kept (the best by loss; the latest is always kept)
 
     def check(self) -> None:
+        if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise InputError(
+                f"placement {self.placement!r} must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+            )
         if self.num_workers < 1 or self.max_failures < 0 or self.keep_checkpoints < 1:
             raise InputError("num_workers and keep_checkpoints must be >= 1, max_failures >= 0")
 

@@ -169,6 +169,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     cfg = PretrainConfig(**config["pretrain"])
     vocab = GeneVocab.from_doc(config["vocab"])
     ctx = RayContext(config.get("tracking"))
+    ctx.announce_nodes()
     model = build_model(cfg, vocab, (config.get("tracking") or {}).get("uri"))
     cells = ray_cells(ray.train.get_dataset_shard("train"), cfg.seed, ctx.rank)
     task = MaskedGeneTask(cells, TokenSpec.of(vocab), cfg, ctx.rank)
@@ -269,7 +270,16 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
     try:
         tracking.log_params(uri, run_id, config_dict(cfg))
-        ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS]).randomize_block_order(seed=cfg.seed)
+        import ray.data
+
+        from rankformer.cluster import ensure_ray
+        from rankformer.config import ClusterOptions
+
+        ensure_ray(ClusterOptions(ray_address=cfg.scale.ray_address))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # reads are light next to training: a quarter CPU each, so they fit beside the workers
+        ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS], read_cpus=0.25)
+        ds = ds.randomize_block_order(seed=cfg.seed)
         config = {
             "pretrain": config_dict(cfg),
             "vocab": json.loads(p.vocab.to_json()),

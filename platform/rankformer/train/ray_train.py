@@ -58,6 +58,22 @@ class RayContext:
 
             tracking.log_metrics(self.tracking["uri"], self.tracking["run_id"], metrics, int(metrics["step"]))
 
+    def announce_nodes(self) -> list[str]:
+        """The Ray node (and its raylet's process id) of every worker, in rank order; rank 0 records
+        them in the MLflow run."""
+        import ray
+
+        node = f"{ray.get_runtime_context().get_node_id()}/raylet-pid-{os.getppid()}"
+        nodes: list[Any] = [node]
+        if self.world > 1:
+            nodes = [None] * self.world
+            torch.distributed.all_gather_object(nodes, node)
+        if self.tracking:
+            from rankformer import tracking
+
+            tracking.set_tag(self.tracking["uri"], self.tracking["run_id"], "worker_nodes", ",".join(nodes))
+        return [str(n) for n in nodes]
+
     def all_min(self, value: int) -> int:
         if self.world == 1:
             return value
@@ -91,7 +107,10 @@ def fit(
         worker_fn,
         train_loop_config={**config, "fault_inject": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(
-            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker=resources
+            num_workers=scale.num_workers,
+            use_gpu=scale.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scale.placement,
         ),
         run_config=RunConfig(
             name=name,

@@ -1,0 +1,101 @@
+"""Pretraining end to end on the two-raylet cluster with 2 workers, tracked by an MLflow server
+(PostgreSQL store, S3 artifacts): a worker killed mid-run, resumed from its checkpoint, one
+continuous run, a registered model that loads everywhere with the same predictions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import BertForMaskedLM
+
+from pretrain_helpers import ordered_cells, write_corpus
+from rankformer.loader import load_model
+from rankformer.train.config import PretrainConfig
+from rankformer.train.pretrain import run_pretrain
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, mlflow_server, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrain")
+    # each node has 1 CPU: two workers of 0.5, with reads (0.25 CPU) beside them
+    corpus = write_corpus(str(d / "corpus"), ordered_cells(400, 120, 3, 30, seed=5), 120, shards=4)
+    marker = d / "killed"
+    os.environ["RANKFORMER_FAULT_INJECT"] = f"train-step:rank1-step25:{marker}"
+    try:
+        cfg = PretrainConfig(
+            corpus=corpus,
+            out=str(d / "model"),
+            max_steps=40,
+            log_every=5,
+            checkpoint_every=10,
+            optim={"lr": 3e-3, "warmup_steps": 5},
+            batch={"max_tokens": 1024, "max_cells": 32, "megabatch_cells": 128},
+            scale={
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+                "storage_path": str(d / "ray"),
+                "max_failures": 1,
+            },
+            track={
+                "tracking_uri": mlflow_server,
+                "experiment": "pretrain-test",
+                "registered_model": "tiny-test",
+            },
+        )
+        summary = run_pretrain(cfg)
+    finally:
+        os.environ.pop("RANKFORMER_FAULT_INJECT", None)
+    return summary, cfg, marker
+
+
+def test_resumes_from_the_last_checkpoint_after_a_worker_dies(trained):
+    summary, cfg, marker = trained
+    assert marker.exists(), "the fault plan never killed a worker"
+    assert summary["step"] == cfg.max_steps
+    assert summary["resumed_from_step"] == 20  # the checkpoint before the kill at step 25, not 0
+
+
+def test_one_continuous_run_on_two_nodes(trained, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    summary, _cfg, _ = trained
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    # both workers' nodes are recorded (node id / raylet pid); see the README on placement here
+    assert len(run.data.tags["worker_nodes"].split(",")) == 2
+    exp = client.get_experiment_by_name("pretrain-test")
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    loss = client.get_metric_history(summary["run_id"], "loss")
+    steps = sorted({m.step for m in loss})
+    assert steps[0] == 5 and steps[-1] == 40 and max(s for s in steps if s <= 25) >= 25
+    first = min(loss, key=lambda m: m.step).value
+    last = max(loss, key=lambda m: (m.step, m.timestamp)).value
+    assert last < first
+    assert run.data.params["scale.num_workers"] == "2" and run.data.params["preset"] == "tiny"
+    arts = {a.path for a in client.list_artifacts(summary["run_id"], "model")}
+    assert {"model/config.json", "model/vocab.json", "model/rankformer.json"} <= arts
+
+
+def test_registered_model_loads_everywhere_with_the_same_predictions(trained, mlflow_server):
+    summary, cfg, _ = trained
+    ids = torch.tensor([[2, 10, 40, 77, 5, 3], [2, 99, 1, 14, 3, 0]])
+    mask = (ids != 0).long()
+    plain = BertForMaskedLM.from_pretrained(cfg.out).eval()
+    registered = load_model("models:/tiny-test@current", tracking_uri=mlflow_server)
+    assert registered.meta["training"]["mlflow_run_id"] == summary["run_id"]
+    memory = BertForMaskedLM.from_pretrained(cfg.out).eval()
+    state = torch.load(os.path.join(summary["checkpoint"], "model.pt"), weights_only=True)
+    memory.load_state_dict({k.removeprefix("mlm."): v for k, v in state.items()})
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=mask).logits
+        b = registered.model.eval()(input_ids=ids, attention_mask=mask).logits
+        c = memory(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    tags = registered.meta
+    assert tags["vocab_hash"] == registered.vocab.content_hash and tags["layout"] == "v2"

@@ -1,0 +1,136 @@
+"""Pretraining pieces without Ray: masking statistics, length grouping, the loop learning a
+planted signal (and not a shuffled one), checkpoints resuming, and every door check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain_helpers import ordered_cells, write_corpus
+from rankformer.errors import InputError
+from rankformer.model.batching import budget_batches, length_grouped, padding_fraction
+from rankformer.model.masking import IGNORE, mask_genes
+from rankformer.train.config import PretrainConfig
+from rankformer.train.local import LocalContext
+from rankformer.train.loop import run_loop
+from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options, plan
+from rankformer.vocab import GeneVocab
+
+
+def test_masking_statistics():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 1000, (400, 500))
+    ids[:, 0], ids[:, -1], ids[:, -50:-1] = 2, 3, 0  # <cls>, <eos>, padding
+    inputs, labels = mask_genes(ids, gene_lo=4, mask_id=1, n_tokens=1000, generator=g, prob=0.15)
+    chosen = labels != IGNORE
+    genes = ids >= 4
+    assert not chosen[~genes].any()  # specials and pad are never chosen
+    assert (labels[chosen] == ids[chosen]).all()
+    assert abs(chosen.sum().item() / genes.sum().item() - 0.15) < 0.005
+    masked = (inputs == 1) & chosen
+    kept = (inputs == ids) & chosen
+    replaced = chosen & ~masked & ~kept
+    n = chosen.sum().item()
+    assert abs(masked.sum().item() / n - 0.8) < 0.01
+    assert abs(replaced.sum().item() / n - 0.1) < 0.01  # a random gene (rarely the same one)
+    assert abs(kept.sum().item() / n - 0.1) < 0.01
+    assert ((inputs[replaced] >= 4) & (inputs[replaced] < 1000)).all()
+    assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+def test_length_grouping_spends_little_on_padding():
+    rng = np.random.default_rng(0)
+    cells = [np.arange(int(n)) for n in rng.lognormal(6.5, 0.6, 5000).clip(20, 4096)]
+    for b in budget_batches(np.array([len(c) for c in cells]), 16384, 64):
+        assert len(b) * max(len(cells[i]) for i in b) <= 16384 or len(b) == 1
+    batches = list(length_grouped(iter(cells), 16384, 64, 1024, rng))
+    assert sorted(len(c) for b in batches for c in b) == sorted(len(c) for c in cells)
+    pad = sum(padding_fraction(b) * len(b) * max(map(len, b)) for b in batches)
+    total = sum(len(b) * max(map(len, b)) for b in batches)
+    assert pad / total < 0.05
+    fixed = 1 - sum(map(len, cells)) / (4096 * len(cells))  # padding every cell to the model length
+    assert fixed > 0.7
+
+
+def _train(corpus: str, steps: int, tmp_path, seed: int = 0) -> list[dict[str, float]]:
+    cfg = PretrainConfig(
+        corpus=corpus,
+        out=str(tmp_path / "m"),
+        max_steps=steps,
+        seed=seed,
+        log_every=20,
+        checkpoint_every=steps,
+        optim={"lr": 3e-3, "warmup_steps": 20},
+        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
+    )
+    vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
+    from rankformer.api import corpus_files
+
+    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), cfg.seed), TokenSpec.of(vocab), cfg, 0)
+    ctx = LocalContext(str(tmp_path / "ckpt"), device="cpu")
+    run_loop(build_model(cfg, vocab, None), task, loop_options(cfg, {}), ctx)
+    return ctx.history
+
+
+def test_loss_falls_on_a_learnable_order_and_not_on_shuffled_tokens(tmp_path):
+    cells = ordered_cells(600, 150, 3, 30, seed=1)
+    rng = np.random.default_rng(2)
+    shuffled = [np.concatenate([[2], rng.permutation(c[1:-1]), [3]]) for c in cells]
+    learn = _train(write_corpus(str(tmp_path / "ordered"), cells, 150), 300, tmp_path / "a")
+    control = _train(write_corpus(str(tmp_path / "shuffled"), shuffled, 150), 300, tmp_path / "b")
+    assert learn[-1]["loss"] < 0.5 * learn[0]["loss"]
+    assert learn[-1]["accuracy"] > 0.6
+    # shuffled: only which genes a type has is learnable, not their order
+    assert control[-1]["accuracy"] < 0.3
+    assert learn[-1]["loss"] < control[-1]["loss"] - 1.0
+    assert all(h["padding_fraction"] < 0.2 for h in learn)
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    corpus = write_corpus(str(tmp_path / "c"), ordered_cells(200, 60, 2, 20, seed=3), 60)
+    first = _train(corpus, 40, tmp_path)
+    again = _train(corpus, 60, tmp_path)  # same checkpoint folder: carries on from step 40
+    assert first[-1]["step"] == 40 and again[0]["resumed_from_step"] == 40
+    assert [h["step"] for h in again] == [60.0]
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    return write_corpus(str(tmp_path / "c"), ordered_cells(50, 40, 2, 20, seed=4), 40)
+
+
+def _plan(corpus, tmp_path, **kw):
+    base = {
+        "corpus": corpus,
+        "out": str(tmp_path / "model"),
+        "track": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"},
+    }
+    return plan(PretrainConfig(**{**base, **kw}))
+
+
+def test_door_checks(small_corpus, tmp_path):
+    assert _plan(small_corpus, tmp_path).layout == "v2"
+    other = tmp_path / "other_vocab.json"
+    GeneVocab.load(_plan(small_corpus, tmp_path).manifest["config"]["vocab"])
+    from rankformer.synth import gene_ids
+    from rankformer.vocab import build_vocab
+
+    build_vocab(list(gene_ids(41)), [1.0] * 41).save(str(other))
+    with pytest.raises(InputError, match="is not the one corpus"):
+        _plan(small_corpus, tmp_path, vocab=str(other))
+    with pytest.raises(InputError, match="preset 'geneformer-v1' is for v1 corpora"):
+        _plan(small_corpus, tmp_path, preset="geneformer-v1")
+    with pytest.raises(InputError, match="shorter than the corpus's max_length 64"):
+        _plan(small_corpus, tmp_path, model={"max_position_embeddings": 32})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds no rankformer model"):
+        _plan(small_corpus, tmp_path, out=str(tmp_path / "busy"))
+    with pytest.raises(InputError, match="unreachable"):
+        _plan(small_corpus, tmp_path, track={"tracking_uri": "http://127.0.0.1:9"})
+    empty = write_corpus(str(tmp_path / "empty"), [], 40, shards=1)
+    with pytest.raises(InputError, match="holds no cells"):
+        _plan(empty, tmp_path)
+    with pytest.raises(InputError, match="no finished corpus"):
+        _plan(str(tmp_path / "nothing"), tmp_path)
