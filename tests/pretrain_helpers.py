@@ -1,4 +1,5 @@
-"""Corpora for training tests: a planted gene order that a model can learn, and its shuffle."""
+"""Corpora for training tests: cells of planted gene orders (rankformer.synth.ordered_cells) written
+as a corpus folder without going through counts."""
 
 from __future__ import annotations
 
@@ -10,23 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.synth import gene_ids
+from rankformer.synth import gene_ids, ordered_cells
+
+__all__ = ["ordered_cells", "write_corpus"]
 from rankformer.vocab import build_vocab
-
-
-def ordered_cells(n_cells: int, n_genes: int, n_types: int, length: int, seed: int) -> list[np.ndarray]:
-    """Each type has its own ranked gene list; a cell is its type's list with a few adjacent swaps."""
-    rng = np.random.default_rng(seed)
-    orders = [rng.choice(n_genes, length, replace=False) + 4 for _ in range(n_types)]
-    cells = []
-    for _ in range(n_cells):
-        cell = orders[rng.integers(n_types)].copy()
-        for i in rng.integers(0, length - 1, size=max(1, length // 10)):
-            cell[i], cell[i + 1] = cell[i + 1], cell[i]
-        cells.append(
-            np.concatenate([[2], cell[: rng.integers(length // 2, length + 1)], [3]]).astype(np.int32)
-        )
-    return cells
 
 
 def write_corpus(out: str, cells: list[np.ndarray], n_genes: int, shards: int = 2, layout: str = "v2") -> str:

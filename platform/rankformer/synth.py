@@ -215,3 +215,19 @@ def write_10x_mtx(
         f.writelines(f"{g}\tSYM{i}\tGene Expression\n" for i, g in enumerate(ids))
     with op(os.path.join(folder, "barcodes.tsv" + ext), "wt") as f:
         f.writelines(f"{b}\n" for b in barcodes)
+
+
+def ordered_cells(n_cells: int, n_genes: int, n_types: int, length: int, seed: int) -> list[np.ndarray]:
+    """Token sequences (v2 layout: <cls>=2 ... <eos>=3, genes from token 4) with a learnable order:
+    each type has its own ranked gene list; a cell is its type's list with a few adjacent swaps,
+    cut to a random length between length/2 and length."""
+    rng = np.random.default_rng(seed)
+    orders = [rng.choice(n_genes, length, replace=False) + 4 for _ in range(n_types)]
+    cells = []
+    for _ in range(n_cells):
+        cell = orders[rng.integers(n_types)].copy()
+        for i in rng.integers(0, length - 1, size=max(1, length // 10)):
+            cell[i], cell[i + 1] = cell[i + 1], cell[i]
+        keep = rng.integers(length // 2, length + 1)
+        cells.append(np.concatenate([[2], cell[:keep], [3]]).astype(np.int32))
+    return cells

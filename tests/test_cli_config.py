@@ -1,0 +1,94 @@
+"""Flags and YAML generated from the config dataclasses; the sqlite registry round trip."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import yaml
+from transformers import BertForMaskedLM
+
+from rankformer import tracking
+from rankformer.cli import _parser, pretrain_config
+from rankformer.cli_config import add_config_arguments, build, merged_values
+from rankformer.errors import InputError
+from rankformer.loader import load_model
+from rankformer.model.presets import bert_config, preset
+from rankformer.model.store import save_model_dir
+from rankformer.synth import gene_ids
+from rankformer.train.config import PretrainConfig
+from rankformer.vocab import build_vocab
+
+
+def test_flags_override_the_yaml_and_nest(tmp_path):
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump({"corpus": "c", "out": "m", "optim": {"lr": 0.01}, "scale": {"num_workers": 4}})
+    )
+    args = _parser().parse_args(
+        [
+            "pretrain",
+            "--config",
+            str(cfg_file),
+            "--num-workers",
+            "2",
+            "--max-steps",
+            "7",
+            "--model",
+            "num_hidden_layers=3",
+            "--use-gpu",
+            "--tracking-uri",
+            "sqlite:///x.db",
+            "--registered-model",
+            "r",
+        ]
+    )
+    cfg = pretrain_config(args)
+    assert cfg.optim.lr == 0.01 and cfg.scale.num_workers == 2 and cfg.max_steps == 7
+    assert cfg.model == {"num_hidden_layers": 3} and cfg.scale.use_gpu is True
+    assert cfg.track.tracking_uri == "sqlite:///x.db" and cfg.track.registered_model == "r"
+
+
+def test_errors_name_the_field(tmp_path):
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, PretrainConfig)
+    with pytest.raises(InputError, match=r"unknown option\(s\) \['optim.learning_rate'\]"):
+        build(PretrainConfig, {"corpus": "c", "out": "m", "optim": {"learning_rate": 1}})
+    with pytest.raises(InputError, match=r"option 'scale.num_workers' must be int, got 'two'"):
+        build(PretrainConfig, {"corpus": "c", "out": "m", "scale": {"num_workers": "two"}})
+    with pytest.raises(InputError, match=r"missing 'corpus': give it as --corpus"):
+        build(PretrainConfig, merged_values(p.parse_args(["--out", "m"]), PretrainConfig))
+    with pytest.raises(InputError, match=r"schedule 'step' must be linear or cosine"):
+        build(PretrainConfig, {"corpus": "c", "out": "m", "optim": {"schedule": "step"}})
+
+
+def test_help_comes_from_the_field_docs(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "peak learning rate (Geneformer V1: 1e-3)" in out and "--max-tokens" in out
+
+
+@pytest.mark.mlflow
+def test_registry_round_trip_on_sqlite(tmp_path):
+    vocab = build_vocab(list(gene_ids(30)), [1.0] * 30)
+    torch.manual_seed(0)
+    model = BertForMaskedLM._from_config(bert_config(preset("tiny"), vocab)).eval()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.start_run(uri, "t", "r")
+    local = str(tmp_path / "model")
+    save_model_dir(model, vocab, {"layout": "v2", "task": "masked-lm"}, local)
+    tracking.log_artifacts(uri, run, local, "model")
+    assert (
+        tracking.register_model(uri, run, "model", "m", "current", {"vocab_hash": vocab.content_hash}) == "1"
+    )
+    with pytest.raises(InputError, match="reserved"):
+        tracking.register_model(uri, run, "model", "m", "latest", {})
+    loaded = load_model("models:/m@current", tracking_uri=uri)
+    ids = torch.tensor([[2, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert tracking.model_version_info(uri, "models:/m@current")["tags"]["vocab_hash"] == vocab.content_hash
+    with pytest.raises(InputError, match="uses vocabulary"):
+        load_model(local, expect_vocab_hash="sha256:other")
