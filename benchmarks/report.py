@@ -13,7 +13,7 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
-IDENTITY = ("stage", "workers", "n_cells", "method")
+IDENTITY = ("stage", "workers", "n_cells", "method", "preset")
 
 
 def _key(rec: dict) -> str:
