@@ -328,6 +328,7 @@ def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str,
         "run_id": run_id,
         "tracking_uri": p.tracking_uri,
         "version": version,
+        "checkpoint": result.checkpoint.path,
         **metrics,
     }
     reg = f", registered {cfg.track.registered_model} v{version} @{cfg.track.alias}" if version else ""
