@@ -90,5 +90,7 @@ def test_registry_round_trip_on_sqlite(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
     assert tracking.model_version_info(uri, "models:/m@current")["tags"]["vocab_hash"] == vocab.content_hash
+    with pytest.raises(InputError, match="not in the registry"):
+        load_model("models:/nope@current", tracking_uri=uri)
     with pytest.raises(InputError, match="uses vocabulary"):
         load_model(local, expect_vocab_hash="sha256:other")

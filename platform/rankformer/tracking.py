@@ -161,12 +161,14 @@ def model_version_info(uri: str, model_uri: str) -> dict[str, Any]:
     """name, version, alias and tags of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI."""
     name, ref = _parse_models_uri(model_uri)
     client = _client(uri)
-    if "@" in model_uri:
-        mv = client.get_model_version_by_alias(name, ref)
-        alias = ref
-    else:
-        mv = client.get_model_version(name, ref)
-        alias = None
+    alias = ref if "@" in model_uri else None
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if alias else client.get_model_version(name, ref)
+    except Exception as exc:
+        raise InputError(
+            f"{model_uri} is not in the registry at {uri} ({str(exc)[:200]}); check the name and alias "
+            "(`mlflow ui` lists them) or pass --tracking-uri"
+        ) from exc
     return {
         "name": name,
         "version": str(mv.version),

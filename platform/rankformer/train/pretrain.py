@@ -188,13 +188,11 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_final(cfg: PretrainConfig, checkpoint_dir: str, vocab: GeneVocab, meta: dict[str, Any]) -> str:
+def save_final(
+    cfg: PretrainConfig, checkpoint_dir: str, vocab: GeneVocab, meta: dict[str, Any], tracking_uri: str
+) -> str:
     """Model directory at ``cfg.out`` from the final checkpoint's weights; returns a local copy."""
-    model = build_model(dataclasses.replace(cfg, init_from=None), vocab, None)
-    if cfg.init_from:  # the architecture is the initial model's, not the preset's
-        from rankformer.loader import load_model
-
-        model = MaskedGeneLM(load_model(cfg.init_from, tracking_uri=cfg.track.tracking_uri).model)  # type: ignore[arg-type]
+    model = build_model(cfg, vocab, tracking_uri)  # the preset's or the initial model's architecture
     state = torch.load(os.path.join(checkpoint_dir, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     save_model_dir(model.mlm, vocab, meta, cfg.out)
@@ -310,7 +308,7 @@ def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str,
         "training": {"mlflow_run_id": run_id, **{k: metrics[k] for k in sorted(metrics) if k != "epoch"}},
     }
     with result.checkpoint.as_directory() as d:
-        local = save_final(cfg, d, p.vocab, meta)
+        local = save_final(cfg, d, p.vocab, meta, p.tracking_uri)
     tracking.log_artifacts(p.tracking_uri, run_id, local, "model")
     version = None
     if cfg.track.registered_model:
