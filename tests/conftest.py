@@ -73,7 +73,7 @@ def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
         "--head",
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
-        "--num-cpus=1",
+        "--num-cpus=2",
         store,
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
@@ -85,7 +85,7 @@ def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
             "start",
             f"--address=127.0.0.1:{port}",
             "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
+            "--num-cpus=2",
             store,
             "--disable-usage-stats",
         )

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def trained(ray_cluster, mlflow_server, tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrain")
-    # each node has 1 CPU: two workers of 0.5, with reads (0.25 CPU) beside them
+    # each node has 2 CPUs: one worker of 1 CPU per node (STRICT_SPREAD), and beside it a whole CPU
+    # for Ray Data (its file listing asks for 1 CPU, its reads for 0.25)
     corpus = write_corpus(str(d / "corpus"), ordered_cells(400, 120, 3, 30, seed=5), 120, shards=4)
     marker = d / "killed"
     os.environ["RANKFORMER_FAULT_INJECT"] = f"train-step:rank1-step25:{marker}"
@@ -36,7 +37,8 @@ def trained(ray_cluster, mlflow_server, tmp_path_factory):
             batch={"max_tokens": 1024, "max_cells": 32, "megabatch_cells": 128},
             scale={
                 "num_workers": 2,
-                "cpus_per_worker": 0.5,
+                "cpus_per_worker": 1.0,
+                "placement": "STRICT_SPREAD",
                 "storage_path": str(d / "ray"),
                 "max_failures": 1,
             },
@@ -66,8 +68,9 @@ def test_one_continuous_run_on_two_nodes(trained, mlflow_server):
     client = MlflowClient(mlflow_server)
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    # both workers' nodes are recorded (node id / raylet pid); see the README on placement here
-    assert len(run.data.tags["worker_nodes"].split(",")) == 2
+    # both workers' nodes are recorded (node id / raylet pid), and they differ
+    nodes = run.data.tags["worker_nodes"].split(",")
+    assert len(nodes) == 2 and len({n.split("/")[0] for n in nodes}) == 2, nodes
     exp = client.get_experiment_by_name("pretrain-test")
     assert len(client.search_runs([exp.experiment_id])) == 1
     loss = client.get_metric_history(summary["run_id"], "loss")

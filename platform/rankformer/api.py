@@ -87,8 +87,11 @@ def read_corpus(
         raise InputError(f"engine {engine!r} must be 'ray' or 'arrow'")
     import ray.data
 
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=None, num_cpus=read_cpus)
-    return ds.select_columns(columns) if columns else ds
+    # columns are read, not selected afterwards: a separate projection would be another operator
+    # asking for a whole CPU, which a cluster busy with training may not have on any one node
+    return ray.data.read_parquet(
+        paths, filesystem=filesystem, columns=columns, shuffle=None, num_cpus=read_cpus
+    )
 
 
 def corpus_manifest(out: str) -> dict[str, Any]:
