@@ -49,3 +49,35 @@ def write_corpus(out: str, cells: list[np.ndarray], n_genes: int, shards: int = 
     with open(os.path.join(out, schema.CORPUS_MANIFEST), "w") as f:
         json.dump(manifest, f)
     return out
+
+
+def pretrain_in_process(corpus: str, out: str, steps: int, seed: int = 0, **model: object) -> str:
+    """A tiny model pretrained in this process on ``corpus`` and saved as a model directory."""
+    from rankformer.api import corpus_manifest
+    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.model.store import save_model_dir
+    from rankformer.train.config import PretrainConfig
+    from rankformer.train.local import LocalContext
+    from rankformer.train.loop import run_loop
+    from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
+    from rankformer.vocab import GeneVocab
+
+    manifest = corpus_manifest(corpus)
+    vocab = GeneVocab.load(manifest["config"]["vocab"])
+    cfg = PretrainConfig(
+        corpus=corpus,
+        out=out,
+        model=dict(model),
+        max_steps=steps,
+        seed=seed,
+        log_every=steps,
+        checkpoint_every=steps,
+        optim={"lr": 3e-3, "warmup_steps": 20},
+        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
+    )
+    mlm = build_model(cfg, vocab, None)
+    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), seed), TokenSpec.of(vocab), cfg, 0)
+    run_loop(mlm, task, loop_options(cfg, {}), LocalContext(device="cpu"))
+    meta = {"task": "masked-lm", "layout": manifest["config"]["layout"], "max_length": 64, "preset": "tiny"}
+    save_model_dir(mlm.mlm, vocab, meta, out)
+    return out

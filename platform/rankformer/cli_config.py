@@ -43,14 +43,18 @@ class Leaf:
 
 @functools.cache
 def _comments(cls: type) -> dict[str, str]:
-    """Trailing `# comment` of each `name: type = default` line of a dataclass body."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for m in re.finditer(r"^\s+(\w+): [^\n#]+?#\s*(.+)$", src, re.M):
-        out[m.group(1)] = m.group(2).strip()
+    """Trailing `# comment` of each `name: type = default` line of a dataclass body (and of its
+    dataclass bases, for fields a subclass inherits)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+): [^\n#]+?#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
     return out
 
 
@@ -109,7 +113,7 @@ def add_config_arguments(
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is list:
-            kw.update(nargs="+")
+            kw.update(nargs="+", action="extend")  # `--x a b` and `--x a --x b` alike
         elif origin is dict:
             kw.update(action="append", type=_kv, metavar="KEY=VALUE")
         elif t in (int, float):

@@ -231,3 +231,26 @@ def ordered_cells(n_cells: int, n_genes: int, n_types: int, length: int, seed: i
         keep = rng.integers(length // 2, length + 1)
         cells.append(np.concatenate([[2], cell[:keep], [3]]).astype(np.int32))
     return cells
+
+
+def programme_cells(
+    n_cells: int, n_types: int, genes_per_type: int, n_shared: int, length: int, seed: int
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Cells of planted gene programmes (v2 layout, genes from token 4): each type owns a disjoint
+    set of genes, ranked in a type-specific order; shared genes (every type expresses them) are
+    interleaved at random ranks. Returns (cells, type of each cell, programme tokens per type;
+    the shared genes are tokens 4 .. 4 + n_shared)."""
+    rng = np.random.default_rng(seed)
+    shared = np.arange(4, 4 + n_shared)
+    programmes = [4 + n_shared + t * genes_per_type + rng.permutation(genes_per_type) for t in range(n_types)]
+    types = rng.integers(n_types, size=n_cells)
+    cells = []
+    for t in types:
+        own = programmes[t][np.sort(rng.choice(genes_per_type, max(2, int(genes_per_type * 0.7)), replace=False))]
+        common = rng.choice(shared, min(n_shared, max(1, length // 3)), replace=False)
+        body = list(own)
+        for g in common:
+            body.insert(int(rng.integers(len(body) + 1)), g)
+        keep = int(rng.integers(length // 2, length + 1))
+        cells.append(np.asarray([2, *body[:keep], 3], dtype=np.int32))
+    return cells, types, programmes

@@ -107,6 +107,12 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
     _client(uri).log_batch(run_id, metrics=batch)
 
 
+def log_step(target: Mapping[str, str] | None, metrics: Mapping[str, float]) -> None:
+    """Log a training step's metrics to ``target`` ({"uri", "run_id"}), if any, at ``metrics['step']``."""
+    if target:
+        log_metrics(target["uri"], target["run_id"], metrics, int(metrics.get("step", 0)))
+
+
 def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
     _client(uri).set_tag(run_id, key, value)
 

@@ -7,7 +7,8 @@ shuffled (seeded) so consecutive steps do not walk from short to long cells.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,28 +27,37 @@ def budget_batches(lengths: np.ndarray, max_tokens: int, max_cells: int) -> list
     return batches
 
 
+T = TypeVar("T")
+
+
 def length_grouped(
-    cells: Iterable[Sequence[np.ndarray]],
+    cells: Iterable[T],
     max_tokens: int,
     max_cells: int,
     megabatch_cells: int,
     rng: np.random.Generator,
-) -> Iterator[list[np.ndarray]]:
-    """Batches (lists of token arrays) from a stream of cells, megabatch by megabatch."""
-    pending: list[np.ndarray] = []
+    length: Callable[[Any], int] = len,
+) -> Iterator[list[T]]:
+    """Batches from a stream of cells (token arrays, or items whose ``length`` is their cell's),
+    megabatch by megabatch."""
+    pending: list[T] = []
     for cell in cells:
-        pending.append(np.asarray(cell))
+        pending.append(cell)
         if len(pending) >= megabatch_cells:
-            yield from _emit(pending, max_tokens, max_cells, rng)
+            yield from _emit(pending, max_tokens, max_cells, rng, length)
             pending = []
     if pending:
-        yield from _emit(pending, max_tokens, max_cells, rng)
+        yield from _emit(pending, max_tokens, max_cells, rng, length)
 
 
 def _emit(
-    cells: list[np.ndarray], max_tokens: int, max_cells: int, rng: np.random.Generator
-) -> Iterator[list[np.ndarray]]:
-    lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+    cells: list[T],
+    max_tokens: int,
+    max_cells: int,
+    rng: np.random.Generator,
+    length: Callable[[Any], int],
+) -> Iterator[list[T]]:
+    lengths = np.fromiter((length(c) for c in cells), dtype=np.int64, count=len(cells))
     batches = budget_batches(lengths, max_tokens, max_cells)
     for i in rng.permutation(len(batches)):
         yield [cells[j] for j in batches[i]]

@@ -13,6 +13,7 @@ from rankformer.errors import InputError
 class OptimOptions:
     lr: float = 1e-3  # peak learning rate (Geneformer V1: 1e-3)
     warmup_steps: int = 10_000  # linear warmup steps (Geneformer V1: 10,000)
+    warmup_fraction: float = 0.0  # warmup as a share of the steps; when > 0 it replaces warmup_steps
     schedule: str = "linear"  # decay after warmup: linear or cosine (to 0 at max_steps)
     weight_decay: float = 0.001  # AdamW weight decay (Geneformer V1: 0.001)
     grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
@@ -25,6 +26,13 @@ class OptimOptions:
             raise InputError(f"schedule {self.schedule!r} must be linear or cosine")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_accum < 1:
             raise InputError("lr must be > 0, warmup_steps >= 0 and grad_accum >= 1")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InputError(f"warmup_fraction {self.warmup_fraction} must be within [0, 1)")
+
+    def warmup(self, max_steps: int) -> int:
+        if self.warmup_fraction > 0:
+            return int(round(self.warmup_fraction * max_steps))
+        return min(self.warmup_steps, max_steps)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ScaleOptions:
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
     placement: str = "PACK"  # PACK workers onto few nodes, or SPREAD them over nodes
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else a local one
+    in_process: bool | None = None  # train in this process (default: when 1 worker and no cluster named)
     storage_path: str | None = None  # checkpoints, local or s3:// (default ./ray_results)
     max_failures: int = 1  # restarts from the last checkpoint after a worker dies
     keep_checkpoints: int = 2  # checkpoints kept (the best by loss; the latest is always kept)
@@ -108,3 +117,133 @@ def _nested(cls: type, value: Any) -> Any:
     from rankformer.config import from_mapping
 
     return from_mapping(cls, value) if isinstance(value, dict) else value
+
+
+@dataclass
+class FinetuneOptim(OptimOptions):
+    """Fine-tuning defaults from Geneformer's examples for 6-layer models."""
+
+    lr: float = 5e-5  # peak learning rate (Geneformer fine-tuning: 5e-5)
+    warmup_steps: int = 500  # linear warmup steps (Geneformer fine-tuning: 500)
+    warmup_fraction: float = 0.1  # warmup as a share of the steps; when > 0 it replaces warmup_steps
+
+
+@dataclass
+class HeadOptions:
+    head_class: str | None = None  # AutoModelFor... name or module:Class path (default: BERT's own head)
+    freeze_layers: int = 0  # freeze the first N encoder layers
+    freeze_embeddings: bool = False  # freeze the token and position embeddings
+    class_weights: str = "none"  # loss weights: none, balanced, or one number per class (1,3)
+    dropout: float | None = None  # classifier dropout (default: the model's hidden dropout)
+
+    def check(self) -> None:
+        if self.freeze_layers < 0:
+            raise InputError(f"freeze_layers {self.freeze_layers} must be >= 0")
+        if self.class_weights not in ("none", "balanced"):
+            try:
+                [float(x) for x in self.class_weights.split(",")]
+            except ValueError:
+                raise InputError(
+                    f"class_weights {self.class_weights!r} must be none, balanced or numbers like 1,3"
+                ) from None
+
+
+@dataclass
+class TuneOptions:
+    trials: int = 0  # Ray Tune trials before the final training (0: no search)
+    tune_lr: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # lr range, log-uniform
+    tune_warmup_fraction: list[float] = field(default_factory=lambda: [0.0, 0.3])  # warmup share range
+    tune_weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.3])  # weight decay range
+    tune_freeze_layers: list[int] = field(default_factory=list)  # frozen-layer choices (default: 0..layers-1)
+    grace_steps: int = 20  # ASHA: steps a trial runs before it may be stopped
+    eval_every: int = 20  # steps between a trial's validation scores
+    cpus_per_trial: float = 1.0  # CPUs per trial (one GPU each when use_gpu)
+
+    def check(self) -> None:
+        if self.trials < 0 or self.eval_every < 1 or self.grace_steps < 1:
+            raise InputError("trials must be >= 0, eval_every and grace_steps >= 1")
+        for name in ("tune_lr", "tune_warmup_fraction", "tune_weight_decay"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise InputError(f"{name} {lo_hi} must be two numbers, low then high")
+
+
+@dataclass
+class FinetuneCommon:
+    """Options both classification jobs share."""
+
+    corpus: str  # corpus folder from `rankformer tokenize` (local or s3://)
+    model: str  # pretrained model: folder, s3:// prefix or models:/NAME@ALIAS
+    out: str  # output folder: predictions, metrics, plots and the fine-tuned model
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
+    seed: int = 0  # splits, initialisation of the head, shuffling
+    epochs: float = 1.0  # passes over the training cells per training
+    max_steps: int | None = None  # optimizer steps per training (replaces epochs when given)
+    log_every: int = 10  # steps between metric logs
+    checkpoint_every: int = 100  # steps between checkpoints (and at the end)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
+    layer: str = "penultimate"  # frozen-embedding baseline layer: penultimate, last or an index
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    head: HeadOptions = field(default_factory=HeadOptions)
+    batch: BatchOptions = field(default_factory=lambda: BatchOptions(max_tokens=16_384, max_cells=12))
+    scale: ScaleOptions = field(default_factory=ScaleOptions)
+    track: TrackOptions = field(default_factory=TrackOptions)
+    tune: TuneOptions = field(default_factory=TuneOptions)
+
+    def __post_init__(self) -> None:
+        self.optim = _nested(FinetuneOptim, self.optim)
+        self.head = _nested(HeadOptions, self.head)
+        self.batch = _nested(BatchOptions, self.batch)
+        self.scale = _nested(ScaleOptions, self.scale)
+        self.track = _nested(TrackOptions, self.track)
+        self.tune = _nested(TuneOptions, self.tune)
+        for part in (self.optim, self.head, self.batch, self.scale, self.tune):
+            part.check()
+        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise InputError("epochs must be > 0 and max_steps >= 1")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise InputError("log_every and checkpoint_every must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise InputError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+
+
+@dataclass
+class FinetuneGenesConfig(FinetuneCommon):
+    """`rankformer finetune genes`: which other genes share a feature, learned from labelled genes."""
+
+    labels: list[str] = field(default_factory=list)  # a label table, or CLASS=FILE gene lists
+    gene_column: str | None = None  # gene column of a long label table (default: found by name)
+    label_column: str | None = None  # label column of a long label table (default: found by name)
+    folds: int = 5  # cross-validation folds, split by gene
+    positive_class: str | None = None  # class the ranking and ROC curve follow (default: the first)
+    shuffled_controls: int = 0  # also cross-validate this many label shuffles (a chance control)
+    frozen_baseline: bool = True  # logistic regression on frozen gene embeddings, same folds
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.folds < 2:
+            raise InputError(f"folds {self.folds} must be >= 2")
+        if self.shuffled_controls < 0:
+            raise InputError("shuffled_controls must be >= 0")
+
+
+@dataclass
+class FinetuneCellsConfig(FinetuneCommon):
+    """`rankformer finetune cells`: a cell classifier from a carried obs label column."""
+
+    label_column: str = "cell_type"  # carried obs column holding each cell's class
+    group_column: str | None = None  # carried obs column no split may share (donor, sample, batch)
+    classes: list[str] = field(default_factory=list)  # keep only these classes (after renaming)
+    rename: dict[str, str] = field(default_factory=dict)  # class renames; several to one merges them
+    test_fraction: float = 0.2  # share of cells (or groups) held out for the test split
+    validation_fraction: float = 0.1  # share held out for validation (per-epoch scores)
+    epochs: float = 10.0  # passes over the training cells (Geneformer: 10)
+    frozen_baseline: bool = True  # logistic regression on frozen mean-pooled cell embeddings
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.test_fraction < 1 and 0 <= self.validation_fraction < 1):
+            raise InputError("test_fraction must be within (0, 1) and validation_fraction within [0, 1)")
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise InputError("test_fraction + validation_fraction must leave cells to train on")

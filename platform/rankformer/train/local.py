@@ -15,9 +15,15 @@ class LocalContext:
     rank = 0
     world = 1
 
-    def __init__(self, checkpoint_root: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_root: str | None = None,
+        device: str | None = None,
+        tracking: dict[str, str] | None = None,
+    ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.root = checkpoint_root
+        self.tracking = tracking  # {"uri", "run_id"}: metrics also go to that MLflow run
         self.history: list[dict[str, float]] = []
         self.checkpoints: list[int] = []
 
@@ -45,6 +51,9 @@ class LocalContext:
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(dict(metrics))
+        from rankformer.tracking import log_step
+
+        log_step(self.tracking, metrics)
 
     def all_min(self, value: int) -> int:
         return value

@@ -85,7 +85,7 @@ def make_optimizer(
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.adam_beta2), eps=opts.adam_eps)
-    warm = min(opts.warmup_steps, max_steps)
+    warm = opts.warmup(max_steps)
 
     def factor(step: int) -> float:
         if step < warm:

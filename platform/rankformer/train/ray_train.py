@@ -53,10 +53,9 @@ class RayContext:
         ray.train.report(dict(metrics), checkpoint=ckpt)
 
     def log(self, metrics: dict[str, float]) -> None:
-        if self.tracking:
-            from rankformer import tracking
+        from rankformer.tracking import log_step
 
-            tracking.log_metrics(self.tracking["uri"], self.tracking["run_id"], metrics, int(metrics["step"]))
+        log_step(self.tracking, metrics)
 
     def announce_nodes(self) -> list[str]:
         """The Ray node (and its raylet's process id) of every worker, in rank order; rank 0 records

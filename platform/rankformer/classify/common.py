@@ -1,0 +1,135 @@
+"""What both classification jobs (and `rankformer predict`) do around training: check model and
+corpus against each other at the door, own the output folder, write results atomically with a
+manifest, and keep MLflow's parent and nested runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rankformer import schema
+from rankformer.errors import InputError
+from rankformer.io import fs
+from rankformer.model.store import LoadedModel
+
+JOB_FILE = "job.json"  # written first: which job owns this folder, with which config
+MANIFEST = "manifest.json"  # written last: the outputs of a finished job
+
+
+def open_model_and_corpus(
+    model_uri: str, corpus: str, tracking_uri: str, head: Any = None
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model (checked against the corpus's vocabulary and layout) and the corpus manifest."""
+    from rankformer.api import corpus_manifest
+    from rankformer.loader import load_model
+
+    manifest = corpus_manifest(corpus)
+    kwargs = {"head": head} if head is not None else {}
+    loaded = load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=manifest["vocab_hash"], **kwargs)
+    layout = manifest.get("config", {}).get("layout")
+    if layout and loaded.layout != layout:
+        raise InputError(f"model {model_uri} is for {loaded.layout} corpora; corpus {corpus} is {layout}")
+    positions = int(loaded.model.config.max_position_embeddings)
+    max_length = int(manifest.get("config", {}).get("max_length") or 0)
+    if max_length > positions:
+        raise InputError(
+            f"corpus {corpus} holds cells of up to {max_length} tokens; model {model_uri} has {positions} positions"
+        )
+    return loaded, manifest
+
+
+def token_layout(vocab: Any) -> tuple[int, int]:
+    """(pad id, lowest gene token id)."""
+    return int(vocab.specials[schema.PAD]), int(vocab.token_ids.min())
+
+
+def fingerprint(cfg: Any) -> str:
+    blob = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class JobOutput:
+    """The output folder of a job: claimed at the start (refusing a folder holding anything else),
+    files staged locally and published one by one atomically, the manifest last. A rerun with the
+    same config keeps the training checkpoints in ``.work`` and resumes."""
+
+    def __init__(self, out: str, job: str, cfg: Any) -> None:
+        self.out, self.job = out, job
+        self.fingerprint = fingerprint(cfg)
+        self.stage = tempfile.mkdtemp(prefix=f"rankformer-{job}-")
+        self.files: list[str] = []
+        self._claim()
+
+    def _claim(self) -> None:
+        present = [n for n in fs.listdir(self.out) if not n.startswith(".tmp-")]
+        if present:
+            if JOB_FILE not in present:
+                raise InputError(
+                    f"output {self.out} is not empty and was not written by a rankformer job (found "
+                    f"{present[:5]}); choose a new --out folder or delete that one"
+                )
+            claim = json.loads(fs.read_bytes(fs.join(self.out, JOB_FILE)))
+            if claim.get("job") != self.job:
+                raise InputError(
+                    f"output {self.out} holds the output of `{claim.get('job')}`, not `{self.job}`; choose "
+                    "a new --out folder"
+                )
+            if claim.get("fingerprint") != self.fingerprint and not fs.is_remote(self.out):
+                shutil.rmtree(os.path.join(self.out, ".work"), ignore_errors=True)  # other options: start over
+        fs.makedirs(self.out)
+        fs.write_bytes_atomic(
+            fs.join(self.out, JOB_FILE), json.dumps({"job": self.job, "fingerprint": self.fingerprint}).encode()
+        )
+
+    def path(self, name: str) -> str:
+        """A local path to write ``name`` to before :meth:`publish`."""
+        p = os.path.join(self.stage, name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def write_json(self, name: str, doc: Any) -> None:
+        with open(self.path(name), "w") as f:
+            json.dump(doc, f, indent=1, default=_jsonable)
+        self.publish(name)
+
+    def write_table(self, stem: str, df: pd.DataFrame) -> None:
+        """``stem``.parquet and ``stem``.csv."""
+        df.to_parquet(self.path(stem + ".parquet"), index=False)
+        df.to_csv(self.path(stem + ".csv"), index=False)
+        self.publish(stem + ".parquet")
+        self.publish(stem + ".csv")
+
+    def publish(self, name: str) -> None:
+        with open(os.path.join(self.stage, name), "rb") as f:
+            fs.write_bytes_atomic(fs.join(self.out, name), f.read())
+        self.files.append(name)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        doc = {"job": self.job, "fingerprint": self.fingerprint, "files": sorted(set(self.files)), **summary}
+        fs.write_bytes_atomic(fs.join(self.out, MANIFEST), json.dumps(doc, indent=1, default=_jsonable).encode())
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def table_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()

@@ -1,0 +1,343 @@
+"""`rankformer finetune genes`: given genes known to have a feature and genes known not to, which
+other genes have it?
+
+Cross-validation splits the labelled *genes* (stratified K folds): a fold's classifier is trained on
+the cells holding its training genes, with only those genes' tokens labelled, and scored on genes it
+never saw a label for (the mean class probability over each test gene's occurrences). Beside it, in
+the same folds, a logistic regression on the pretrained model's frozen gene embeddings. Then a final
+model on all labelled genes predicts every vocabulary gene seen in the selected cells: the ranked
+table that answers the question.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rankformer import tracking
+from rankformer.classify import metrics
+from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
+from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
+from rankformer.classify.labels import GeneLabels, check_enough, describe, map_labels, read_label_sets
+from rankformer.errors import InputError
+from rankformer.infer import GeneSums, batches, gene_and_cell_states, logits_of
+from rankformer.train.config import FinetuneGenesConfig
+from rankformer.train.finetune import (
+    IGNORE,
+    TrainSpec,
+    class_weights,
+    in_process,
+    scratch_dir,
+    steps_for,
+    train_classifier,
+)
+
+JOB = "finetune-genes"
+
+
+@torch.no_grad()
+def token_probs(
+    model: torch.nn.Module, cells: list[np.ndarray], pad: int, gene_lo: int, max_tokens: int = 16_384
+) -> GeneSums:
+    """Per-token sums of class probabilities over every occurrence in ``cells``, and counts."""
+    model.eval()
+    device = next(model.parameters()).device
+    n_classes = int(model.config.num_labels)  # type: ignore[union-attr]
+    sums = GeneSums(int(model.config.vocab_size), n_classes)  # type: ignore[union-attr]
+    for b in batches(cells, pad, max_tokens):
+        out = model(input_ids=b.ids.to(device), attention_mask=b.attn.to(device))
+        prob = torch.softmax(logits_of(out).float(), -1).cpu()
+        sums.add(b.ids, prob, b.ids >= gene_lo)
+    return sums
+
+
+def gene_folds(labels: GeneLabels, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K-fold over genes: (train, test) index arrays into ``labels``; disjoint by gene."""
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in skf.split(np.zeros(len(labels.tokens)), labels.label)]
+
+
+class GeneJob:
+    """One gene-classification job: the state its folds share."""
+
+    def __init__(self, cfg: FinetuneGenesConfig) -> None:
+        self.cfg = cfg
+        self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
+        tracking.check_reachable(self.uri)
+        self.pre, manifest = open_model_and_corpus(cfg.model, cfg.corpus, self.uri)
+        self.vocab = self.pre.vocab
+        self.pad, self.gene_lo = token_layout(self.vocab)
+        sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)
+        labels = map_labels(sets, self.vocab)
+        self.cells: Cells = load_cells(
+            cfg.corpus, parse_where(cfg.cells_where), vocab_hash=manifest["vocab_hash"], max_cells=cfg.limit_cells, seed=cfg.seed
+        )
+        counts = np.bincount(np.concatenate(self.cells.ids), minlength=self.vocab.n_tokens)
+        self.occurrences = counts
+        in_corpus = counts[labels.tokens] > 0
+        self.not_in_corpus = [g for g, ok in zip(labels.gene_ids, in_corpus, strict=True) if not ok]
+        check_enough(labels, 1, "in the vocabulary")
+        self.labels = labels.subset(in_corpus)
+        check_enough(self.labels, cfg.folds, "in the selected cells")
+        self.classes = self.labels.classes
+        self.positive = self.classes.index(cfg.positive_class) if cfg.positive_class else 0
+        if cfg.positive_class and cfg.positive_class not in self.classes:
+            raise InputError(f"positive_class {cfg.positive_class!r} is not one of the classes {self.classes}")
+        self.output = JobOutput(cfg.out, JOB, cfg)
+        self.work = scratch_dir(cfg.out)
+        self.lengths = np.asarray([len(c) for c in self.cells.ids])
+
+    # --- one training ------------------------------------------------------------------------
+    def spec(self, lengths: np.ndarray, lookup: np.ndarray, class_counts: list[int], run_id: str | None) -> TrainSpec:
+        cfg = self.cfg
+        world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+        steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
+        return TrainSpec(
+            model=cfg.model,
+            tracking_uri=self.uri,
+            kind="token",
+            n_classes=len(self.classes),
+            head=cfg.head,
+            optim=cfg.optim,
+            batch=cfg.batch,
+            max_steps=steps,
+            seed=cfg.seed,
+            pad=self.pad,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            precision=cfg.precision,
+            lookup=lookup.tolist(),
+            weights=class_weights(cfg.head, class_counts),
+            run_id=run_id,
+        )
+
+    def train(self, tokens: np.ndarray, label: np.ndarray, run_id: str | None, name: str) -> torch.nn.Module:
+        """A classifier trained on the cells holding ``tokens``, only those tokens labelled."""
+        lookup = np.full(self.vocab.n_tokens, IGNORE, dtype=np.int64)
+        lookup[tokens] = label
+        rows = cells_with_tokens(self.cells.ids, tokens)
+        ids = [self.cells.ids[i] for i in rows]
+        occ = lookup[np.concatenate(ids)]  # classes weigh by labelled occurrences
+        counts = np.bincount(occ[occ != IGNORE], minlength=len(self.classes)).tolist()
+        spec = self.spec(self.lengths[rows], lookup, counts, run_id)
+        return train_classifier(spec, ids, np.zeros(len(ids), dtype=np.int64), self.cfg.scale, self.work, name)
+
+    def predict(self, model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
+        """Mean class probabilities of ``tokens`` over their occurrences in the cells holding them."""
+        rows = cells_with_tokens(self.cells.ids, tokens)
+        sums = token_probs(model, [self.cells.ids[i] for i in rows], self.pad, self.gene_lo, self.cfg.batch.max_tokens)
+        return sums.means(tokens)
+
+    # --- cross-validation --------------------------------------------------------------------
+    def cross_validate(
+        self, labels: GeneLabels, parent: str, tag: str, frozen: np.ndarray | None
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        folds = gene_folds(labels, cfg.folds, cfg.seed)
+        per_fold, frozen_fold, curves, frozen_curves, assignment = [], [], [], [], {}
+        for k, (tr, te) in enumerate(folds):
+            assert not set(labels.tokens[tr].tolist()) & set(labels.tokens[te].tolist())
+            run = tracking.start_run(
+                self.uri, cfg.track.experiment, f"{tag}-fold-{k}", {"job": JOB, "mlflow.parentRunId": parent, "fold": str(k)}
+            )
+            model = self.train(labels.tokens[tr], labels.label[tr], run, f"{tag}-fold-{k}")
+            prob = self.predict(model, labels.tokens[te])
+            s = metrics.scores(labels.label[te], prob, self.classes)
+            s["test_genes"] = [labels.gene_ids[i] for i in te]
+            per_fold.append(s)
+            curves.append((f"fold {k}", labels.label[te] == self.positive, prob[:, self.positive]))
+            for i in te:
+                assignment[labels.gene_ids[i]] = k
+            logged = {f"test_{m}": s[m] for m in ("roc_auc", "macro_f1", "accuracy")}
+            if frozen is not None:
+                fp = logreg(frozen[tr], labels.label[tr], frozen[te], len(self.classes), cfg.seed)
+                fs_ = metrics.scores(labels.label[te], fp, self.classes)
+                frozen_fold.append(fs_)
+                frozen_curves.append((f"fold {k}", labels.label[te] == self.positive, fp[:, self.positive]))
+                logged.update({f"frozen_{m}": fs_[m] for m in ("roc_auc", "macro_f1", "accuracy")})
+            tracking.log_metrics(self.uri, run, {k2: float(v) for k2, v in logged.items() if v == v}, 0)
+            tracking.end_run(self.uri, run)
+        out: dict[str, Any] = {"folds": per_fold, **metrics.summarize(per_fold), "fold_of_gene": assignment}
+        out["curves"] = curves
+        if frozen is not None:
+            out["frozen_embeddings"] = {"folds": frozen_fold, **metrics.summarize(frozen_fold)}
+            out["frozen_curves"] = frozen_curves
+        return out
+
+
+def logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """Class probabilities from a standardised, L2-regularised logistic regression (all classes
+    as columns, even one absent from training)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(x_train, y_train)
+    prob = np.zeros((len(x_test), n_classes))
+    prob[:, clf.classes_] = clf.predict_proba(x_test)
+    return prob
+
+
+def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
+    job = GeneJob(cfg)
+    out = job.output
+    labels = job.labels
+    print(
+        f"gene classification: {describe(labels)} in {len(job.cells):,} cells"
+        + (f"; {len(job.not_in_corpus)} labelled genes not in these cells" if job.not_in_corpus else "")
+    )
+    name = cfg.track.run_name or f"{JOB}-{os.path.basename(cfg.out.rstrip('/'))}"
+    parent = tracking.start_run(job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash})
+    try:
+        tracking.log_params(job.uri, parent, asdict(cfg))
+        summary = _run(job, out, parent)
+    except BaseException:
+        tracking.end_run(job.uri, parent, "FAILED")
+        raise
+    tracking.end_run(job.uri, parent)
+    return summary
+
+
+def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
+    cfg, labels, classes = job.cfg, job.labels, job.classes
+    frozen = None
+    if cfg.frozen_baseline:
+        sums, _ = gene_and_cell_states(
+            job.pre.model, job.cells.ids, job.pad, job.gene_lo, cfg.layer, torch.device("cpu"), cfg.batch.max_tokens
+        )
+        frozen = sums.means(labels.tokens)
+    cv = job.cross_validate(labels, parent, "cv", frozen)
+    controls = []
+    for s in range(cfg.shuffled_controls):
+        rng = np.random.default_rng([cfg.seed, 1009, s])
+        shuffled = GeneLabels(classes, labels.tokens, rng.permutation(labels.label), labels.gene_ids)
+        controls.append(job.cross_validate(shuffled, parent, f"shuffle-{s}", None)["roc_auc_mean"])
+    final_run = tracking.start_run(job.uri, cfg.track.experiment, "final", {"job": JOB, "mlflow.parentRunId": parent})
+    final = job.train(labels.tokens, labels.label, final_run, "final")
+    tracking.end_run(job.uri, final_run)
+    table = prediction_table(job, final)
+    report = _report(job, cv, controls)
+    out.write_table("gene_predictions", table)
+    out.write_json("cv_metrics.json", report)
+    out.write_json("folds.json", {"fold_of_gene": cv["fold_of_gene"], "classes": classes})
+    _plots(job, cv, out)
+    version = _save_model(job, final, out, parent, report)
+    tracking.log_metrics(job.uri, parent, _flat_metrics(report), 0)
+    for name in out.files:
+        tracking.log_file(job.uri, parent, os.path.join(out.stage, name), "results")
+    top = table[~table["in_training"]].head(10)
+    out.finish({"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version})
+    pos = f"prob_{classes[job.positive]}"
+    print(
+        f"cross-validated by gene ({cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} ± {report['roc_auc_sd']:.3f}"
+        + (
+            f"; frozen-embedding logistic regression {report['frozen_embeddings']['roc_auc_mean']:.3f}"
+            if "frozen_embeddings" in report
+            else ""
+        )
+        + (f"; shuffled labels {report['shuffled_control_roc_auc_mean']:.3f}" if controls else "")
+    )
+    print(f"top unseen genes by {pos}:")
+    for _, r in top.iterrows():
+        print(f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[pos]:.3f}  ({int(r['n_occurrences'])} occurrences)")
+    print(f"-> {cfg.out}")
+    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
+
+
+def prediction_table(job: GeneJob, model: torch.nn.Module) -> pd.DataFrame:
+    """Every vocabulary gene seen in the selected cells: mean class probabilities, occurrences,
+    whether it was a training gene; ranked by the positive class."""
+    sums = token_probs(model, job.cells.ids, job.pad, job.gene_lo, job.cfg.batch.max_tokens)
+    seen = sums.seen()
+    seen = seen[seen >= job.gene_lo]
+    prob = sums.means(seen)
+    gene_of = dict(zip(job.vocab.token_ids.tolist(), job.vocab.gene_ids, strict=True))
+    ids = [gene_of[t] for t in seen.tolist()]
+    training = set(job.labels.tokens.tolist())
+    df = pd.DataFrame(
+        {
+            "gene_id": ids,
+            "symbol": [job.vocab.gene_names.get(g, "") for g in ids],
+            "in_training": [t in training for t in seen.tolist()],
+            "n_occurrences": sums.counts[seen].numpy().astype(np.int64),
+            "predicted": [job.classes[i] for i in prob.argmax(1)],
+        }
+    )
+    for i, c in enumerate(job.classes):
+        df[f"prob_{c}"] = prob[:, i]
+    return df.sort_values(f"prob_{job.classes[job.positive]}", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _report(job: GeneJob, cv: dict[str, Any], controls: list[float]) -> dict[str, Any]:
+    cfg = job.cfg
+    report = {k: v for k, v in cv.items() if k not in ("curves", "frozen_curves", "fold_of_gene")}
+    report.update(
+        {
+            "classes": job.classes,
+            "positive_class": job.classes[job.positive],
+            "n_folds": cfg.folds,
+            "labelled_genes": job.labels.counts(),
+            "labelled_not_in_vocab": job.labels.unmapped,
+            "labelled_not_in_cells": job.not_in_corpus,
+            "cells": len(job.cells),
+            "split": "stratified K-fold by gene (no gene in both parts of a fold)",
+            "score": "per gene: mean class probability over its occurrences in the selected cells",
+        }
+    )
+    if controls:
+        report["shuffled_control_roc_auc"] = controls
+        report["shuffled_control_roc_auc_mean"] = float(np.mean(controls))
+    return report
+
+
+def _plots(job: GeneJob, cv: dict[str, Any], out: JobOutput) -> None:
+    pos = job.classes[job.positive]
+    metrics.plot_roc(cv["curves"], pos, out.path("roc_curves.png"))
+    out.publish("roc_curves.png")
+    metrics.plot_confusion(cv["confusion"], job.classes, "fine-tuned, summed over folds", out.path("confusion.png"))
+    out.publish("confusion.png")
+    if "frozen_curves" in cv:
+        metrics.plot_roc(cv["frozen_curves"], f"{pos} (frozen embeddings)", out.path("roc_curves_frozen.png"))
+        out.publish("roc_curves_frozen.png")
+
+
+def _save_model(job: GeneJob, model: torch.nn.Module, out: JobOutput, parent: str, report: dict[str, Any]) -> str | None:
+    from rankformer.io import fs
+    from rankformer.model.store import save_model_dir
+
+    cfg = job.cfg
+    meta = {
+        "task": "gene-classification",
+        "layout": job.pre.layout,
+        "max_length": job.pre.meta.get("max_length"),
+        "classes": job.classes,
+        "head_class": cfg.head.head_class or "BertForTokenClassification",
+        "base_model": cfg.model,
+        "base_meta": {k: job.pre.meta.get(k) for k in ("preset", "corpus_manifest_hash")},
+        "labelled_genes": {c: [g for g, y in zip(job.labels.gene_ids, job.labels.label, strict=True) if y == i] for i, c in enumerate(job.classes)},
+        "training": {"mlflow_run_id": parent, "cv_roc_auc_mean": report["roc_auc_mean"]},
+    }
+    local = out.path("model")
+    save_model_dir(model, job.vocab, meta, local)  # type: ignore[arg-type]
+    save_model_dir(model, job.vocab, meta, fs.join(cfg.out, "model"))  # type: ignore[arg-type]
+    tracking.log_artifacts(job.uri, parent, local, "model")
+    if not cfg.track.registered_model:
+        return None
+    tags = {"vocab_hash": job.vocab.content_hash, "task": "gene-classification", "classes": ",".join(job.classes)}
+    return tracking.register_model(job.uri, parent, "model", cfg.track.registered_model, cfg.track.alias, tags)
+
+
+def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    out = {f"cv_{k}": float(v) for k, v in report.items() if k.endswith(("_mean", "_sd")) and isinstance(v, float)}
+    for k, v in report.get("frozen_embeddings", {}).items():
+        if k.endswith(("_mean", "_sd")):
+            out[f"frozen_{k}"] = float(v)
+    return {k: v for k, v in out.items() if v == v}

@@ -1,0 +1,130 @@
+"""Forward passes over many cells, batched by length, and what the later stages collect from them:
+per-cell vectors (mean over gene tokens, or ``<cls>``), per-gene sums over occurrences, and class
+probabilities. Fine-tuning evaluation, predictions, embeddings and perturbation all go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rankformer.model.batching import budget_batches, pad_batch
+
+
+def gene_mask(ids: torch.Tensor, gene_lo: int) -> torch.Tensor:
+    """True at gene tokens (specials and pad are below ``gene_lo``)."""
+    return ids >= gene_lo
+
+
+def pick_layer(layer: str | int, n_layers: int) -> int:
+    """Index into Hugging Face ``hidden_states`` (0 = embedding output, n_layers = last layer)."""
+    if layer == "penultimate":
+        return n_layers - 1
+    if layer == "last":
+        return n_layers
+    i = int(layer)
+    if not -(n_layers + 1) <= i <= n_layers:
+        raise ValueError(f"layer {layer} is outside hidden_states 0..{n_layers} (or negative from the end)")
+    return i % (n_layers + 1)
+
+
+@dataclass
+class Batch:
+    index: np.ndarray  # positions of these cells in the caller's list
+    ids: torch.Tensor  # (B, L) on CPU
+    attn: torch.Tensor  # (B, L) on CPU
+
+
+def batches(
+    cells: Sequence[np.ndarray], pad: int, max_tokens: int = 16_384, max_cells: int = 64
+) -> Iterator[Batch]:
+    lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+    for idx in budget_batches(lengths, max_tokens, max_cells):
+        ids, attn = pad_batch([cells[i] for i in idx], pad)
+        yield Batch(idx, ids, attn)
+
+
+def encoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The BERT body of any head (``model.bert``, or the model itself)."""
+    return getattr(model, "bert", model)
+
+
+def n_layers(model: torch.nn.Module) -> int:
+    return int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.device) -> torch.Tensor:
+    out = encoder(model)(
+        input_ids=b.ids.to(device), attention_mask=b.attn.to(device), output_hidden_states=True
+    )
+    return out.hidden_states[layer].float()
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a Hugging Face output, a tuple, or a plain tensor (custom heads)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits  # type: ignore[no-any-return]
+    return output[0]  # type: ignore[no-any-return]
+
+
+def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``keep`` is true: (B, L, H) -> (B, H)."""
+    w = keep.to(states.dtype).unsqueeze(-1)
+    return (states * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+class GeneSums:
+    """Per-token sums of vectors over occurrences, and occurrence counts."""
+
+    def __init__(self, n_tokens: int, dim: int) -> None:
+        self.sums = torch.zeros(n_tokens, dim, dtype=torch.float64)
+        self.counts = torch.zeros(n_tokens, dtype=torch.int64)
+
+    def add(self, ids: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+        flat = ids[keep].cpu().long()
+        self.sums.index_add_(0, flat, values[keep].detach().cpu().double())
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def merge(self, other: GeneSums) -> None:
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def seen(self) -> np.ndarray:
+        return np.flatnonzero(self.counts.numpy())
+
+    def means(self, tokens: np.ndarray) -> np.ndarray:
+        c = self.counts[tokens].double().clamp(min=1).unsqueeze(-1)
+        return (self.sums[tokens] / c).numpy()
+
+
+@torch.no_grad()
+def gene_and_cell_states(
+    model: torch.nn.Module,
+    cells: Sequence[np.ndarray],
+    pad: int,
+    gene_lo: int,
+    layer: str | int = "penultimate",
+    device: torch.device | None = None,
+    max_tokens: int = 16_384,
+) -> tuple[GeneSums, np.ndarray]:
+    """Frozen features: per-gene sums of the layer's states over all occurrences, and each cell's
+    mean over its gene tokens (in the order of ``cells``)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    li = pick_layer(layer, n_layers(model))
+    dim = int(model.config.hidden_size)  # type: ignore[union-attr]
+    genes = GeneSums(int(model.config.vocab_size), dim)  # type: ignore[union-attr]
+    cell_vecs = np.zeros((len(cells), dim), dtype=np.float32)
+    for b in batches(cells, pad, max_tokens):
+        h = hidden_states(model, b, li, device).cpu()
+        keep = gene_mask(b.ids, gene_lo)
+        genes.add(b.ids, h, keep)
+        cell_vecs[b.index] = mean_pool(h, keep).numpy()
+    return genes, cell_vecs

@@ -1,0 +1,313 @@
+"""Fine-tuning plumbing both classification jobs share: a classifier built on a pretrained model
+(BERT's own token or sequence head, any ``AutoModelFor...`` class, or a custom head class), the
+classification task for :func:`rankformer.train.loop.run_loop`, and one training run on labelled
+cells, in this process or on Ray Train workers. Which cells and labels, and what is done with the
+trained model, belong to :mod:`rankformer.classify`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rankformer.errors import InputError
+from rankformer.infer import encoder, logits_of
+from rankformer.model.batching import budget_batches, length_grouped, pad_batch
+from rankformer.train.config import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
+from rankformer.train.loop import LoopOptions
+
+IGNORE = -100
+KINDS = {"token": "BertForTokenClassification", "sequence": "BertForSequenceClassification"}
+
+
+def classifier_class(kind: str, head_class: str | None) -> type:
+    """BERT's own head for ``kind``, a transformers class by name (``AutoModelForTokenClassification``)
+    or an importable ``package.module:Class``."""
+    import transformers
+
+    name = head_class or KINDS[kind]
+    if ":" in name or ("." in name and not hasattr(transformers, name)):
+        module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"head_class {name!r} cannot be imported ({exc}); give module:Class") from exc
+    if not hasattr(transformers, name):
+        raise InputError(
+            f"head_class {name!r} is not a transformers class; use e.g. AutoModelForTokenClassification "
+            "or an importable module:Class"
+        )
+    return getattr(transformers, name)  # type: ignore[no-any-return]
+
+
+def build_classifier(
+    model_dir: str, kind: str, n_classes: int, head: HeadOptions, seed: int
+) -> torch.nn.Module:
+    """The pretrained model with a fresh classification head (seeded), frozen as asked."""
+    from transformers.utils import logging as hf_logging
+
+    cls = classifier_class(kind, head.head_class)
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"num_labels": n_classes}
+    if head.dropout is not None:
+        kwargs["classifier_dropout"] = head.dropout
+    try:
+        model = cls.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)  # type: ignore[attr-defined]
+    except TypeError:  # a custom head without the attention option
+        model = cls.from_pretrained(model_dir, **kwargs)  # type: ignore[attr-defined]
+    freeze(model, head)
+    return model  # type: ignore[no-any-return]
+
+
+def freeze(model: torch.nn.Module, head: HeadOptions) -> None:
+    body = encoder(model)
+    layers = body.encoder.layer  # type: ignore[union-attr]
+    if head.freeze_layers > len(layers):
+        raise InputError(f"freeze_layers {head.freeze_layers} exceeds the model's {len(layers)} layers")
+    frozen: list[torch.nn.Module] = list(layers[: head.freeze_layers])
+    if head.freeze_embeddings:
+        frozen.append(body.embeddings)  # type: ignore[arg-type]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def class_weights(head: HeadOptions, counts: Sequence[int]) -> list[float] | None:
+    """Loss weights per class: none, balanced (total / (classes x count)), or the given numbers."""
+    if head.class_weights == "none":
+        return None
+    if head.class_weights == "balanced":
+        total = float(sum(counts))
+        return [total / (len(counts) * max(c, 1)) for c in counts]
+    w = [float(x) for x in head.class_weights.split(",")]
+    if len(w) != len(counts):
+        raise InputError(f"class_weights has {len(w)} numbers for {len(counts)} classes")
+    return w
+
+
+class ClassifyTask:
+    """Length-grouped batches of (cell, label) rows; cross-entropy on a token or sequence head.
+
+    Token task: each token's class comes from ``lookup`` (token id -> class, -100 for unlabelled
+    tokens); sequence task: the row's own label."""
+
+    def __init__(
+        self,
+        rows: Callable[[int], Iterator[tuple[np.ndarray, int]]],
+        kind: str,
+        pad: int,
+        batch: BatchOptions,
+        seed: int,
+        rank: int,
+        lookup: np.ndarray | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
+        self.rows, self.kind, self.pad, self.batch = rows, kind, pad, batch
+        self.seed, self.rank = seed, rank
+        self.lookup = torch.as_tensor(lookup, dtype=torch.long) if lookup is not None else None
+        self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[tuple[np.ndarray, int]]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 17])
+        b = self.batch
+        return length_grouped(
+            self.rows(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng, length=lambda r: len(r[0])
+        )
+
+    def forward(
+        self, model: torch.nn.Module, batch: list[tuple[np.ndarray, int]], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, attn = pad_batch([r[0] for r in batch], self.pad)
+        logits = logits_of(model(input_ids=ids.to(device), attention_mask=attn.to(device))).float()
+        if self.kind == "token":
+            assert self.lookup is not None
+            labels = self.lookup[ids.clamp(max=len(self.lookup) - 1)]
+            labels[attn == 0] = IGNORE
+            flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(device)
+        else:
+            flat_logits = logits
+            flat_labels = torch.tensor([int(r[1]) for r in batch], device=device)
+        weight = self.weights.to(device) if self.weights is not None else None
+        loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, weight=weight, ignore_index=IGNORE)
+        with torch.no_grad():
+            scored = flat_labels != IGNORE
+            correct = int((flat_logits.argmax(-1)[scored] == flat_labels[scored]).sum())
+        real = int(attn.sum())
+        stats = {"tokens": real, "pad_tokens": attn.numel() - real, "correct": correct, "labels": int(scored.sum())}
+        return loss, {k: float(v) for k, v in stats.items()}
+
+
+def local_rows(
+    ids: Sequence[np.ndarray], y: np.ndarray, seed: int, rank: int = 0, world: int = 1
+) -> Callable[[int], Iterator[tuple[np.ndarray, int]]]:
+    """Rows in a seeded order per epoch, every ``world``-th to this rank."""
+
+    def rows(epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(ids))
+        for i in order[rank::world]:
+            yield ids[i], int(y[i])
+
+    return rows
+
+
+def ray_rows(shard: Any, seed: int, rank: int) -> Callable[[int], Iterator[tuple[np.ndarray, int]]]:
+    """This worker's split of a Ray Dataset of ``input_ids``/``y`` rows, locally shuffled per epoch."""
+
+    def rows(epoch: int) -> Iterator[tuple[np.ndarray, int]]:
+        for batch in shard.iter_batches(
+            batch_size=256,
+            batch_format="numpy",
+            local_shuffle_buffer_size=1024,
+            local_shuffle_seed=seed * 1_000 + epoch * 97 + rank,
+        ):
+            yield from zip(batch["input_ids"], batch["y"].tolist(), strict=True)
+
+    return rows
+
+
+@dataclass
+class TrainSpec:
+    """One training run of a classifier, everything a worker needs (plain data: it travels to Ray)."""
+
+    model: str  # the pretrained model (path, s3://, models:/)
+    tracking_uri: str | None
+    kind: str  # token or sequence
+    n_classes: int
+    head: HeadOptions
+    optim: FinetuneOptim
+    batch: BatchOptions
+    max_steps: int
+    seed: int
+    pad: int
+    log_every: int
+    checkpoint_every: int
+    precision: str = "auto"
+    lookup: list[int] | None = None  # token task: class per token id (-100: unlabelled)
+    weights: list[float] | None = None
+    run_id: str | None = None  # MLflow run the metrics go to
+
+
+def steps_for(lengths: Sequence[int], spec_batch: BatchOptions, epochs: float, world: int, accum: int) -> int:
+    """Optimizer steps for ``epochs`` passes over cells of these lengths, split over ``world`` workers."""
+    per_worker = np.asarray(lengths, dtype=np.int64)[: max(1, len(lengths) // world)]
+    n = len(budget_batches(per_worker, spec_batch.max_tokens, spec_batch.max_cells))
+    return max(1, math.ceil(epochs * n / accum))
+
+
+def loop_options(spec: TrainSpec) -> LoopOptions:
+    return LoopOptions(
+        max_steps=spec.max_steps,
+        seed=spec.seed,
+        log_every=spec.log_every,
+        checkpoint_every=spec.checkpoint_every,
+        optim=spec.optim,
+        precision=spec.precision,
+    )
+
+
+def classifier_for(spec: TrainSpec) -> torch.nn.Module:
+    from rankformer.loader import fetch_model_dir
+
+    return build_classifier(fetch_model_dir(spec.model, spec.tracking_uri), spec.kind, spec.n_classes, spec.head, spec.seed)
+
+
+def _task(spec: TrainSpec, rows: Callable[[int], Iterator[tuple[np.ndarray, int]]], rank: int) -> ClassifyTask:
+    lookup = np.asarray(spec.lookup, dtype=np.int64) if spec.lookup is not None else None
+    return ClassifyTask(rows, spec.kind, spec.pad, spec.batch, spec.seed, rank, lookup, spec.weights)
+
+
+def finetune_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a fine-tuning run."""
+    import ray.train
+
+    from rankformer.train.loop import run_loop
+    from rankformer.train.ray_train import RayContext, worker_setup
+
+    worker_setup(config)
+    spec = spec_from_dict(config["spec"])
+    tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
+    ctx = RayContext(tracking)
+    model = classifier_for(spec)
+    rows = ray_rows(ray.train.get_dataset_shard("train"), spec.seed, ctx.rank)
+    run_loop(model, _task(spec, rows, ctx.rank), loop_options(spec), ctx)
+
+
+def spec_from_dict(d: dict[str, Any]) -> TrainSpec:
+    d = dict(d)
+    d["head"] = HeadOptions(**d["head"])
+    d["optim"] = FinetuneOptim(**d["optim"])
+    d["batch"] = BatchOptions(**d["batch"])
+    return TrainSpec(**d)
+
+
+def in_process(scale: ScaleOptions) -> bool:
+    from rankformer.cluster import cluster_address
+    from rankformer.config import ClusterOptions
+
+    if scale.in_process is not None:
+        return scale.in_process
+    return scale.num_workers == 1 and cluster_address(ClusterOptions(ray_address=scale.ray_address)) is None
+
+
+def train_classifier(
+    spec: TrainSpec, ids: Sequence[np.ndarray], y: np.ndarray, scale: ScaleOptions, workdir: str, name: str
+) -> torch.nn.Module:
+    """Train ``spec`` on the rows (``ids``, ``y``); the trained classifier, in this process.
+
+    In this process (one worker, no cluster named) checkpoints go to ``workdir``; on Ray Train to
+    the run's storage. Either way a rerun after a crash resumes from the last checkpoint."""
+    from rankformer.train.local import LocalContext
+    from rankformer.train.loop import run_loop
+
+    if in_process(scale):
+        model = classifier_for(spec)
+        tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
+        ctx = LocalContext(os.path.join(workdir, name), "cuda" if scale.use_gpu else "cpu", tracking)
+        run_loop(model, _task(spec, local_rows(ids, y, spec.seed), 0), loop_options(spec), ctx)
+        return model.cpu().eval()
+    import pyarrow as pa
+    import ray.data
+
+    from rankformer.cluster import ensure_ray
+    from rankformer.config import ClusterOptions
+    from rankformer.train.ray_train import fit
+
+    ensure_ray(ClusterOptions(ray_address=scale.ray_address))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
+    ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
+    storage = scale.storage_path or os.path.join(os.path.abspath(workdir), "ray")
+    scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
+    result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, name)
+    model = classifier_for(spec)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_classifier(model: torch.nn.Module, vocab: Any, meta: dict[str, Any], out: str) -> None:
+    """A fine-tuned model directory (the same format as a pretrained one, with the task in the meta)."""
+    from rankformer.model.store import save_model_dir
+
+    save_model_dir(model, vocab, meta, out)  # type: ignore[arg-type]
+
+
+def scratch_dir(out: str) -> str:
+    """Checkpoints of a job writing to ``out``: beside it for a local output, else a temp folder."""
+    from rankformer.io import fs
+
+    if fs.is_remote(out):
+        return tempfile.mkdtemp(prefix="rankformer-finetune-")
+    d = os.path.join(os.path.abspath(out), ".work")
+    os.makedirs(d, exist_ok=True)
+    return d
