@@ -1,5 +1,5 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
-pretrain.
+pretrain | finetune genes | cells | predict genes | cells.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -18,7 +18,7 @@ from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.cluster import user_error_inside
 from rankformer.config import TokenizeConfig, VocabBuildConfig
 from rankformer.errors import InputError
-from rankformer.train.config import PretrainConfig
+from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     pre = sub.add_parser("pretrain", help="masked-gene pretraining on Ray Train, tracked in MLflow")
     add_config_arguments(pre, PretrainConfig)
+    fine = sub.add_parser("finetune", help="fine-tune a classifier on Ray Train").add_subparsers(
+        dest="finetune_command", required=True
+    )
+    fg = fine.add_parser("genes", help="which other genes have feature X: gene classification, CV by gene")
+    add_config_arguments(fg, FinetuneGenesConfig)
+    fc = fine.add_parser("cells", help="cell classification from a carried obs label column")
+    add_config_arguments(fc, FinetuneCellsConfig)
+    from rankformer.classify.predict import PredictConfig
+
+    pr = sub.add_parser("predict", help="apply a fine-tuned classifier to another corpus").add_subparsers(
+        dest="predict_command", required=True
+    )
+    for what in ("genes", "cells"):
+        add_config_arguments(
+            pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
+        )
     return p
 
 
@@ -93,6 +109,21 @@ def run(argv: Sequence[str] | None = None) -> int:
         from rankformer.train.pretrain import run_pretrain
 
         run_pretrain(pretrain_config(args))
+        return 0
+    if args.command == "finetune":
+        if args.finetune_command == "genes":
+            from rankformer.classify.genes import run_finetune_genes
+
+            run_finetune_genes(build(FinetuneGenesConfig, merged_values(args, FinetuneGenesConfig)))
+        else:
+            from rankformer.classify.cells import run_finetune_cells
+
+            run_finetune_cells(build(FinetuneCellsConfig, merged_values(args, FinetuneCellsConfig)))
+        return 0
+    if args.command == "predict":
+        from rankformer.classify.predict import PredictConfig, run_predict
+
+        run_predict(args.predict_command, build(PredictConfig, merged_values(args, PredictConfig)))
         return 0
     if args.command == "tokenize":
         from rankformer.corpus.tokenize import run_tokenize

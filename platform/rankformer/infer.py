@@ -54,7 +54,8 @@ def encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def n_layers(model: torch.nn.Module) -> int:
-    return int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    config: Any = model.config
+    return int(config.num_hidden_layers)
 
 
 @torch.no_grad()
@@ -70,8 +71,8 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
-        return output.logits  # type: ignore[no-any-return]
-    return output[0]  # type: ignore[no-any-return]
+        return output.logits
+    return output[0]
 
 
 def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,9 @@ def gene_and_cell_states(
     device = device or next(model.parameters()).device
     model.eval()
     li = pick_layer(layer, n_layers(model))
-    dim = int(model.config.hidden_size)  # type: ignore[union-attr]
-    genes = GeneSums(int(model.config.vocab_size), dim)  # type: ignore[union-attr]
+    config: Any = model.config
+    dim = int(config.hidden_size)
+    genes = GeneSums(int(config.vocab_size), dim)
     cell_vecs = np.zeros((len(cells), dim), dtype=np.float32)
     for b in batches(cells, pad, max_tokens):
         h = hidden_states(model, b, li, device).cpu()

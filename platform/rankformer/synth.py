@@ -246,7 +246,9 @@ def programme_cells(
     types = rng.integers(n_types, size=n_cells)
     cells = []
     for t in types:
-        own = programmes[t][np.sort(rng.choice(genes_per_type, max(2, int(genes_per_type * 0.7)), replace=False))]
+        own = programmes[t][
+            np.sort(rng.choice(genes_per_type, max(2, int(genes_per_type * 0.7)), replace=False))
+        ]
         common = rng.choice(shared, min(n_shared, max(1, length // 3)), replace=False)
         body = list(own)
         for g in common:

@@ -34,7 +34,9 @@ def open_model_and_corpus(
 
     manifest = corpus_manifest(corpus)
     kwargs = {"head": head} if head is not None else {}
-    loaded = load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=manifest["vocab_hash"], **kwargs)
+    loaded = load_model(
+        model_uri, tracking_uri=tracking_uri, expect_vocab_hash=manifest["vocab_hash"], **kwargs
+    )
     layout = manifest.get("config", {}).get("layout")
     if layout and loaded.layout != layout:
         raise InputError(f"model {model_uri} is for {loaded.layout} corpora; corpus {corpus} is {layout}")
@@ -42,7 +44,8 @@ def open_model_and_corpus(
     max_length = int(manifest.get("config", {}).get("max_length") or 0)
     if max_length > positions:
         raise InputError(
-            f"corpus {corpus} holds cells of up to {max_length} tokens; model {model_uri} has {positions} positions"
+            f"corpus {corpus} holds cells of up to {max_length} tokens; model {model_uri} has "
+            f"{positions} positions"
         )
     return loaded, manifest
 
@@ -84,10 +87,13 @@ class JobOutput:
                     "a new --out folder"
                 )
             if claim.get("fingerprint") != self.fingerprint and not fs.is_remote(self.out):
-                shutil.rmtree(os.path.join(self.out, ".work"), ignore_errors=True)  # other options: start over
+                shutil.rmtree(
+                    os.path.join(self.out, ".work"), ignore_errors=True
+                )  # other options: start over
         fs.makedirs(self.out)
         fs.write_bytes_atomic(
-            fs.join(self.out, JOB_FILE), json.dumps({"job": self.job, "fingerprint": self.fingerprint}).encode()
+            fs.join(self.out, JOB_FILE),
+            json.dumps({"job": self.job, "fingerprint": self.fingerprint}).encode(),
         )
 
     def path(self, name: str) -> str:
@@ -113,9 +119,35 @@ class JobOutput:
             fs.write_bytes_atomic(fs.join(self.out, name), f.read())
         self.files.append(name)
 
+    def log_to(self, uri: str, run_id: str) -> None:
+        """Every published file as an artifact of the MLflow run (under results/)."""
+        from rankformer import tracking
+
+        for name in sorted(set(self.files)):
+            tracking.log_file(uri, run_id, os.path.join(self.stage, name), "results")
+
+    def save_model(
+        self, model: Any, vocab: Any, meta: dict[str, Any], uri: str, run_id: str, track: Any
+    ) -> str | None:
+        """The fine-tuned model directory at ``out/model``, logged to the run and, when the job
+        names one, registered (tags: task, classes, vocab hash); returns the registry version."""
+        from rankformer import tracking
+        from rankformer.model.store import save_model_dir
+
+        local = self.path("model")
+        save_model_dir(model, vocab, meta, local)
+        save_model_dir(model, vocab, meta, fs.join(self.out, "model"))
+        tracking.log_artifacts(uri, run_id, local, "model")
+        if not track.registered_model:
+            return None
+        tags = {"vocab_hash": vocab.content_hash, "task": meta["task"], "classes": ",".join(meta["classes"])}
+        return tracking.register_model(uri, run_id, "model", track.registered_model, track.alias, tags)
+
     def finish(self, summary: dict[str, Any]) -> None:
         doc = {"job": self.job, "fingerprint": self.fingerprint, "files": sorted(set(self.files)), **summary}
-        fs.write_bytes_atomic(fs.join(self.out, MANIFEST), json.dumps(doc, indent=1, default=_jsonable).encode())
+        fs.write_bytes_atomic(
+            fs.join(self.out, MANIFEST), json.dumps(doc, indent=1, default=_jsonable).encode()
+        )
         shutil.rmtree(self.stage, ignore_errors=True)
 
 

@@ -92,7 +92,9 @@ def load_cells(
     if max_cells and table.num_rows > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_cells, replace=False))
         table = table.take(pa.array(rows))
-    ids = [np.asarray(x, dtype=np.int64) for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)]
+    ids = [
+        np.asarray(x, dtype=np.int64) for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+    ]
     return Cells(ids, table.drop_columns([schema.INPUT_IDS]), manifest)
 
 

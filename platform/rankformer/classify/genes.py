@@ -24,6 +24,7 @@ from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, map_labels, read_label_sets
+from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.errors import InputError
 from rankformer.infer import GeneSums, batches, gene_and_cell_states, logits_of
 from rankformer.train.config import FinetuneGenesConfig
@@ -47,8 +48,8 @@ def token_probs(
     """Per-token sums of class probabilities over every occurrence in ``cells``, and counts."""
     model.eval()
     device = next(model.parameters()).device
-    n_classes = int(model.config.num_labels)  # type: ignore[union-attr]
-    sums = GeneSums(int(model.config.vocab_size), n_classes)  # type: ignore[union-attr]
+    config: Any = model.config
+    sums = GeneSums(int(config.vocab_size), int(config.num_labels))
     for b in batches(cells, pad, max_tokens):
         out = model(input_ids=b.ids.to(device), attention_mask=b.attn.to(device))
         prob = torch.softmax(logits_of(out).float(), -1).cpu()
@@ -77,7 +78,11 @@ class GeneJob:
         sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)
         labels = map_labels(sets, self.vocab)
         self.cells: Cells = load_cells(
-            cfg.corpus, parse_where(cfg.cells_where), vocab_hash=manifest["vocab_hash"], max_cells=cfg.limit_cells, seed=cfg.seed
+            cfg.corpus,
+            parse_where(cfg.cells_where),
+            vocab_hash=manifest["vocab_hash"],
+            max_cells=cfg.limit_cells,
+            seed=cfg.seed,
         )
         counts = np.bincount(np.concatenate(self.cells.ids), minlength=self.vocab.n_tokens)
         self.occurrences = counts
@@ -89,13 +94,18 @@ class GeneJob:
         self.classes = self.labels.classes
         self.positive = self.classes.index(cfg.positive_class) if cfg.positive_class else 0
         if cfg.positive_class and cfg.positive_class not in self.classes:
-            raise InputError(f"positive_class {cfg.positive_class!r} is not one of the classes {self.classes}")
+            raise InputError(
+                f"positive_class {cfg.positive_class!r} is not one of the classes {self.classes}"
+            )
         self.output = JobOutput(cfg.out, JOB, cfg)
         self.work = scratch_dir(cfg.out)
         self.lengths = np.asarray([len(c) for c in self.cells.ids])
+        self.tuned: dict[str, Any] | None = None  # the best Tune trial's settings, once searched
 
     # --- one training ------------------------------------------------------------------------
-    def spec(self, lengths: np.ndarray, lookup: np.ndarray, class_counts: list[int], run_id: str | None) -> TrainSpec:
+    def spec(
+        self, lengths: Any, lookup: np.ndarray, class_counts: list[int], run_id: str | None
+    ) -> TrainSpec:
         cfg = self.cfg
         world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
         steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
@@ -118,8 +128,10 @@ class GeneJob:
             run_id=run_id,
         )
 
-    def train(self, tokens: np.ndarray, label: np.ndarray, run_id: str | None, name: str) -> torch.nn.Module:
-        """A classifier trained on the cells holding ``tokens``, only those tokens labelled."""
+    def training_set(
+        self, tokens: np.ndarray, label: np.ndarray, run_id: str | None
+    ) -> tuple[TrainSpec, list[np.ndarray]]:
+        """The spec and cells to train on ``tokens``: the cells holding them, only they labelled."""
         lookup = np.full(self.vocab.n_tokens, IGNORE, dtype=np.int64)
         lookup[tokens] = label
         rows = cells_with_tokens(self.cells.ids, tokens)
@@ -127,12 +139,52 @@ class GeneJob:
         occ = lookup[np.concatenate(ids)]  # classes weigh by labelled occurrences
         counts = np.bincount(occ[occ != IGNORE], minlength=len(self.classes)).tolist()
         spec = self.spec(self.lengths[rows], lookup, counts, run_id)
-        return train_classifier(spec, ids, np.zeros(len(ids), dtype=np.int64), self.cfg.scale, self.work, name)
+        return (apply(spec, self.tuned) if self.tuned else spec), ids
+
+    def train(self, tokens: np.ndarray, label: np.ndarray, run_id: str | None, name: str) -> torch.nn.Module:
+        spec, ids = self.training_set(tokens, label, run_id)
+        return train_classifier(
+            spec, ids, np.zeros(len(ids), dtype=np.int64), self.cfg.scale, self.work, name
+        )
+
+    def tune(self, parent: str) -> dict[str, Any] | None:
+        """Ray Tune over fold 0's training genes, a quarter of them held out for validation."""
+        from sklearn.model_selection import StratifiedShuffleSplit
+
+        cfg = self.cfg
+        if cfg.tune.trials == 0:
+            return None
+        tr, _ = gene_folds(self.labels, cfg.folds, cfg.seed)[0]
+        split = StratifiedShuffleSplit(n_splits=1, test_size=0.25, random_state=cfg.seed)
+        itr, iva = next(split.split(tr, self.labels.label[tr]))
+        tok, lab = self.labels.tokens[tr], self.labels.label[tr]
+        spec, ids = self.training_set(tok[itr], lab[itr], None)
+        scorer = GeneScorer(self.cells.ids, tok[iva], lab[iva], self.pad, self.gene_lo, cfg.batch.max_tokens)
+        layers = int(self.pre.model.config.num_hidden_layers)
+        found = search(
+            spec,
+            ids,
+            np.zeros(len(ids), dtype=np.int64),
+            scorer,
+            cfg.tune,
+            layers,
+            cfg.scale.use_gpu,
+            self.work,
+            (self.uri, cfg.track.experiment, parent),
+        )
+        self.tuned = found["best"]["params"]
+        print(
+            f"Ray Tune: best of {len(found['trials'])} trials {self.tuned} "
+            f"(validation ROC AUC {found['best']['val_score']:.3f})"
+        )
+        return found
 
     def predict(self, model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
         """Mean class probabilities of ``tokens`` over their occurrences in the cells holding them."""
         rows = cells_with_tokens(self.cells.ids, tokens)
-        sums = token_probs(model, [self.cells.ids[i] for i in rows], self.pad, self.gene_lo, self.cfg.batch.max_tokens)
+        sums = token_probs(
+            model, [self.cells.ids[i] for i in rows], self.pad, self.gene_lo, self.cfg.batch.max_tokens
+        )
         return sums.means(tokens)
 
     # --- cross-validation --------------------------------------------------------------------
@@ -145,7 +197,10 @@ class GeneJob:
         for k, (tr, te) in enumerate(folds):
             assert not set(labels.tokens[tr].tolist()) & set(labels.tokens[te].tolist())
             run = tracking.start_run(
-                self.uri, cfg.track.experiment, f"{tag}-fold-{k}", {"job": JOB, "mlflow.parentRunId": parent, "fold": str(k)}
+                self.uri,
+                cfg.track.experiment,
+                f"{tag}-fold-{k}",
+                {"job": JOB, "mlflow.parentRunId": parent, "fold": str(k)},
             )
             model = self.train(labels.tokens[tr], labels.label[tr], run, f"{tag}-fold-{k}")
             prob = self.predict(model, labels.tokens[te])
@@ -172,7 +227,9 @@ class GeneJob:
         return out
 
 
-def logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+def logreg(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, seed: int
+) -> np.ndarray:
     """Class probabilities from a standardised, L2-regularised logistic regression (all classes
     as columns, even one absent from training)."""
     from sklearn.linear_model import LogisticRegression
@@ -195,7 +252,9 @@ def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
         + (f"; {len(job.not_in_corpus)} labelled genes not in these cells" if job.not_in_corpus else "")
     )
     name = cfg.track.run_name or f"{JOB}-{os.path.basename(cfg.out.rstrip('/'))}"
-    parent = tracking.start_run(job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash})
+    parent = tracking.start_run(
+        job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash}
+    )
     try:
         tracking.log_params(job.uri, parent, asdict(cfg))
         summary = _run(job, out, parent)
@@ -208,10 +267,17 @@ def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
 
 def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     cfg, labels, classes = job.cfg, job.labels, job.classes
+    tuned = job.tune(parent)
     frozen = None
     if cfg.frozen_baseline:
         sums, _ = gene_and_cell_states(
-            job.pre.model, job.cells.ids, job.pad, job.gene_lo, cfg.layer, torch.device("cpu"), cfg.batch.max_tokens
+            job.pre.model,
+            job.cells.ids,
+            job.pad,
+            job.gene_lo,
+            cfg.layer,
+            torch.device("cpu"),
+            cfg.batch.max_tokens,
         )
         frozen = sums.means(labels.tokens)
     cv = job.cross_validate(labels, parent, "cv", frozen)
@@ -220,24 +286,30 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
         rng = np.random.default_rng([cfg.seed, 1009, s])
         shuffled = GeneLabels(classes, labels.tokens, rng.permutation(labels.label), labels.gene_ids)
         controls.append(job.cross_validate(shuffled, parent, f"shuffle-{s}", None)["roc_auc_mean"])
-    final_run = tracking.start_run(job.uri, cfg.track.experiment, "final", {"job": JOB, "mlflow.parentRunId": parent})
+    final_run = tracking.start_run(
+        job.uri, cfg.track.experiment, "final", {"job": JOB, "mlflow.parentRunId": parent}
+    )
     final = job.train(labels.tokens, labels.label, final_run, "final")
     tracking.end_run(job.uri, final_run)
     table = prediction_table(job, final)
     report = _report(job, cv, controls)
+    if tuned:
+        report["tune"] = tuned
     out.write_table("gene_predictions", table)
     out.write_json("cv_metrics.json", report)
     out.write_json("folds.json", {"fold_of_gene": cv["fold_of_gene"], "classes": classes})
     _plots(job, cv, out)
     version = _save_model(job, final, out, parent, report)
     tracking.log_metrics(job.uri, parent, _flat_metrics(report), 0)
-    for name in out.files:
-        tracking.log_file(job.uri, parent, os.path.join(out.stage, name), "results")
+    out.log_to(job.uri, parent)
     top = table[~table["in_training"]].head(10)
-    out.finish({"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version})
+    out.finish(
+        {"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version}
+    )
     pos = f"prob_{classes[job.positive]}"
     print(
-        f"cross-validated by gene ({cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} ± {report['roc_auc_sd']:.3f}"
+        f"cross-validated by gene ({cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} "
+        f"± {report['roc_auc_sd']:.3f}"
         + (
             f"; frozen-embedding logistic regression {report['frozen_embeddings']['roc_auc_mean']:.3f}"
             if "frozen_embeddings" in report
@@ -247,33 +319,41 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     )
     print(f"top unseen genes by {pos}:")
     for _, r in top.iterrows():
-        print(f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[pos]:.3f}  ({int(r['n_occurrences'])} occurrences)")
+        print(
+            f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[pos]:.3f}  "
+            f"({int(r['n_occurrences'])} occurrences)"
+        )
     print(f"-> {cfg.out}")
     return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
 
 
 def prediction_table(job: GeneJob, model: torch.nn.Module) -> pd.DataFrame:
-    """Every vocabulary gene seen in the selected cells: mean class probabilities, occurrences,
-    whether it was a training gene; ranked by the positive class."""
     sums = token_probs(model, job.cells.ids, job.pad, job.gene_lo, job.cfg.batch.max_tokens)
+    return gene_table(sums, job.gene_lo, job.vocab, job.classes, set(job.labels.gene_ids), job.positive)
+
+
+def gene_table(
+    sums: GeneSums, gene_lo: int, vocab: Any, classes: list[str], training: set[str], positive: int
+) -> pd.DataFrame:
+    """Every vocabulary gene with occurrences in ``sums``: mean class probabilities, occurrences,
+    whether it was a training gene; ranked by the positive class."""
     seen = sums.seen()
-    seen = seen[seen >= job.gene_lo]
+    seen = seen[seen >= gene_lo]
     prob = sums.means(seen)
-    gene_of = dict(zip(job.vocab.token_ids.tolist(), job.vocab.gene_ids, strict=True))
+    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
     ids = [gene_of[t] for t in seen.tolist()]
-    training = set(job.labels.tokens.tolist())
     df = pd.DataFrame(
         {
             "gene_id": ids,
-            "symbol": [job.vocab.gene_names.get(g, "") for g in ids],
-            "in_training": [t in training for t in seen.tolist()],
+            "symbol": [vocab.gene_names.get(g, "") for g in ids],
+            "in_training": [g in training for g in ids],
             "n_occurrences": sums.counts[seen].numpy().astype(np.int64),
-            "predicted": [job.classes[i] for i in prob.argmax(1)],
+            "predicted": [classes[i] for i in prob.argmax(1)],
         }
     )
-    for i, c in enumerate(job.classes):
+    for i, c in enumerate(classes):
         df[f"prob_{c}"] = prob[:, i]
-    return df.sort_values(f"prob_{job.classes[job.positive]}", ascending=False, kind="stable").reset_index(drop=True)
+    return df.sort_values(f"prob_{classes[positive]}", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def _report(job: GeneJob, cv: dict[str, Any], controls: list[float]) -> dict[str, Any]:
@@ -302,41 +382,43 @@ def _plots(job: GeneJob, cv: dict[str, Any], out: JobOutput) -> None:
     pos = job.classes[job.positive]
     metrics.plot_roc(cv["curves"], pos, out.path("roc_curves.png"))
     out.publish("roc_curves.png")
-    metrics.plot_confusion(cv["confusion"], job.classes, "fine-tuned, summed over folds", out.path("confusion.png"))
+    metrics.plot_confusion(
+        cv["confusion"], job.classes, "fine-tuned, summed over folds", out.path("confusion.png")
+    )
     out.publish("confusion.png")
     if "frozen_curves" in cv:
         metrics.plot_roc(cv["frozen_curves"], f"{pos} (frozen embeddings)", out.path("roc_curves_frozen.png"))
         out.publish("roc_curves_frozen.png")
 
 
-def _save_model(job: GeneJob, model: torch.nn.Module, out: JobOutput, parent: str, report: dict[str, Any]) -> str | None:
-    from rankformer.io import fs
-    from rankformer.model.store import save_model_dir
-
+def _save_model(
+    job: GeneJob, model: torch.nn.Module, out: JobOutput, parent: str, report: dict[str, Any]
+) -> str | None:
     cfg = job.cfg
+    by_class = {
+        c: [g for g, y in zip(job.labels.gene_ids, job.labels.label, strict=True) if y == i]
+        for i, c in enumerate(job.classes)
+    }
     meta = {
         "task": "gene-classification",
         "layout": job.pre.layout,
         "max_length": job.pre.meta.get("max_length"),
         "classes": job.classes,
+        "positive_class": job.classes[job.positive],
         "head_class": cfg.head.head_class or "BertForTokenClassification",
         "base_model": cfg.model,
-        "base_meta": {k: job.pre.meta.get(k) for k in ("preset", "corpus_manifest_hash")},
-        "labelled_genes": {c: [g for g, y in zip(job.labels.gene_ids, job.labels.label, strict=True) if y == i] for i, c in enumerate(job.classes)},
+        "labelled_genes": by_class,
         "training": {"mlflow_run_id": parent, "cv_roc_auc_mean": report["roc_auc_mean"]},
     }
-    local = out.path("model")
-    save_model_dir(model, job.vocab, meta, local)  # type: ignore[arg-type]
-    save_model_dir(model, job.vocab, meta, fs.join(cfg.out, "model"))  # type: ignore[arg-type]
-    tracking.log_artifacts(job.uri, parent, local, "model")
-    if not cfg.track.registered_model:
-        return None
-    tags = {"vocab_hash": job.vocab.content_hash, "task": "gene-classification", "classes": ",".join(job.classes)}
-    return tracking.register_model(job.uri, parent, "model", cfg.track.registered_model, cfg.track.alias, tags)
+    return out.save_model(model, job.vocab, meta, job.uri, parent, cfg.track)
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    out = {f"cv_{k}": float(v) for k, v in report.items() if k.endswith(("_mean", "_sd")) and isinstance(v, float)}
+    out = {
+        f"cv_{k}": float(v)
+        for k, v in report.items()
+        if k.endswith(("_mean", "_sd")) and isinstance(v, float)
+    }
     for k, v in report.get("frozen_embeddings", {}).items():
         if k.endswith(("_mean", "_sd")):
             out[f"frozen_{k}"] = float(v)

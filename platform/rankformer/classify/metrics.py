@@ -17,7 +17,7 @@ def scores(y: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> dict[str,
     k = len(classes)
     pred = prob.argmax(1)
     out: dict[str, Any] = {
-        "n": int(len(y)),
+        "n": len(y),
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0)),
         "confusion": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
@@ -80,7 +80,14 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], t
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", color="black" if frac[i, j] < 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}",
+                ha="center",
+                va="center",
+                color="black" if frac[i, j] < 0.6 else "white",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)

@@ -31,7 +31,7 @@ class OptimOptions:
 
     def warmup(self, max_steps: int) -> int:
         if self.warmup_fraction > 0:
-            return int(round(self.warmup_fraction * max_steps))
+            return round(self.warmup_fraction * max_steps)
         return min(self.warmup_steps, max_steps)
 
 

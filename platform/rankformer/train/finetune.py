@@ -28,7 +28,7 @@ IGNORE = -100
 KINDS = {"token": "BertForTokenClassification", "sequence": "BertForSequenceClassification"}
 
 
-def classifier_class(kind: str, head_class: str | None) -> type:
+def classifier_class(kind: str, head_class: str | None) -> Any:
     """BERT's own head for ``kind``, a transformers class by name (``AutoModelForTokenClassification``)
     or an importable ``package.module:Class``."""
     import transformers
@@ -37,7 +37,7 @@ def classifier_class(kind: str, head_class: str | None) -> type:
     if ":" in name or ("." in name and not hasattr(transformers, name)):
         module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
         try:
-            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+            return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise InputError(f"head_class {name!r} cannot be imported ({exc}); give module:Class") from exc
     if not hasattr(transformers, name):
@@ -45,7 +45,7 @@ def classifier_class(kind: str, head_class: str | None) -> type:
             f"head_class {name!r} is not a transformers class; use e.g. AutoModelForTokenClassification "
             "or an importable module:Class"
         )
-    return getattr(transformers, name)  # type: ignore[no-any-return]
+    return getattr(transformers, name)
 
 
 def build_classifier(
@@ -61,21 +61,21 @@ def build_classifier(
     if head.dropout is not None:
         kwargs["classifier_dropout"] = head.dropout
     try:
-        model = cls.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)  # type: ignore[attr-defined]
+        model = cls.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
     except TypeError:  # a custom head without the attention option
-        model = cls.from_pretrained(model_dir, **kwargs)  # type: ignore[attr-defined]
+        model = cls.from_pretrained(model_dir, **kwargs)
     freeze(model, head)
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def freeze(model: torch.nn.Module, head: HeadOptions) -> None:
-    body = encoder(model)
-    layers = body.encoder.layer  # type: ignore[union-attr]
+    body: Any = encoder(model)
+    layers = body.encoder.layer
     if head.freeze_layers > len(layers):
         raise InputError(f"freeze_layers {head.freeze_layers} exceeds the model's {len(layers)} layers")
     frozen: list[torch.nn.Module] = list(layers[: head.freeze_layers])
     if head.freeze_embeddings:
-        frozen.append(body.embeddings)  # type: ignore[arg-type]
+        frozen.append(body.embeddings)
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -142,7 +142,12 @@ class ClassifyTask:
             scored = flat_labels != IGNORE
             correct = int((flat_logits.argmax(-1)[scored] == flat_labels[scored]).sum())
         real = int(attn.sum())
-        stats = {"tokens": real, "pad_tokens": attn.numel() - real, "correct": correct, "labels": int(scored.sum())}
+        stats = {
+            "tokens": real,
+            "pad_tokens": attn.numel() - real,
+            "correct": correct,
+            "labels": int(scored.sum()),
+        }
         return loss, {k: float(v) for k, v in stats.items()}
 
 
@@ -194,6 +199,44 @@ class TrainSpec:
     lookup: list[int] | None = None  # token task: class per token id (-100: unlabelled)
     weights: list[float] | None = None
     run_id: str | None = None  # MLflow run the metrics go to
+    val_ids: list[list[int]] | None = None  # sequence task: validation cells, scored at each checkpoint
+    val_y: list[int] | None = None
+
+
+SELECT = "val_macro_f1"  # with validation cells, the checkpoint kept is the best by this
+
+
+def validation(spec: TrainSpec) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """Validation scores of a sequence classifier (macro F1, accuracy), when there are cells."""
+    if not spec.val_ids or spec.val_y is None:
+        return None
+    cells = [np.asarray(c, dtype=np.int64) for c in spec.val_ids]
+    y = np.asarray(spec.val_y)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        from rankformer.classify.metrics import scores
+
+        prob = cell_probs(model, cells, spec.pad, spec.batch.max_tokens)
+        s = scores(y, prob, [str(i) for i in range(spec.n_classes)])
+        return {SELECT: s["macro_f1"], "val_accuracy": s["accuracy"]}
+
+    return evaluate
+
+
+@torch.no_grad()
+def cell_probs(
+    model: torch.nn.Module, cells: Sequence[np.ndarray], pad: int, max_tokens: int = 16_384
+) -> np.ndarray:
+    """Class probabilities of each cell from a sequence classifier, in the order of ``cells``."""
+    from rankformer.infer import batches
+
+    device = next(model.parameters()).device
+    config: Any = model.config
+    out = np.zeros((len(cells), int(config.num_labels)), dtype=np.float64)
+    for b in batches(cells, pad, max_tokens):
+        logits = logits_of(model(input_ids=b.ids.to(device), attention_mask=b.attn.to(device)))
+        out[b.index] = torch.softmax(logits.float(), -1).cpu().numpy()
+    return out
 
 
 def steps_for(lengths: Sequence[int], spec_batch: BatchOptions, epochs: float, world: int, accum: int) -> int:
@@ -211,16 +254,21 @@ def loop_options(spec: TrainSpec) -> LoopOptions:
         checkpoint_every=spec.checkpoint_every,
         optim=spec.optim,
         precision=spec.precision,
+        evaluate=validation(spec),
     )
 
 
 def classifier_for(spec: TrainSpec) -> torch.nn.Module:
     from rankformer.loader import fetch_model_dir
 
-    return build_classifier(fetch_model_dir(spec.model, spec.tracking_uri), spec.kind, spec.n_classes, spec.head, spec.seed)
+    return build_classifier(
+        fetch_model_dir(spec.model, spec.tracking_uri), spec.kind, spec.n_classes, spec.head, spec.seed
+    )
 
 
-def _task(spec: TrainSpec, rows: Callable[[int], Iterator[tuple[np.ndarray, int]]], rank: int) -> ClassifyTask:
+def _task(
+    spec: TrainSpec, rows: Callable[[int], Iterator[tuple[np.ndarray, int]]], rank: int
+) -> ClassifyTask:
     lookup = np.asarray(spec.lookup, dtype=np.int64) if spec.lookup is not None else None
     return ClassifyTask(rows, spec.kind, spec.pad, spec.batch, spec.seed, rank, lookup, spec.weights)
 
@@ -273,6 +321,11 @@ def train_classifier(
         tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
         ctx = LocalContext(os.path.join(workdir, name), "cuda" if scale.use_gpu else "cpu", tracking)
         run_loop(model, _task(spec, local_rows(ids, y, spec.seed), 0), loop_options(spec), ctx)
+        best = ctx.best(SELECT)
+        if best:
+            model.load_state_dict(
+                torch.load(os.path.join(best, "model.pt"), map_location="cpu", weights_only=True)
+            )
         return model.cpu().eval()
     import pyarrow as pa
     import ray.data
@@ -287,19 +340,16 @@ def train_classifier(
     ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
     storage = scale.storage_path or os.path.join(os.path.abspath(workdir), "ray")
     scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
-    result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, name)
+    score = (SELECT, "max") if spec.val_ids else ("loss", "min")
+    result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, name, score)
     model = classifier_for(spec)
-    with result.checkpoint.as_directory() as d:
+    checkpoint = result.checkpoint
+    if spec.val_ids and result.best_checkpoints:
+        checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1].get(SELECT, -1.0))[0]
+    with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
-
-
-def save_classifier(model: torch.nn.Module, vocab: Any, meta: dict[str, Any], out: str) -> None:
-    """A fine-tuned model directory (the same format as a pretrained one, with the task in the meta)."""
-    from rankformer.model.store import save_model_dir
-
-    save_model_dir(model, vocab, meta, out)  # type: ignore[arg-type]
 
 
 def scratch_dir(out: str) -> str:

@@ -26,6 +26,7 @@ class LocalContext:
         self.tracking = tracking  # {"uri", "run_id"}: metrics also go to that MLflow run
         self.history: list[dict[str, float]] = []
         self.checkpoints: list[int] = []
+        self.reported: dict[int, dict[str, float]] = {}  # step -> metrics of each checkpoint
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -48,6 +49,14 @@ class LocalContext:
             shutil.copytree(checkpoint_dir, staged)
             os.replace(staged, os.path.join(self.root, f"step-{step}"))
             self.checkpoints.append(step)
+            self.reported[step] = dict(metrics)
+
+    def best(self, metric: str) -> str | None:
+        """The checkpoint folder with the highest ``metric`` (the latest on ties), if any."""
+        scored = [(m[metric], s) for s, m in self.reported.items() if metric in m]
+        if not self.root or not scored:
+            return None
+        return os.path.join(self.root, f"step-{max(scored)[1]}")
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(dict(metrics))

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -42,6 +42,8 @@ class LoopOptions:
     precision: str = "auto"
     compile: bool = False
     extra_metrics: dict[str, float] = field(default_factory=dict)
+    # scores of the model at each checkpoint (rank 0; e.g. validation), logged and reported with it
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
 class Task(Protocol):
@@ -185,6 +187,12 @@ def run_loop(model: torch.nn.Module, task: Task, opts: LoopOptions, ctx: Context
                 win.reset()
                 ctx.log(last)
             if state.step % opts.checkpoint_every == 0 or state.step == opts.max_steps:
+                if opts.evaluate is not None and ctx.rank == 0:
+                    model.eval()
+                    scores = opts.evaluate(_unwrap(model))
+                    model.train()
+                    last = {**last, **scores}
+                    ctx.log({**scores, "step": float(state.step)})
                 _report_checkpoint(ctx, last, model, opt, sched, state, gen)
         if steps_this_epoch == 0:
             raise InputError(

@@ -94,8 +94,10 @@ def fit(
     datasets: dict[str, Any],
     scale: ScaleOptions,
     name: str,
+    score: tuple[str, str] = ("loss", "min"),
 ) -> Any:
-    """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result."""
+    """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result. ``score``:
+    the reported metric (and min or max) by which the best checkpoints are kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -117,8 +119,8 @@ def fit(
             failure_config=FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=scale.keep_checkpoints,
-                checkpoint_score_attribute="loss",
-                checkpoint_score_order="min",
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],
             ),
         ),
         datasets=datasets,

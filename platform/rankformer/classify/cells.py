@@ -1,0 +1,328 @@
+"""`rankformer finetune cells`: a cell classifier (sequence classification) from a label column
+carried in the corpus.
+
+Classes can be renamed, merged and filtered; the cells are split into train / validation / test by
+a group column (donor, sample, batch: no group in two splits, stratified where the groups allow)
+or, without one, stratified at random. The fine-tuned model is scored on the test split each epoch
+on validation (the best epoch is kept), next to a logistic regression on the pretrained model's
+frozen mean-pooled cell embeddings, same split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rankformer import schema, tracking
+from rankformer.classify import metrics
+from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
+from rankformer.classify.data import Cells, load_cells, parse_where
+from rankformer.classify.genes import logreg
+from rankformer.errors import InputError
+from rankformer.infer import gene_and_cell_states
+from rankformer.train.config import FinetuneCellsConfig
+from rankformer.train.finetune import (
+    TrainSpec,
+    cell_probs,
+    class_weights,
+    in_process,
+    scratch_dir,
+    steps_for,
+    train_classifier,
+)
+
+JOB = "finetune-cells"
+SPLITS = ("train", "validation", "test")
+
+
+def cell_labels(
+    raw: np.ndarray, rename: dict[str, str], keep: list[str], column: str
+) -> tuple[np.ndarray, list[str]]:
+    """(class index per cell, -1 where dropped; class names) after renaming/merging and filtering."""
+    names = np.asarray(
+        [rename.get(str(v), str(v)) if v is not None and str(v) != "" else "" for v in raw], dtype=object
+    )
+    present = sorted({str(n) for n in names if n})
+    if keep:
+        missing = [c for c in keep if c not in present]
+        if missing:
+            raise InputError(
+                f"classes {missing} are not in column {column!r} (after renaming); it holds {present}"
+            )
+        classes = list(keep)
+    else:
+        classes = present
+    if len(classes) < 2:
+        raise InputError(
+            f"cell classification needs two or more classes; column {column!r} holds {classes or 'none'}"
+            + (" after filtering" if keep else "")
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index.get(str(n), -1) for n in names], dtype=np.int64), classes
+
+
+def split_cells(
+    y: np.ndarray,
+    groups: np.ndarray | None,
+    test: float,
+    validation: float,
+    seed: int,
+    group_column: str | None,
+) -> np.ndarray:
+    """'train' / 'validation' / 'test' per cell. With groups, no group spans two splits."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
+    n = len(y)
+    split = np.full(n, "train", dtype=object)
+    idx = np.arange(n)
+    if groups is None:
+        sss = StratifiedShuffleSplit(n_splits=1, test_size=test, random_state=seed)
+        rest, te = next(sss.split(idx, y))
+        split[te] = "test"
+        if validation > 0:
+            frac = validation / (1 - test)
+            sss = StratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed + 1)
+            _, va = next(sss.split(rest, y[rest]))
+            split[rest[va]] = "validation"
+        return split
+    uniq = np.unique(groups)
+    if len(uniq) < 2:
+        raise InputError(
+            f"group column {group_column!r} holds one group ({uniq[0]!r}); a split by group needs two "
+            "or more, "
+            "or leave --group-column out for a stratified random split"
+        )
+
+    def held_out(sub: np.ndarray, frac: float, salt: int) -> np.ndarray:
+        k = int(min(len(np.unique(groups[sub])), max(2, round(1 / frac))))
+        sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
+        _, out = next(sgkf.split(sub, y[sub], groups[sub]))
+        return sub[out]
+
+    te = held_out(idx, test, 0)
+    split[te] = "test"
+    rest = idx[split == "train"]
+    if validation > 0 and len(np.unique(groups[rest])) >= 3:  # keep two or more groups to train on
+        split[held_out(rest, validation / (1 - test), 1)] = "validation"
+    return split
+
+
+class CellJob:
+    def __init__(self, cfg: FinetuneCellsConfig) -> None:
+        self.cfg = cfg
+        self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
+        tracking.check_reachable(self.uri)
+        self.pre, manifest = open_model_and_corpus(cfg.model, cfg.corpus, self.uri)
+        self.vocab = self.pre.vocab
+        self.pad, self.gene_lo = token_layout(self.vocab)
+        cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
+        cells = load_cells(
+            cfg.corpus, parse_where(cfg.cells_where), cols, manifest["vocab_hash"], cfg.limit_cells, cfg.seed
+        )
+        y, self.classes = cell_labels(
+            cells.column(cfg.label_column), cfg.rename, cfg.classes, cfg.label_column
+        )
+        keep = np.flatnonzero(y >= 0)
+        self.dropped = int(len(y) - len(keep))
+        self.cells: Cells = cells.take(keep)
+        self.y = y[keep]
+        groups = self.cells.column(cfg.group_column).astype(str) if cfg.group_column else None
+        self.split = split_cells(
+            self.y, groups, cfg.test_fraction, cfg.validation_fraction, cfg.seed, cfg.group_column
+        )
+        for part in ("train", "test"):
+            if not (self.split == part).any():
+                raise InputError(f"the {part} split is empty; lower test_fraction or give more groups")
+        self.output = JobOutput(cfg.out, JOB, cfg)
+        self.work = scratch_dir(cfg.out)
+
+    def rows(self, part: str) -> np.ndarray:
+        return np.flatnonzero(self.split == part)
+
+    def spec(self, run_id: str | None) -> TrainSpec:
+        cfg = self.cfg
+        tr, va = self.rows("train"), self.rows("validation")
+        lengths = [len(self.cells.ids[i]) for i in tr]
+        world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+        per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
+        steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
+        counts = np.bincount(self.y[tr], minlength=len(self.classes)).tolist()
+        return TrainSpec(
+            model=cfg.model,
+            tracking_uri=self.uri,
+            kind="sequence",
+            n_classes=len(self.classes),
+            head=cfg.head,
+            optim=cfg.optim,
+            batch=cfg.batch,
+            max_steps=steps,
+            seed=cfg.seed,
+            pad=self.pad,
+            log_every=cfg.log_every,
+            checkpoint_every=min(cfg.checkpoint_every, per_epoch) if len(va) else cfg.checkpoint_every,
+            precision=cfg.precision,
+            weights=class_weights(cfg.head, counts),
+            run_id=run_id,
+            val_ids=[self.cells.ids[i].tolist() for i in va] or None,
+            val_y=self.y[va].tolist() or None,
+        )
+
+
+def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:
+    job = CellJob(cfg)
+    sizes = {p: int((job.split == p).sum()) for p in SPLITS}
+    print(
+        f"cell classification: {len(job.cells):,} cells of {len(job.classes)} classes {job.classes}; "
+        f"split {sizes}" + (f" by {cfg.group_column}" if cfg.group_column else " (stratified at random)")
+    )
+    name = cfg.track.run_name or f"{JOB}-{os.path.basename(cfg.out.rstrip('/'))}"
+    parent = tracking.start_run(
+        job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash}
+    )
+    try:
+        tracking.log_params(job.uri, parent, asdict(cfg))
+        summary = _run(job, parent, sizes)
+    except BaseException:
+        tracking.end_run(job.uri, parent, "FAILED")
+        raise
+    tracking.end_run(job.uri, parent)
+    return summary
+
+
+def _tune(job: CellJob, parent: str) -> dict[str, Any]:
+    """Ray Tune scored on the validation split (or, without one, a fifth of the training cells)."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    from rankformer.classify.tune import CellScorer, search
+
+    cfg = job.cfg
+    tr, va = job.rows("train"), job.rows("validation")
+    if len(va) == 0:
+        split = StratifiedShuffleSplit(n_splits=1, test_size=0.2, random_state=cfg.seed)
+        a, b = next(split.split(tr, job.y[tr]))
+        tr, va = tr[a], tr[b]
+    spec = job.spec(None)
+    scorer = CellScorer([job.cells.ids[i] for i in va], job.y[va], job.pad, cfg.batch.max_tokens)
+    found = search(
+        spec,
+        [job.cells.ids[i] for i in tr],
+        job.y[tr],
+        scorer,
+        cfg.tune,
+        int(job.pre.model.config.num_hidden_layers),
+        cfg.scale.use_gpu,
+        job.work,
+        (job.uri, cfg.track.experiment, parent),
+    )
+    print(
+        f"Ray Tune: best of {len(found['trials'])} trials {found['best']['params']} "
+        f"(validation macro F1 {found['best']['val_score']:.3f})"
+    )
+    return found
+
+
+def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
+    from rankformer.classify.tune import apply
+
+    cfg, out, classes = job.cfg, job.output, job.classes
+    tuned = _tune(job, parent) if cfg.tune.trials else None
+    train_run = tracking.start_run(
+        job.uri, cfg.track.experiment, "train", {"job": JOB, "mlflow.parentRunId": parent}
+    )
+    spec = job.spec(train_run)
+    if tuned:
+        spec = apply(spec, tuned["best"]["params"])
+    model = train_classifier(
+        spec,
+        [job.cells.ids[i] for i in job.rows("train")],
+        job.y[job.rows("train")],
+        cfg.scale,
+        job.work,
+        "train",
+    )
+    tracking.end_run(job.uri, train_run)
+    prob = cell_probs(model, job.cells.ids, job.pad, cfg.batch.max_tokens)
+    report: dict[str, Any] = {"classes": classes, "split_sizes": sizes, "dropped_unlabelled": job.dropped}
+    if tuned:
+        report["tune"] = tuned
+    for part in ("validation", "test"):
+        rows = job.rows(part)
+        if len(rows):
+            s = metrics.scores(job.y[rows], prob[rows], classes)
+            report.update({f"{part[:4] if part == 'test' else 'val'}_{k}": v for k, v in s.items()})
+    frozen_prob = None
+    if cfg.frozen_baseline:
+        _, emb = gene_and_cell_states(
+            job.pre.model,
+            job.cells.ids,
+            job.pad,
+            job.gene_lo,
+            cfg.layer,
+            torch.device("cpu"),
+            cfg.batch.max_tokens,
+        )
+        tr, te = job.rows("train"), job.rows("test")
+        frozen_prob = logreg(emb[tr], job.y[tr], emb, len(classes), cfg.seed)
+        fs_ = metrics.scores(job.y[te], frozen_prob[te], classes)
+        report["frozen_embeddings"] = {f"test_{k}": v for k, v in fs_.items()}
+    table = pd.DataFrame(
+        {
+            schema.CELL_ID: job.cells.column(schema.CELL_ID)
+            if schema.CELL_ID in job.cells.table.column_names
+            else np.arange(len(job.y)).astype(str),
+            "label": [classes[i] for i in job.y],
+            "predicted": [classes[i] for i in prob.argmax(1)],
+            "split": job.split,
+        }
+    )
+    for i, c in enumerate(classes):
+        table[f"prob_{c}"] = prob[:, i]
+    out.write_table("cell_predictions", table)
+    out.write_json("metrics.json", report)
+    te = job.rows("test")
+    curves = [(c, job.y[te] == i, prob[te, i]) for i, c in enumerate(classes)]
+    metrics.plot_roc(
+        curves if len(classes) > 2 else curves[1:], "test split, one vs rest", out.path("roc_curves.png")
+    )
+    out.publish("roc_curves.png")
+    metrics.plot_confusion(report["test_confusion"], classes, "test split", out.path("confusion.png"))
+    out.publish("confusion.png")
+    version = _save(job, model, parent, report)
+    tracking.log_metrics(job.uri, parent, _flat(report), 0)
+    out.log_to(job.uri, parent)
+    out.finish({"test_macro_f1": report["test_macro_f1"], "model_version": version})
+    frozen = report.get("frozen_embeddings", {}).get("test_macro_f1")
+    print(
+        f"test macro F1 {report['test_macro_f1']:.3f}, accuracy {report['test_accuracy']:.3f}"
+        + (f"; frozen-embedding logistic regression macro F1 {frozen:.3f}" if frozen is not None else "")
+        + f" -> {cfg.out}"
+    )
+    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
+
+
+def _save(job: CellJob, model: torch.nn.Module, parent: str, report: dict[str, Any]) -> str | None:
+    cfg = job.cfg
+    meta = {
+        "task": "cell-classification",
+        "layout": job.pre.layout,
+        "max_length": job.pre.meta.get("max_length"),
+        "classes": job.classes,
+        "label_column": cfg.label_column,
+        "head_class": cfg.head.head_class or "BertForSequenceClassification",
+        "base_model": cfg.model,
+        "training": {"mlflow_run_id": parent, "test_macro_f1": report["test_macro_f1"]},
+    }
+    return job.output.save_model(model, job.vocab, meta, job.uri, parent, cfg.track)
+
+
+def _flat(report: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(v) for k, v in report.items() if isinstance(v, float) and v == v}
+    for k, v in report.get("frozen_embeddings", {}).items():
+        if isinstance(v, float) and v == v:
+            out[f"frozen_{k}"] = v
+    return out

@@ -1,0 +1,132 @@
+"""`rankformer predict genes|cells`: apply a fine-tuned classifier (a folder, ``s3://`` prefix or
+``models:/NAME@ALIAS``) to another corpus and write the same prediction tables as the job that made
+it, recording the model (and its registry version) and the vocabulary hash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rankformer import schema, tracking
+from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
+from rankformer.classify.data import load_cells, parse_where
+from rankformer.errors import InputError
+
+TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
+
+
+@dataclass
+class PredictConfig:
+    """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
+
+    model: str  # fine-tuned model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder to predict on (tokenized with the model's vocabulary)
+    out: str  # output folder for the prediction table
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
+    seed: int = 0  # the sample's seed
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
+
+
+def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
+    from rankformer.loader import fetch_model_dir
+    from rankformer.model.store import read_meta
+    from rankformer.train.finetune import classifier_class
+
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    meta = read_meta(fetch_model_dir(cfg.model, uri))
+    if meta.get("task") != TASKS[what]:
+        raise InputError(
+            f"model {cfg.model} is a {meta.get('task')!r} model, not {TASKS[what]!r}; predict with a "
+            f"model from `rankformer finetune {what}`"
+        )
+    head = classifier_class("token" if what == "genes" else "sequence", meta.get("head_class"))
+    loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri, head=head)
+    model = loaded.model.eval()
+    classes = list(meta["classes"])
+    extra = [meta["label_column"]] if what == "cells" and meta.get("label_column") else []
+    names = set(_corpus_columns(cfg.corpus))
+    cells = load_cells(
+        cfg.corpus,
+        parse_where(cfg.cells_where),
+        [c for c in extra if c in names],
+        manifest["vocab_hash"],
+        cfg.limit_cells,
+        cfg.seed,
+    )
+    out = JobOutput(cfg.out, f"predict-{what}", cfg)
+    pad, gene_lo = token_layout(loaded.vocab)
+    if what == "genes":
+        table = _gene_table(model, cells.ids, pad, gene_lo, loaded, classes, cfg.max_tokens)
+    else:
+        table = _cell_table(model, cells, pad, classes, extra, cfg.max_tokens)
+    out.write_table(f"{'gene' if what == 'genes' else 'cell'}_predictions", table)
+    version = None
+    if cfg.model.startswith("models:/"):
+        version = tracking.model_version_info(uri, cfg.model)["version"]
+    summary = {
+        "model": cfg.model,
+        "model_version": version,
+        "vocab_hash": loaded.vocab.content_hash,
+        "corpus": cfg.corpus,
+        "classes": classes,
+        "rows": len(table),
+    }
+    out.write_json("predict.json", summary)
+    out.finish(summary)
+    print(
+        f"predicted {len(table):,} {what} with {cfg.model}"
+        + (f" (v{version})" if version else "")
+        + f" -> {cfg.out}"
+    )
+    return summary
+
+
+def _corpus_columns(corpus: str) -> list[str]:
+    from rankformer.api import read_corpus
+
+    return list(read_corpus(corpus, engine="arrow").schema.names)
+
+
+def _gene_table(
+    model: Any,
+    ids: list[np.ndarray],
+    pad: int,
+    gene_lo: int,
+    loaded: Any,
+    classes: list[str],
+    max_tokens: int,
+) -> pd.DataFrame:
+    from rankformer.classify.genes import gene_table, token_probs
+
+    training = {g for gs in loaded.meta.get("labelled_genes", {}).values() for g in gs}
+    positive = classes.index(loaded.meta.get("positive_class", classes[0]))
+    return gene_table(
+        token_probs(model, ids, pad, gene_lo, max_tokens), gene_lo, loaded.vocab, classes, training, positive
+    )
+
+
+def _cell_table(
+    model: Any, cells: Any, pad: int, classes: list[str], extra: list[str], max_tokens: int
+) -> pd.DataFrame:
+    from rankformer.train.finetune import cell_probs
+
+    prob = cell_probs(model, cells.ids, pad, max_tokens)
+    names = cells.table.column_names
+    df = pd.DataFrame(
+        {
+            schema.CELL_ID: cells.column(schema.CELL_ID)
+            if schema.CELL_ID in names
+            else np.arange(len(prob)).astype(str),
+            "label": cells.column(extra[0]) if extra and extra[0] in names else None,
+            "predicted": [classes[i] for i in prob.argmax(1)],
+            "split": "predict",
+        }
+    )
+    for i, c in enumerate(classes):
+        df[f"prob_{c}"] = prob[:, i]
+    return df
