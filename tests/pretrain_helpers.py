@@ -17,8 +17,16 @@ __all__ = ["ordered_cells", "write_corpus"]
 from rankformer.vocab import build_vocab
 
 
-def write_corpus(out: str, cells: list[np.ndarray], n_genes: int, shards: int = 2, layout: str = "v2") -> str:
-    """A corpus folder (shards, manifest, vocabulary) holding exactly ``cells``."""
+def write_corpus(
+    out: str,
+    cells: list[np.ndarray],
+    n_genes: int,
+    shards: int = 2,
+    layout: str = "v2",
+    carry: dict[str, list[str]] | None = None,
+) -> str:
+    """A corpus folder (shards, manifest, vocabulary) holding exactly ``cells`` (and ``carry``:
+    obs columns, one value per cell)."""
     os.makedirs(out, exist_ok=True)
     vocab = build_vocab(list(gene_ids(n_genes)), [1.0] * n_genes)
     vocab_path = os.path.join(out, "..", os.path.basename(out) + "_vocab.json")
@@ -33,6 +41,7 @@ def write_corpus(out: str, cells: list[np.ndarray], n_genes: int, shards: int = 
                 schema.INPUT_IDS: pa.array([c.tolist() for c in part], pa.list_(pa.int32())),
                 schema.LENGTH: pa.array([len(c) for c in part], pa.int32()),
                 schema.CELL_ID: pa.array([f"c{bounds[s] + i}" for i in range(len(part))]),
+                **{k: pa.array(v[bounds[s] : bounds[s + 1]]) for k, v in (carry or {}).items()},
             }
         )
         pq.write_table(table, os.path.join(out, name))
@@ -41,7 +50,12 @@ def write_corpus(out: str, cells: list[np.ndarray], n_genes: int, shards: int = 
     manifest = {
         "format": "rankformer-corpus",
         "vocab_hash": vocab.content_hash,
-        "config": {"vocab": os.path.abspath(vocab_path), "layout": layout, "max_length": 64},
+        "config": {
+            "vocab": os.path.abspath(vocab_path),
+            "layout": layout,
+            "max_length": 64,
+            "carry": {k: k for k in carry or {}},
+        },
         "shards": entries,
         "files": [],
         "totals": {"cells_out": len(cells), "tokens": tokens, "cells_in": len(cells)},

@@ -163,6 +163,7 @@ class CellJob:
             max_steps=steps,
             seed=cfg.seed,
             pad=self.pad,
+            gene_lo=self.gene_lo,
             log_every=cfg.log_every,
             checkpoint_every=min(cfg.checkpoint_every, per_epoch) if len(va) else cfg.checkpoint_every,
             precision=cfg.precision,

@@ -120,6 +120,7 @@ class GeneJob:
             max_steps=steps,
             seed=cfg.seed,
             pad=self.pad,
+            gene_lo=self.gene_lo,
             log_every=cfg.log_every,
             checkpoint_every=cfg.checkpoint_every,
             precision=cfg.precision,

@@ -49,21 +49,22 @@ def classifier_class(kind: str, head_class: str | None) -> Any:
 
 
 def build_classifier(
-    model_dir: str, kind: str, n_classes: int, head: HeadOptions, seed: int
+    model_dir: str, kind: str, n_classes: int, head: HeadOptions, seed: int, first_gene_token: int = 0
 ) -> torch.nn.Module:
-    """The pretrained model with a fresh classification head (seeded), frozen as asked."""
+    """The pretrained model with a fresh classification head (seeded), frozen as asked. The config
+    records ``first_gene_token`` (heads that pool gene tokens use it)."""
     from transformers.utils import logging as hf_logging
 
     cls = classifier_class(kind, head.head_class)
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"num_labels": n_classes}
+    from transformers import AutoConfig
+
+    extra: dict[str, Any] = {"num_labels": n_classes, "first_gene_token": first_gene_token}
     if head.dropout is not None:
-        kwargs["classifier_dropout"] = head.dropout
-    try:
-        model = cls.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
-    except TypeError:  # a custom head without the attention option
-        model = cls.from_pretrained(model_dir, **kwargs)
+        extra["classifier_dropout"] = head.dropout
+    config = AutoConfig.from_pretrained(model_dir, **extra)
+    model = cls.from_pretrained(model_dir, config=config, attn_implementation="sdpa")
     freeze(model, head)
     return model
 
@@ -193,6 +194,7 @@ class TrainSpec:
     max_steps: int
     seed: int
     pad: int
+    gene_lo: int  # lowest gene token id (specials below)
     log_every: int
     checkpoint_every: int
     precision: str = "auto"
@@ -261,9 +263,8 @@ def loop_options(spec: TrainSpec) -> LoopOptions:
 def classifier_for(spec: TrainSpec) -> torch.nn.Module:
     from rankformer.loader import fetch_model_dir
 
-    return build_classifier(
-        fetch_model_dir(spec.model, spec.tracking_uri), spec.kind, spec.n_classes, spec.head, spec.seed
-    )
+    local = fetch_model_dir(spec.model, spec.tracking_uri)
+    return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo)
 
 
 def _task(

@@ -1,0 +1,347 @@
+"""Fine-tuning in this process on a corpus of planted gene programmes (three cell types, each with
+its own genes; shared genes in every cell), from a tiny model pretrained on it: gene classification
+predicts held-out genes, cell classification predicts held-out donors' cells, shuffled labels do
+not; predictions on another corpus; Ray Tune; every bad input named before training."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pretrain_helpers import pretrain_in_process, write_corpus
+from rankformer.classify.cells import run_finetune_cells, split_cells
+from rankformer.classify.genes import gene_folds, run_finetune_genes
+from rankformer.classify.labels import map_labels, read_label_sets
+from rankformer.classify.predict import PredictConfig, run_predict
+from rankformer.errors import InputError
+from rankformer.synth import gene_ids, programme_cells
+from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, HeadOptions
+from rankformer.train.finetune import build_classifier
+from rankformer.vocab import GeneVocab
+
+N_SHARED, PER_TYPE, TYPES = 20, 40, 3
+N_GENES = N_SHARED + TYPES * PER_TYPE
+MEAN_POOL = "rankformer.heads:MeanPoolForSequenceClassification"
+
+
+def _corpus(path: str, n: int, seed: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
+    cells, types, progs = programme_cells(n, TYPES, PER_TYPE, N_SHARED, 40, seed=3)
+    rng = np.random.default_rng(seed)
+    keep = rng.permutation(n)  # another sample of the same programmes for a second corpus
+    cells = [cells[i] for i in keep]
+    types = types[keep]
+    carry = {"cell_type": [f"type{t}" for t in types], "donor": [f"d{i % 6}" for i in range(n)]}
+    return write_corpus(path, cells, N_GENES, carry=carry), types, progs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("finetune")
+    corpus, types, progs = _corpus(str(d / "corpus"), 900, 0)
+    other, _, _ = _corpus(str(d / "other"), 300, 1)
+    model = pretrain_in_process(corpus, str(d / "model"), 1000)
+    ids = gene_ids(N_GENES)
+    lists = {}
+    for t in (0, 1):
+        p = d / f"type{t}.txt"
+        p.write_text("\n".join(ids[progs[t] - 4]))
+        lists[t] = str(p)
+    return SimpleNamespace(
+        d=d, corpus=corpus, other=other, model=model, types=types, progs=progs, lists=lists
+    )
+
+
+def _genes_cfg(world, out, **kw) -> FinetuneGenesConfig:
+    base = {
+        "corpus": world.corpus,
+        "model": world.model,
+        "out": str(out),
+        "labels": [f"x={world.lists[0]}", f"y={world.lists[1]}"],
+        "max_steps": 60,
+        "optim": {"lr": 5e-4},
+        "batch": {"max_cells": 16, "max_tokens": 2048},
+        "track": {"tracking_uri": f"sqlite:///{world.d}/mlflow.db", "experiment": "genes"},
+    }
+    return FinetuneGenesConfig(**{**base, **kw})
+
+
+def _cells_cfg(world, out, **kw) -> FinetuneCellsConfig:
+    base = {
+        "corpus": world.corpus,
+        "model": world.model,
+        "out": str(out),
+        "label_column": "cell_type",
+        "group_column": "donor",
+        "epochs": 2.0,
+        "optim": {"lr": 1e-3},
+        "batch": {"max_cells": 16, "max_tokens": 2048},
+        "head": {"head_class": MEAN_POOL},
+        "track": {"tracking_uri": f"sqlite:///{world.d}/mlflow.db", "experiment": "cells"},
+    }
+    return FinetuneCellsConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def genes_run(world):
+    out = world.d / "genes"
+    return run_finetune_genes(
+        _genes_cfg(
+            world,
+            out,
+            shuffled_controls=3,
+            track={
+                "tracking_uri": f"sqlite:///{world.d}/mlflow.db",
+                "experiment": "genes",
+                "registered_model": "gene-clf",
+            },
+        )
+    ), out
+
+
+def test_gene_classifier_predicts_held_out_genes_and_shuffled_labels_do_not(genes_run):
+    summary, _ = genes_run
+    assert summary["roc_auc_mean"] >= 0.8, summary["roc_auc_mean"]
+    # the mean over several shuffles: one shuffle of ~80 labels can keep a chance majority per programme
+    assert abs(summary["shuffled_control_roc_auc_mean"] - 0.5) < 0.2, summary["shuffled_control_roc_auc"]
+    assert summary["frozen_embeddings"]["roc_auc_mean"] >= 0.8
+    assert len(summary["folds"]) == 5
+
+
+def test_gene_folds_never_share_a_gene(genes_run, world):
+    _, out = genes_run
+    folds = json.loads((out / "folds.json").read_text())["fold_of_gene"]
+    report = json.loads((out / "cv_metrics.json").read_text())
+    tested = [g for f in report["folds"] for g in f["test_genes"]]
+    assert len(tested) == len(set(tested)) == len(folds) == 2 * PER_TYPE  # each gene tested exactly once
+    vocab = GeneVocab.load(
+        json.loads(open(os.path.join(world.corpus, "manifest.json")).read())["config"]["vocab"]
+    )
+    labels = map_labels(read_label_sets([f"x={world.lists[0]}", f"y={world.lists[1]}"]), vocab)
+    for tr, te in gene_folds(labels, 5, 0):
+        assert not set(labels.tokens[tr]) & set(labels.tokens[te])
+        assert 0.2 < labels.label[te].mean() < 0.8  # stratified
+
+
+def test_gene_prediction_table_answers_the_question(genes_run, world):
+    _, out = genes_run
+    table = pd.read_parquet(out / "gene_predictions.parquet")
+    assert list(table.columns) == [
+        "gene_id",
+        "symbol",
+        "in_training",
+        "n_occurrences",
+        "predicted",
+        "prob_x",
+        "prob_y",
+    ]
+    assert len(table) == N_GENES  # every vocabulary gene seen in the cells
+    assert table["in_training"].sum() == 2 * PER_TYPE
+    assert np.allclose(table["prob_x"] + table["prob_y"], 1.0)
+    assert table["prob_x"].is_monotonic_decreasing
+    csv = pd.read_csv(out / "gene_predictions.csv")
+    assert len(csv) == len(table)
+    for name in (
+        "cv_metrics.json",
+        "roc_curves.png",
+        "confusion.png",
+        "roc_curves_frozen.png",
+        "manifest.json",
+    ):
+        assert (out / name).exists(), name
+    assert json.loads((out / "model" / "rankformer.json").read_text())["task"] == "gene-classification"
+
+
+def test_gene_job_is_tracked_as_parent_and_nested_runs(genes_run, world):
+    from mlflow.tracking import MlflowClient
+
+    summary, _ = genes_run
+    client = MlflowClient(f"sqlite:///{world.d}/mlflow.db")
+    parent = client.get_run(summary["run_id"])
+    assert parent.data.metrics["cv_roc_auc_mean"] == pytest.approx(summary["roc_auc_mean"])
+    exp = client.get_experiment_by_name("genes")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert len(children) == 5 + 3 * 5 + 1  # folds, shuffled-control folds, final
+    arts = {a.path for a in client.list_artifacts(summary["run_id"], "results")}
+    assert "results/gene_predictions.parquet" in arts and "results/cv_metrics.json" in arts
+    mv = client.get_model_version_by_alias("gene-clf", "current")
+    assert mv.tags["task"] == "gene-classification" and mv.tags["classes"] == "x,y"
+
+
+def test_predict_genes_on_another_corpus(genes_run, world, tmp_path):
+    summary = run_predict(
+        "genes",
+        PredictConfig(
+            model="models:/gene-clf@current",
+            corpus=world.other,
+            out=str(tmp_path / "p"),
+            tracking_uri=f"sqlite:///{world.d}/mlflow.db",
+        ),
+    )
+    assert summary["model_version"] == "1"
+    table = pd.read_parquet(tmp_path / "p" / "gene_predictions.parquet")
+    assert {"gene_id", "in_training", "prob_x", "prob_y"} <= set(table.columns)
+    # held-out type-0 genes rank above type-1 genes on new cells too
+    ids = gene_ids(N_GENES)
+    x, y = set(ids[world.progs[0] - 4]), set(ids[world.progs[1] - 4])
+    px = table[table.gene_id.isin(x)].prob_x.mean()
+    py = table[table.gene_id.isin(y)].prob_x.mean()
+    assert px > py
+    with pytest.raises(InputError, match="gene-classification"):
+        run_predict(
+            "cells",
+            PredictConfig(model=str(genes_run[1] / "model"), corpus=world.other, out=str(tmp_path / "q")),
+        )
+
+
+@pytest.fixture(scope="module")
+def cells_run(world):
+    return run_finetune_cells(_cells_cfg(world, world.d / "cells")), world.d / "cells"
+
+
+def test_cell_classifier_on_held_out_donors(cells_run, world):
+    summary, out = cells_run
+    assert summary["test_macro_f1"] >= 0.8
+    table = pd.read_parquet(out / "cell_predictions.parquet")
+    assert list(table.columns) == [
+        "cell_id",
+        "label",
+        "predicted",
+        "split",
+        *[f"prob_type{t}" for t in range(3)],
+    ]
+    donors = pd.concat([pd.read_parquet(f) for f in sorted((world.d / "corpus").glob("*.parquet"))])
+    donor_of = dict(zip(donors.cell_id, donors.donor, strict=True))
+    split_donors = table.groupby("split").cell_id.apply(lambda c: {donor_of[x] for x in c})
+    assert not split_donors["train"] & split_donors["test"]  # no donor in two splits
+    assert not split_donors["train"] & split_donors.get("validation", set())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_macro_f1"] == summary["test_macro_f1"] and "frozen_embeddings" in metrics
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == [
+        "MeanPoolForSequenceClassification"
+    ]
+
+
+def test_cell_classifier_with_shuffled_labels_is_near_chance(world, tmp_path):
+    # the same cells, each labelled at random: nothing to learn
+    summary = run_finetune_cells(
+        _cells_cfg(world, tmp_path / "shuffled", label_column="donor", group_column=None)
+    )
+    assert summary["test_macro_f1"] < 0.4, summary["test_macro_f1"]
+
+
+def test_predict_cells(cells_run, world, tmp_path):
+    _, out = cells_run
+    run_predict("cells", PredictConfig(model=str(out / "model"), corpus=world.other, out=str(tmp_path / "p")))
+    table = pd.read_parquet(tmp_path / "p" / "cell_predictions.parquet")
+    assert len(table) == 300 and (table.label == table.predicted).mean() > 0.8
+
+
+@pytest.mark.ray
+def test_ray_tune_search_records_the_best_trial(world, tmp_path, ray_cluster):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cells_cfg(
+        world,
+        tmp_path / "tuned",
+        epochs=1.0,
+        tune={"trials": 3, "eval_every": 10, "grace_steps": 10, "tune_lr": [1e-4, 3e-3]},
+        track={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tune"},
+    )
+    summary = run_finetune_cells(cfg)
+    assert len(summary["tune"]["trials"]) == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(summary["run_id"])
+    assert float(parent.data.tags["best_trial.lr"]) == pytest.approx(summary["tune"]["best"]["params"]["lr"])
+    assert "best_trial_val_score" in parent.data.metrics
+
+
+def test_split_by_group_is_stratified_and_never_leaks():
+    rng = np.random.default_rng(0)
+    groups = np.asarray([f"g{i}" for i in rng.integers(0, 10, 500)])
+    y = rng.integers(0, 2, 500)
+    split = split_cells(y, groups, 0.2, 0.1, 0, "donor")
+    seen = {p: set(groups[split == p]) for p in ("train", "validation", "test")}
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["validation"])
+    assert seen["test"] and seen["validation"]
+    with pytest.raises(InputError, match="one group"):
+        split_cells(y, np.asarray(["a"] * 500), 0.2, 0.1, 0, "donor")
+
+
+def test_heads_and_freezing(world):
+    head = HeadOptions(head_class="AutoModelForTokenClassification", freeze_layers=1, freeze_embeddings=True)
+    model = build_classifier(world.model, "token", 3, head, 0, 4)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(".layer.0." in n for n in frozen) and not any(".layer.1." in n for n in frozen)
+    assert any("embeddings" in n for n in frozen) and "classifier.weight" not in frozen
+    custom = build_classifier(world.model, "sequence", 2, HeadOptions(head_class=MEAN_POOL), 0, 4)
+    ids = torch.tensor([[2, 10, 11, 3, 0]])
+    assert custom(input_ids=ids, attention_mask=(ids != 0).long()).logits.shape == (1, 2)
+    with pytest.raises(InputError, match="head_class"):
+        build_classifier(world.model, "token", 2, HeadOptions(head_class="NoSuchHead"), 0, 4)
+    with pytest.raises(InputError, match="freeze_layers"):
+        build_classifier(world.model, "token", 2, HeadOptions(freeze_layers=9), 0, 4)
+
+
+def test_label_shapes(tmp_path, world):
+    ids = gene_ids(N_GENES)
+    vocab = GeneVocab.load(
+        json.loads(open(os.path.join(world.corpus, "manifest.json")).read())["config"]["vocab"]
+    )
+    long = pd.DataFrame({"gene": [*ids[:6], *ids[10:16]], "label": ["a"] * 6 + ["b"] * 6})
+    long.to_csv(tmp_path / "long.csv", index=False)
+    long.to_csv(tmp_path / "long.tsv", index=False, sep="\t")
+    long.to_parquet(tmp_path / "long.parquet")
+    wide = pd.DataFrame({"a": list(ids[:6]), "b": [*ids[10:15], ""]})
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    for name in ("long.csv", "long.tsv", "long.parquet"):
+        labels = map_labels(read_label_sets([str(tmp_path / name)]), vocab)
+        assert labels.counts() == {"a": 6, "b": 6}, name
+    assert map_labels(read_label_sets([str(tmp_path / "wide.csv")]), vocab).counts() == {"a": 6, "b": 5}
+    (tmp_path / "a.txt").write_text("\n".join([*ids[:3], "NOT_A_GENE"]))
+    (tmp_path / "b.txt").write_text("\n".join(ids[20:23]))
+    labels = map_labels(read_label_sets([f"a={tmp_path}/a.txt", f"b={tmp_path}/b.txt"]), vocab)
+    assert labels.unmapped == {"a": ["NOT_A_GENE"]} and labels.counts() == {"a": 3, "b": 3}
+
+
+def test_bad_input_is_named_before_training(world, tmp_path):
+    ids = gene_ids(N_GENES)
+
+    def genes(**kw):
+        return run_finetune_genes(_genes_cfg(world, tmp_path / f"o{len(os.listdir(tmp_path))}", **kw))
+
+    (tmp_path / "one.txt").write_text("\n".join(ids[40:50]))
+    with pytest.raises(InputError, match="two or more classes"):
+        genes(labels=[f"only={tmp_path}/one.txt"])
+    (tmp_path / "few.txt").write_text("\n".join(ids[60:63]))
+    with pytest.raises(InputError, match="too few labelled genes"):
+        genes(labels=[f"x={world.lists[0]}", f"few={tmp_path}/few.txt"])
+    (tmp_path / "overlap.txt").write_text("\n".join(ids[world.progs[0][:3] - 4]))
+    with pytest.raises(InputError, match="labelled both"):
+        genes(labels=[f"x={world.lists[0]}", f"y={tmp_path}/overlap.txt"])
+    (tmp_path / "ghost.txt").write_text("\n".join(f"ENSG9999999{i:04d}" for i in range(20)))
+    with pytest.raises(InputError, match="too few labelled genes"):
+        genes(labels=[f"x={world.lists[0]}", f"ghost={tmp_path}/ghost.txt"])
+    pd.DataFrame({"gene": ids[:10], "kind": ["a", "b"] * 5}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match="label column 'label_col' is missing"):
+        genes(labels=[str(tmp_path / "t.csv")], label_column="label_col", gene_column="gene")
+    with pytest.raises(InputError, match="not in corpus .* --carry tissue"):
+        run_finetune_cells(_cells_cfg(world, tmp_path / "c1", label_column="tissue"))
+    with pytest.raises(InputError, match="not in corpus"):
+        run_finetune_cells(_cells_cfg(world, tmp_path / "c2", group_column="batch"))
+    with pytest.raises(InputError, match="one group"):
+        run_finetune_cells(_cells_cfg(world, tmp_path / "c3", cells_where=["donor=d1"], group_column="donor"))
+    other_vocab = write_corpus(
+        str(tmp_path / "foreign"), [np.arange(2, 12, dtype=np.int32)] * 20, N_GENES + 7
+    )
+    with pytest.raises(InputError, match="vocabulary"):
+        genes(corpus=other_vocab)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        run_finetune_genes(_genes_cfg(world, tmp_path / "full"))
