@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import needs_shared
 from pretrain_helpers import pretrain_in_process, write_corpus
 from rankformer.classify.cells import run_finetune_cells, split_cells
 from rankformer.classify.genes import gene_folds, run_finetune_genes
@@ -345,3 +346,83 @@ def test_bad_input_is_named_before_training(world, tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
         run_finetune_genes(_genes_cfg(world, tmp_path / "full"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster):
+    """The same training through Ray Train: 2 workers (DDP over gloo), rank 0 logging to the run,
+    checkpoints in the run's storage, the best epoch by validation kept."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cells_cfg(
+        world,
+        tmp_path / "ray",
+        epochs=2.0,
+        frozen_baseline=False,
+        scale={"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ckpt")},
+        track={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ray"},
+    )
+    summary = run_finetune_cells(cfg)
+    assert summary["test_macro_f1"] >= 0.8
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("ray")
+    train = client.search_runs([exp.experiment_id], "attributes.run_name = 'train'")
+    assert train and client.get_metric_history(train[0].info.run_id, "val_macro_f1")  # rank 0 scored epochs
+    assert (tmp_path / "ckpt").is_dir()  # checkpoints went to the Ray Train storage
+
+
+@needs_shared()
+@pytest.mark.slow
+def test_dosage_sensitivity_labels_on_real_cells(tmp_path, geneformer_v2_vocab, shared):
+    """The published dosage-sensitive vs -insensitive TF labels (a wide table) end to end on real
+    PBMC cells with a Geneformer V2 vocabulary: the pipeline, the fold structure, the outputs."""
+    from transformers import BertForMaskedLM
+
+    from rankformer.config import TokenizeConfig
+    from rankformer.corpus.tokenize import run_tokenize
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+
+    corpus = str(tmp_path / "corpus")
+    run_tokenize(
+        TokenizeConfig(
+            inputs=[str(shared / "data" / "pbmc_2k_celltypes.h5ad")],
+            vocab=geneformer_v2_vocab,
+            out=corpus,
+            carry={"celltype": "cell_type"},
+        )
+    )
+    vocab = GeneVocab.load(geneformer_v2_vocab)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(preset("tiny"), vocab))
+    save_model_dir(
+        model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 4096}, str(tmp_path / "m")
+    )
+    labels = shared / "reference" / "geneformer" / "labels" / "dosage_sens_tf_labels.csv"
+    cfg = FinetuneGenesConfig(
+        corpus=corpus,
+        model=str(tmp_path / "m"),
+        out=str(tmp_path / "out"),
+        labels=[str(labels)],
+        limit_cells=200,
+        max_steps=4,
+        batch={"max_tokens": 8192, "max_cells": 8},
+        track={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    summary = run_finetune_genes(cfg)
+    report = json.loads((tmp_path / "out" / "cv_metrics.json").read_text())
+    assert report["classes"] == ["dosage_sensitive", "dosage_insensitive"]
+    counts = report["labelled_genes"]
+    assert counts["dosage_sensitive"] >= 5 and counts["dosage_insensitive"] >= 5
+    # every label is accounted for: used, not in the vocabulary, or not in these cells
+    missing = sum(len(v) for v in report["labelled_not_in_vocab"].values()) + len(
+        report["labelled_not_in_cells"]
+    )
+    assert sum(counts.values()) + missing == 122 + 368
+    tested = [g for f in report["folds"] for g in f["test_genes"]]
+    assert len(tested) == len(set(tested)) == sum(counts.values()) and len(report["folds"]) == 5
+    table = pd.read_parquet(tmp_path / "out" / "gene_predictions.parquet")
+    assert {"prob_dosage_sensitive", "prob_dosage_insensitive"} <= set(table.columns)
+    assert table.symbol.str.len().gt(0).mean() > 0.9  # names from the vocabulary
+    assert 0.0 <= summary["roc_auc_mean"] <= 1.0
