@@ -140,7 +140,11 @@ def test_gene_prediction_table_answers_the_question(genes_run, world):
         "predicted",
         "prob_x",
         "prob_y",
+        "frozen_prob_x",  # the frozen-embedding baseline's answer beside the fine-tuned one
+        "frozen_prob_y",
     ]
+    held_out_x = table[~table.in_training & (table.prob_x > 0)]
+    assert len(held_out_x) and np.allclose(table.frozen_prob_x + table.frozen_prob_y, 1.0)
     assert len(table) == N_GENES  # every vocabulary gene seen in the cells
     assert table["in_training"].sum() == 2 * PER_TYPE
     assert np.allclose(table["prob_x"] + table["prob_y"], 1.0)

@@ -269,7 +269,7 @@ def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
 def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     cfg, labels, classes = job.cfg, job.labels, job.classes
     tuned = job.tune(parent)
-    frozen = None
+    frozen, sums = None, None
     if cfg.frozen_baseline:
         sums, _ = gene_and_cell_states(
             job.pre.model,
@@ -293,6 +293,12 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     final = job.train(labels.tokens, labels.label, final_run, "final")
     tracking.end_run(job.uri, final_run)
     table = prediction_table(job, final)
+    if sums is not None and frozen is not None:
+        # the frozen-embedding baseline's answer beside the fine-tuned one, for every gene
+        gene_tokens = job.vocab.map_gene_ids(list(table["gene_id"]))
+        fp = logreg(frozen, labels.label, sums.means(gene_tokens.astype(np.int64)), len(classes), cfg.seed)
+        for i, c in enumerate(classes):
+            table[f"frozen_prob_{c}"] = fp[:, i]
     report = _report(job, cv, controls)
     if tuned:
         report["tune"] = tuned
@@ -303,7 +309,6 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     version = _save_model(job, final, out, parent, report)
     tracking.log_metrics(job.uri, parent, _flat_metrics(report), 0)
     out.log_to(job.uri, parent)
-    top = table[~table["in_training"]].head(10)
     out.finish(
         {"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version}
     )
@@ -318,12 +323,16 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
         )
         + (f"; shuffled labels {report['shuffled_control_roc_auc_mean']:.3f}" if controls else "")
     )
-    print(f"top unseen genes by {pos}:")
-    for _, r in top.iterrows():
-        print(
-            f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[pos]:.3f}  "
-            f"({int(r['n_occurrences'])} occurrences)"
-        )
+    unseen = table[~table["in_training"] & (table["n_occurrences"] >= 10)]
+    for col, who in ((pos, "fine-tuned"), (f"frozen_{pos}", "frozen-embedding baseline")):
+        if col not in table:
+            continue
+        print(f"top unseen genes (10+ occurrences) by {col} ({who}):")
+        for _, r in unseen.sort_values(col, ascending=False, kind="stable").head(8).iterrows():
+            print(
+                f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[col]:.3f}  "
+                f"({int(r['n_occurrences'])} occurrences)"
+            )
     print(f"-> {cfg.out}")
     return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
 

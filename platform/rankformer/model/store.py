@@ -42,8 +42,17 @@ class LoadedModel:
         return str(self.meta["layout"])
 
 
+def quiet() -> None:
+    """No per-file progress bars from transformers and MLflow in job output (logs stay on)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def save_model_dir(model: PreTrainedModel, vocab: GeneVocab, meta: dict[str, Any], out: str) -> None:
     """Write the model directory at ``out`` (local or s3://) whole."""
+    quiet()
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "vocab_hash": vocab.content_hash, **meta}
     with tempfile.TemporaryDirectory(prefix="rankformer-model-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -98,6 +107,7 @@ def load_model_dir(
     local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
 ) -> LoadedModel:
     """Model, vocabulary and metadata from a local model directory, checked against each other."""
+    quiet()
     meta = read_meta(local_dir)
     vocab = GeneVocab.load(os.path.join(local_dir, VOCAB), expect_hash=meta["vocab_hash"])
     model = head.from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)

@@ -55,7 +55,10 @@ def build_classifier(
     records ``first_gene_token`` (heads that pool gene tokens use it)."""
     from transformers.utils import logging as hf_logging
 
+    from rankformer.model.store import quiet
+
     cls = classifier_class(kind, head.head_class)
+    quiet()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     torch.manual_seed(seed)
     from transformers import AutoConfig
