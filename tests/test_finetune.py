@@ -58,6 +58,11 @@ def world(tmp_path_factory):
     )
 
 
+def _vocab(world) -> GeneVocab:
+    manifest = json.loads((world.d / "corpus" / "manifest.json").read_text())
+    return GeneVocab.load(manifest["config"]["vocab"])
+
+
 def _genes_cfg(world, out, **kw) -> FinetuneGenesConfig:
     base = {
         "corpus": world.corpus,
@@ -120,9 +125,7 @@ def test_gene_folds_never_share_a_gene(genes_run, world):
     report = json.loads((out / "cv_metrics.json").read_text())
     tested = [g for f in report["folds"] for g in f["test_genes"]]
     assert len(tested) == len(set(tested)) == len(folds) == 2 * PER_TYPE  # each gene tested exactly once
-    vocab = GeneVocab.load(
-        json.loads(open(os.path.join(world.corpus, "manifest.json")).read())["config"]["vocab"]
-    )
+    vocab = _vocab(world)
     labels = map_labels(read_label_sets([f"x={world.lists[0]}", f"y={world.lists[1]}"]), vocab)
     for tr, te in gene_folds(labels, 5, 0):
         assert not set(labels.tokens[tr]) & set(labels.tokens[te])
@@ -295,9 +298,7 @@ def test_heads_and_freezing(world):
 
 def test_label_shapes(tmp_path, world):
     ids = gene_ids(N_GENES)
-    vocab = GeneVocab.load(
-        json.loads(open(os.path.join(world.corpus, "manifest.json")).read())["config"]["vocab"]
-    )
+    vocab = _vocab(world)
     long = pd.DataFrame({"gene": [*ids[:6], *ids[10:16]], "label": ["a"] * 6 + ["b"] * 6})
     long.to_csv(tmp_path / "long.csv", index=False)
     long.to_csv(tmp_path / "long.tsv", index=False, sep="\t")
