@@ -431,3 +431,17 @@ def test_dosage_sensitivity_labels_on_real_cells(tmp_path, geneformer_v2_vocab, 
     assert {"prob_dosage_sensitive", "prob_dosage_insensitive"} <= set(table.columns)
     assert table.symbol.str.len().gt(0).mean() > 0.9  # names from the vocabulary
     assert 0.0 <= summary["roc_auc_mean"] <= 1.0
+
+
+def test_cli_flags_drive_the_gene_job(world, tmp_path, capsys):
+    from rankformer.cli import main as cli
+
+    base = ["finetune", "genes", "--corpus", world.corpus, "--model", world.model, "--out"]
+    labels = ["--labels", f"x={world.lists[0]}", "--labels", f"y={world.lists[1]}"]
+    flags = ["--folds", "2", "--max-steps", "2", "--num-workers", "1", "--seed", "3", "--no-frozen-baseline"]
+    track = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    assert cli([*base, str(tmp_path / "o"), *labels, *flags, *track]) == 0
+    report = json.loads((tmp_path / "o" / "cv_metrics.json").read_text())
+    assert report["n_folds"] == 2 and "frozen_embeddings" not in report
+    assert cli([*base, str(tmp_path / "p"), "--labels", f"x={world.lists[0]}", *flags, *track]) == 2
+    assert "two or more classes" in capsys.readouterr().err
