@@ -65,7 +65,9 @@ def write_corpus(
     return out
 
 
-def pretrain_in_process(corpus: str, out: str, steps: int, seed: int = 0, **model: object) -> str:
+def pretrain_in_process(
+    corpus: str, out: str, steps: int, seed: int = 0, max_tokens: int = 2048, **model: object
+) -> str:
     """A tiny model pretrained in this process on ``corpus`` and saved as a model directory."""
     from rankformer.api import corpus_manifest
     from rankformer.corpus.tokenize import corpus_files
@@ -87,11 +89,12 @@ def pretrain_in_process(corpus: str, out: str, steps: int, seed: int = 0, **mode
         log_every=steps,
         checkpoint_every=steps,
         optim={"lr": 3e-3, "warmup_steps": 20},
-        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
+        batch={"max_tokens": max_tokens, "max_cells": 32, "megabatch_cells": 256},
     )
     mlm = build_model(cfg, vocab, None)
     task = MaskedGeneTask(arrow_cells(corpus_files(corpus), seed), TokenSpec.of(vocab), cfg, 0)
     run_loop(mlm, task, loop_options(cfg, {}), LocalContext(device="cpu"))
-    meta = {"task": "masked-lm", "layout": manifest["config"]["layout"], "max_length": 64, "preset": "tiny"}
+    layout, max_length = manifest["config"]["layout"], manifest["config"]["max_length"]
+    meta = {"task": "masked-lm", "layout": layout, "max_length": max_length, "preset": "tiny"}
     save_model_dir(mlm.mlm, vocab, meta, out)
     return out

@@ -24,3 +24,34 @@ def test_science_modules_do_not_import_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_job_manifests_name_real_entrypoints_and_valid_configs():
+    """Every RayJob's entrypoint scripts exist, and each config it mounts builds into the config
+    class of the command the script runs (unknown keys and wrong types would fail here)."""
+    import re
+
+    import yaml
+
+    from rankformer.cli_config import build
+    from rankformer.config import TokenizeConfig, VocabBuildConfig
+    from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
+
+    classes = {
+        "build_vocab.py": VocabBuildConfig,
+        "tokenize_corpus.py": TokenizeConfig,
+        "pretrain.py": PretrainConfig,
+        "finetune_genes.py": FinetuneGenesConfig,
+        "finetune_cells.py": FinetuneCellsConfig,
+    }
+    manifests = sorted((REPO / "deploy" / "kuberay").glob("rayjob-*.yaml"))
+    assert manifests
+    for path in manifests:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        job = next(d for d in docs if d["kind"] == "RayJob")
+        files = {k: v for d in docs if d["kind"] == "ConfigMap" for k, v in d["data"].items()}
+        for script, config in re.findall(
+            r"python (jobs/\S+\.py) --config /config/(\S+)", job["spec"]["entrypoint"]
+        ):
+            assert (REPO / script).exists(), (path.name, script)
+            build(classes[script.split("/")[-1]], yaml.safe_load(files[config]))
