@@ -1,5 +1,5 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
-pretrain | finetune genes | cells | predict genes | cells.
+pretrain | finetune genes | cells | predict genes | cells | model import-geneformer.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(
             pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
         )
+    mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
+    imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
+    imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
+    imp.add_argument("--token-dictionary", required=True, help="token_dictionary_*.pkl of the model")
+    imp.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
+    imp.add_argument("--mapping-dictionary", help="ensembl_mapping_dict_*.pkl (aliases)")
+    imp.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
+    imp.add_argument("--out", required=True, help="rankformer model folder to write")
+    imp.add_argument("--registered-model", help="also register it in MLflow under this name")
+    imp.add_argument("--alias", default="current", help="registry alias (default current)")
+    imp.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else sqlite)")
+    imp.add_argument("--experiment", default="rankformer", help="MLflow experiment of the import run")
     return p
 
 
@@ -119,6 +131,28 @@ def run(argv: Sequence[str] | None = None) -> int:
             from rankformer.classify.cells import run_finetune_cells
 
             run_finetune_cells(build(FinetuneCellsConfig, merged_values(args, FinetuneCellsConfig)))
+        return 0
+    if args.command == "model":
+        from rankformer.model.imports import import_geneformer_model, register_import
+
+        meta = import_geneformer_model(
+            args.model_dir,
+            args.token_dictionary,
+            args.gene_median_dictionary,
+            args.out,
+            args.mapping_dictionary,
+            args.gene_name_dictionary,
+        )
+        reg = ""
+        if args.registered_model:
+            v = register_import(
+                args.out, args.tracking_uri, args.registered_model, args.alias, args.experiment
+            )
+            reg = f"; registered models:/{args.registered_model}@{args.alias} (v{v})"
+        print(
+            f"imported {args.model_dir}: {meta['layout']} layout, {meta['n_tokens']:,} tokens, "
+            f"{meta['positions']} positions -> {args.out}{reg}"
+        )
         return 0
     if args.command == "predict":
         from rankformer.classify.predict import PredictConfig, run_predict
