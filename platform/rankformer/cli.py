@@ -1,5 +1,5 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
-pretrain | finetune genes | cells | predict genes | cells | model import-geneformer.
+pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(
             pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
         )
+    from rankformer.embed import EmbedConfig
+
+    add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
     mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
     imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
     imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
@@ -131,6 +134,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             from rankformer.classify.cells import run_finetune_cells
 
             run_finetune_cells(build(FinetuneCellsConfig, merged_values(args, FinetuneCellsConfig)))
+        return 0
+    if args.command == "embed":
+        from rankformer.embed import EmbedConfig, run_embed
+
+        run_embed(build(EmbedConfig, merged_values(args, EmbedConfig)))
         return 0
     if args.command == "model":
         from rankformer.model.imports import import_geneformer_model, register_import

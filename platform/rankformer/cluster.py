@@ -111,6 +111,55 @@ def map_shards(
         ctx.op_resource_reservation_enabled = saved
 
 
+def map_shards_actors(
+    tasks: list[dict[str, Any]],
+    make: Callable[[], Callable[[dict[str, Any]], bytes]],
+    opts: ClusterOptions,
+    actors: int,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+) -> Iterator[bytes]:
+    """Like :func:`map_shards`, through a pool of ``actors`` long-lived Ray actors: each calls
+    ``make()`` once (e.g. loads a model) and then its result on every task it is given. Work that
+    fits one task, with no cluster named, runs in this process."""
+    if runs_in_process(len(tasks), opts):
+        fn = make()
+        for task in tasks:
+            yield fn(task)
+        return
+    import numpy as np
+    import ray
+
+    ensure_ray(opts)
+    items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+
+    class _Actor:
+        def __init__(self) -> None:
+            self.fn = make()
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+            keys = list(batch)
+            n = len(batch[keys[0]])
+            return {"payload": [self.fn({k: _plain(batch[k][i]) for k in keys}) for i in range(n)]}
+
+    ds = items.map_batches(
+        _Actor,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        concurrency=max(1, min(actors, len(tasks))),
+    )
+    try:
+        for row in ds.iter_rows():
+            yield row["payload"]
+    except Exception as exc:
+        user = user_error_inside(exc)
+        if user is None:
+            raise
+        raise user from exc
+
+
 def user_error_inside(exc: BaseException) -> BaseException | None:
     """An input error raised inside a Ray task, unwrapped from Ray's wrappers (None if none)."""
     from rankformer.errors import InputError

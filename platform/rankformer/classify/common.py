@@ -56,7 +56,8 @@ def token_layout(vocab: Any) -> tuple[int, int]:
 
 
 def fingerprint(cfg: Any) -> str:
-    blob = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    """A short hash of a config (a dataclass, or a dict of what matters)."""
+    blob = json.dumps(cfg if isinstance(cfg, dict) else asdict(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -65,8 +66,10 @@ class JobOutput:
     files staged locally and published one by one atomically, the manifest last. A rerun with the
     same config keeps the training checkpoints in ``.work`` and resumes."""
 
-    def __init__(self, out: str, job: str, cfg: Any) -> None:
-        self.out, self.job = out, job
+    def __init__(self, out: str, job: str, cfg: Any, keep_on_change: bool = True) -> None:
+        """``keep_on_change``: a rerun with other options starts over (training checkpoints are
+        dropped); when False such a rerun is refused (its finished shards would mix in)."""
+        self.out, self.job, self.keep_on_change = out, job, keep_on_change
         self.fingerprint = fingerprint(cfg)
         self.stage = tempfile.mkdtemp(prefix=f"rankformer-{job}-")
         self.files: list[str] = []
@@ -85,6 +88,11 @@ class JobOutput:
                 raise InputError(
                     f"output {self.out} holds the output of `{claim.get('job')}`, not `{self.job}`; choose "
                     "a new --out folder"
+                )
+            if claim.get("fingerprint") != self.fingerprint and not self.keep_on_change:
+                raise InputError(
+                    f"output {self.out} holds `{self.job}` output made with other options; choose a new "
+                    "--out folder, or delete that one to start over"
                 )
             if claim.get("fingerprint") != self.fingerprint and not fs.is_remote(self.out):
                 shutil.rmtree(

@@ -1,0 +1,317 @@
+"""`rankformer embed`: cell and gene embeddings of a corpus under a model, on Ray Data.
+
+Cell level: each cell's vector is the mean of a layer's states over its gene tokens (special and
+pad tokens excluded) or, for v2-layout models, the ``<cls>`` state (``--pooling cls``). Gene level:
+each gene's states averaged over all its occurrences in the selected cells, with the count.
+``--layer``: ``penultimate`` (the default, as Geneformer), ``last``, or an index into Hugging Face
+``hidden_states`` (0 = the embedding output).
+
+The work unit is a corpus shard: a pool of Ray actors (one model each; a GPU each when asked) takes
+shards, batches their cells by length, and writes one output shard each, atomically (gene level: a
+partial sum per shard). A rerun skips the shards already written; the manifest comes last.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from rankformer import schema
+from rankformer.errors import InputError
+from rankformer.io import fs
+
+SHARD_STEM = "part-"
+
+
+@dataclass
+class EmbedConfig:
+    """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
+
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder (tokenized with the model's vocabulary)
+    out: str  # output folder: Parquet shards + manifest (local or s3://)
+    level: str = "cell"  # cell or gene
+    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
+    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    num_workers: int = 1  # actors, one model each
+    use_gpu: bool = False  # one GPU per actor
+    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
+    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
+    plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs (and plots, with experiment)
+    experiment: str | None = None  # log plots and the manifest to a run of this MLflow experiment
+
+    def __post_init__(self) -> None:
+        if self.level not in ("cell", "gene"):
+            raise InputError(f"level {self.level!r} must be cell or gene")
+        if self.pooling not in ("mean", "cls"):
+            raise InputError(f"pooling {self.pooling!r} must be mean or cls")
+        if self.layer not in ("penultimate", "last"):
+            try:
+                int(self.layer)
+            except ValueError:
+                raise InputError(f"layer {self.layer!r} must be penultimate, last or an integer") from None
+
+
+class Embedder:
+    """One model, loaded once; embeds one corpus shard per call."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from transformers import BertModel
+        from transformers.utils import logging as hf_logging
+
+        from rankformer.infer import pick_layer
+        from rankformer.loader import load_model
+
+        self.spec = spec
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
+        loaded = load_model(spec["model"], head=BertModel, tracking_uri=spec["tracking_uri"])
+        self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
+        model: Any = loaded.model
+        self.model = model.to(self.device).eval()
+        self.pad = int(loaded.vocab.specials[schema.PAD])
+        self.gene_lo = int(loaded.vocab.token_ids.min())
+        self.cls = loaded.vocab.specials.get(schema.CLS)
+        self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))
+
+    def embed(self, cells: list[np.ndarray]) -> tuple[np.ndarray, Any]:
+        """(cell vectors in input order, GeneSums over all occurrences)."""
+        from rankformer.infer import GeneSums, batches, hidden_states, mean_pool
+
+        dim = int(self.model.config.hidden_size)
+        genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
+        vecs = np.zeros((len(cells), dim), dtype=np.float32)
+        for b in batches(cells, self.pad, self.spec["max_tokens"]):
+            h = hidden_states(self.model, b, self.layer, self.device).cpu()
+            keep = b.ids >= self.gene_lo
+            if genes is not None:
+                genes.add(b.ids, h, keep)
+            elif self.spec["pooling"] == "cls":
+                vecs[b.index] = h[:, 0].numpy()
+            else:
+                vecs[b.index] = mean_pool(h, keep).numpy()
+        return vecs, genes
+
+    def __call__(self, task: dict[str, Any]) -> bytes:
+        spec = self.spec
+        table = _read_shard(task["uri"], spec["columns"], spec["where"])
+        cells = [
+            np.asarray(x, dtype=np.int64)
+            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+        ]
+        vecs, genes = self.embed(cells)
+        target = fs.join(spec["out"], task["name"])
+        if genes is not None:
+            seen = genes.seen()
+            part = {"tokens": seen, "sums": genes.sums[seen].numpy(), "counts": genes.counts[seen].numpy()}
+            fs.write_bytes_atomic(target, pickle.dumps(part))
+            return pickle.dumps({"name": task["name"], "cells": len(cells)})
+        flat = pa.array(vecs.reshape(-1), pa.float32())
+        out = table.drop_columns([schema.INPUT_IDS]).append_column(
+            "embedding", pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])
+        )
+        buf = io.BytesIO()
+        pq.write_table(out, buf)
+        fs.write_bytes_atomic(target, buf.getvalue())
+        return pickle.dumps({"name": task["name"], "cells": len(cells)})
+
+
+def _read_shard(uri: str, columns: list[str], where: dict[str, list[str]]) -> pa.Table:
+    with fs.open_input(uri) as f:
+        table = pq.read_table(f, columns=columns)
+    for col, values in where.items():
+        table = table.filter(pc.is_in(table.column(col).cast(pa.string()), pa.array(values)))
+    return table
+
+
+def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+    return Embedder(spec)
+
+
+def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
+    from rankformer import tracking
+    from rankformer.api import read_corpus
+    from rankformer.classify.common import JobOutput, open_model_and_corpus
+    from rankformer.classify.data import check_columns, parse_where
+    from rankformer.cluster import map_shards_actors
+    from rankformer.config import ClusterOptions
+    from rankformer.corpus.tokenize import corpus_files
+
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri)
+    if cfg.pooling == "cls" and (loaded.layout != "v2" or schema.CLS not in loaded.vocab.specials):
+        raise InputError(
+            f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {loaded.layout}"
+        )
+    where = parse_where(cfg.cells_where)
+    names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
+    check_columns(cfg.corpus, names, list(where), "--cells-where")
+    if cfg.plot_column:
+        check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")
+    keep = [c for c in names if c != schema.LENGTH]
+    # what the numbers depend on (not where or how widely they are computed)
+    what = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where")
+    }
+    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
+    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    done = set(fs.listdir(cfg.out))
+    ext = "parquet" if cfg.level == "cell" else "pkl"
+    shards = [{"uri": f, "name": f"{SHARD_STEM}{i:06d}.{ext}"} for i, f in enumerate(files)]
+    pending = [s for s in shards if s["name"] not in done]
+    spec = {
+        "model": cfg.model,
+        "tracking_uri": uri,
+        "use_gpu": cfg.use_gpu,
+        "layer": cfg.layer,
+        "level": cfg.level,
+        "pooling": cfg.pooling,
+        "max_tokens": cfg.max_tokens,
+        "columns": keep,
+        "where": where,
+        "out": cfg.out,
+    }
+    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
+    make = functools.partial(_make_embedder, spec)
+    n_cells = 0
+    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
+        n_cells += int(pickle.loads(payload)["cells"])
+    summary: dict[str, Any] = {
+        "model": cfg.model,
+        "vocab_hash": loaded.vocab.content_hash,
+        "layout": loaded.layout,
+        "level": cfg.level,
+        "layer": cfg.layer,
+        "pooling": cfg.pooling if cfg.level == "cell" else "mean over occurrences",
+        "dim": int(loaded.model.config.hidden_size),
+        "shards": [s["name"] for s in shards],
+        "shards_done_before": len(shards) - len(pending),
+    }
+    if cfg.level == "gene":
+        table = _merge_genes(cfg.out, shards, loaded.vocab)
+        _write_genes(out, table)
+        summary["genes"] = table.num_rows
+    else:
+        out.files += [s["name"] for s in shards]
+        if cfg.plot_column:
+            _plots(cfg, out, _cell_shards(cfg.out, [s["name"] for s in shards]))
+    if cfg.experiment:
+        run = tracking.start_run(uri, cfg.experiment, f"embed-{cfg.level}", {"job": "embed"})
+        tracking.log_params(uri, run, {k: v for k, v in summary.items() if k != "shards"})
+        for name in ("umap.png", "class_means.png"):
+            if os.path.exists(os.path.join(out.stage, name)):
+                tracking.log_file(uri, run, os.path.join(out.stage, name), "plots")
+        tracking.end_run(uri, run)
+    out.finish(summary)
+    done_what = (
+        f"{summary.get('genes', 0):,} genes" if cfg.level == "gene" else f"cells of {len(shards)} shards"
+    )
+    print(f"embedded {done_what} ({summary['shards_done_before']} shards already done) -> {cfg.out}")
+    return summary
+
+
+def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any) -> pa.Table:
+    dim = None
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for s in shards:
+        part = pickle.loads(fs.read_bytes(fs.join(out, s["name"])))
+        dim = part["sums"].shape[1] if len(part["tokens"]) else dim
+        for t, v, c in zip(part["tokens"].tolist(), part["sums"], part["counts"].tolist(), strict=True):
+            if t in sums:
+                sums[t] += v
+                counts[t] += c
+            else:
+                sums[t], counts[t] = v.copy(), c
+    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+    tokens = sorted(t for t in sums if t in gene_of)
+    means = (
+        np.stack([sums[t] / counts[t] for t in tokens]).astype(np.float32)
+        if tokens
+        else np.zeros((0, dim or 1), np.float32)
+    )
+    ids = [gene_of[t] for t in tokens]
+    return pa.table(
+        {
+            "gene_id": ids,
+            "symbol": [vocab.gene_names.get(g, "") for g in ids],
+            "n_occurrences": pa.array([counts[t] for t in tokens], pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(means.reshape(-1), pa.float32()), means.shape[1]
+            ),
+        }
+    )
+
+
+def _write_genes(out: Any, table: pa.Table) -> None:
+    pq.write_table(table, out.path("genes.parquet"))
+    out.publish("genes.parquet")
+
+
+def read_embeddings(out: str) -> pa.Table:
+    """All cell-level shards of a finished embed output, in corpus order."""
+    manifest = json.loads(fs.read_bytes(fs.join(out, "manifest.json")))
+    if manifest.get("level") == "gene":
+        with fs.open_input(fs.join(out, "genes.parquet")) as f:
+            return pq.read_table(f)
+    return _cell_shards(out, manifest["shards"])
+
+
+def _cell_shards(out: str, names: list[str]) -> pa.Table:
+    tables = []
+    for name in names:
+        with fs.open_input(fs.join(out, name)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
+def _plots(cfg: EmbedConfig, out: Any, table: pa.Table) -> None:
+    """UMAP of the cell embeddings coloured by ``plot_column``; heatmap of per-class means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    labels = np.asarray([str(v) for v in table.column(cfg.plot_column or "").to_pylist()])
+    classes = sorted(set(labels))
+    if len(x) >= 10:
+        import umap
+
+        xy = umap.UMAP(n_neighbors=min(15, len(x) - 1), random_state=0).fit_transform(x)
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for c in classes:
+            m = labels == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, label=c)
+        ax.set(title=f"UMAP of cell embeddings ({cfg.layer} layer)", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=3, loc="best")
+        fig.tight_layout()
+        fig.savefig(out.path("umap.png"), dpi=120)
+        plt.close(fig)
+        out.publish("umap.png")
+    means = np.stack([x[labels == c].mean(0) for c in classes])
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(classes) + 1.5))
+    ax.imshow(means, aspect="auto", cmap="RdBu_r")
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set(xlabel="embedding dimension", title=f"mean embedding per {cfg.plot_column}")
+    fig.tight_layout()
+    fig.savefig(out.path("class_means.png"), dpi=120)
+    plt.close(fig)
+    out.publish("class_means.png")

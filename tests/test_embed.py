@@ -1,0 +1,159 @@
+"""`rankformer embed`: cell and gene embeddings equal a plain one-cell-at-a-time Hugging Face forward
+pass whatever the batching; shards are resumable; the actor pool gives the same numbers."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertForMaskedLM
+
+from pretrain_helpers import write_corpus
+from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.errors import InputError
+from rankformer.model.presets import bert_config, preset
+from rankformer.model.store import save_model_dir
+from rankformer.synth import programme_cells
+from rankformer.vocab import GeneVocab
+
+N_GENES = 20 + 3 * 30
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("embed")
+    cells, types, _ = programme_cells(120, 3, 30, 20, 40, seed=4)
+    corpus = write_corpus(
+        str(d / "corpus"), cells, N_GENES, shards=3, carry={"cell_type": [f"t{t}" for t in types]}
+    )
+    import json
+
+    vocab = GeneVocab.load(json.loads((d / "corpus" / "manifest.json").read_text())["config"]["vocab"])
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(preset("tiny", {"num_hidden_layers": 3}), vocab)).eval()
+    save_model_dir(model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 64}, str(d / "model"))
+    return SimpleNamespace(d=d, corpus=corpus, cells=cells, model=str(d / "model"), plain=model)
+
+
+def _plain(world, cell: np.ndarray, layer: int) -> torch.Tensor:
+    ids = torch.as_tensor(cell[None].astype(np.int64))
+    with torch.no_grad():
+        out = world.plain.bert(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    return out.hidden_states[layer][0]
+
+
+@pytest.mark.parametrize(
+    ("pooling", "layer", "index", "max_tokens"),
+    [
+        ("mean", "penultimate", 2, 16384),
+        ("mean", "last", 3, 200),
+        ("cls", "0", 0, 16384),
+        ("mean", "1", 1, 45),
+    ],
+)
+def test_cell_embeddings_equal_a_plain_forward(world, tmp_path, pooling, layer, index, max_tokens):
+    out = tmp_path / "emb"
+    run_embed(
+        EmbedConfig(
+            model=world.model,
+            corpus=world.corpus,
+            out=str(out),
+            pooling=pooling,
+            layer=layer,
+            max_tokens=max_tokens,
+            in_process=True,
+        )
+    )
+    table = read_embeddings(str(out))
+    assert table.column_names == ["cell_id", "cell_type", "embedding"]
+    got = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert got.shape == (120, 32)
+    for i in range(0, 120, 7):
+        h = _plain(world, world.cells[i], index)
+        want = h[0] if pooling == "cls" else h[1:-1].mean(0)  # gene tokens: not <cls>/<eos>
+        np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5)
+
+
+def test_gene_embeddings_average_every_occurrence(world, tmp_path):
+    out = tmp_path / "genes"
+    run_embed(
+        EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), level="gene", in_process=True)
+    )
+    table = read_embeddings(str(out)).to_pandas()
+    counts = np.bincount(np.concatenate(world.cells), minlength=N_GENES + 4)
+    assert len(table) == int((counts[4:] > 0).sum())
+    gene = 4 + 25  # a programme gene
+    sums, n = torch.zeros(32), 0
+    for c in world.cells:
+        pos = np.flatnonzero(c == gene)
+        if len(pos):
+            sums += _plain(world, c, 2)[pos].sum(0)
+            n += len(pos)
+    row = table[table.gene_id == f"ENSG{gene - 4 + 1:011d}"].iloc[0]
+    assert row.n_occurrences == n == counts[gene]
+    np.testing.assert_allclose(np.asarray(row.embedding), (sums / n).numpy(), atol=1e-5)
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):
+    out = tmp_path / "emb"
+    cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), in_process=True)
+    run_embed(cfg)
+    first = read_embeddings(str(out))
+    os.remove(out / "part-000001.parquet")
+    summary = run_embed(cfg)
+    assert summary["shards_done_before"] == 2
+    assert read_embeddings(str(out)).equals(first)
+    with pytest.raises(InputError, match="other options"):
+        run_embed(
+            EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), layer="last", in_process=True)
+        )
+
+
+def test_plots_and_tracking(world, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "emb"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = EmbedConfig(
+        model=world.model,
+        corpus=world.corpus,
+        out=str(out),
+        in_process=True,
+        plot_column="cell_type",
+        tracking_uri=uri,
+        experiment="embed",
+    )
+    run_embed(cfg)
+    assert (out / "umap.png").exists() and (out / "class_means.png").exists()
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("embed").experiment_id])[0]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert arts == {"plots/umap.png", "plots/class_means.png"}
+
+
+def test_bad_input(world, tmp_path):
+    foreign = write_corpus(str(tmp_path / "foreign"), [np.arange(2, 12, dtype=np.int32)] * 10, N_GENES + 3)
+    with pytest.raises(InputError, match="vocabulary"):
+        run_embed(EmbedConfig(model=world.model, corpus=foreign, out=str(tmp_path / "a"), in_process=True))
+    with pytest.raises(InputError, match="tissue"):
+        run_embed(
+            EmbedConfig(model=world.model, corpus=world.corpus, out=str(tmp_path / "b"), plot_column="tissue")
+        )
+    with pytest.raises(InputError, match="level"):
+        EmbedConfig(model=world.model, corpus=world.corpus, out="x", level="token")
+
+
+@pytest.mark.ray
+def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
+    local = tmp_path / "local"
+    run_embed(EmbedConfig(model=world.model, corpus=world.corpus, out=str(local), in_process=True))
+    pooled = tmp_path / "pooled"
+    run_embed(
+        EmbedConfig(model=world.model, corpus=world.corpus, out=str(pooled), num_workers=2, in_process=False)
+    )
+    a = np.asarray(read_embeddings(str(local)).column("embedding").to_pylist())
+    b = np.asarray(read_embeddings(str(pooled)).column("embedding").to_pylist())
+    np.testing.assert_allclose(a, b, atol=1e-6)
