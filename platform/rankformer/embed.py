@@ -87,6 +87,8 @@ class Embedder:
         self.pad = int(loaded.vocab.specials[schema.PAD])
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.cls = loaded.vocab.specials.get(schema.CLS)
+        self.eos = loaded.vocab.specials.get(schema.EOS)
+        self.gene_of = dict(zip(loaded.vocab.token_ids.tolist(), loaded.vocab.gene_ids, strict=True))
         self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))
 
     def embed(self, cells: list[np.ndarray]) -> tuple[np.ndarray, Any]:

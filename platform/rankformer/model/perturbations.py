@@ -1,0 +1,71 @@
+"""In silico perturbations of one cell's token sequence (pure functions; no model).
+
+* ``delete``: the genes' tokens are removed;
+* ``overexpress``: the genes move to the front (after ``<cls>`` when present), in the order given;
+  listed genes absent from the cell are inserted there too; the result is cut to the model length
+  (v1: the tail is cut; v2: the first ``max_length - 1`` tokens are kept and ``<eos>`` appended);
+* ``inhibit`` / ``activate``: each gene moves down / up by ``shift`` ranks (a number of positions;
+  the job derives it from a fraction of the cell's gene count), staying within the gene part.
+
+Special tokens (``<cls>``, ``<eos>``) never move and are never perturbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+KINDS = ("delete", "overexpress", "inhibit", "activate")
+
+
+def split_specials(
+    cell: np.ndarray, cls: int | None, eos: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """(leading specials, genes, trailing specials)."""
+    toks = [int(t) for t in cell]
+    head = [toks.pop(0)] if cls is not None and toks and toks[0] == cls else []
+    tail = [toks.pop()] if eos is not None and toks and toks[-1] == eos else []
+    return head, toks, tail
+
+
+def perturb(
+    cell: np.ndarray,
+    genes: Sequence[int],
+    kind: str,
+    max_length: int,
+    cls: int | None = None,
+    eos: int | None = None,
+    shift: int = 0,
+) -> np.ndarray:
+    """The perturbed token sequence; genes absent from the cell are ignored except by overexpress."""
+    if kind not in KINDS:
+        raise ValueError(f"perturbation {kind!r} is not one of {KINDS}")
+    head, body, tail = split_specials(cell, cls, eos)
+    targets = [int(g) for g in genes]
+    if kind == "delete":
+        body = [t for t in body if t not in set(targets)]
+    elif kind == "overexpress":
+        body = targets + [t for t in body if t not in set(targets)]
+    else:
+        step = shift if kind == "inhibit" else -shift
+        order = sorted((body.index(g), g) for g in targets if g in body)
+        if kind == "inhibit":
+            order.reverse()  # move the lowest-ranked first so the others keep their targets
+        for _, g in order:
+            i = body.index(g)
+            body.pop(i)
+            body.insert(int(np.clip(i + step, 0, len(body))), g)
+    out = head + body + tail
+    if len(out) > max_length:
+        out = head + body[: max_length - len(head) - len(tail)] + tail
+    return np.asarray(out, dtype=np.int64)
+
+
+def positions(cell: np.ndarray, gene_lo: int) -> dict[int, int]:
+    """Gene token -> its position in ``cell`` (first occurrence)."""
+    out: dict[int, int] = {}
+    for i, t in enumerate(cell.tolist()):
+        if t >= gene_lo and t not in out:
+            out[t] = i
+    return out

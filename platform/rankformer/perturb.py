@@ -1,0 +1,450 @@
+"""`rankformer perturb`: in silico deletion, overexpression, inhibition and activation of genes in
+every selected cell, scored by how the cell's embedding moves; `rankformer perturb stats`.
+
+Per (cell, perturbation) row, with states at ``--layer``:
+
+* ``cell_cosine``: cosine of the cell's mean-pooled gene-token embedding before and after;
+* ``gene_mean_cosine``: the reference's per-cell score, the mean over the remaining genes of each
+  gene's state cosine before/after, matched by gene (not position); dominated by the position shift
+  a deletion causes for every later gene, so it runs lower for genes near the top of the cell;
+* ``shift_<state>`` (with ``--state-column``): cos(perturbed cell, state) - cos(original cell, state),
+  a state's embedding being the mean of its cells' mean-pooled embeddings.
+
+Each cell's original forward pass runs once; its variants go through together in length-budgeted
+batches (a deletion is one token shorter: no padding to a global maximum). Corpus shards are spread
+over a pool of Ray actors, each writing its output shard as it finishes; a rerun skips finished
+shards. Memory is bounded by one shard's cells and one cell's variants.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rankformer import schema
+from rankformer.embed import Embedder, _read_shard
+from rankformer.errors import InputError
+from rankformer.io import fs
+from rankformer.model.perturbations import KINDS, perturb, positions
+
+
+@dataclass
+class PerturbConfig:
+    """`rankformer perturb`: how perturbing genes moves each cell's embedding."""
+
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder (tokenized with the model's vocabulary)
+    out: str  # output folder: Parquet shards + manifest (local or s3://)
+    kind: str = "delete"  # delete, overexpress, inhibit or activate
+    genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
+    mode: str = "each"  # each listed gene alone, all listed together, or every gene of each cell (all)
+    anchor: str | None = None  # perturb this gene together with each other one
+    shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
+    missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    state_column: str | None = None  # carried column naming each cell's state
+    start_state: str | None = None  # perturb only cells of this state
+    goal_state: str | None = None  # score the shift toward this state
+    alt_states: list[str] = field(default_factory=list)  # further states to score shifts toward
+    per_gene: bool = False  # also write each affected gene's cosine (genes-part-*.parquet)
+    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    num_workers: int = 1  # actors, one model each
+    use_gpu: bool = False  # one GPU per actor
+    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
+    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
+        if self.mode not in ("each", "together", "all"):
+            raise InputError(f"mode {self.mode!r} must be each, together or all")
+        if self.mode != "all" and not self.genes:
+            raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
+        if self.missing not in ("skip", "error"):
+            raise InputError(f"missing {self.missing!r} must be skip or error")
+        if not 0 < self.shift <= 1:
+            raise InputError(f"shift {self.shift} must be within (0, 1]")
+        states = [s for s in (self.start_state, self.goal_state, *self.alt_states) if s]
+        if states and not self.state_column:
+            raise InputError("--start-state/--goal-state/--alt-states need --state-column")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+class Perturber(Embedder):
+    """One model per actor: perturbs every cell of one corpus shard per call."""
+
+    def variants(self, cell: np.ndarray) -> list[list[int]]:
+        spec = self.spec
+        listed: list[int] = spec["targets"]
+        genes = [t for t in cell.tolist() if t >= self.gene_lo]
+        present = set(genes)
+        pool = genes if spec["mode"] == "all" else listed
+        if spec["kind"] != "overexpress":
+            pool = [g for g in pool if g in present]
+        anchor = spec["anchor"]
+        if anchor is not None:
+            if spec["kind"] != "overexpress" and anchor not in present:
+                return []
+            return [[anchor, g] for g in pool if g != anchor]
+        if spec["mode"] == "together":
+            return [pool] if pool else []
+        return [[g] for g in pool]
+
+    def score_cell(
+        self, cell: np.ndarray, h0: torch.Tensor, cell_id: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from rankformer.infer import Batch, hidden_states, mean_pool
+        from rankformer.model.batching import budget_batches, pad_batch
+
+        spec = self.spec
+        n_genes = int((cell >= self.gene_lo).sum())
+        shift = max(1, round(spec["shift"] * n_genes))
+        combos = self.variants(cell)
+        seqs = [perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos]
+        for c, s in zip(combos, seqs, strict=True):
+            if not (s >= self.gene_lo).any():
+                raise InputError(
+                    f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
+                    "out (--cells-where) or perturb fewer genes"
+                )
+        keep0 = torch.as_tensor(cell >= self.gene_lo)
+        v0 = mean_pool(h0[None], keep0[None])[0]
+        pos0 = positions(cell, self.gene_lo)
+        rank = {g: r for r, g in enumerate(t for t in cell.tolist() if t >= self.gene_lo)}
+        states = spec["states"]
+        s_names = list(states)
+        s_mat = (
+            torch.tensor(np.asarray([states[k] for k in s_names]), dtype=torch.float32) if states else None
+        )
+        rows: list[dict[str, Any]] = []
+        per_gene: list[dict[str, Any]] = []
+        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        for idx in budget_batches(lengths, spec["max_tokens"], 256) if len(seqs) else []:
+            ids, attn = pad_batch([seqs[i] for i in idx], self.pad)
+            h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device).cpu()
+            keep1 = ids >= self.gene_lo
+            v1 = mean_pool(h1, keep1)
+            for j, i in enumerate(idx.tolist()):
+                moved = set(combos[i])
+                pos1 = positions(seqs[i], self.gene_lo)
+                common = [g for g in pos0 if g in pos1 and g not in moved]
+                gene_cos = (
+                    _cos(h0[[pos0[g] for g in common]], h1[j, [pos1[g] for g in common]])
+                    if common
+                    else torch.zeros(0)
+                )
+                row = {
+                    schema.CELL_ID: cell_id,
+                    "perturbed": self.names(combos[i]),
+                    "rank": min((rank[g] for g in combos[i] if g in rank), default=-1),
+                    "cell_cosine": float(_cos(v0, v1[j])),
+                    "gene_mean_cosine": float(gene_cos.mean()) if len(common) else float("nan"),
+                }
+                if s_mat is not None:
+                    delta = _cos(v1[j][None], s_mat) - _cos(v0[None], s_mat)
+                    row.update({f"shift_{k}": float(d) for k, d in zip(s_names, delta, strict=True)})
+                rows.append(row)
+                if spec["per_gene"]:
+                    per_gene += [
+                        {
+                            schema.CELL_ID: cell_id,
+                            "perturbed": row["perturbed"],
+                            "affected_gene": self.gene_of[g],
+                            "cosine": float(c),
+                        }
+                        for g, c in zip(common, gene_cos.tolist(), strict=True)
+                    ]
+        return rows, per_gene
+
+    def names(self, tokens: list[int]) -> list[str]:
+        return [self.gene_of[t] for t in tokens]
+
+    def __call__(self, task: dict[str, Any]) -> bytes:
+        from rankformer.infer import batches, hidden_states
+
+        spec = self.spec
+        table = _read_shard(task["uri"], spec["columns"], spec["where"])
+        cells = [
+            np.asarray(x, dtype=np.int64)
+            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+        ]
+        ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
+        rows: list[dict[str, Any]] = []
+        per_gene: list[dict[str, Any]] = []
+        for b in batches(cells, self.pad, spec["max_tokens"]):  # each original forward runs once
+            h = hidden_states(self.model, b, self.layer, self.device).cpu()
+            for j, i in enumerate(b.index.tolist()):
+                r, g = self.score_cell(cells[i], h[j, : len(cells[i])], ids[i])
+                rows += r
+                per_gene += g
+        _write(spec["out"], task["name"], rows, spec["state_names"])
+        if spec["per_gene"]:
+            _write(spec["out"], "genes-" + task["name"], per_gene, None)
+        return pickle.dumps({"cells": len(cells), "rows": len(rows)})
+
+
+def _write(out: str, name: str, rows: list[dict[str, Any]], states: list[str] | None) -> None:
+    if states is not None:
+        cols: dict[str, Any] = {
+            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
+            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
+            "rank": pa.array([r["rank"] for r in rows], pa.int32()),
+            "cell_cosine": pa.array([r["cell_cosine"] for r in rows], pa.float64()),
+            "gene_mean_cosine": pa.array([r["gene_mean_cosine"] for r in rows], pa.float64()),
+        }
+        for s in states:
+            cols[f"shift_{s}"] = pa.array([r[f"shift_{s}"] for r in rows], pa.float64())
+        table = pa.table(cols)
+    else:
+        table = pa.table(
+            {
+                schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
+                "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
+                "affected_gene": pa.array([r["affected_gene"] for r in rows], pa.string()),
+                "cosine": pa.array([r["cosine"] for r in rows], pa.float64()),
+            }
+        )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.write_bytes_atomic(fs.join(out, name), buf.getvalue())
+
+
+def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+    return Perturber(spec)
+
+
+def _targets(cfg: PerturbConfig, vocab: Any) -> tuple[list[int], int | None, list[str]]:
+    from rankformer.classify.labels import symbol_index
+
+    names = symbol_index(vocab)
+    asked = list(cfg.genes) + ([cfg.anchor] if cfg.anchor else [])
+    tokens = vocab.map_gene_ids(asked, extra_aliases=names).tolist()
+    missing = [g for g, t in zip(asked, tokens, strict=True) if t < 0]
+    if cfg.anchor and tokens[-1] < 0:
+        raise InputError(f"anchor gene {cfg.anchor} is not in the model's vocabulary")
+    if missing and cfg.missing == "error":
+        raise InputError(f"genes not in the model's vocabulary: {missing}; fix them or pass --missing skip")
+    listed = [t for t in tokens[: len(cfg.genes)] if t >= 0]
+    if cfg.mode != "all" and not listed:
+        raise InputError(f"none of the genes {cfg.genes} is in the model's vocabulary")
+    return listed, (tokens[-1] if cfg.anchor else None), missing
+
+
+def state_embeddings(cfg: PerturbConfig, spec: dict[str, Any], files: list[str]) -> dict[str, list[float]]:
+    """Each state's embedding: the mean of its cells' mean-pooled embeddings."""
+    if not cfg.state_column:
+        return {}
+    wanted = [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
+    embedder = Embedder({**spec, "level": "cell", "pooling": "mean"})
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    cols = [schema.INPUT_IDS, cfg.state_column]
+    for f in files:
+        table = _read_shard(f, cols, {cfg.state_column: wanted})
+        if table.num_rows == 0:
+            continue
+        cells = [
+            np.asarray(x, dtype=np.int64)
+            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+        ]
+        vecs, _ = embedder.embed(cells)
+        labels = np.asarray([str(v) for v in table.column(cfg.state_column).to_pylist()])
+        for s in wanted:
+            m = labels == s
+            if m.any():
+                sums[s] = sums.get(s, 0) + vecs[m].sum(0)
+                counts[s] = counts.get(s, 0) + int(m.sum())
+    empty = [s for s in wanted if s not in counts]
+    if empty:
+        raise InputError(f"no cell of state(s) {empty} in column {cfg.state_column!r}; check the state names")
+    return {s: (sums[s] / counts[s]).tolist() for s in wanted}
+
+
+def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
+    from rankformer import tracking
+    from rankformer.api import read_corpus
+    from rankformer.classify.common import JobOutput, open_model_and_corpus
+    from rankformer.classify.data import check_columns, parse_where
+    from rankformer.cluster import map_shards_actors
+    from rankformer.config import ClusterOptions
+    from rankformer.corpus.tokenize import corpus_files
+
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri)
+    listed, anchor, missing = _targets(cfg, loaded.vocab)
+    where = parse_where(cfg.cells_where)
+    names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
+    check_columns(cfg.corpus, names, [*where, *([cfg.state_column] if cfg.state_column else [])], "the")
+    if cfg.start_state and cfg.state_column:
+        where[cfg.state_column] = [cfg.start_state]
+    what = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("num_workers", "ray_address", "in_process", "use_gpu")
+    }
+    out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
+    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    max_length = int(loaded.meta.get("max_length") or loaded.model.config.max_position_embeddings)
+    spec: dict[str, Any] = {
+        "model": cfg.model,
+        "tracking_uri": uri,
+        "use_gpu": cfg.use_gpu,
+        "layer": cfg.layer,
+        "level": "cell",
+        "pooling": "mean",
+        "max_tokens": cfg.max_tokens,
+        "columns": [schema.INPUT_IDS, schema.CELL_ID, *([cfg.state_column] if cfg.state_column else [])],
+        "where": where,
+        "out": cfg.out,
+        "kind": cfg.kind,
+        "mode": cfg.mode,
+        "targets": listed,
+        "anchor": anchor,
+        "shift": cfg.shift,
+        "per_gene": cfg.per_gene,
+        "max_length": max_length,
+    }
+    states = state_embeddings(cfg, {**spec, "where": {}}, files)
+    spec["states"] = states
+    spec["state_names"] = list(states)
+    done = set(fs.listdir(cfg.out))
+    shards = [{"uri": f, "name": f"part-{i:06d}.parquet"} for i, f in enumerate(files)]
+    pending = [s for s in shards if s["name"] not in done]
+    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
+    rows = 0
+    make = functools.partial(_make_perturber, spec)
+    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
+        rows += int(pickle.loads(payload)["rows"])
+    out.files += [s["name"] for s in shards] + (
+        ["genes-" + s["name"] for s in shards] if cfg.per_gene else []
+    )
+    summary = {
+        "model": cfg.model,
+        "vocab_hash": loaded.vocab.content_hash,
+        "kind": cfg.kind,
+        "mode": cfg.mode,
+        "layer": cfg.layer,
+        "states": list(states),
+        "goal_state": cfg.goal_state,
+        "genes_not_in_vocabulary": missing,
+        "shards": [s["name"] for s in shards],
+        "shards_done_before": len(shards) - len(pending),
+    }
+    out.finish(summary)
+    print(
+        f"perturbed ({cfg.kind}, {cfg.mode}) cells of {len(shards)} shards "
+        f"({summary['shards_done_before']} already done); {len(missing)} genes not in the vocabulary "
+        f"-> {cfg.out}"
+    )
+    return summary
+
+
+def read_results(out: str, per_gene: bool = False) -> pa.Table:
+    manifest = json.loads(fs.read_bytes(fs.join(out, "manifest.json")))
+    tables = []
+    for name in manifest["shards"]:
+        with fs.open_input(fs.join(out, ("genes-" if per_gene else "") + name)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
+def perturb_stats(
+    out: str, goal_state: str | None = None, seed: int = 0, null_cap: int = 100_000
+) -> pd.DataFrame:
+    """Per perturbed gene (or combination): cells, mean scores with 95% confidence intervals, and a
+    two-sided rank-sum test of its effect against a null of other genes perturbed at matched ranks
+    (the same rank decile of their cells), Benjamini-Hochberg FDR. The effect is the shift toward
+    ``goal_state`` when given, else 1 - cell_cosine. Writes stats.parquet/.csv and a plot."""
+    from scipy import stats as st
+
+    df = read_results(out).to_pandas()
+    if df.empty:
+        raise InputError(f"{out} holds no perturbation rows")
+    col = f"shift_{goal_state}" if goal_state else None
+    if col and col not in df:
+        raise InputError(
+            f"{out} has no shift toward {goal_state!r}; its states: "
+            f"{[c[6:] for c in df.columns if c.startswith('shift_')]}"
+        )
+    df["key"] = df["perturbed"].map(lambda g: ",".join(g))
+    df["effect"] = df[col] if col else 1.0 - df["cell_cosine"]
+    lengths = df.groupby("cell_id")["rank"].transform("max").clip(lower=1)
+    df["rank_bin"] = np.minimum((10 * df["rank"] / (lengths + 1)).astype(int), 9)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, g in df.groupby("key", sort=False):
+        n = len(g)
+        eff = g["effect"].to_numpy()
+        half = float(st.t.ppf(0.975, n - 1) * eff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        null = df.loc[(df["key"] != key) & df["rank_bin"].isin(g["rank_bin"].unique()), "effect"].to_numpy()
+        if len(null) > null_cap:
+            null = rng.choice(null, null_cap, replace=False)
+        p = float(st.mannwhitneyu(eff, null).pvalue) if len(null) and n else float("nan")
+        row = {
+            "perturbed": key,
+            "n_cells": n,
+            "effect_mean": float(eff.mean()),
+            "effect_ci_low": float(eff.mean()) - half,
+            "effect_ci_high": float(eff.mean()) + half,
+            "cell_cosine_mean": float(g["cell_cosine"].mean()),
+            "gene_mean_cosine_mean": float(g["gene_mean_cosine"].mean()),
+            "null_effect_mean": float(null.mean()) if len(null) else float("nan"),
+            "p_value": p,
+        }
+        for c in g.columns:
+            if c.startswith("shift_"):
+                row[f"{c}_mean"] = float(g[c].mean())
+        rows.append(row)
+    res = pd.DataFrame(rows)
+    ok = res["p_value"].notna()
+    res["fdr"] = np.nan
+    if ok.any():
+        res.loc[ok, "fdr"] = st.false_discovery_control(res.loc[ok, "p_value"].to_numpy(), method="bh")
+    res["significant"] = res["fdr"] < 0.05
+    res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
+    res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
+    _write_stats(out, res)
+    return res
+
+
+def _write_stats(out: str, res: pd.DataFrame) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    res.to_parquet(buf, index=False)
+    fs.write_bytes_atomic(fs.join(out, "stats.parquet"), buf.getvalue())
+    fs.write_bytes_atomic(fs.join(out, "stats.csv"), res.to_csv(index=False).encode())
+    top = res.head(25).iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(top) + 1.5))
+    err = np.vstack([top.effect_mean - top.effect_ci_low, top.effect_ci_high - top.effect_mean])
+    colors = ["tab:red" if s else "tab:grey" for s in top.significant]
+    ax.barh(range(len(top)), top.effect_mean, xerr=np.nan_to_num(err), color=colors)
+    ax.set_yticks(range(len(top)), top.perturbed, fontsize=7)
+    ax.axvline(float(res["null_effect_mean"].mean()), ls="--", c="k", lw=0.8)
+    ax.set(
+        xlabel=res.attrs.get("effect", "effect"), title="top perturbations (red: FDR < 0.05; dashed: null)"
+    )
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    fs.write_bytes_atomic(fs.join(out, "stats.png"), png.getvalue())
