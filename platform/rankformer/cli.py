@@ -1,5 +1,6 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
-pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed.
+pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed |
+perturb | perturb stats.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -77,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     from rankformer.embed import EmbedConfig
 
     add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
+    from rankformer.perturb import PerturbConfig
+
+    add_config_arguments(
+        sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
+    )
+    ps = sub.add_parser("perturb-stats", help="`perturb stats OUT`: per-gene effects, null test, FDR")
+    ps.add_argument("out", help="output folder of `rankformer perturb`")
+    ps.add_argument("--goal-state", help="rank by the shift toward this state (default: 1 - cell_cosine)")
+    ps.add_argument("--seed", type=int, default=0, help="seed of the null's subsample (0)")
     mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
     imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
     imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
@@ -117,6 +127,9 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["perturb", "stats"]:
+        argv = ["perturb-stats", *argv[2:]]
     args = _parser().parse_args(argv)
     if args.command == "corpus":
         return _corpus_command(args)
@@ -139,6 +152,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         from rankformer.embed import EmbedConfig, run_embed
 
         run_embed(build(EmbedConfig, merged_values(args, EmbedConfig)))
+        return 0
+    if args.command == "perturb":
+        from rankformer.perturb import PerturbConfig, run_perturb
+
+        run_perturb(build(PerturbConfig, merged_values(args, PerturbConfig)))
+        return 0
+    if args.command == "perturb-stats":
+        from rankformer.perturb import perturb_stats
+
+        res = perturb_stats(args.out, args.goal_state, args.seed)
+        print(res.head(20).to_string(index=False))
+        print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
         return 0
     if args.command == "model":
         from rankformer.model.imports import import_geneformer_model, register_import

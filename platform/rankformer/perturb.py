@@ -369,7 +369,7 @@ def perturb_stats(
 ) -> pd.DataFrame:
     """Per perturbed gene (or combination): cells, mean scores with 95% confidence intervals, and a
     two-sided rank-sum test of its effect against a null of other genes perturbed at matched ranks
-    (the same rank decile of their cells), Benjamini-Hochberg FDR. The effect is the shift toward
+    (the same window of three rank positions), Benjamini-Hochberg FDR. The effect is the shift toward
     ``goal_state`` when given, else 1 - cell_cosine. Writes stats.parquet/.csv and a plot."""
     from scipy import stats as st
 
@@ -384,8 +384,9 @@ def perturb_stats(
         )
     df["key"] = df["perturbed"].map(lambda g: ",".join(g))
     df["effect"] = df[col] if col else 1.0 - df["cell_cosine"]
-    lengths = df.groupby("cell_id")["rank"].transform("max").clip(lower=1)
-    df["rank_bin"] = np.minimum((10 * df["rank"] / (lengths + 1)).astype(int), 9)
+    # matched in rank: the same window of three positions (a deletion's position effect is strongest
+    # near the top of a cell, so relative bins would mix very different positions)
+    df["rank_bin"] = df["rank"].clip(lower=0) // 3
     rng = np.random.default_rng(seed)
     rows = []
     for key, g in df.groupby("key", sort=False):
