@@ -123,7 +123,7 @@ def test_scores_equal_the_plain_per_variant_computation(world, tmp_path):
             variant = np.asarray([t for t in cell if t != g])
             h1 = states(variant)
             gid = world.ids[g - 4]
-            row = rows[(rows.cell_id == f"c{i}") & rows.perturbed.map(lambda p: list(p) == [gid])].iloc[0]
+            row = rows[(rows.cell_id == f"c{i}") & (rows.perturbed.map(tuple) == (gid,))].iloc[0]
             assert row["rank"] == list(cell[1:-1]).index(g)
             assert row.cell_cosine == pytest.approx(
                 float(cos(h0[1:-1].mean(0), h1[1:-1].mean(0), dim=0)), abs=1e-5
@@ -135,9 +135,7 @@ def test_scores_equal_the_plain_per_variant_computation(world, tmp_path):
             assert row.gene_mean_cosine == pytest.approx(float(gc.mean()), abs=1e-5)
             want = float(cos(h1[1:-1].mean(0), goal, dim=0) - cos(h0[1:-1].mean(0), goal, dim=0))
             assert row.shift_B == pytest.approx(want, abs=1e-5)
-            mine = per_gene[
-                (per_gene.cell_id == f"c{i}") & per_gene.perturbed.map(lambda p: list(p) == [gid])
-            ]
+            mine = per_gene[(per_gene.cell_id == f"c{i}") & (per_gene.perturbed.map(tuple) == (gid,))]
             np.testing.assert_allclose(mine.cosine.to_numpy(), gc.numpy(), atol=1e-5)
 
 
