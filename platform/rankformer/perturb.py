@@ -185,14 +185,13 @@ class Perturber(Embedder):
             for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
         ]
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
-        rows: list[dict[str, Any]] = []
-        per_gene: list[dict[str, Any]] = []
+        done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
         for b in batches(cells, self.pad, spec["max_tokens"]):  # each original forward runs once
             h = hidden_states(self.model, b, self.layer, self.device).cpu()
             for j, i in enumerate(b.index.tolist()):
-                r, g = self.score_cell(cells[i], h[j, : len(cells[i])], ids[i])
-                rows += r
-                per_gene += g
+                done[i] = self.score_cell(cells[i], h[j, : len(cells[i])], ids[i])
+        rows = [r for i in range(len(cells)) for r in done[i][0]]  # in corpus order
+        per_gene = [g for i in range(len(cells)) for g in done[i][1]]
         _write(spec["out"], task["name"], rows, spec["state_names"])
         if spec["per_gene"]:
             _write(spec["out"], "genes-" + task["name"], per_gene, None)
