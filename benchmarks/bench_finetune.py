@@ -80,6 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--throughput-only", action="store_true", help="reuse the last run's corpus and model")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from rankformer.classify.cells import run_finetune_cells
@@ -87,13 +88,16 @@ def main() -> None:
     from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig
 
     work = WORK / "finetune"
+    track = {"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "bench"}
+    if args.throughput_only:
+        throughput(str(work / "pbmc_corpus"), str(work / "model"), work, track)
+        return
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = corpus(work)
     t = time.perf_counter()
     model = pretrain_in_process(data, str(work / "model"), args.pretrain_steps, max_tokens=8192)
     pre_s = time.perf_counter() - t
-    track = {"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "bench"}
     conf = {
         "data": "pbmc_2k_celltypes",
         "model": f"tiny pretrained {args.pretrain_steps} steps here ({pre_s:.0f}s)",
@@ -181,6 +185,8 @@ def throughput(data: str, model: str, work: Path, track: dict[str, str]) -> None
                 batch={"max_tokens": 8192, "max_cells": 12},
                 scale={**scale, "storage_path": str(work / "ray")},
                 track={**track, "run_name": f"tp-{name}"},
+                cells_where=[],
+                limit_cells=None,
             )
         )
         client = MlflowClient(track["tracking_uri"])
