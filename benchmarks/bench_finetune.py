@@ -168,6 +168,7 @@ def throughput(data: str, model: str, work: Path, track: dict[str, str]) -> None
         ("ray_1", {"num_workers": 1, "in_process": False, "cpus_per_worker": 0.5}),
         ("ray_2", {"num_workers": 2, "in_process": False, "cpus_per_worker": 0.5}),
     ):
+        shutil.rmtree(work / f"tp_{name}", ignore_errors=True)  # no checkpoint to resume from
         if name.startswith("ray"):
             ray.shutdown()
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -185,8 +186,6 @@ def throughput(data: str, model: str, work: Path, track: dict[str, str]) -> None
                 batch={"max_tokens": 8192, "max_cells": 12},
                 scale={**scale, "storage_path": str(work / "ray")},
                 track={**track, "run_name": f"tp-{name}"},
-                cells_where=[],
-                limit_cells=None,
             )
         )
         client = MlflowClient(track["tracking_uri"])
