@@ -77,24 +77,33 @@ def test_cell_embeddings_equal_a_plain_forward(world, tmp_path, pooling, layer, 
         np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5)
 
 
-def test_gene_embeddings_average_every_occurrence(world, tmp_path):
+@pytest.mark.parametrize("stat", ["mean", "median"])
+def test_gene_embeddings_over_every_occurrence(world, tmp_path, stat):
     out = tmp_path / "genes"
     run_embed(
-        EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), level="gene", in_process=True)
+        EmbedConfig(
+            model=world.model,
+            corpus=world.corpus,
+            out=str(out),
+            level="gene",
+            gene_stat=stat,
+            in_process=True,
+        )
     )
     table = read_embeddings(str(out)).to_pandas()
     counts = np.bincount(np.concatenate(world.cells), minlength=N_GENES + 4)
     assert len(table) == int((counts[4:] > 0).sum())
     gene = 4 + 25  # a programme gene
-    sums, n = torch.zeros(32), 0
+    states = []
     for c in world.cells:
         pos = np.flatnonzero(c == gene)
         if len(pos):
-            sums += _plain(world, c, 2)[pos].sum(0)
-            n += len(pos)
+            states.append(_plain(world, c, 2)[pos])
+    every = torch.cat(states)
     row = table[table.gene_id == f"ENSG{gene - 4 + 1:011d}"].iloc[0]
-    assert row.n_occurrences == n == counts[gene]
-    np.testing.assert_allclose(np.asarray(row.embedding), (sums / n).numpy(), atol=1e-5)
+    assert row.n_occurrences == len(every) == counts[gene]
+    want = every.mean(0) if stat == "mean" else torch.from_numpy(np.median(every.numpy(), axis=0))
+    np.testing.assert_allclose(np.asarray(row.embedding), want.numpy(), atol=1e-5)
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):

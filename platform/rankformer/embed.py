@@ -44,6 +44,7 @@ class EmbedConfig:
     out: str  # output folder: Parquet shards + manifest (local or s3://)
     level: str = "cell"  # cell or gene
     pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
+    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (holds every occurrence)
     layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
@@ -58,6 +59,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.level not in ("cell", "gene"):
             raise InputError(f"level {self.level!r} must be cell or gene")
+        if self.gene_stat not in ("mean", "median"):
+            raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"pooling {self.pooling!r} must be mean or cls")
         if self.layer not in ("penultimate", "last"):
@@ -102,11 +105,14 @@ class Embedder:
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
         vecs = np.zeros((len(cells), dim), dtype=np.float32)
+        self.occurrences: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, states) for medians
         for b in batches(cells, self.pad, self.spec["max_tokens"]):
             h = hidden_states(self.model, b, self.layer, self.device).cpu()
             keep = b.ids >= self.gene_lo
             if genes is not None:
                 genes.add(b.ids, h, keep)
+                if self.spec.get("gene_stat") == "median":
+                    self.occurrences.append((b.ids[keep].numpy(), h[keep].numpy()))
             elif self.spec["pooling"] == "cls":
                 vecs[b.index] = h[:, 0].numpy()
             else:
@@ -124,7 +130,14 @@ class Embedder:
         target = fs.join(spec["out"], task["name"])
         if genes is not None:
             seen = genes.seen()
-            part = {"tokens": seen, "sums": genes.sums[seen].numpy(), "counts": genes.counts[seen].numpy()}
+            part: dict[str, Any] = {
+                "tokens": seen,
+                "sums": genes.sums[seen].numpy(),
+                "counts": genes.counts[seen].numpy(),
+            }
+            if self.occurrences:
+                part["occ_tokens"] = np.concatenate([t for t, _ in self.occurrences])
+                part["occ_states"] = np.concatenate([s for _, s in self.occurrences])
             fs.write_bytes_atomic(target, pickle.dumps(part))
             return pickle.dumps({"name": task["name"], "cells": len(cells)})
         flat = pa.array(vecs.reshape(-1), pa.float32())
@@ -174,7 +187,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     what = {
         k: v
         for k, v in asdict(cfg).items()
-        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where")
+        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where", "gene_stat")
     }
     out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
@@ -190,6 +203,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "level": cfg.level,
         "pooling": cfg.pooling,
         "max_tokens": cfg.max_tokens,
+        "gene_stat": cfg.gene_stat,
         "columns": keep,
         "where": where,
         "out": cfg.out,
@@ -205,13 +219,13 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "layout": loaded.layout,
         "level": cfg.level,
         "layer": cfg.layer,
-        "pooling": cfg.pooling if cfg.level == "cell" else "mean over occurrences",
+        "pooling": cfg.pooling if cfg.level == "cell" else f"{cfg.gene_stat} over occurrences",
         "dim": int(loaded.model.config.hidden_size),
         "shards": [s["name"] for s in shards],
         "shards_done_before": len(shards) - len(pending),
     }
     if cfg.level == "gene":
-        table = _merge_genes(cfg.out, shards, loaded.vocab)
+        table = _merge_genes(cfg.out, shards, loaded.vocab, median=cfg.gene_stat == "median")
         _write_genes(out, table)
         summary["genes"] = table.num_rows
     else:
@@ -233,12 +247,18 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     return summary
 
 
-def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any) -> pa.Table:
+def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any, median: bool = False) -> pa.Table:
+    """Per-gene mean (or exact median, per dimension) over every occurrence in every shard."""
     dim = None
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
+    occ_t: list[np.ndarray] = []
+    occ_s: list[np.ndarray] = []
     for s in shards:
         part = pickle.loads(fs.read_bytes(fs.join(out, s["name"])))
+        if median:
+            occ_t.append(part["occ_tokens"])
+            occ_s.append(part["occ_states"])
         dim = part["sums"].shape[1] if len(part["tokens"]) else dim
         for t, v, c in zip(part["tokens"].tolist(), part["sums"], part["counts"].tolist(), strict=True):
             if t in sums:
@@ -248,11 +268,19 @@ def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any) -> pa.Table
                 sums[t], counts[t] = v.copy(), c
     gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
     tokens = sorted(t for t in sums if t in gene_of)
-    means = (
-        np.stack([sums[t] / counts[t] for t in tokens]).astype(np.float32)
-        if tokens
-        else np.zeros((0, dim or 1), np.float32)
-    )
+    if median and tokens:
+        all_t, all_s = np.concatenate(occ_t), np.concatenate(occ_s)
+        order = np.argsort(all_t, kind="stable")
+        all_t, all_s = all_t[order], all_s[order]
+        bounds = np.searchsorted(all_t, [*tokens, max(tokens) + 1])
+        means = np.stack([np.median(all_s[bounds[i] : bounds[i + 1]], axis=0) for i in range(len(tokens))])
+        means = means.astype(np.float32)
+    else:
+        means = (
+            np.stack([sums[t] / counts[t] for t in tokens]).astype(np.float32)
+            if tokens
+            else np.zeros((0, dim or 1), np.float32)
+        )
     ids = [gene_of[t] for t in tokens]
     return pa.table(
         {
