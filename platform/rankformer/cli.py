@@ -1,6 +1,6 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
 pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed |
-perturb | perturb stats.
+perturb | perturb stats | serve.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("out", help="output folder of `rankformer perturb`")
     ps.add_argument("--goal-state", help="rank by the shift toward this state (default: 1 - cell_cosine)")
     ps.add_argument("--seed", type=int, default=0, help="seed of the null's subsample (0)")
+    from rankformer.serving import ServeConfig
+
+    add_config_arguments(
+        sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
+    )
     mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
     imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
     imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
@@ -152,6 +157,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         from rankformer.embed import EmbedConfig, run_embed
 
         run_embed(build(EmbedConfig, merged_values(args, EmbedConfig)))
+        return 0
+    if args.command == "serve":
+        from rankformer.serving import ServeConfig, run_serve
+
+        run_serve(build(ServeConfig, merged_values(args, ServeConfig)))
         return 0
     if args.command == "perturb":
         from rankformer.perturb import PerturbConfig, run_perturb

@@ -1,0 +1,488 @@
+"""Ray Serve endpoints: embeddings and in silico perturbation of cells sent over HTTP.
+
+A FastAPI ingress checks and converts requests (pydantic models: every bad input is a 4xx naming
+the field, never a 500) and calls a model deployment that loads a model (``models:/NAME@ALIAS``, a
+path or ``s3://``) with its vocabulary. Raw counts are tokenized by the corpus pipeline's own code
+(:func:`rankformer.api.tokenize_anndata`); embeddings and perturbation scores come from the batch
+jobs' own code (:class:`rankformer.perturb.Perturber`), so they equal the jobs' to float precision.
+``/v1/embed`` requests are batched dynamically (``@serve.batch``) and their cells regrouped by
+length. Updating the deployment's ``user_config`` (or moving the registry alias and reconfiguring)
+reloads the model in place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from rankformer import schema
+
+API_KEY_HEADER = "x-api-key"
+
+
+@dataclass
+class ServeConfig:
+    """`rankformer serve`: embedding and perturbation endpoints on Ray Serve."""
+
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
+    host: str = "127.0.0.1"  # address the HTTP proxy binds to
+    port: int = 8000  # HTTP port
+    api_key_file: str | None = None  # file holding the API key (else RANKFORMER_API_KEY; none: open)
+    max_cells_per_request: int = 64  # cells one request may carry
+    max_body_bytes: int = 4_000_000  # larger request bodies are refused (413)
+    max_batch_size: int = 16  # requests batched into one forward pass at most
+    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    min_replicas: int = 1  # autoscaling: fewest model replicas
+    max_replicas: int = 2  # autoscaling: most model replicas
+    target_ongoing_requests: float = 4.0  # autoscaling: requests per replica it aims at
+    upscale_delay_s: float = 3.0  # autoscaling: sustained load before a replica is added
+    downscale_delay_s: float = 10.0  # autoscaling: quiet time before a replica is removed
+    use_gpu: bool = False  # one GPU per replica
+    layer: str = "penultimate"  # default layer: penultimate, last or an index into hidden_states
+    name: str = "rankformer"  # Serve application name
+    revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
+
+
+class Cell(BaseModel):
+    """One cell: raw counts, a ranked gene list, or token ids (exactly one)."""
+
+    cell_id: str | None = None
+    counts: dict[str, float] | None = Field(None, description="{Ensembl id or symbol: raw count}")
+    n_counts: float | None = Field(None, description="total counts (default: the sum of counts)")
+    genes: list[str] | None = Field(None, description="genes ranked highest first")
+    tokens: list[int] | None = Field(None, description="token ids as in a corpus, specials included")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Cell:
+        given = [k for k in ("counts", "genes", "tokens") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of counts, genes, tokens (got {given or 'none'})")
+        form = given[0]
+        if not getattr(self, form):
+            raise ValueError(f"{form} is empty: a cell needs at least one gene")
+        if self.counts is not None:
+            bad = [g for g, v in self.counts.items() if not math.isfinite(v) or v < 0]
+            if bad:
+                raise ValueError(f"counts must be finite and >= 0; not so for {bad[:5]}")
+            if not any(v > 0 for v in self.counts.values()):
+                raise ValueError("counts are all zero: a cell needs at least one expressed gene")
+        if self.n_counts is not None and (not math.isfinite(self.n_counts) or self.n_counts <= 0):
+            raise ValueError("n_counts must be a finite number > 0")
+        return self
+
+
+class EmbedRequest(BaseModel):
+    cells: list[Cell] = Field(..., min_length=1)
+    layer: str | None = Field(None, description="penultimate, last or an index into hidden_states")
+    pooling: Literal["mean", "cls"] = "mean"
+    gene_vectors: bool = False
+
+    @field_validator("layer")
+    @classmethod
+    def _layer(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("penultimate", "last"):
+            int(v)  # ValueError names the field
+        return v
+
+
+class PerturbRequest(BaseModel):
+    cell: Cell
+    genes: list[str] = Field(..., min_length=1)
+    kind: Literal["delete", "overexpress", "inhibit", "activate"] = "delete"
+    together: bool = Field(True, description="perturb the genes together (else each alone)")
+    shift: float = Field(0.1, gt=0, le=1)
+    per_gene: bool = False
+
+
+class Prepared(BaseModel):
+    """A cell as tokens, with what the conversion found."""
+
+    cell_id: str | None
+    tokens: list[int]
+    unknown_genes: list[str]
+    truncated: bool
+
+
+def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: dict[str, str]) -> Prepared:
+    """Token ids of a request cell, with the genes that are not in the vocabulary reported."""
+    import scipy.sparse as sp
+
+    from rankformer.api import tokenize_anndata
+
+    cls, eos = vocab.specials.get(schema.CLS), vocab.specials.get(schema.EOS)
+    specials = 2 if layout == "v2" else 0
+    if cell.tokens is not None:
+        bad = [t for t in cell.tokens if not 0 <= t < vocab.n_tokens]
+        if bad:
+            raise ValueError(f"tokens {bad[:5]} are outside the vocabulary (0..{vocab.n_tokens - 1})")
+        toks = list(cell.tokens)
+        return Prepared(
+            cell_id=cell.cell_id, tokens=toks[:max_length], unknown_genes=[], truncated=len(toks) > max_length
+        )
+    ids = list(cell.genes if cell.genes is not None else (cell.counts or {}))
+    mapped = vocab.map_gene_ids(ids, extra_aliases=names)
+    unknown = [g for g, t in zip(ids, mapped.tolist(), strict=True) if t < 0]
+    if len(unknown) == len(ids):
+        raise ValueError(f"none of the cell's {len(ids)} genes is in the model's vocabulary")
+    if cell.genes is not None:
+        body = list(dict.fromkeys(t for t in mapped.tolist() if t >= 0))
+        limit = max_length - specials
+        toks = ([cls] if specials else []) + body[:limit] + ([eos] if specials else [])
+        return Prepared(cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=len(body) > limit)
+    values = np.asarray([cell.counts[g] for g in ids], dtype=np.float64)  # type: ignore[index]
+    import anndata as ad
+    import pandas as pd
+
+    total = cell.n_counts if cell.n_counts is not None else float(values.sum())
+    adata = ad.AnnData(
+        X=sp.csr_matrix(values[None, :]),
+        obs=pd.DataFrame({schema.N_COUNTS: [total]}, index=["0"]),
+        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: ids}, index=[str(i) for i in range(len(ids))]),
+    )
+    table = tokenize_anndata(
+        adata, vocab, layout=layout, max_length=max_length, coverage_floor=0.0, allow_normalized=True
+    )
+    if table.num_rows == 0:
+        raise ValueError("no expressed gene of the cell is in the model's vocabulary")
+    toks = [int(t) for t in table.column(schema.INPUT_IDS)[0].as_py()]
+    expressed = int(sum(1 for g, t, v in zip(ids, mapped.tolist(), values, strict=True) if t >= 0 and v > 0))
+    return Prepared(
+        cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=expressed > len(toks) - specials
+    )
+
+
+class ModelCore:
+    """The model, its vocabulary, and the batch jobs' embedding and perturbation code."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, use_gpu: bool, layer: str) -> None:
+        from rankformer import tracking
+        from rankformer.classify.labels import symbol_index
+        from rankformer.loader import fetch_model_dir
+        from rankformer.model.store import read_meta
+        from rankformer.perturb import Perturber
+
+        self.uri = tracking.resolve_uri(tracking_uri)
+        self.model_uri = model_uri
+        self.info: dict[str, Any] = {"model": model_uri}
+        if model_uri.startswith("models:/"):
+            v = tracking.model_version_info(self.uri, model_uri)
+            self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
+        meta = read_meta(fetch_model_dir(model_uri, self.uri))
+        self.layout = str(meta["layout"])
+        self.spec: dict[str, Any] = {
+            "model": model_uri,
+            "tracking_uri": self.uri,
+            "use_gpu": use_gpu,
+            "layer": "last",  # keep every layer: requests choose theirs
+            "level": "cell",
+            "pooling": "mean",
+            "max_tokens": 16_384,
+            "states": {},
+            "state_names": [],
+            "per_gene": False,
+        }
+        self.worker = Perturber(self.spec)
+        self.vocab = self.worker.vocab
+        self.vocab_names = symbol_index(self.vocab)
+        self.max_length = int(meta.get("max_length") or self.worker.model.config.max_position_embeddings)
+        self.default_layer = layer
+        self.info.update(
+            {
+                "vocab_hash": self.vocab.content_hash,
+                "layout": self.layout,
+                "max_length": self.max_length,
+                "layers": int(self.worker.model.config.num_hidden_layers),
+                "hidden_size": int(self.worker.model.config.hidden_size),
+            }
+        )
+
+    def layer_index(self, layer: str | None) -> int:
+        from rankformer.infer import pick_layer
+
+        return pick_layer(layer or self.default_layer, int(self.worker.model.config.num_hidden_layers))
+
+    def embed(
+        self, cells: list[list[int]], layer: int, pooling: str, gene_vectors: bool
+    ) -> list[dict[str, Any]]:
+        """Cell vectors (and optionally per-gene vectors) for token lists, length-batched."""
+        import torch
+
+        from rankformer.infer import batches, hidden_states, mean_pool
+
+        w = self.worker
+        out: list[dict[str, Any]] = [{} for _ in cells]
+        arrays = [np.asarray(c, dtype=np.int64) for c in cells]
+        with torch.no_grad():
+            for b in batches(arrays, w.pad, self.spec["max_tokens"]):
+                h = hidden_states(w.model, b, layer, w.device).cpu()
+                keep = b.ids >= w.gene_lo
+                vec = h[:, 0] if pooling == "cls" else mean_pool(h, keep)
+                for j, i in enumerate(b.index.tolist()):
+                    out[i]["embedding"] = vec[j].tolist()
+                    if gene_vectors:
+                        pos = np.flatnonzero(arrays[i] >= w.gene_lo)
+                        out[i]["gene_vectors"] = {w.gene_of[int(arrays[i][p])]: h[j, p].tolist() for p in pos}
+        return out
+
+    def perturb(self, tokens: list[int], genes: list[str], req: PerturbRequest, layer: int) -> dict[str, Any]:
+        import torch
+
+        from rankformer.infer import Batch, hidden_states
+
+        w = self.worker
+        mapped = self.vocab.map_gene_ids(genes, extra_aliases=self.vocab_names).tolist()
+        unknown = [g for g, t in zip(genes, mapped, strict=True) if t < 0]
+        targets = [t for t in mapped if t >= 0]
+        if not targets:
+            raise ValueError(f"none of the genes {genes[:5]} is in the model's vocabulary")
+        cell = np.asarray(tokens, dtype=np.int64)
+        w.layer = layer
+        w.spec = {
+            **self.spec,
+            "kind": req.kind,
+            "mode": "together" if req.together else "each",
+            "targets": targets,
+            "anchor": None,
+            "shift": req.shift,
+            "per_gene": req.per_gene,
+            "max_length": self.max_length,
+        }
+        ids = torch.as_tensor(cell[None])
+        with torch.no_grad():
+            h0 = hidden_states(
+                w.model, Batch(np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids)), layer, w.device
+            )
+        rows, per_gene = w.score_cell(cell, h0.cpu()[0], "request")
+        for r in rows:
+            r.pop(schema.CELL_ID, None)
+            if req.per_gene:
+                r["gene_cosines"] = {
+                    g["affected_gene"]: g["cosine"] for g in per_gene if g["perturbed"] == r["perturbed"]
+                }
+        return {"results": rows, "unknown_genes": unknown}
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    if cfg.api_key_file:
+        with open(cfg.api_key_file) as f:
+            key = f.read().strip()
+        if not key:
+            raise ValueError(f"api key file {cfg.api_key_file} is empty")
+        return key
+    return os.environ.get("RANKFORMER_API_KEY") or None
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The Serve application: a FastAPI ingress bound to a model deployment."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI(title="rankformer", description="Embeddings and in silico perturbation of single cells.")
+    key = read_api_key(cfg)
+
+    @api.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if (
+            key is not None
+            and request.url.path.startswith("/v1/")
+            and request.headers.get(API_KEY_HEADER) != key
+        ):
+            return JSONResponse(
+                {"detail": f"missing or wrong API key (header {API_KEY_HEADER})"}, status_code=401
+            )
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+            return JSONResponse(
+                {"detail": f"request body of {size} bytes is over the limit of {cfg.max_body_bytes}"},
+                status_code=413,
+            )
+        return await call_next(request)
+
+    autoscaling = {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 3.0,
+    }
+
+    @serve.deployment(
+        autoscaling_config=autoscaling,
+        ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if cfg.use_gpu else 0},
+        max_ongoing_requests=64,
+        user_config={"model": cfg.model, "revision": cfg.revision},
+        health_check_period_s=2,
+    )
+    class ModelDeployment:
+        def __init__(self) -> None:
+            self.core: ModelCore | None = None
+            self.lock = threading.Lock()
+
+        def reconfigure(self, user_config: dict[str, Any]) -> None:
+            """Load (or reload) the model named in ``user_config``; requests keep being served by
+            the old one until the new one is ready."""
+            uri = user_config.get("model") or cfg.model
+            core = ModelCore(uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer)
+            with self.lock:
+                self.core = core
+
+        def info(self) -> dict[str, Any]:
+            assert self.core is not None
+            return self.core.info
+
+        def prepare(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            core = self._core()
+            return [
+                prepare_cell(
+                    Cell(**c), core.vocab, core.layout, core.max_length, core.vocab_names
+                ).model_dump()
+                for c in cells
+            ]
+
+        @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+        async def embed(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+            """One forward pass plan for every cell of the batched requests with the same options."""
+            core = self._core()
+            groups: dict[tuple[int, str, bool], list[tuple[int, int]]] = {}
+            for r, req in enumerate(requests):
+                k = (core.layer_index(req["layer"]), req["pooling"], req["gene_vectors"])
+                groups.setdefault(k, []).extend((r, i) for i in range(len(req["tokens"])))
+            out: list[list[dict[str, Any]]] = [[{} for _ in req["tokens"]] for req in requests]
+            for (layer, pooling, genes), where in groups.items():
+                vecs = core.embed([requests[r]["tokens"][i] for r, i in where], layer, pooling, genes)
+                for (r, i), v in zip(where, vecs, strict=True):
+                    out[r][i] = v
+            return out
+
+        def perturb(self, tokens: list[int], req: dict[str, Any]) -> dict[str, Any]:
+            core = self._core()
+            p = PerturbRequest(**req)
+            return core.perturb(tokens, p.genes, p, core.layer_index(None))
+
+        def _core(self) -> ModelCore:
+            with self.lock:
+                assert self.core is not None
+                return self.core
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, model: Any) -> None:
+            self.model = model
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/v1/model")
+        async def model_info(self) -> dict[str, Any]:
+            return dict(await self.model.info.remote())
+
+        @api.post("/v1/embed")
+        async def embed(self, req: EmbedRequest) -> dict[str, Any]:
+            if len(req.cells) > cfg.max_cells_per_request:
+                raise HTTPException(
+                    422,
+                    f"cells: {len(req.cells)} cells is over the limit of {cfg.max_cells_per_request} "
+                    "per request",
+                )
+            prepared = await self._prepare([c.model_dump() for c in req.cells])
+            tokens = [p["tokens"] for p in prepared]
+            vecs = await self.model.embed.remote(
+                {
+                    "tokens": tokens,
+                    "layer": req.layer,
+                    "pooling": req.pooling,
+                    "gene_vectors": req.gene_vectors,
+                }
+            )
+            cells = []
+            for p, v in zip(prepared, vecs, strict=True):
+                item = {
+                    "cell_id": p["cell_id"],
+                    **v,
+                    "n_tokens": len(p["tokens"]),
+                    "truncated": p["truncated"],
+                }
+                item["unknown_genes"] = {"count": len(p["unknown_genes"]), "genes": p["unknown_genes"][:50]}
+                cells.append(item)
+            return {"cells": cells}
+
+        @api.post("/v1/perturb")
+        async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
+            prepared = (await self._prepare([req.cell.model_dump()]))[0]
+            try:
+                result = await self.model.perturb.remote(prepared["tokens"], req.model_dump())
+            except Exception as exc:
+                raise HTTPException(422, _user_message(exc)) from exc
+            return {
+                "cell_id": prepared["cell_id"],
+                "truncated": prepared["truncated"],
+                "unknown_cell_genes": {
+                    "count": len(prepared["unknown_genes"]),
+                    "genes": prepared["unknown_genes"][:50],
+                },
+                **result,
+            }
+
+        async def _prepare(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            try:
+                return list(await self.model.prepare.remote(cells))
+            except Exception as exc:
+                raise HTTPException(422, f"cells: {_user_message(exc)}") from exc
+
+    return Ingress.bind(ModelDeployment.bind())  # type: ignore[attr-defined]
+
+
+def _user_message(exc: BaseException) -> str:
+    """The message of a ValueError/InputError raised in the model replica (Ray wraps it)."""
+    text = str(getattr(exc, "cause", None) or exc)
+    for line in reversed(text.splitlines()):
+        if "Error:" in line:
+            return line.split("Error:", 1)[1].strip()
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry point for `serve run` / `serve deploy` (import path ``rankformer.serving:app_builder``)."""
+    from rankformer.cli_config import build
+
+    return build_app(build(ServeConfig, dict(args)))
+
+
+def run_serve(cfg: ServeConfig, block: bool = True) -> str:
+    """Start the application on this machine's (or the named) Ray cluster; returns its URL."""
+    from ray import serve
+
+    from rankformer.cluster import ensure_ray
+    from rankformer.config import ClusterOptions
+
+    ensure_ray(ClusterOptions())
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "location": "HeadOnly"})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"serving {cfg.model} at {url} (docs {url}/docs)", flush=True)
+    if block:
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+def config_doc(cfg: ServeConfig) -> dict[str, Any]:
+    return asdict(cfg)
