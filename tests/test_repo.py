@@ -55,3 +55,21 @@ def test_job_manifests_name_real_entrypoints_and_valid_configs():
         ):
             assert (REPO / script).exists(), (path.name, script)
             build(classes[script.split("/")[-1]], yaml.safe_load(files[config]))
+
+
+def test_serve_configs_name_the_real_application_and_valid_options():
+    import importlib
+
+    import yaml
+
+    from rankformer.cli_config import build
+    from rankformer.serving import ServeConfig
+
+    serve_file = yaml.safe_load((REPO / "deploy" / "serve" / "serve.yaml").read_text())
+    service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    for doc in (serve_file, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        assert doc["proxy_location"] == "HeadOnly"
+        for app in doc["applications"]:
+            module, attr = app["import_path"].split(":")
+            assert callable(getattr(importlib.import_module(module), attr))
+            build(ServeConfig, app["args"])
