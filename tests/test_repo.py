@@ -73,3 +73,26 @@ def test_serve_configs_name_the_real_application_and_valid_options():
             module, attr = app["import_path"].split(":")
             assert callable(getattr(importlib.import_module(module), attr))
             build(ServeConfig, app["args"])
+
+
+def test_serve_build_accepts_the_application(tmp_path):
+    import yaml
+
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RANKFORMER_MODEL": "models:/m@current"}
+    serve_bin = (
+        str(REPO / ".venv" / "bin" / "serve") if (REPO / ".venv" / "bin" / "serve").exists() else "serve"
+    )
+    out = tmp_path / "built.yaml"
+    subprocess.run(
+        [serve_bin, "build", "rankformer.serving_app:app", "-o", str(out)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {"ModelDeployment", "Ingress"}
+    assert deployments["ModelDeployment"]["user_config"]["model"] == "models:/m@current"
+    assert deployments["ModelDeployment"]["autoscaling_config"]["max_replicas"] == 2

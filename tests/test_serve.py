@@ -221,3 +221,73 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
     assert info["version"] == app.versions[1]
     after = post(app, "/v1/embed", body).json()["cells"][0]["embedding"]
     assert not np.allclose(before, after)
+
+
+def _replicas(app_name: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app_name].deployments["ModelDeployment"]
+    return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_autoscaling_and_a_killed_replica(app):
+    """A second application (1..2 replicas, one ongoing request per replica as the target): under
+    sustained load it grows to 2 replicas and shrinks back when the load stops; a replica killed
+    during load is replaced, and no request fails beyond one client retry."""
+    import ray
+    from ray import serve
+
+    from rankformer.serving import ServeConfig, build_app
+
+    cfg = ServeConfig(
+        **{
+            **app.cfg.__dict__,
+            "name": "auto",
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1.0,
+            "upscale_delay_s": 1.0,
+            "downscale_delay_s": 4.0,
+        }
+    )
+    serve.run(build_app(cfg), name="auto", route_prefix="/auto")
+    body = {"cells": [{"tokens": app.cells[i].tolist()} for i in range(8)]}
+    stop = threading.Event()
+    failed, retried = [], []
+
+    def load() -> None:
+        while not stop.is_set():
+            for attempt in range(2):
+                try:
+                    if post(app, "/auto/v1/embed", body).status_code == 200:
+                        if attempt:
+                            retried.append(1)
+                        break
+                except requests.RequestException:
+                    pass
+            else:
+                failed.append(1)
+
+    peak = 1
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(load)
+        deadline = time.time() + 60
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, _replicas("auto"))
+            time.sleep(0.5)
+        assert peak == 2, "the deployment did not grow under load"
+        victim = next(
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "ModelDeployment" in a["name"] and "auto" in a["name"]
+        )
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        time.sleep(6.0)
+        stop.set()
+    assert not failed, f"{len(failed)} requests failed after a retry"
+    deadline = time.time() + 60
+    while time.time() < deadline and _replicas("auto") != 1:
+        time.sleep(1.0)
+    assert _replicas("auto") == 1, "the deployment did not shrink back after the load"
+    serve.delete("auto")
