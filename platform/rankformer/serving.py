@@ -10,13 +10,13 @@ length. Updating the deployment's ``user_config`` (or moving the registry alias 
 reloads the model in place.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI inside a Serve ingress class must see the
+# request models as classes, not as strings it cannot resolve in the replica.
 import math
 import os
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -61,7 +61,7 @@ class Cell(BaseModel):
     tokens: list[int] | None = Field(None, description="token ids as in a corpus, specials included")
 
     @model_validator(mode="after")
-    def _one_form(self) -> Cell:
+    def _one_form(self) -> Self:
         given = [k for k in ("counts", "genes", "tokens") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of counts, genes, tokens (got {given or 'none'})")
@@ -288,6 +288,17 @@ def build_app(cfg: ServeConfig) -> Any:
 
     api = FastAPI(title="rankformer", description="Embeddings and in silico perturbation of single cells.")
     key = read_api_key(cfg)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field, without echoing the input (it may hold NaN, or be huge)."""
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @api.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
