@@ -113,12 +113,11 @@ def main() -> None:
 
 def _kill_replica() -> None:
     import ray
-    from ray.util.state import list_actors
 
-    for a in list_actors(filters=[("state", "=", "ALIVE")]):
-        if "ModelDeployment" in (a.get("class_name") or ""):
-            ray.kill(ray.get_actor(a["name"], namespace="serve"), no_restart=True)
-            print(f"killed replica {a['name']}")
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if "ModelDeployment" in a["name"]:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+            print(f"killed replica {a['name']}", flush=True)
             return
 
 

@@ -362,18 +362,42 @@ def build_app(cfg: ServeConfig) -> Any:
             ]
 
         @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
-        async def embed(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-            """One forward pass plan for every cell of the batched requests with the same options."""
+        async def embed(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """Tokenize the cells of the batched requests, then one forward pass plan for all their
+            cells with the same options (regrouped by length). A request with a bad cell gets
+            ``{"error": ...}`` and does not hold up the others."""
             core = self._core()
+            prepared: list[list[Prepared] | None] = []
+            out: list[dict[str, Any]] = []
+            for req in requests:
+                try:
+                    cells = [Cell.model_construct(**c) for c in req["cells"]]
+                    prepared.append(
+                        [
+                            prepare_cell(c, core.vocab, core.layout, core.max_length, core.vocab_names)
+                            for c in cells
+                        ]
+                    )
+                    out.append({"cells": [{} for _ in cells]})
+                except (ValueError, KeyError) as exc:
+                    prepared.append(None)
+                    out.append({"error": f"cells: {exc}"})
             groups: dict[tuple[int, str, bool], list[tuple[int, int]]] = {}
-            for r, req in enumerate(requests):
-                k = (core.layer_index(req["layer"]), req["pooling"], req["gene_vectors"])
-                groups.setdefault(k, []).extend((r, i) for i in range(len(req["tokens"])))
-            out: list[list[dict[str, Any]]] = [[{} for _ in req["tokens"]] for req in requests]
+            for r, (req, cells_p) in enumerate(zip(requests, prepared, strict=True)):
+                if cells_p is not None:
+                    k = (core.layer_index(req["layer"]), req["pooling"], req["gene_vectors"])
+                    groups.setdefault(k, []).extend((r, i) for i in range(len(cells_p)))
             for (layer, pooling, genes), where in groups.items():
-                vecs = core.embed([requests[r]["tokens"][i] for r, i in where], layer, pooling, genes)
-                for (r, i), v in zip(where, vecs, strict=True):
-                    out[r][i] = v
+                tokens = [prepared[r][i].tokens for r, i in where]  # type: ignore[index]
+                for (r, i), v in zip(where, core.embed(tokens, layer, pooling, genes), strict=True):
+                    p = prepared[r][i]  # type: ignore[index]
+                    out[r]["cells"][i] = {
+                        "cell_id": p.cell_id,
+                        **v,
+                        "n_tokens": len(p.tokens),
+                        "truncated": p.truncated,
+                        "unknown_genes": {"count": len(p.unknown_genes), "genes": p.unknown_genes[:50]},
+                    }
             return out
 
         def perturb(self, tokens: list[int], req: dict[str, Any]) -> dict[str, Any]:
@@ -408,27 +432,17 @@ def build_app(cfg: ServeConfig) -> Any:
                     f"cells: {len(req.cells)} cells is over the limit of {cfg.max_cells_per_request} "
                     "per request",
                 )
-            prepared = await self._prepare([c.model_dump() for c in req.cells])
-            tokens = [p["tokens"] for p in prepared]
-            vecs = await self.model.embed.remote(
+            result = await self.model.embed.remote(
                 {
-                    "tokens": tokens,
+                    "cells": [c.model_dump() for c in req.cells],
                     "layer": req.layer,
                     "pooling": req.pooling,
                     "gene_vectors": req.gene_vectors,
                 }
-            )
-            cells = []
-            for p, v in zip(prepared, vecs, strict=True):
-                item = {
-                    "cell_id": p["cell_id"],
-                    **v,
-                    "n_tokens": len(p["tokens"]),
-                    "truncated": p["truncated"],
-                }
-                item["unknown_genes"] = {"count": len(p["unknown_genes"]), "genes": p["unknown_genes"][:50]}
-                cells.append(item)
-            return {"cells": cells}
+            )  # one round trip: tokenized and embedded in the model replica
+            if "error" in result:
+                raise HTTPException(422, result["error"])
+            return dict(result)
 
         @api.post("/v1/perturb")
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
