@@ -13,7 +13,7 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
-IDENTITY = ("stage", "workers", "n_cells", "method", "preset")
+IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head")
 
 
 def _key(rec: dict) -> str:

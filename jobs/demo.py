@@ -11,6 +11,8 @@ Makefile fetches the wheel from the package index. Steps:
   5. `finetune genes`: which genes encode ribosomal proteins of the mitochondrion rather than of
      the cytosol? Labels derived from the GENCODE symbols (MRPL/MRPS vs RPL/RPS), cross-validated
      by gene, and the top predicted unseen genes printed
+  6. `serve`: the registered model behind the HTTP endpoints on 127.0.0.1; a few real cells of
+     the corpus are embedded and one perturbed over HTTP, then the endpoint is shut down
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     show(vocab, corpus)
     pretrain(corpus, args.out)
     classify_genes(corpus, vocab, args.out)
+    serve_cells(corpus, vocab, args.out)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; outputs in {args.out}")
 
 
@@ -191,6 +194,46 @@ def classify_genes(corpus: str, vocab: str, out: str) -> None:
     print("\n$ rankformer " + " ".join(argv))
     if cli(argv) != 0:
         raise SystemExit("demo step failed: rankformer finetune genes")
+
+
+def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
+    """Start the endpoints on 127.0.0.1, send three real cells (raw counts would work too), print
+    the answers, shut down."""
+    import socket
+
+    import requests
+    from ray import serve
+
+    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.serving import ServeConfig, run_serve
+    from rankformer.vocab import GeneVocab
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    db = os.path.abspath(os.path.join(out, "mlflow.db"))
+    cfg = ServeConfig(model="models:/rankformer-demo@current", tracking_uri=f"sqlite:///{db}", port=port)
+    print(f"\n$ rankformer serve --model {cfg.model} --port {port}")
+    url = run_serve(cfg, block=False)
+    try:
+        table = pq.read_table(corpus_files(corpus)).slice(0, 3).to_pylist()
+        vocab = GeneVocab.load(vocab_path)
+        gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+        body = {"cells": [{"cell_id": r["cell_id"], "tokens": r["input_ids"]} for r in table]}
+        answer = requests.post(f"{url}/v1/embed", json=body, timeout=120).json()
+        for c in answer["cells"]:
+            vec = ", ".join(f"{v:+.3f}" for v in c["embedding"][:4])
+            print(f"POST /v1/embed  cell {c['cell_id']}: {c['n_tokens']} tokens -> [{vec}, ...]")
+        top = gene_of[table[0]["input_ids"][1]]
+        req = {"cell": {"tokens": table[0]["input_ids"]}, "genes": [top], "kind": "delete"}
+        r = requests.post(f"{url}/v1/perturb", json=req, timeout=120).json()["results"][0]
+        print(
+            f"POST /v1/perturb delete {vocab.gene_names.get(top, top)} from cell {table[0]['cell_id']}: "
+            f"cell_cosine {r['cell_cosine']:.4f}, gene_mean_cosine {r['gene_mean_cosine']:.4f}"
+        )
+    finally:
+        serve.shutdown()
+    print("endpoint shut down")
 
 
 def show(vocab_path: str, corpus: str) -> None:
