@@ -100,6 +100,14 @@ def map_shards(
         runtime_env=runtime_env,  # Ray retries a task whose worker died (3 times by default)
     )
     try:
+        yield from _payloads(ds)
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+
+
+def _payloads(ds: Any) -> Iterator[bytes]:
+    """The payload column of a map's output; an input error raised in a task surfaces as itself."""
+    try:
         for row in ds.iter_rows():
             yield row["payload"]
     except Exception as exc:
@@ -107,8 +115,6 @@ def map_shards(
         if user is None:
             raise
         raise user from exc
-    finally:
-        ctx.op_resource_reservation_enabled = saved
 
 
 def map_shards_actors(
@@ -150,14 +156,7 @@ def map_shards_actors(
         num_gpus=gpus_per_actor or None,
         concurrency=max(1, min(actors, len(tasks))),
     )
-    try:
-        for row in ds.iter_rows():
-            yield row["payload"]
-    except Exception as exc:
-        user = user_error_inside(exc)
-        if user is None:
-            raise
-        raise user from exc
+    yield from _payloads(ds)
 
 
 def user_error_inside(exc: BaseException) -> BaseException | None:

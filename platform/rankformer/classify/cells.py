@@ -10,6 +10,7 @@ frozen mean-pooled cell embeddings, same split.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict
 from typing import Any
@@ -29,8 +30,8 @@ from rankformer.train.config import FinetuneCellsConfig
 from rankformer.train.finetune import (
     TrainSpec,
     cell_probs,
-    class_weights,
     in_process,
+    job_spec,
     scratch_dir,
     steps_for,
     train_classifier,
@@ -148,27 +149,16 @@ class CellJob:
         cfg = self.cfg
         tr, va = self.rows("train"), self.rows("validation")
         lengths = [len(self.cells.ids[i]) for i in tr]
-        world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
-        per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
-        steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
         counts = np.bincount(self.y[tr], minlength=len(self.classes)).tolist()
-        return TrainSpec(
-            model=cfg.model,
-            tracking_uri=self.uri,
-            kind="sequence",
-            n_classes=len(self.classes),
-            head=cfg.head,
-            optim=cfg.optim,
-            batch=cfg.batch,
-            max_steps=steps,
-            seed=cfg.seed,
-            pad=self.pad,
-            gene_lo=self.gene_lo,
-            log_every=cfg.log_every,
-            checkpoint_every=min(cfg.checkpoint_every, per_epoch) if len(va) else cfg.checkpoint_every,
-            precision=cfg.precision,
-            weights=class_weights(cfg.head, counts),
-            run_id=run_id,
+        spec = job_spec(
+            cfg, self.uri, "sequence", len(self.classes), (self.pad, self.gene_lo), lengths, counts, run_id
+        )
+        if len(va):  # scored on validation once per epoch
+            world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+            per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
+            spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
+        return dataclasses.replace(
+            spec,
             val_ids=[self.cells.ids[i].tolist() for i in va] or None,
             val_y=self.y[va].tolist() or None,
         )

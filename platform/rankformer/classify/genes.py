@@ -28,15 +28,7 @@ from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.errors import InputError
 from rankformer.infer import GeneSums, batches, gene_and_cell_states, logits_of
 from rankformer.train.config import FinetuneGenesConfig
-from rankformer.train.finetune import (
-    IGNORE,
-    TrainSpec,
-    class_weights,
-    in_process,
-    scratch_dir,
-    steps_for,
-    train_classifier,
-)
+from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
 JOB = "finetune-genes"
 
@@ -106,28 +98,18 @@ class GeneJob:
     def spec(
         self, lengths: Any, lookup: np.ndarray, class_counts: list[int], run_id: str | None
     ) -> TrainSpec:
-        cfg = self.cfg
-        world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
-        steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
-        return TrainSpec(
-            model=cfg.model,
-            tracking_uri=self.uri,
-            kind="token",
-            n_classes=len(self.classes),
-            head=cfg.head,
-            optim=cfg.optim,
-            batch=cfg.batch,
-            max_steps=steps,
-            seed=cfg.seed,
-            pad=self.pad,
-            gene_lo=self.gene_lo,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
-            precision=cfg.precision,
-            lookup=lookup.tolist(),
-            weights=class_weights(cfg.head, class_counts),
-            run_id=run_id,
+        spec = job_spec(
+            self.cfg,
+            self.uri,
+            "token",
+            len(self.classes),
+            (self.pad, self.gene_lo),
+            lengths,
+            class_counts,
+            run_id,
         )
+        spec.lookup = lookup.tolist()
+        return spec
 
     def training_set(
         self, tokens: np.ndarray, label: np.ndarray, run_id: str | None

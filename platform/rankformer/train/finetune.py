@@ -251,6 +251,40 @@ def steps_for(lengths: Sequence[int], spec_batch: BatchOptions, epochs: float, w
     return max(1, math.ceil(epochs * n / accum))
 
 
+def job_spec(
+    cfg: Any,
+    tracking_uri: str,
+    kind: str,
+    n_classes: int,
+    tokens: tuple[int, int],
+    lengths: Sequence[int],
+    class_counts: list[int],
+    run_id: str | None,
+) -> TrainSpec:
+    """The spec of one training of a classification job (``cfg``: a FinetuneCommon) on cells of
+    ``lengths``; ``tokens``: (pad id, lowest gene token id)."""
+    world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+    steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
+    return TrainSpec(
+        model=cfg.model,
+        tracking_uri=tracking_uri,
+        kind=kind,
+        n_classes=n_classes,
+        head=cfg.head,
+        optim=cfg.optim,
+        batch=cfg.batch,
+        max_steps=steps,
+        seed=cfg.seed,
+        pad=tokens[0],
+        gene_lo=tokens[1],
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        precision=cfg.precision,
+        weights=class_weights(cfg.head, class_counts),
+        run_id=run_id,
+    )
+
+
 def loop_options(spec: TrainSpec) -> LoopOptions:
     return LoopOptions(
         max_steps=spec.max_steps,
