@@ -7,7 +7,9 @@ trained model, belong to :mod:`rankformer.classify`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 import os
 import tempfile
@@ -379,7 +381,12 @@ def train_classifier(
     storage = scale.storage_path or os.path.join(os.path.abspath(workdir), "ray")
     scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
     score = (SELECT, "max") if spec.val_ids else ("loss", "min")
-    result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, name, score)
+    # The Ray Train run name is its checkpoint folder in the storage: it must be this training's
+    # own (a rerun of the same job and training resumes; any other job, sharing a cluster-wide
+    # storage path, must not pick up its checkpoints)
+    what = json.dumps([os.path.abspath(workdir), {k: v for k, v in asdict(spec).items() if k != "run_id"}])
+    run = f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
+    result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, run, score)
     model = classifier_for(spec)
     checkpoint = result.checkpoint
     if spec.val_ids and result.best_checkpoints:
