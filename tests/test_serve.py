@@ -192,6 +192,7 @@ def test_malformed_oversized_nan_and_unauthorised(app):
     assert r.status_code == 422 and "without genes" in r.text
 
 
+@pytest.mark.load
 def test_reload_after_moving_the_alias_fails_no_request(app):
     from ray import serve
 
@@ -208,14 +209,16 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
 
     before = post(app, "/v1/embed", body).json()["cells"][0]["embedding"]
     with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
-            pool.submit(load)
-        time.sleep(1.0)
-        tracking.set_alias(app.uri, "serve-test", "current", app.versions[1])
-        cfg = ServeConfig(**{**app.cfg.__dict__, "revision": 1})
-        serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-        time.sleep(2.0)
-        stop.set()
+        try:
+            for _ in range(4):
+                pool.submit(load)
+            time.sleep(1.0)
+            tracking.set_alias(app.uri, "serve-test", "current", app.versions[1])
+            cfg = ServeConfig(**{**app.cfg.__dict__, "revision": 1})
+            serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+            time.sleep(2.0)
+        finally:
+            stop.set()
     assert codes and set(codes) == {200}, set(codes)
     info = requests.get(f"{app.url}/v1/model", headers={"x-api-key": KEY}, timeout=30).json()
     assert info["version"] == app.versions[1]
@@ -230,6 +233,7 @@ def _replicas(app_name: str) -> int:
     return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
 
 
+@pytest.mark.load
 def test_autoscaling_and_a_killed_replica(app):
     """A second application (1..2 replicas, one ongoing request per replica as the target): under
     sustained load it grows to 2 replicas and shrinks back when the load stops; a replica killed
@@ -270,21 +274,23 @@ def test_autoscaling_and_a_killed_replica(app):
 
     peak = 1
     with ThreadPoolExecutor(8) as pool:
-        for _ in range(8):
-            pool.submit(load)
-        deadline = time.time() + 60
-        while time.time() < deadline and peak < 2:
-            peak = max(peak, _replicas("auto"))
-            time.sleep(0.5)
-        assert peak == 2, "the deployment did not grow under load"
-        victim = next(
-            a
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if "ModelDeployment" in a["name"] and "auto" in a["name"]
-        )
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-        time.sleep(6.0)
-        stop.set()
+        try:
+            for _ in range(8):
+                pool.submit(load)
+            deadline = time.time() + 90
+            while time.time() < deadline and peak < 2:
+                peak = max(peak, _replicas("auto"))
+                time.sleep(0.5)
+            assert peak == 2, "the deployment did not grow under load"
+            victim = next(
+                a
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if "ModelDeployment" in a["name"] and "auto" in a["name"]
+            )
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+            time.sleep(6.0)
+        finally:
+            stop.set()  # the load threads end with the test, whatever happened
     assert not failed, f"{len(failed)} requests failed after a retry"
     deadline = time.time() + 60
     while time.time() < deadline and _replicas("auto") != 1:
