@@ -15,7 +15,7 @@ from transformers import BertModel
 
 from pretrain_helpers import pretrain_in_process, write_corpus
 from rankformer.errors import InputError
-from rankformer.model.perturbations import perturb
+from rankformer.model.perturbations import delete_each, perturb
 from rankformer.perturb import PerturbConfig, perturb_stats, read_results, run_perturb
 from rankformer.synth import gene_ids
 
@@ -44,6 +44,14 @@ V1 = np.array([10, 11, 12, 13, 14, 15])
 def test_hand_worked_perturbations(cell, genes, kind, shift, max_len, want):
     cls, eos = (2, 3) if cell[0] == 2 else (None, None)
     assert perturb(cell, genes, kind, max_len, cls, eos, shift).tolist() == want
+
+
+@pytest.mark.parametrize("cell", [V2, V1])
+def test_deleting_each_gene_at_once_equals_one_by_one(cell):
+    cls, eos = (2, 3) if cell[0] == 2 else (None, None)
+    genes = [t for t in cell.tolist() if t >= 4][::-1]
+    got = delete_each(cell, genes)
+    assert [g.tolist() for g in got] == [perturb(cell, [g], "delete", 6, cls, eos).tolist() for g in genes]
 
 
 N_SHARED, MARKERS = 40, 3

@@ -36,7 +36,7 @@ from rankformer import schema
 from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.model.perturbations import KINDS, perturb, positions
+from rankformer.model.perturbations import KINDS, delete_each, perturb
 
 
 @dataclass
@@ -116,7 +116,17 @@ class Perturber(Embedder):
         n_genes = int((cell >= self.gene_lo).sum())
         shift = max(1, round(spec["shift"] * n_genes))
         combos = self.variants(cell)
-        seqs = [perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos]
+        if (
+            spec["kind"] == "delete"
+            and all(len(c) == 1 for c in combos)
+            and len(cell) <= spec["max_length"]
+            and len(np.unique(cell)) == len(cell)
+        ):
+            seqs = delete_each(cell, [c[0] for c in combos])  # every gene alone: the common case
+        else:
+            seqs = [
+                perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos
+            ]
         for c, s in zip(combos, seqs, strict=True):
             if not (s >= self.gene_lo).any():
                 raise InputError(
@@ -125,13 +135,19 @@ class Perturber(Embedder):
                 )
         keep0 = torch.as_tensor(cell >= self.gene_lo)
         v0 = mean_pool(h0[None], keep0[None])[0]
-        pos0 = positions(cell, self.gene_lo)
-        rank = {g: r for r, g in enumerate(t for t in cell.tolist() if t >= self.gene_lo)}
+        # where each gene token stood in the original cell (-1: not there); variants' states are
+        # matched to the original's by gene with one gather per batch
+        genes0 = cell[cell >= self.gene_lo]
+        at = np.flatnonzero(cell >= self.gene_lo)
+        lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
+        lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
+        rank = {g: r for r, g in reversed(list(enumerate(genes0.tolist())))}
         states = spec["states"]
         s_names = list(states)
         s_mat = (
             torch.tensor(np.asarray([states[k] for k in s_names]), dtype=torch.float32) if states else None
         )
+        s_cos0 = _cos(v0[None], s_mat) if s_mat is not None else None
         rows: list[dict[str, Any]] = []
         per_gene: list[dict[str, Any]] = []
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
@@ -140,37 +156,51 @@ class Perturber(Embedder):
             h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device).cpu()
             keep1 = ids >= self.gene_lo
             v1 = mean_pool(h1, keep1)
+            cell_cos = _cos(v0[None], v1).tolist()
+            shifts = (
+                (_cos(v1[:, None], s_mat[None]) - s_cos0).tolist()
+                if s_mat is not None and s_cos0 is not None
+                else None
+            )
+            p0, common = self._matched(ids, [combos[i] for i in idx], lut)
+            gene_cos = _cos(h1, h0[p0.clamp(min=0)]) * common  # (B, L1), 0 where not matched
+            n_common = common.sum(1)
+            mean_cos = (gene_cos.sum(1) / n_common.clamp(min=1)).tolist()
             for j, i in enumerate(idx.tolist()):
-                moved = set(combos[i])
-                pos1 = positions(seqs[i], self.gene_lo)
-                common = [g for g in pos0 if g in pos1 and g not in moved]
-                gene_cos = (
-                    _cos(h0[[pos0[g] for g in common]], h1[j, [pos1[g] for g in common]])
-                    if common
-                    else torch.zeros(0)
-                )
                 row = {
                     schema.CELL_ID: cell_id,
                     "perturbed": self.names(combos[i]),
                     "rank": min((rank[g] for g in combos[i] if g in rank), default=-1),
-                    "cell_cosine": float(_cos(v0, v1[j])),
-                    "gene_mean_cosine": float(gene_cos.mean()) if len(common) else float("nan"),
+                    "cell_cosine": cell_cos[j],
+                    "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
                 }
-                if s_mat is not None:
-                    delta = _cos(v1[j][None], s_mat) - _cos(v0[None], s_mat)
-                    row.update({f"shift_{k}": float(d) for k, d in zip(s_names, delta, strict=True)})
+                if shifts is not None:
+                    row.update({f"shift_{k}": d for k, d in zip(s_names, shifts[j], strict=True)})
                 rows.append(row)
                 if spec["per_gene"]:
+                    where = torch.nonzero(common[j]).flatten()
+                    where = where[torch.argsort(p0[j, where])]  # in the original cell's order
                     per_gene += [
                         {
                             schema.CELL_ID: cell_id,
                             "perturbed": row["perturbed"],
                             "affected_gene": self.gene_of[g],
-                            "cosine": float(c),
+                            "cosine": c,
                         }
-                        for g, c in zip(common, gene_cos.tolist(), strict=True)
+                        for g, c in zip(ids[j, where].tolist(), gene_cos[j, where].tolist(), strict=True)
                     ]
         return rows, per_gene
+
+    def _matched(
+        self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of variants: each position's position in the original cell (-1 if none),
+        and whether it holds a gene present in both that was not itself perturbed."""
+        p0 = torch.from_numpy(lut[ids.numpy()])
+        width = max(len(m) for m in moved)
+        mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)
+        hit = (ids[:, :, None] == mv[:, None, :]).any(-1)
+        return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:
         return [self.gene_of[t] for t in tokens]

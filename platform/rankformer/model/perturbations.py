@@ -62,10 +62,10 @@ def perturb(
     return np.asarray(out, dtype=np.int64)
 
 
-def positions(cell: np.ndarray, gene_lo: int) -> dict[int, int]:
-    """Gene token -> its position in ``cell`` (first occurrence)."""
-    out: dict[int, int] = {}
-    for i, t in enumerate(cell.tolist()):
-        if t >= gene_lo and t not in out:
-            out[t] = i
-    return out
+def delete_each(cell: np.ndarray, genes: Sequence[int]) -> list[np.ndarray]:
+    """``perturb(cell, [g], "delete", ...)`` for each g at once, for a cell whose tokens are unique
+    and hold every g: row i is the cell without ``genes[i]`` (one gather, no per-variant loop)."""
+    where = {int(t): i for i, t in enumerate(cell.tolist())}
+    at = np.asarray([where[int(g)] for g in genes], dtype=np.int64)
+    j = np.arange(len(cell) - 1, dtype=np.int64)
+    return list(cell[j[None, :] + (j[None, :] >= at[:, None])])
