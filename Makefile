@@ -59,11 +59,6 @@ services:
 test: $(VENV)/.installed services
 	$(PY) -m pytest -q
 
-# Serving under sustained load: alias reload, autoscaling 1->2->1, a killed replica (minutes; flaky
-# when the machine is shared with other work, so not part of `make test`)
-test-load: $(VENV)/.installed services
-	$(PY) -m pytest -q -m load tests/test_serve.py
-
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
 	$(VENV)/bin/ruff format --check platform tests jobs benchmarks

@@ -63,7 +63,7 @@ def test_serve_configs_name_the_real_application_and_valid_options():
     import yaml
 
     from rankformer.cli_config import build
-    from rankformer.serving import ServeConfig
+    from rankformer.serving import DEPLOYMENT, ServeConfig
 
     serve_file = yaml.safe_load((REPO / "deploy" / "serve" / "serve.yaml").read_text())
     service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
@@ -72,7 +72,11 @@ def test_serve_configs_name_the_real_application_and_valid_options():
         for app in doc["applications"]:
             module, attr = app["import_path"].split(":")
             assert callable(getattr(importlib.import_module(module), attr))
-            build(ServeConfig, app["args"])
+            cfg = build(ServeConfig, app["args"])
+            # the model reloads in place through the deployment's user_config
+            (dep,) = app["deployments"]
+            assert dep["name"] == DEPLOYMENT and set(dep["user_config"]) == {"model", "revision"}
+            assert dep["user_config"]["model"] == cfg.model
 
 
 def test_serve_build_accepts_the_application(tmp_path):
@@ -93,6 +97,6 @@ def test_serve_build_accepts_the_application(tmp_path):
     )
     app = yaml.safe_load(out.read_text())["applications"][0]
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"ModelDeployment", "Ingress"}
-    assert deployments["ModelDeployment"]["user_config"]["model"] == "models:/m@current"
-    assert deployments["ModelDeployment"]["autoscaling_config"]["max_replicas"] == 2
+    assert set(deployments) == {"RankformerServer"}
+    assert deployments["RankformerServer"]["user_config"]["model"] == "models:/m@current"
+    assert deployments["RankformerServer"]["autoscaling_config"]["max_replicas"] == 2

@@ -192,12 +192,13 @@ def test_malformed_oversized_nan_and_unauthorised(app):
     assert r.status_code == 422 and "without genes" in r.text
 
 
-@pytest.mark.load
 def test_reload_after_moving_the_alias_fails_no_request(app):
+    """Moving the alias and bumping the deployment's user_config revision reloads the model in the
+    running replica (not a redeploy) while 4 clients keep sending requests."""
     from ray import serve
 
     from rankformer import tracking
-    from rankformer.serving import ServeConfig, build_app
+    from rankformer.serving import DEPLOYMENT, ServeConfig, run_serve
 
     stop = threading.Event()
     codes: list[int] = []
@@ -213,15 +214,22 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
             for _ in range(4):
                 pool.submit(load)
             time.sleep(1.0)
+            replicas = _replica_ids(app.cfg.name)
             tracking.set_alias(app.uri, "serve-test", "current", app.versions[1])
-            cfg = ServeConfig(**{**app.cfg.__dict__, "revision": 1})
-            serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-            time.sleep(2.0)
+            app.cfg = ServeConfig(**{**app.cfg.__dict__, "revision": 1})
+            run_serve(app.cfg, block=False)
+            deadline = time.time() + 60
+            info: dict = {}
+            while time.time() < deadline and info.get("revision") != 1:
+                info = requests.get(f"{app.url}/v1/model", headers={"x-api-key": KEY}, timeout=30).json()
+                time.sleep(0.5)
+            time.sleep(1.0)
         finally:
             stop.set()
     assert codes and set(codes) == {200}, set(codes)
-    info = requests.get(f"{app.url}/v1/model", headers={"x-api-key": KEY}, timeout=30).json()
-    assert info["version"] == app.versions[1]
+    assert info["version"] == app.versions[1] and info["revision"] == 1
+    assert _replica_ids(app.cfg.name) == replicas  # reloaded in place, not replaced
+    assert serve.status().applications[app.cfg.name].deployments[DEPLOYMENT].status == "HEALTHY"
     after = post(app, "/v1/embed", body).json()["cells"][0]["embedding"]
     assert not np.allclose(before, after)
 
@@ -229,11 +237,24 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
 def _replicas(app_name: str) -> int:
     from ray import serve
 
-    status = serve.status().applications[app_name].deployments["ModelDeployment"]
+    from rankformer.serving import DEPLOYMENT
+
+    status = serve.status().applications[app_name].deployments[DEPLOYMENT]
     return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
 
 
-@pytest.mark.load
+def _replica_ids(app_name: str) -> set[str]:
+    import ray
+
+    from rankformer.serving import DEPLOYMENT
+
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"{app_name}#{DEPLOYMENT}#" in a["name"]
+    }
+
+
 def test_autoscaling_and_a_killed_replica(app):
     """A second application (1..2 replicas, one ongoing request per replica as the target): under
     sustained load it grows to 2 replicas and shrinks back when the load stops; a replica killed
@@ -241,7 +262,7 @@ def test_autoscaling_and_a_killed_replica(app):
     import ray
     from ray import serve
 
-    from rankformer.serving import ServeConfig, build_app
+    from rankformer.serving import DEPLOYMENT, ServeConfig, deploy
 
     cfg = ServeConfig(
         **{
@@ -254,7 +275,7 @@ def test_autoscaling_and_a_killed_replica(app):
             "downscale_delay_s": 4.0,
         }
     )
-    serve.run(build_app(cfg), name="auto", route_prefix="/auto")
+    deploy([(app.cfg, "/"), (cfg, "/auto")])  # declarative, as `serve deploy`: both applications
     body = {"cells": [{"tokens": app.cells[i].tolist()} for i in range(8)]}
     stop = threading.Event()
     failed, retried = [], []
@@ -285,7 +306,7 @@ def test_autoscaling_and_a_killed_replica(app):
             victim = next(
                 a
                 for a in ray.util.list_named_actors(all_namespaces=True)
-                if "ModelDeployment" in a["name"] and "auto" in a["name"]
+                if f"auto#{DEPLOYMENT}#" in a["name"]
             )
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
             time.sleep(6.0)
@@ -296,4 +317,9 @@ def test_autoscaling_and_a_killed_replica(app):
     while time.time() < deadline and _replicas("auto") != 1:
         time.sleep(1.0)
     assert _replicas("auto") == 1, "the deployment did not shrink back after the load"
-    serve.delete("auto")
+    deploy([(app.cfg, "/")])  # the second application goes; the first is untouched
+    deadline = time.time() + 60
+    while time.time() < deadline and "auto" in serve.status().applications:
+        time.sleep(0.5)
+    assert "auto" not in serve.status().applications
+    assert post(app, "/v1/embed", {"cells": [{"tokens": app.cells[0].tolist()}]}).status_code == 200

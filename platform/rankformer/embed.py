@@ -77,7 +77,7 @@ class Embedder:
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
-        from rankformer.infer import pick_layer
+        from rankformer.infer import pick_layer, up_to
         from rankformer.loader import load_model
 
         self.spec = spec
@@ -94,10 +94,7 @@ class Embedder:
         self.eos = loaded.vocab.specials.get(schema.EOS)
         self.gene_of = dict(zip(loaded.vocab.token_ids.tolist(), loaded.vocab.gene_ids, strict=True))
         self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))
-        # layers above the one asked for would be computed and thrown away: drop them (the
-        # penultimate layer of a 2-layer model costs half the forward pass)
-        layers = self.model.encoder.layer
-        self.model.encoder.layer = torch.nn.ModuleList(list(layers)[: max(self.layer, 1)])
+        self.model = up_to(self.model, self.layer)
 
     def embed(self, cells: list[np.ndarray]) -> tuple[np.ndarray, Any]:
         """(cell vectors in input order, GeneSums over all occurrences)."""

@@ -67,6 +67,25 @@ def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.de
     return out.hidden_states[layer].float()
 
 
+def up_to(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """A model sharing ``model``'s weights that runs only the layers ``hidden_states[layer]`` needs
+    (the layers above it would be computed and thrown away: the penultimate layer of a 2-layer
+    model costs half the forward pass)."""
+    import copy
+
+    body: Any = encoder(model)
+    keep = max(layer, 1)
+    if keep >= len(body.encoder.layer):
+        return model
+    enc = copy.copy(body.encoder)
+    enc._modules = dict(enc._modules)
+    enc.layer = torch.nn.ModuleList(list(body.encoder.layer)[:keep])
+    view = copy.copy(body)
+    view._modules = dict(view._modules)
+    view.encoder = enc
+    return view
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """Logits from a Hugging Face output, a tuple, or a plain tensor (custom heads)."""
     if isinstance(output, torch.Tensor):

@@ -1,17 +1,21 @@
 """Ray Serve endpoints: embeddings and in silico perturbation of cells sent over HTTP.
 
-A FastAPI ingress checks and converts requests (pydantic models: every bad input is a 4xx naming
-the field, never a 500) and calls a model deployment that loads a model (``models:/NAME@ALIAS``, a
-path or ``s3://``) with its vocabulary. Raw counts are tokenized by the corpus pipeline's own code
+One autoscaled deployment is both the FastAPI ingress and the model: it checks and converts
+requests (pydantic models: every bad input is a 4xx naming the field, never a 500) and holds a
+model (``models:/NAME@ALIAS``, a path or ``s3://``) with its vocabulary. (A separate ingress
+deployment in front of a model deployment doubles the Serve overhead per request, which on CPU
+costs more than the `tiny` model's forward pass.) Raw counts are tokenized by the corpus pipeline's own code
 (:func:`rankformer.api.tokenize_anndata`); embeddings and perturbation scores come from the batch
 jobs' own code (:class:`rankformer.perturb.Perturber`), so they equal the jobs' to float precision.
 ``/v1/embed`` requests are batched dynamically (``@serve.batch``) and their cells regrouped by
-length. Updating the deployment's ``user_config`` (or moving the registry alias and reconfiguring)
-reloads the model in place.
+length. Updating the deployment's ``user_config`` (e.g. bumping ``revision`` after moving the
+registry alias) reloads the model in the running replicas, which answer with the old model until
+the new one is loaded.
 """
 
 # No `from __future__ import annotations` here: FastAPI inside a Serve ingress class must see the
 # request models as classes, not as strings it cannot resolve in the replica.
+import asyncio
 import math
 import os
 import threading
@@ -24,6 +28,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from rankformer import schema
 
 API_KEY_HEADER = "x-api-key"
+DEPLOYMENT = "RankformerServer"
 
 
 @dataclass
@@ -37,8 +42,9 @@ class ServeConfig:
     api_key_file: str | None = None  # file holding the API key (else RANKFORMER_API_KEY; none: open)
     max_cells_per_request: int = 64  # cells one request may carry
     max_body_bytes: int = 4_000_000  # larger request bodies are refused (413)
+    max_ongoing_requests: int = 64  # requests one replica takes at once (the rest queue in the proxy)
     max_batch_size: int = 16  # requests batched into one forward pass at most
-    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
+    batch_wait_timeout_s: float = 0.0  # how long a batch waits to fill (0: it takes what is queued)
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     min_replicas: int = 1  # autoscaling: fewest model replicas
     max_replicas: int = 2  # autoscaling: most model replicas
@@ -48,6 +54,7 @@ class ServeConfig:
     use_gpu: bool = False  # one GPU per replica
     layer: str = "penultimate"  # default layer: penultimate, last or an index into hidden_states
     name: str = "rankformer"  # Serve application name
+    access_log: bool = False  # log every request (Serve's access log costs CPU on the request path)
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
 
 
@@ -194,6 +201,8 @@ class ModelCore:
         self.vocab_names = symbol_index(self.vocab)
         self.max_length = int(meta.get("max_length") or self.worker.model.config.max_position_embeddings)
         self.default_layer = layer
+        self.full = self.worker.model
+        self.views: dict[int, Any] = {}
         self.info.update(
             {
                 "vocab_hash": self.vocab.content_hash,
@@ -203,6 +212,14 @@ class ModelCore:
                 "hidden_size": int(self.worker.model.config.hidden_size),
             }
         )
+
+    def view(self, layer: int) -> Any:
+        """The model running only the layers ``hidden_states[layer]`` needs (weights shared)."""
+        from rankformer.infer import up_to
+
+        if layer not in self.views:
+            self.views[layer] = up_to(self.full, layer)
+        return self.views[layer]
 
     def layer_index(self, layer: str | None) -> int:
         from rankformer.infer import pick_layer
@@ -222,7 +239,7 @@ class ModelCore:
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         with torch.no_grad():
             for b in batches(arrays, w.pad, self.spec["max_tokens"]):
-                h = hidden_states(w.model, b, layer, w.device).cpu()
+                h = hidden_states(self.view(layer), b, layer, w.device).cpu()
                 keep = b.ids >= w.gene_lo
                 vec = h[:, 0] if pooling == "cls" else mean_pool(h, keep)
                 for j, i in enumerate(b.index.tolist()):
@@ -245,6 +262,7 @@ class ModelCore:
             raise ValueError(f"none of the genes {genes[:5]} is in the model's vocabulary")
         cell = np.asarray(tokens, dtype=np.int64)
         w.layer = layer
+        w.model = self.view(layer)
         w.spec = {
             **self.spec,
             "kind": req.kind,
@@ -280,6 +298,31 @@ def read_api_key(cfg: ServeConfig) -> str | None:
     return os.environ.get("RANKFORMER_API_KEY") or None
 
 
+class Guard:
+    """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware costs far more per request):
+    401 without the API key on /v1/ paths when one is set, 413 for bodies over the limit."""
+
+    def __init__(self, app: Any, key: str | None, max_body_bytes: int) -> None:
+        self.app, self.key, self.max_body_bytes = app, key, max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from fastapi.responses import JSONResponse
+
+            headers = dict(scope["headers"])
+            given = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1")
+            if self.key is not None and scope["path"].startswith("/v1/") and given != self.key:
+                detail = f"missing or wrong API key (header {API_KEY_HEADER})"
+                await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+                return
+            size = headers.get(b"content-length", b"").decode("latin-1")
+            if size.isdigit() and int(size) > self.max_body_bytes:
+                detail = f"request body of {size} bytes is over the limit of {self.max_body_bytes}"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application: a FastAPI ingress bound to a model deployment."""
     from fastapi import FastAPI, HTTPException, Request
@@ -300,23 +343,7 @@ def build_app(cfg: ServeConfig) -> Any:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @api.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if (
-            key is not None
-            and request.url.path.startswith("/v1/")
-            and request.headers.get(API_KEY_HEADER) != key
-        ):
-            return JSONResponse(
-                {"detail": f"missing or wrong API key (header {API_KEY_HEADER})"}, status_code=401
-            )
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
-            return JSONResponse(
-                {"detail": f"request body of {size} bytes is over the limit of {cfg.max_body_bytes}"},
-                status_code=413,
-            )
-        return await call_next(request)
+    api.add_middleware(Guard, key=key, max_body_bytes=cfg.max_body_bytes)
 
     autoscaling = {
         "min_replicas": cfg.min_replicas,
@@ -328,64 +355,85 @@ def build_app(cfg: ServeConfig) -> Any:
         "look_back_period_s": 3.0,
     }
 
+    # One deployment is both the HTTP ingress and the model: a second hop (ingress replica ->
+    # model replica) costs more CPU per request than the `tiny` model's forward pass itself.
     @serve.deployment(
+        name=DEPLOYMENT,
         autoscaling_config=autoscaling,
         ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if cfg.use_gpu else 0},
-        max_ongoing_requests=64,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        logging_config=serve_logging(cfg),
         user_config={"model": cfg.model, "revision": cfg.revision},
         health_check_period_s=2,
     )
-    class ModelDeployment:
+    @serve.ingress(api)
+    class Server:
         def __init__(self) -> None:
             self.core: ModelCore | None = None
-            self.lock = threading.Lock()
+            self.loaded: tuple[str, int] | None = None
+            self.perturbing = threading.Lock()
 
-        def reconfigure(self, user_config: dict[str, Any]) -> None:
-            """Load (or reload) the model named in ``user_config``; requests keep being served by
-            the old one until the new one is ready."""
-            uri = user_config.get("model") or cfg.model
-            core = ModelCore(uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer)
-            with self.lock:
-                self.core = core
+        async def reconfigure(self, user_config: dict[str, Any]) -> None:
+            """Load (or reload) the model named in ``user_config``. The new model loads in a
+            thread while requests go on being answered by the old one, then replaces it."""
+            uri = str(user_config.get("model") or cfg.model)
+            want = (uri, int(user_config.get("revision", 0)))
+            if want == self.loaded:
+                return
+            self.core = await asyncio.to_thread(ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer)
+            self.loaded = want
 
-        def info(self) -> dict[str, Any]:
-            assert self.core is not None
-            return self.core.info
+        def _core(self) -> ModelCore:
+            if self.core is None:
+                raise HTTPException(503, "the model is loading")
+            return self.core
 
-        def prepare(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            core = self._core()
-            return [
-                prepare_cell(
-                    Cell(**c), core.vocab, core.layout, core.max_length, core.vocab_names
-                ).model_dump()
-                for c in cells
-            ]
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/v1/model")
+        async def model_info(self) -> dict[str, Any]:
+            return {**self._core().info, "revision": self.loaded[1] if self.loaded else None}
+
+        @api.post("/v1/embed")
+        async def embed(self, req: EmbedRequest) -> dict[str, Any]:
+            if len(req.cells) > cfg.max_cells_per_request:
+                raise HTTPException(
+                    422,
+                    f"cells: {len(req.cells)} cells is over the limit of {cfg.max_cells_per_request} "
+                    "per request",
+                )
+            self._core()  # 503 while the first model loads
+            result = await self._embed_batch(req)
+            if "error" in result:
+                raise HTTPException(422, result["error"])
+            return result
 
         @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
-        async def embed(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def _embed_batch(self, requests: list[EmbedRequest]) -> list[dict[str, Any]]:
             """Tokenize the cells of the batched requests, then one forward pass plan for all their
             cells with the same options (regrouped by length). A request with a bad cell gets
             ``{"error": ...}`` and does not hold up the others."""
-            core = self._core()
+            core = self._core()  # the model that answers the whole batch, even mid-reload
             prepared: list[list[Prepared] | None] = []
             out: list[dict[str, Any]] = []
             for req in requests:
                 try:
-                    cells = [Cell.model_construct(**c) for c in req["cells"]]
                     prepared.append(
                         [
                             prepare_cell(c, core.vocab, core.layout, core.max_length, core.vocab_names)
-                            for c in cells
+                            for c in req.cells
                         ]
                     )
-                    out.append({"cells": [{} for _ in cells]})
+                    out.append({"cells": [{} for _ in req.cells]})
                 except (ValueError, KeyError) as exc:
                     prepared.append(None)
                     out.append({"error": f"cells: {exc}"})
             groups: dict[tuple[int, str, bool], list[tuple[int, int]]] = {}
             for r, (req, cells_p) in enumerate(zip(requests, prepared, strict=True)):
                 if cells_p is not None:
-                    k = (core.layer_index(req["layer"]), req["pooling"], req["gene_vectors"])
+                    k = (core.layer_index(req.layer), req.pooling, req.gene_vectors)
                     groups.setdefault(k, []).extend((r, i) for i in range(len(cells_p)))
             for (layer, pooling, genes), where in groups.items():
                 tokens = [prepared[r][i].tokens for r, i in where]  # type: ignore[index]
@@ -400,83 +448,33 @@ def build_app(cfg: ServeConfig) -> Any:
                     }
             return out
 
-        def perturb(self, tokens: list[int], req: dict[str, Any]) -> dict[str, Any]:
-            core = self._core()
-            p = PerturbRequest(**req)
-            return core.perturb(tokens, p.genes, p, core.layer_index(None))
-
-        def _core(self) -> ModelCore:
-            with self.lock:
-                assert self.core is not None
-                return self.core
-
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
-    @serve.ingress(api)
-    class Ingress:
-        def __init__(self, model: Any) -> None:
-            self.model = model
-
-        @api.get("/healthz")
-        async def healthz(self) -> dict[str, str]:
-            return {"status": "ok"}
-
-        @api.get("/v1/model")
-        async def model_info(self) -> dict[str, Any]:
-            return dict(await self.model.info.remote())
-
-        @api.post("/v1/embed")
-        async def embed(self, req: EmbedRequest) -> dict[str, Any]:
-            if len(req.cells) > cfg.max_cells_per_request:
-                raise HTTPException(
-                    422,
-                    f"cells: {len(req.cells)} cells is over the limit of {cfg.max_cells_per_request} "
-                    "per request",
-                )
-            result = await self.model.embed.remote(
-                {
-                    "cells": [c.model_dump() for c in req.cells],
-                    "layer": req.layer,
-                    "pooling": req.pooling,
-                    "gene_vectors": req.gene_vectors,
-                }
-            )  # one round trip: tokenized and embedded in the model replica
-            if "error" in result:
-                raise HTTPException(422, result["error"])
-            return dict(result)
-
         @api.post("/v1/perturb")
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
-            prepared = (await self._prepare([req.cell.model_dump()]))[0]
+            core = self._core()
             try:
-                result = await self.model.perturb.remote(prepared["tokens"], req.model_dump())
-            except Exception as exc:
-                raise HTTPException(422, _user_message(exc)) from exc
+                prepared = prepare_cell(req.cell, core.vocab, core.layout, core.max_length, core.vocab_names)
+                result = await asyncio.to_thread(self._perturb, core, prepared.tokens, req)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from exc
             return {
-                "cell_id": prepared["cell_id"],
-                "truncated": prepared["truncated"],
+                "cell_id": prepared.cell_id,
+                "truncated": prepared.truncated,
                 "unknown_cell_genes": {
-                    "count": len(prepared["unknown_genes"]),
-                    "genes": prepared["unknown_genes"][:50],
+                    "count": len(prepared.unknown_genes),
+                    "genes": prepared.unknown_genes[:50],
                 },
                 **result,
             }
 
-        async def _prepare(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            try:
-                return list(await self.model.prepare.remote(cells))
-            except Exception as exc:
-                raise HTTPException(422, f"cells: {_user_message(exc)}") from exc
+        def _perturb(self, core: ModelCore, tokens: list[int], req: PerturbRequest) -> dict[str, Any]:
+            with self.perturbing:  # one perturbation at a time: it sets the worker's options
+                return core.perturb(tokens, req.genes, req, core.layer_index(None))
 
-    return Ingress.bind(ModelDeployment.bind())  # type: ignore[attr-defined]
+    return Server.bind()  # type: ignore[attr-defined]
 
 
-def _user_message(exc: BaseException) -> str:
-    """The message of a ValueError/InputError raised in the model replica (Ray wraps it)."""
-    text = str(getattr(exc, "cause", None) or exc)
-    for line in reversed(text.splitlines()):
-        if "Error:" in line:
-            return line.split("Error:", 1)[1].strip()
-    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+def serve_logging(cfg: ServeConfig) -> dict[str, Any]:
+    return {"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"}
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -486,16 +484,56 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(build(ServeConfig, dict(args)))
 
 
+def serve_document(apps: list[tuple[ServeConfig, str]]) -> dict[str, Any]:
+    """A Serve config document (as `serve deploy` takes) for these applications and route prefixes.
+    The deployment's ``user_config`` names the model and a revision: bumping only the revision (after
+    moving the registry alias) reloads the model in the running replicas instead of replacing them."""
+    first = apps[0][0]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": first.host, "port": first.port},
+        "logging_config": serve_logging(first),
+        "applications": [
+            {
+                "name": c.name,
+                "route_prefix": route,
+                "import_path": "rankformer.serving:app_builder",
+                "args": {k: v for k, v in asdict(c).items() if v is not None and k != "revision"},
+                "deployments": [
+                    {"name": DEPLOYMENT, "user_config": {"model": c.model, "revision": c.revision}}
+                ],
+            }
+            for c, route in apps
+        ],
+    }
+
+
+def deploy(apps: list[tuple[ServeConfig, str]]) -> None:
+    """Apply a Serve config for these applications (declarative, like `serve deploy`: applications
+    left out are removed) and wait until they run."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = serve_document(apps)
+    client = serve_start(
+        http_options=doc["http_options"],
+        global_logging_config=doc["logging_config"],
+        proxy_location="HeadOnly",
+    )
+    client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
+
+
 def run_serve(cfg: ServeConfig, block: bool = True) -> str:
-    """Start the application on this machine's (or the named) Ray cluster; returns its URL."""
+    """Start the application on this machine's (or the named) Ray cluster; returns its URL.
+    Calling it again with only ``revision`` changed reloads the model in place (e.g. after moving
+    the registry alias); other changes replace the replicas."""
     from ray import serve
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
 
     ensure_ray(ClusterOptions())
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "location": "HeadOnly"})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+    deploy([(cfg, "/")])
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {cfg.model} at {url} (docs {url}/docs)", flush=True)
     if block:
