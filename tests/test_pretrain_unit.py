@@ -134,3 +134,31 @@ def test_door_checks(small_corpus, tmp_path):
         _plan(empty, tmp_path)
     with pytest.raises(InputError, match="no finished corpus"):
         _plan(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_init_from_door_checks(small_corpus, tmp_path):
+    """--init-from: the model's vocabulary, layout and positions are checked from its metadata and
+    config (its weights load once, in the workers)."""
+    from transformers import BertForMaskedLM
+
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+    from rankformer.synth import gene_ids
+    from rankformer.vocab import build_vocab
+
+    vocab = GeneVocab.load(_plan(small_corpus, tmp_path).manifest["config"]["vocab"])
+
+    def model(name, voc, positions=64, layout="v2"):
+        bert = BertForMaskedLM(bert_config(preset("tiny", {"max_position_embeddings": positions}), voc))
+        save_model_dir(bert, voc, {"task": "masked-lm", "layout": layout, "max_length": positions}, name)
+        return name
+
+    good = model(str(tmp_path / "good"), vocab)
+    assert _plan(small_corpus, tmp_path, init_from=good).layout == "v2"
+    other = build_vocab(list(gene_ids(41)), [1.0] * 41)
+    with pytest.raises(InputError, match="tokenize the corpus with the model's vocab"):
+        _plan(small_corpus, tmp_path, init_from=model(str(tmp_path / "other"), other))
+    with pytest.raises(InputError, match="fewer than the corpus max_length 64"):
+        _plan(small_corpus, tmp_path, init_from=model(str(tmp_path / "short"), vocab, positions=32))
+    with pytest.raises(InputError, match="is for v1 corpora"):
+        _plan(small_corpus, tmp_path, init_from=model(str(tmp_path / "v1"), vocab, layout="v1"))

@@ -131,6 +131,28 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     return build(PretrainConfig, merged_values(args, PretrainConfig))
 
 
+# commands that build one config dataclass from flags/--config and call one function with it:
+# (command, subcommand) -> (module, config class, function)
+CONFIG_JOBS = {
+    ("finetune", "genes"): ("rankformer.classify.genes", "FinetuneGenesConfig", "run_finetune_genes"),
+    ("finetune", "cells"): ("rankformer.classify.cells", "FinetuneCellsConfig", "run_finetune_cells"),
+    ("embed", None): ("rankformer.embed", "EmbedConfig", "run_embed"),
+    ("serve", None): ("rankformer.serving", "ServeConfig", "run_serve"),
+    ("perturb", None): ("rankformer.perturb", "PerturbConfig", "run_perturb"),
+}
+
+
+def _config_job(args: argparse.Namespace) -> None:
+    import importlib
+
+    module, config_name, function = CONFIG_JOBS[(args.command, getattr(args, "finetune_command", None))]
+    mod = importlib.import_module(module)
+    config_cls = getattr(mod, config_name, None) or getattr(
+        importlib.import_module("rankformer.train.config"), config_name
+    )
+    getattr(mod, function)(build(config_cls, merged_values(args, config_cls)))
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["perturb", "stats"]:
@@ -143,30 +165,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         run_pretrain(pretrain_config(args))
         return 0
-    if args.command == "finetune":
-        if args.finetune_command == "genes":
-            from rankformer.classify.genes import run_finetune_genes
-
-            run_finetune_genes(build(FinetuneGenesConfig, merged_values(args, FinetuneGenesConfig)))
-        else:
-            from rankformer.classify.cells import run_finetune_cells
-
-            run_finetune_cells(build(FinetuneCellsConfig, merged_values(args, FinetuneCellsConfig)))
-        return 0
-    if args.command == "embed":
-        from rankformer.embed import EmbedConfig, run_embed
-
-        run_embed(build(EmbedConfig, merged_values(args, EmbedConfig)))
-        return 0
-    if args.command == "serve":
-        from rankformer.serving import ServeConfig, run_serve
-
-        run_serve(build(ServeConfig, merged_values(args, ServeConfig)))
-        return 0
-    if args.command == "perturb":
-        from rankformer.perturb import PerturbConfig, run_perturb
-
-        run_perturb(build(PerturbConfig, merged_values(args, PerturbConfig)))
+    if (args.command, getattr(args, "finetune_command", None)) in CONFIG_JOBS:
+        _config_job(args)
         return 0
     if args.command == "perturb-stats":
         from rankformer.perturb import perturb_stats

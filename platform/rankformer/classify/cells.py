@@ -11,8 +11,6 @@ frozen mean-pooled cell embeddings, same split.
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 
 from rankformer import schema, tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
+from rankformer.classify.common import JobOutput, in_parent_run, open_model_and_corpus, token_layout
 from rankformer.classify.data import Cells, load_cells, parse_where
 from rankformer.classify.genes import logreg
 from rankformer.errors import InputError
@@ -171,18 +169,7 @@ def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:
         f"cell classification: {len(job.cells):,} cells of {len(job.classes)} classes {job.classes}; "
         f"split {sizes}" + (f" by {cfg.group_column}" if cfg.group_column else " (stratified at random)")
     )
-    name = cfg.track.run_name or f"{JOB}-{os.path.basename(cfg.out.rstrip('/'))}"
-    parent = tracking.start_run(
-        job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash}
-    )
-    try:
-        tracking.log_params(job.uri, parent, asdict(cfg))
-        summary = _run(job, parent, sizes)
-    except BaseException:
-        tracking.end_run(job.uri, parent, "FAILED")
-        raise
-    tracking.end_run(job.uri, parent)
-    return summary
+    return in_parent_run(JOB, cfg, job.uri, job.vocab.content_hash, lambda parent: _run(job, parent, sizes))
 
 
 def _tune(job: CellJob, parent: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +21,27 @@ from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.model.store import LoadedModel
+
+
+def in_parent_run(
+    job: str, cfg: Any, uri: str, vocab_hash: str, body: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run ``body(parent_run_id)`` inside the job's MLflow parent run (named ``--run-name``, else
+    after the job and its output folder; the config logged as parameters), which ends FAILED if
+    ``body`` raises."""
+    from rankformer import tracking
+
+    name = cfg.track.run_name or f"{job}-{os.path.basename(cfg.out.rstrip('/'))}"
+    parent = tracking.start_run(uri, cfg.track.experiment, name, {"job": job, "vocab_hash": vocab_hash})
+    try:
+        tracking.log_params(uri, parent, asdict(cfg))
+        summary = body(parent)
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    tracking.end_run(uri, parent)
+    return summary
+
 
 JOB_FILE = "job.json"  # written first: which job owns this folder, with which config
 MANIFEST = "manifest.json"  # written last: the outputs of a finished job

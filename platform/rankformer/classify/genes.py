@@ -11,8 +11,6 @@ table that answers the question.
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 
 from rankformer import tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
+from rankformer.classify.common import JobOutput, in_parent_run, open_model_and_corpus, token_layout
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, map_labels, read_label_sets
 from rankformer.classify.tune import GeneScorer, apply, search
@@ -234,18 +232,7 @@ def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
         f"gene classification: {describe(labels)} in {len(job.cells):,} cells"
         + (f"; {len(job.not_in_corpus)} labelled genes not in these cells" if job.not_in_corpus else "")
     )
-    name = cfg.track.run_name or f"{JOB}-{os.path.basename(cfg.out.rstrip('/'))}"
-    parent = tracking.start_run(
-        job.uri, cfg.track.experiment, name, {"job": JOB, "vocab_hash": job.vocab.content_hash}
-    )
-    try:
-        tracking.log_params(job.uri, parent, asdict(cfg))
-        summary = _run(job, out, parent)
-    except BaseException:
-        tracking.end_run(job.uri, parent, "FAILED")
-        raise
-    tracking.end_run(job.uri, parent)
-    return summary
+    return in_parent_run(JOB, cfg, job.uri, job.vocab.content_hash, lambda parent: _run(job, out, parent))
 
 
 def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -191,11 +192,14 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def save_final(
     cfg: PretrainConfig, checkpoint_dir: str, vocab: GeneVocab, meta: dict[str, Any], tracking_uri: str
 ) -> str:
-    """Model directory at ``cfg.out`` from the final checkpoint's weights; returns a local copy."""
+    """Model directory at ``cfg.out`` from the final checkpoint's weights; returns a local folder
+    holding it (``cfg.out`` itself when local, else a temporary copy the caller removes)."""
     model = build_model(cfg, vocab, tracking_uri)  # the preset's or the initial model's architecture
     state = torch.load(os.path.join(checkpoint_dir, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     save_model_dir(model.mlm, vocab, meta, cfg.out)
+    if not fs.is_remote(cfg.out):
+        return cfg.out
     local = tempfile.mkdtemp(prefix="rankformer-final-")
     save_model_dir(model.mlm, vocab, meta, os.path.join(local, "model"))
     return os.path.join(local, "model")
@@ -243,12 +247,22 @@ def plan(cfg: PretrainConfig) -> Plan:
 def _check_init(
     cfg: PretrainConfig, manifest: dict[str, Any], layout: str, max_length: int, uri: str
 ) -> None:
-    from rankformer.loader import load_model
+    """The initial model's metadata and config against the corpus (its weights load in the workers)."""
+    from transformers import BertConfig
 
-    init = load_model(cfg.init_from or "", tracking_uri=uri, expect_vocab_hash=manifest["vocab_hash"])
-    if init.layout != layout:
-        raise InputError(f"model {cfg.init_from} is for {init.layout} corpora, the corpus is {layout}")
-    positions = int(init.model.config.max_position_embeddings)
+    from rankformer.loader import fetch_model_dir
+    from rankformer.model.store import read_meta
+
+    local = fetch_model_dir(cfg.init_from or "", uri)
+    meta = read_meta(local)
+    if meta["vocab_hash"] != manifest["vocab_hash"]:
+        raise InputError(
+            f"model {cfg.init_from} uses vocabulary {meta['vocab_hash'][:19]} but the corpus was tokenized "
+            f"with {manifest['vocab_hash'][:19]}; tokenize the corpus with the model's vocab.json"
+        )
+    if meta["layout"] != layout:
+        raise InputError(f"model {cfg.init_from} is for {meta['layout']} corpora, the corpus is {layout}")
+    positions = int(BertConfig.from_pretrained(local).max_position_embeddings)
     if positions < max_length:
         raise InputError(
             f"model {cfg.init_from} has {positions} positions, fewer than the corpus max_length {max_length}"
@@ -310,6 +324,8 @@ def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str,
     with result.checkpoint.as_directory() as d:
         local = save_final(cfg, d, p.vocab, meta, p.tracking_uri)
     tracking.log_artifacts(p.tracking_uri, run_id, local, "model")
+    if local != cfg.out:
+        shutil.rmtree(os.path.dirname(local), ignore_errors=True)
     version = None
     if cfg.track.registered_model:
         reg_tags = {
