@@ -13,13 +13,14 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
-IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head")
+IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head", "precision")
+DEFAULTS = {"precision": "float32"}  # what a record written before the key existed measured
 
 
 def _key(rec: dict) -> str:
     """What a figure is a figure of: a newer record with the same identity replaces an older one."""
     cfg = rec["config"]
-    return json.dumps([rec["metric"], *(cfg.get(k) for k in IDENTITY)])
+    return json.dumps([rec["metric"], *(cfg.get(k, DEFAULTS.get(k)) for k in IDENTITY)])
 
 
 def latest(path: Path) -> list[dict]:

@@ -50,6 +50,7 @@ class EmbedConfig:
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     num_workers: int = 1  # actors, one model each
     use_gpu: bool = False  # one GPU per actor
+    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
     in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
     plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
@@ -57,6 +58,9 @@ class EmbedConfig:
     experiment: str | None = None  # log plots and the manifest to a run of this MLflow experiment
 
     def __post_init__(self) -> None:
+        from rankformer.infer import check_precision
+
+        check_precision(self.precision, self.use_gpu)
         if self.level not in ("cell", "gene"):
             raise InputError(f"level {self.level!r} must be cell or gene")
         if self.gene_stat not in ("mean", "median"):
@@ -87,6 +91,11 @@ class Embedder:
         self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
         model: Any = loaded.model
         self.model = model.to(self.device).eval()
+        precision = spec.get("precision", "float32")
+        if precision != "float32":  # states come back as float32 for pooling and cosines
+            from rankformer.infer import PRECISIONS
+
+            self.model = self.model.to(PRECISIONS[precision])
         self.pad = int(loaded.vocab.specials[schema.PAD])
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.vocab = loaded.vocab
@@ -185,7 +194,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     what = {
         k: v
         for k, v in asdict(cfg).items()
-        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where", "gene_stat")
+        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where", "gene_stat", "precision")
     }
     out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
@@ -197,6 +206,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "model": cfg.model,
         "tracking_uri": uri,
         "use_gpu": cfg.use_gpu,
+        "precision": cfg.precision,
         "layer": cfg.layer,
         "level": cfg.level,
         "pooling": cfg.pooling,

@@ -62,11 +62,15 @@ class PerturbConfig:
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     num_workers: int = 1  # actors, one model each
     use_gpu: bool = False  # one GPU per actor
+    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
     in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
     tracking_uri: str | None = None  # MLflow store for models:/ URIs
 
     def __post_init__(self) -> None:
+        from rankformer.infer import check_precision
+
+        check_precision(self.precision, self.use_gpu)
         if self.kind not in KINDS:
             raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
         if self.mode not in ("each", "together", "all"):
@@ -334,6 +338,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "model": cfg.model,
         "tracking_uri": uri,
         "use_gpu": cfg.use_gpu,
+        "precision": cfg.precision,
         "layer": cfg.layer,
         "level": "cell",
         "pooling": "mean",

@@ -52,10 +52,16 @@ class ServeConfig:
     upscale_delay_s: float = 3.0  # autoscaling: sustained load before a replica is added
     downscale_delay_s: float = 10.0  # autoscaling: quiet time before a replica is removed
     use_gpu: bool = False  # one GPU per replica
+    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only)
     layer: str = "penultimate"  # default layer: penultimate, last or an index into hidden_states
     name: str = "rankformer"  # Serve application name
     access_log: bool = False  # log every request (Serve's access log costs CPU on the request path)
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
+
+    def __post_init__(self) -> None:
+        from rankformer.infer import check_precision
+
+        check_precision(self.precision, self.use_gpu)
 
 
 class Cell(BaseModel):
@@ -169,7 +175,9 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
 class ModelCore:
     """The model, its vocabulary, and the batch jobs' embedding and perturbation code."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, use_gpu: bool, layer: str) -> None:
+    def __init__(
+        self, model_uri: str, tracking_uri: str | None, use_gpu: bool, layer: str, precision: str = "float32"
+    ) -> None:
         from rankformer import tracking
         from rankformer.classify.labels import symbol_index
         from rankformer.loader import fetch_model_dir
@@ -188,6 +196,7 @@ class ModelCore:
             "model": model_uri,
             "tracking_uri": self.uri,
             "use_gpu": use_gpu,
+            "precision": precision,
             "layer": "last",  # keep every layer: requests choose theirs
             "level": "cell",
             "pooling": "mean",
@@ -380,7 +389,9 @@ def build_app(cfg: ServeConfig) -> Any:
             want = (uri, int(user_config.get("revision", 0)))
             if want == self.loaded:
                 return
-            self.core = await asyncio.to_thread(ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer)
+            self.core = await asyncio.to_thread(
+                ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer, cfg.precision
+            )
             self.loaded = want
 
         def _core(self) -> ModelCore:
