@@ -35,6 +35,7 @@ def tokenize_anndata(
     carry: dict[str, str] | Sequence[str] | None = None,
     coverage_floor: float = 0.5,
     allow_normalized: bool = False,
+    report: bool = True,
 ) -> pa.Table:
     """Rank-value encode cells in memory into an Arrow table of the corpus schema.
 
@@ -43,6 +44,7 @@ def tokenize_anndata(
     ``gene_ids``. ``vocab``: a :class:`GeneVocab` or the path of its JSON. ``carry``: obs columns
     to keep (a list, or a mapping obs name -> output name). Rows come out in input order; cells
     with no vocabulary gene are dropped (``source_row`` says which input row each row is).
+    ``report``: print the vocabulary coverage line.
     """
     voc = vocab if isinstance(vocab, GeneVocab) else GeneVocab.load(vocab)
     carried = dict(carry) if isinstance(carry, dict) else {c: c for c in (carry or [])}
@@ -58,7 +60,7 @@ def tokenize_anndata(
         read=read,
     )
     src = MemorySource(adata, gene_id_column, counts, gene_ids)
-    check_info(inspect_source(src, read), cfg, voc)
+    check_info(inspect_source(src, read), cfg, voc, report)
     shard = Shard(0, MEMORY_URI, 0, 0, src.n_cells)
     return pa.concat_tables([table for table, _, _ in encode_source(src, shard, cfg, voc)])
 

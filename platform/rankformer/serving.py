@@ -161,7 +161,13 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
         var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: ids}, index=[str(i) for i in range(len(ids))]),
     )
     table = tokenize_anndata(
-        adata, vocab, layout=layout, max_length=max_length, coverage_floor=0.0, allow_normalized=True
+        adata,
+        vocab,
+        layout=layout,
+        max_length=max_length,
+        coverage_floor=0.0,
+        allow_normalized=True,
+        report=False,  # one line per request would flood the replica's log
     )
     if table.num_rows == 0:
         raise ValueError("no expressed gene of the cell is in the model's vocabulary")

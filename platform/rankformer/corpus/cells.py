@@ -205,7 +205,9 @@ def coverage(info: FileInfo, col_map: np.ndarray) -> dict[str, Any]:
     }
 
 
-def check_coverage(uri: str, cov: dict[str, Any], floor: float, describe_ids: Callable[[], str]) -> None:
+def check_coverage(
+    uri: str, cov: dict[str, Any], floor: float, describe_ids: Callable[[], str], report: bool = True
+) -> None:
     log.info(
         "%s: %.1f%% of genes (%d/%d) and %.1f%% of counts map to the vocabulary",
         uri,
@@ -215,10 +217,11 @@ def check_coverage(uri: str, cov: dict[str, Any], floor: float, describe_ids: Ca
         100 * cov["counts"],
     )
     note = f"; {cov['id_note']}" if cov.get("id_note") else ""
-    print(
-        f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
-        f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%{note}"
-    )
+    if report:
+        print(
+            f"coverage {uri}: genes {100 * cov['genes']:.1f}% ({cov['n_genes_mapped']}/"
+            f"{cov['n_genes']}), counts {100 * cov['counts']:.1f}%{note}"
+        )
     if cov["counts"] < floor:
         raise InputError(
             f"{uri}: only {100 * cov['counts']:.1f}% of counts map to the vocabulary (floor "

@@ -230,15 +230,16 @@ def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
     return plan_shards(infos, cfg.read.rows_per_shard)
 
 
-def check_info(info: FileInfo, cfg: TokenizeConfig, vocab: GeneVocab) -> None:
-    """Carried columns exist and enough of the counts map to the vocabulary (prints coverage)."""
+def check_info(info: FileInfo, cfg: TokenizeConfig, vocab: GeneVocab, report: bool = True) -> None:
+    """Carried columns exist and enough of the counts map to the vocabulary (prints coverage
+    when ``report``)."""
     missing = [c for c in cfg.carry if c not in info.obs_columns]
     if missing:
         raise InputError(
             f"{info.uri}: obs has no column(s) {missing} to carry; columns are {info.obs_columns}"
         )
     cov = coverage(info, column_tokens(vocab, info.gene_ids, cfg.read))
-    check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids))
+    check_coverage(info.uri, cov, cfg.coverage_floor, partial(guess_id_kind, info.gene_ids), report)
 
 
 def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, Any]:
