@@ -1,8 +1,8 @@
 """Load test of `/v1/embed` on 127.0.0.1: `tiny` model, CPU, N requests of one cell each at a
 fixed concurrency; p50/p95/p99 latency, throughput and errors; then the same with one model
-replica killed halfway (the client retries once, as a production client would). The client is a
-keep-alive HTTP/1.1 connection per thread (the standard library's, which costs the 2-core
-machine less CPU than `requests`).
+replica killed halfway (the client retries once, as a production client would). The clients are
+asyncio keep-alive HTTP/1.1 connections in this process, so the load generator takes as little
+as it can of the 2 cores it shares with the proxy and the replica.
 
 Records (`serve`): p50_ms, p95_ms, p99_ms, requests_per_s, errors, failed_during_replica_kill.
 """
@@ -10,14 +10,12 @@ Records (`serve`): p50_ms, p95_ms, p99_ms, requests_per_s, errors, failed_during
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import os
 import shutil
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -63,33 +61,10 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     cfg = ServeConfig(model=model, port=8123, min_replicas=args.replicas, max_replicas=args.replicas)
     run_serve(cfg, block=False)
-    bodies = [json.dumps({"cells": [{"cell_id": str(i), "tokens": c.tolist()}]}) for i, c in enumerate(cells)]
-    local = threading.local()
-
-    def post(i: int) -> bool:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", cfg.port, timeout=30)
-        try:
-            body = bodies[i % len(bodies)].encode()
-            conn.request("POST", "/v1/embed", body, {"content-type": "application/json"})
-            r = conn.getresponse()
-            r.read()
-            return r.status == 200
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            local.conn = None
-            return False
-
-    def one(i: int, retry: bool) -> tuple[float, bool, bool]:
-        t = time.perf_counter()
-        for attempt in range(2 if retry else 1):
-            if post(i):
-                return time.perf_counter() - t, True, attempt > 0
-        return time.perf_counter() - t, False, False
-
-    for i in range(50):  # warm up
-        one(i, False)
+    bodies = [
+        json.dumps({"cells": [{"cell_id": str(i), "tokens": c.tolist()}]}).encode()
+        for i, c in enumerate(cells)
+    ]
     conf = {
         "preset": "tiny",
         "device": "cpu",
@@ -97,21 +72,14 @@ def main() -> None:
         "concurrency": args.concurrency,
         "replicas": args.replicas,
         "cell_tokens": int(np.mean([len(c) for c in cells])),
-        "client": "http.client keep-alive, one connection per thread",
+        "client": "asyncio, one keep-alive HTTP/1.1 connection per concurrent client",
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
     }
+    asyncio.run(load(cfg.port, bodies, 50, 4, False))  # warm up
 
     def run(kill: bool) -> tuple[list[float], int, float]:
-        lat: list[float] = []
-        bad = 0
         t0 = time.perf_counter()
-        killer = threading.Timer(2.0, _kill_replica) if kill else None
-        if killer:
-            killer.start()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            for dt, ok, _ in pool.map(lambda i: one(i, kill), range(args.requests)):
-                lat.append(dt)
-                bad += 0 if ok else 1
+        lat, bad = asyncio.run(load(cfg.port, bodies, args.requests, args.concurrency, kill))
         return lat, bad, time.perf_counter() - t0
 
     lat, bad, wall = run(False)
@@ -124,6 +92,75 @@ def main() -> None:
     record("serve", "failed_during_replica_kill", failed, "requests", {**conf, "client_retries": 1})
     serve.shutdown()
     ray.shutdown()
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection (asyncio streams: a load generator should cost the
+    machine it shares with the server as little CPU as it can)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, body: bytes) -> bool:
+        try:
+            if self.streams is None:
+                self.streams = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = self.streams
+            writer.write(
+                b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            status = int((await reader.readline()).split()[1])
+            length, close = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+                elif name.lower() == "connection" and "close" in value.lower():
+                    close = True
+            await reader.readexactly(length)
+            if close:
+                self.close()
+            return status == 200
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+        self.streams = None
+
+
+async def load(
+    port: int, bodies: list[bytes], n: int, concurrency: int, kill: bool
+) -> tuple[list[float], int]:
+    """``n`` requests from ``concurrency`` clients; with ``kill``, a model replica is killed after 2 s
+    and each client retries a failed request once. Returns (latencies in s, failed requests)."""
+    lat: list[float] = []
+    failed = 0
+    todo = iter(range(n))
+
+    async def client() -> None:
+        nonlocal failed
+        c = Client(port)
+        for i in todo:
+            t = time.perf_counter()
+            for _ in range(2 if kill else 1):
+                if await c.post(bodies[i % len(bodies)]):
+                    lat.append(time.perf_counter() - t)
+                    break
+            else:
+                failed += 1
+        c.close()
+
+    async def killer() -> None:
+        await asyncio.sleep(2.0)
+        await asyncio.get_running_loop().run_in_executor(None, _kill_replica)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)), *([killer()] if kill else []))
+    return lat, failed
 
 
 def _kill_replica() -> None:

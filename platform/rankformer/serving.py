@@ -133,9 +133,10 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
     cls, eos = vocab.specials.get(schema.CLS), vocab.specials.get(schema.EOS)
     specials = 2 if layout == "v2" else 0
     if cell.tokens is not None:
-        bad = [t for t in cell.tokens if not 0 <= t < vocab.n_tokens]
+        n_tokens = vocab.n_tokens  # a property that scans the vocabulary: once per cell
+        bad = [t for t in cell.tokens if not 0 <= t < n_tokens]
         if bad:
-            raise ValueError(f"tokens {bad[:5]} are outside the vocabulary (0..{vocab.n_tokens - 1})")
+            raise ValueError(f"tokens {bad[:5]} are outside the vocabulary (0..{n_tokens - 1})")
         toks = list(cell.tokens)
         return Prepared(
             cell_id=cell.cell_id, tokens=toks[:max_length], unknown_genes=[], truncated=len(toks) > max_length
