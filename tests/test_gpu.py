@@ -33,3 +33,51 @@ def test_bf16_pretraining_on_gpu(tmp_path):
     run_loop(build_model(cfg, vocab, None), task, loop_options(cfg, extra), ctx)
     assert ctx.history[-1]["loss"] < 0.5 * ctx.history[0]["loss"]
     assert 0 < ctx.history[-1]["mfu"] < 1
+
+
+def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
+    """`--use-gpu` computes what the CPU computes (float32 to 1e-4); bfloat16 on the GPU stays
+    within rounding of it."""
+    import numpy as np
+    from transformers import BertForMaskedLM
+
+    from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+    from rankformer.perturb import PerturbConfig, read_results, run_perturb
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 40, 24)
+    cells = [np.asarray([2, *(rng.choice(60, int(k), replace=False) + 4), 3]) for k in lengths]
+    states = ["A" if i % 2 else "B" for i in range(24)]
+    corpus = write_corpus(str(tmp_path / "c"), cells, 60, carry={"state": states})
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    torch.manual_seed(0)
+    model = str(tmp_path / "m")
+    meta = {"task": "masked-lm", "layout": "v2", "max_length": 64}
+    save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab, meta, model)
+    common = {"model": model, "corpus": corpus, "in_process": True}
+    perturbed = {}
+    runs = (("cpu", False, "float32"), ("gpu", True, "float32"), ("bf16", True, "bfloat16"))
+    for name, gpu, precision in runs:
+        out = str(tmp_path / f"p_{name}")
+        run_perturb(
+            PerturbConfig(
+                **common,
+                out=out,
+                mode="all",
+                state_column="state",
+                goal_state="A",
+                use_gpu=gpu,
+                precision=precision,
+            )
+        )
+        perturbed[name] = read_results(out).to_pandas()
+    for col in ("cell_cosine", "gene_mean_cosine", "shift_A"):
+        np.testing.assert_allclose(perturbed["gpu"][col], perturbed["cpu"][col], atol=1e-4)
+        np.testing.assert_allclose(perturbed["bf16"][col], perturbed["cpu"][col], atol=0.01)
+    vecs = {}
+    for name, gpu in (("cpu", False), ("gpu", True)):
+        run_embed(EmbedConfig(**common, out=str(tmp_path / f"e_{name}"), use_gpu=gpu))
+        vecs[name] = np.stack(read_embeddings(str(tmp_path / f"e_{name}")).column("embedding").to_pylist())
+    np.testing.assert_allclose(vecs["gpu"], vecs["cpu"], atol=1e-4)
