@@ -167,7 +167,8 @@ class Perturber(Embedder):
                 else None
             )
             p0, common = self._matched(ids, [combos[i] for i in idx], lut)
-            gene_cos = _cos(h1, h0[p0.clamp(min=0)]) * common  # (B, L1), 0 where not matched
+            # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
+            gene_cos = torch.where(common, _cos(h1, h0[p0.clamp(min=0)]), 0.0)
             n_common = common.sum(1)
             mean_cos = (gene_cos.sum(1) / n_common.clamp(min=1)).tolist()
             for j, i in enumerate(idx.tolist()):
