@@ -100,7 +100,7 @@ def reference_method(
         """Mean over gene tokens: not `<cls>`, `<eos>` (the last real token) or padding."""
         genes = mask.clone()
         genes[:, 0] = 0
-        genes[torch.arange(len(mask)), mask.sum(1) - 1] = 0
+        genes[torch.arange(len(mask), device=mask.device), mask.sum(1) - 1] = 0
         w = genes.unsqueeze(-1).to(h.dtype)
         return (h * w).sum(1) / w.sum(1)
 
@@ -123,6 +123,7 @@ def reference_method(
             h1, m1 = forward(variants)
             keep = torch.ones(len(rows), n, dtype=torch.bool)
             keep[torch.arange(len(rows)), torch.as_tensor(list(rows))] = False
+            keep = keep.to(g0.device)
             original = g0.unsqueeze(0).expand(len(rows), -1, -1)[keep].view(len(rows), n - 1, -1)
             gene_mean = cos(h1[:, 1:-1], original, dim=2).mean(1)
             v1 = pooled(h1, m1)
@@ -131,6 +132,8 @@ def reference_method(
             if first is None:
                 first = {"cell_cosine": float(cell[0]), "gene_mean_cosine": float(gene_mean[0])}
                 first |= {f"shift_{s}": float(v[0]) for s, v in shifts.items()}
+    if device == "cuda":
+        torch.cuda.synchronize()  # the timing covers the queued kernels
     return first or {}
 
 
