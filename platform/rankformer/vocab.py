@@ -7,6 +7,7 @@ loading checks it, so a corpus is never read with a vocabulary other than the on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -109,8 +110,11 @@ class GeneVocab:
             "gene_names": dict(sorted(self.gene_names.items())),
         }
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
+        """Computed once per vocabulary (a 25k-gene vocabulary takes ~12 ms to serialise; the
+        loaders compare hashes several times per job). The vocabulary is frozen: never mutate its
+        arrays in place."""
         blob = json.dumps(self._hashed_content(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
