@@ -155,6 +155,22 @@ def test_bad_input(world, tmp_path):
         EmbedConfig(model=world.model, corpus=world.corpus, out="x", level="token")
 
 
+def test_model_layout_and_positions_checked_against_the_corpus(world, tmp_path):
+    """Refused at the door, from the model's metadata and config (the workers load the weights)."""
+    vocab = GeneVocab.load(os.path.join(world.model, "vocab.json"))
+
+    def model(name, positions=64, layout="v2"):
+        bert = BertForMaskedLM(bert_config(preset("tiny", {"max_position_embeddings": positions}), vocab))
+        save_model_dir(bert, vocab, {"task": "masked-lm", "layout": layout, "max_length": positions}, name)
+        return name
+
+    short, v1 = model(str(tmp_path / "short"), positions=32), model(str(tmp_path / "v1"), layout="v1")
+    with pytest.raises(InputError, match="32 positions, fewer than the corpus max_length 64"):
+        run_embed(EmbedConfig(model=short, corpus=world.corpus, out=str(tmp_path / "a"), in_process=True))
+    with pytest.raises(InputError, match="is for v1 corpora; corpus .* is v2"):
+        run_embed(EmbedConfig(model=v1, corpus=world.corpus, out=str(tmp_path / "b"), in_process=True))
+
+
 @pytest.mark.ray
 def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
     local = tmp_path / "local"

@@ -172,18 +172,16 @@ def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     from rankformer import tracking
     from rankformer.api import read_corpus
-    from rankformer.classify.common import JobOutput, open_model_and_corpus
+    from rankformer.classify.common import JobOutput, check_model_and_corpus
     from rankformer.classify.data import check_columns, parse_where
     from rankformer.cluster import map_shards_actors
     from rankformer.config import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
-    loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri)
-    if cfg.pooling == "cls" and (loaded.layout != "v2" or schema.CLS not in loaded.vocab.specials):
-        raise InputError(
-            f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {loaded.layout}"
-        )
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri)
+    if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
+        raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
     where = parse_where(cfg.cells_where)
     names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
     check_columns(cfg.corpus, names, list(where), "--cells-where")
@@ -223,17 +221,17 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         n_cells += int(pickle.loads(payload)["cells"])
     summary: dict[str, Any] = {
         "model": cfg.model,
-        "vocab_hash": loaded.vocab.content_hash,
-        "layout": loaded.layout,
+        "vocab_hash": info.vocab.content_hash,
+        "layout": info.layout,
         "level": cfg.level,
         "layer": cfg.layer,
         "pooling": cfg.pooling if cfg.level == "cell" else f"{cfg.gene_stat} over occurrences",
-        "dim": int(loaded.model.config.hidden_size),
+        "dim": int(info.config.hidden_size),
         "shards": [s["name"] for s in shards],
         "shards_done_before": len(shards) - len(pending),
     }
     if cfg.level == "gene":
-        table = _merge_genes(cfg.out, shards, loaded.vocab, median=cfg.gene_stat == "median")
+        table = _merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
         _write_genes(out, table)
         summary["genes"] = table.num_rows
     else:

@@ -1,5 +1,7 @@
 """The model loader every stage uses: a path, an ``s3://`` prefix or ``models:/NAME@ALIAS``
-(``models:/NAME/VERSION``) becomes a checked :class:`LoadedModel` (model, vocabulary, metadata)."""
+(``models:/NAME/VERSION``) becomes a checked :class:`LoadedModel` (model, vocabulary, metadata),
+or, where a driver only checks a model before its workers load it, a :class:`ModelInfo` (the same
+without the weights)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from transformers import BertForMaskedLM, PreTrainedModel
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.model.store import META, LoadedModel, load_model_dir
+from rankformer.model.store import META, LoadedModel, ModelInfo, load_weights, read_model_dir
 
 
 def fetch_model_dir(uri: str, tracking_uri: str | None = None) -> str:
@@ -35,6 +37,32 @@ def fetch_model_dir(uri: str, tracking_uri: str | None = None) -> str:
     return uri
 
 
+def inspect_model(
+    uri: str, tracking_uri: str | None = None, expect_vocab_hash: str | None = None
+) -> ModelInfo:
+    """A model's metadata, vocabulary and config, checked, without loading its weights; with
+    ``expect_vocab_hash``, refuse one made with another vocabulary."""
+    info = read_model_dir(fetch_model_dir(uri, tracking_uri), source=uri)
+    if expect_vocab_hash is not None and info.vocab.content_hash != expect_vocab_hash:
+        raise InputError(
+            f"model {uri} uses vocabulary {info.vocab.content_hash[:19]} but the corpus was tokenized "
+            f"with {expect_vocab_hash[:19]}; tokenize the corpus with the model's vocab.json"
+        )
+    return info
+
+
+def check_fits_corpus(info: ModelInfo, corpus: str, layout: str | None, max_length: int) -> None:
+    """The model reads the corpus's layout and its longest cells (``layout`` None: not recorded)."""
+    if layout and info.layout != layout:
+        raise InputError(f"model {info.source} is for {info.layout} corpora; corpus {corpus} is {layout}")
+    if max_length > info.positions:
+        raise InputError(
+            f"model {info.source} has {info.positions} positions, fewer than the corpus max_length "
+            f"{max_length} of {corpus}; use a model with at least {max_length} positions or retokenize "
+            f"the corpus with --max-length {info.positions}"
+        )
+
+
 def load_model(
     uri: str,
     head: type[PreTrainedModel] = BertForMaskedLM,
@@ -43,10 +71,4 @@ def load_model(
     **kwargs: Any,
 ) -> LoadedModel:
     """Load and check a model; with ``expect_vocab_hash``, refuse one made with another vocabulary."""
-    loaded = load_model_dir(fetch_model_dir(uri, tracking_uri), head, source=uri, **kwargs)
-    if expect_vocab_hash is not None and loaded.vocab.content_hash != expect_vocab_hash:
-        raise InputError(
-            f"model {uri} uses vocabulary {loaded.vocab.content_hash[:19]} but the corpus was tokenized "
-            f"with {expect_vocab_hash[:19]}; tokenize the corpus with the model's vocab.json"
-        )
-    return loaded
+    return load_weights(inspect_model(uri, tracking_uri, expect_vocab_hash), head, **kwargs)

@@ -313,15 +313,15 @@ def state_embeddings(cfg: PerturbConfig, spec: dict[str, Any], files: list[str])
 def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer import tracking
     from rankformer.api import read_corpus
-    from rankformer.classify.common import JobOutput, open_model_and_corpus
+    from rankformer.classify.common import JobOutput, check_model_and_corpus
     from rankformer.classify.data import check_columns, parse_where
     from rankformer.cluster import map_shards_actors
     from rankformer.config import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
-    loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri)
-    listed, anchor, missing = _targets(cfg, loaded.vocab)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri)
+    listed, anchor, missing = _targets(cfg, info.vocab)
     where = parse_where(cfg.cells_where)
     names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
     check_columns(cfg.corpus, names, [*where, *([cfg.state_column] if cfg.state_column else [])], "the")
@@ -334,7 +334,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     }
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    max_length = int(loaded.meta.get("max_length") or loaded.model.config.max_position_embeddings)
+    max_length = int(info.meta.get("max_length") or info.config.max_position_embeddings)
     spec: dict[str, Any] = {
         "model": cfg.model,
         "tracking_uri": uri,
@@ -371,7 +371,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     )
     summary = {
         "model": cfg.model,
-        "vocab_hash": loaded.vocab.content_hash,
+        "vocab_hash": info.vocab.content_hash,
         "kind": cfg.kind,
         "mode": cfg.mode,
         "layer": cfg.layer,

@@ -20,7 +20,7 @@ import pandas as pd
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.model.store import LoadedModel
+from rankformer.model.store import LoadedModel, ModelInfo
 
 
 def in_parent_run(
@@ -47,29 +47,29 @@ JOB_FILE = "job.json"  # written first: which job owns this folder, with which c
 MANIFEST = "manifest.json"  # written last: the outputs of a finished job
 
 
+def check_model_and_corpus(
+    model_uri: str, corpus: str, tracking_uri: str
+) -> tuple[ModelInfo, dict[str, Any]]:
+    """The model's checked metadata (vocabulary, layout and positions against the corpus), without
+    its weights, and the corpus manifest: the door check of jobs whose workers load the model."""
+    from rankformer.api import corpus_manifest
+    from rankformer.loader import check_fits_corpus, inspect_model
+
+    manifest = corpus_manifest(corpus)
+    info = inspect_model(model_uri, tracking_uri, manifest["vocab_hash"])
+    ccfg = manifest.get("config", {})
+    check_fits_corpus(info, corpus, ccfg.get("layout"), int(ccfg.get("max_length") or 0))
+    return info, manifest
+
+
 def open_model_and_corpus(
     model_uri: str, corpus: str, tracking_uri: str, head: Any = None
 ) -> tuple[LoadedModel, dict[str, Any]]:
     """The model (checked against the corpus's vocabulary and layout) and the corpus manifest."""
-    from rankformer.api import corpus_manifest
-    from rankformer.loader import load_model
+    from rankformer.model.store import load_weights
 
-    manifest = corpus_manifest(corpus)
-    kwargs = {"head": head} if head is not None else {}
-    loaded = load_model(
-        model_uri, tracking_uri=tracking_uri, expect_vocab_hash=manifest["vocab_hash"], **kwargs
-    )
-    layout = manifest.get("config", {}).get("layout")
-    if layout and loaded.layout != layout:
-        raise InputError(f"model {model_uri} is for {loaded.layout} corpora; corpus {corpus} is {layout}")
-    positions = int(loaded.model.config.max_position_embeddings)
-    max_length = int(manifest.get("config", {}).get("max_length") or 0)
-    if max_length > positions:
-        raise InputError(
-            f"corpus {corpus} holds cells of up to {max_length} tokens; model {model_uri} has "
-            f"{positions} positions"
-        )
-    return loaded, manifest
+    info, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri)
+    return load_weights(info, **({"head": head} if head is not None else {})), manifest
 
 
 def token_layout(vocab: Any) -> tuple[int, int]:

@@ -103,21 +103,55 @@ def read_meta(local_dir: str) -> dict[str, Any]:
     return doc
 
 
-def load_model_dir(
-    local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
-) -> LoadedModel:
-    """Model, vocabulary and metadata from a local model directory, checked against each other."""
+@dataclass
+class ModelInfo:
+    """What a model directory says about itself, read without its weights."""
+
+    config: Any  # the Hugging Face config
+    vocab: GeneVocab
+    meta: dict[str, Any]
+    source: str  # where it came from (path, s3:// or models:/ URI)
+    local_dir: str
+
+    @property
+    def layout(self) -> str:
+        return str(self.meta["layout"])
+
+    @property
+    def positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+
+def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
+    """Metadata, vocabulary and config of a local model directory, checked against each other."""
+    from transformers import AutoConfig
+
     quiet()
     meta = read_meta(local_dir)
     vocab = GeneVocab.load(os.path.join(local_dir, VOCAB), expect_hash=meta["vocab_hash"])
-    model = head.from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
-    cfg = model.config
+    cfg = AutoConfig.from_pretrained(local_dir)
     if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
         raise InputError(
             f"{local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} but its "
             f"vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
         )
-    return LoadedModel(model, vocab, meta, source or local_dir)
+    return ModelInfo(cfg, vocab, meta, source or local_dir, local_dir)
+
+
+def load_weights(
+    info: ModelInfo, head: type[PreTrainedModel] = BertForMaskedLM, **kwargs: Any
+) -> LoadedModel:
+    """The model of a checked directory, with ``head`` on its BERT body."""
+    quiet()
+    model = head.from_pretrained(info.local_dir, attn_implementation="sdpa", **kwargs)
+    return LoadedModel(model, info.vocab, info.meta, info.source)
+
+
+def load_model_dir(
+    local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
+) -> LoadedModel:
+    """Model, vocabulary and metadata from a local model directory, checked against each other."""
+    return load_weights(read_model_dir(local_dir, source), head, **kwargs)
 
 
 def state_checksum(model: torch.nn.Module) -> float:

@@ -248,25 +248,10 @@ def _check_init(
     cfg: PretrainConfig, manifest: dict[str, Any], layout: str, max_length: int, uri: str
 ) -> None:
     """The initial model's metadata and config against the corpus (its weights load in the workers)."""
-    from transformers import BertConfig
+    from rankformer.loader import check_fits_corpus, inspect_model
 
-    from rankformer.loader import fetch_model_dir
-    from rankformer.model.store import read_meta
-
-    local = fetch_model_dir(cfg.init_from or "", uri)
-    meta = read_meta(local)
-    if meta["vocab_hash"] != manifest["vocab_hash"]:
-        raise InputError(
-            f"model {cfg.init_from} uses vocabulary {meta['vocab_hash'][:19]} but the corpus was tokenized "
-            f"with {manifest['vocab_hash'][:19]}; tokenize the corpus with the model's vocab.json"
-        )
-    if meta["layout"] != layout:
-        raise InputError(f"model {cfg.init_from} is for {meta['layout']} corpora, the corpus is {layout}")
-    positions = int(BertConfig.from_pretrained(local).max_position_embeddings)
-    if positions < max_length:
-        raise InputError(
-            f"model {cfg.init_from} has {positions} positions, fewer than the corpus max_length {max_length}"
-        )
+    info = inspect_model(cfg.init_from or "", uri, expect_vocab_hash=manifest["vocab_hash"])
+    check_fits_corpus(info, cfg.corpus, layout, max_length)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
