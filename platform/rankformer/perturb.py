@@ -280,34 +280,69 @@ def _targets(cfg: PerturbConfig, vocab: Any) -> tuple[list[int], int | None, lis
     return listed, (tokens[-1] if cfg.anchor else None), missing
 
 
-def state_embeddings(cfg: PerturbConfig, spec: dict[str, Any], files: list[str]) -> dict[str, list[float]]:
-    """Each state's embedding: the mean of its cells' mean-pooled embeddings."""
+class StateSums(Embedder):
+    """One model per actor: per corpus shard, the sum of each state's cells' mean-pooled embeddings
+    and their count."""
+
+    def __call__(self, task: dict[str, Any]) -> bytes:
+        column, wanted = self.spec["state_column"], self.spec["wanted"]
+        table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted})
+        found: dict[str, tuple[np.ndarray, int]] = {}
+        if table.num_rows:
+            cells = [
+                np.asarray(x, dtype=np.int64)
+                for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+            ]
+            vecs, _ = self.embed(cells)
+            labels = np.asarray([str(v) for v in table.column(column).to_pylist()])
+            for s in wanted:
+                m = labels == s
+                if m.any():
+                    found[s] = (vecs[m].astype(np.float64).sum(0), int(m.sum()))
+        return pickle.dumps({"index": task["index"], "states": found})
+
+
+def _make_state_sums(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+    return StateSums(spec)
+
+
+STATES_FILE = "states.json"
+
+
+def state_embeddings(
+    cfg: PerturbConfig, spec: dict[str, Any], files: list[str], opts: Any
+) -> dict[str, list[float]]:
+    """Each state's embedding: the mean of its cells' mean-pooled embeddings, over every cell of
+    the state (``--cells-where`` and ``--start-state`` do not apply). One pass of the actor pool
+    over the shards, summed in shard order (the same vectors however the shards were scheduled),
+    kept in the output folder, so a rerun reuses them."""
+    from rankformer.cluster import map_shards_actors
+
     if not cfg.state_column:
         return {}
+    kept = fs.join(cfg.out, STATES_FILE)
+    if fs.exists(kept):  # the folder's job fingerprint matched: same model, corpus and states
+        doc: dict[str, list[float]] = json.loads(fs.read_bytes(kept))
+        return doc
     wanted = [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
-    embedder = Embedder({**spec, "level": "cell", "pooling": "mean"})
+    sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}
+    tasks = [{"uri": f, "index": i} for i, f in enumerate(files)]
+    make = functools.partial(_make_state_sums, sspec)
+    parts = [pickle.loads(p) for p in map_shards_actors(tasks, make, opts, cfg.num_workers, _gpus(cfg))]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    cols = [schema.INPUT_IDS, cfg.state_column]
-    for f in files:
-        table = _read_shard(f, cols, {cfg.state_column: wanted})
-        if table.num_rows == 0:
-            continue
-        cells = [
-            np.asarray(x, dtype=np.int64)
-            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
-        ]
-        vecs, _ = embedder.embed(cells)
-        labels = np.asarray([str(v) for v in table.column(cfg.state_column).to_pylist()])
-        for s in wanted:
-            m = labels == s
-            if m.any():
-                sums[s] = sums.get(s, 0) + vecs[m].sum(0)
-                counts[s] = counts.get(s, 0) + int(m.sum())
+    for part in sorted(parts, key=lambda x: x["index"]):
+        for s, (vec, n) in part["states"].items():
+            sums[s] = sums.get(s, 0) + vec
+            counts[s] = counts.get(s, 0) + n
     empty = [s for s in wanted if s not in counts]
     if empty:
         raise InputError(f"no cell of state(s) {empty} in column {cfg.state_column!r}; check the state names")
     return {s: (sums[s] / counts[s]).tolist() for s in wanted}
+
+
+def _gpus(cfg: PerturbConfig) -> float:
+    return 1.0 if cfg.use_gpu else 0.0
 
 
 def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
@@ -355,16 +390,18 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "per_gene": cfg.per_gene,
         "max_length": max_length,
     }
-    states = state_embeddings(cfg, {**spec, "where": {}}, files)
+    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
+    states = state_embeddings(cfg, spec, files, opts)
+    if states:
+        out.write_json(STATES_FILE, states)
     spec["states"] = states
     spec["state_names"] = list(states)
     done = set(fs.listdir(cfg.out))
     shards = [{"uri": f, "name": f"part-{i:06d}.parquet"} for i, f in enumerate(files)]
     pending = [s for s in shards if s["name"] not in done]
-    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     rows = 0
     make = functools.partial(_make_perturber, spec)
-    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
+    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, _gpus(cfg)):
         rows += int(pickle.loads(payload)["rows"])
     out.files += [s["name"] for s in shards] + (
         ["genes-" + s["name"] for s in shards] if cfg.per_gene else []
