@@ -14,7 +14,9 @@
 * With CUDA: the same comparison on the GPU (float32, bfloat16, float16), longer cells.
 * Embedding cells/s on a pool of 1 and 2 Ray actors.
 
-Records: `perturb` perturbed_cells_per_s, ratio_vs_reference_method, ratio_vs_plain_encoder_loop;
+Records: `perturb` perturbed_cells_per_s, peak_memory_mb (CPU: growth of the process's resident
+memory during the run; CUDA: torch's peak allocation), ratio_vs_reference_method,
+ratio_vs_plain_encoder_loop;
 `embed` cells_per_s, scaling_efficiency_2_workers.
 """
 
@@ -25,12 +27,14 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import HERE, WORK, record
+from common import HERE, WORK, record, rss_growth
 
 sys.path.insert(0, str(HERE.parent / "tests"))
 from pretrain_helpers import write_corpus
@@ -137,6 +141,23 @@ def reference_method(
     return first or {}
 
 
+@contextmanager
+def measured(device: str) -> Iterator[dict[str, float]]:
+    """Seconds (``["s"]``) and peak memory in MB (``["mb"]``) of the block: on CPU the growth of
+    this process's resident memory, on CUDA the most that torch held allocated on the GPU."""
+    out: dict[str, float] = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    with rss_growth() as rss:
+        yield out
+        if device == "cuda":
+            torch.cuda.synchronize()
+    out["s"] = time.perf_counter() - t
+    out["mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss["mb"]
+
+
 def perturb_bench(
     work: Path,
     preset_name: str,
@@ -158,34 +179,34 @@ def perturb_bench(
     )
     model = model_dir(work, preset_name, corpus)
     torch.set_num_threads(os.cpu_count() or 1)
-    baselines = {}  # method -> (seconds, first row)
+    baselines = {}  # method -> (seconds, peak MB, first row)
     for method, with_head in (("reference", True), ("plain-encoder-loop", False)):
-        t = time.perf_counter()
-        row = reference_method(model, data, states, batch, device, with_head)
-        baselines[method] = (time.perf_counter() - t, row)
+        with measured(device) as m:
+            row = reference_method(model, data, states, batch, device, with_head)
+        baselines[method] = (m["s"], m["mb"], row)
     perturbed = n_cells // 2
     for precision in precisions:
         out = work / f"perturb_{preset_name}_{precision}"
-        t = time.perf_counter()
-        run_perturb(
-            PerturbConfig(
-                model=model,
-                corpus=corpus,
-                out=str(out),
-                mode="all",
-                state_column="state",
-                start_state="A",
-                goal_state="B",
-                alt_states=["A"],
-                precision=precision,
-                use_gpu=device == "cuda",
-                in_process=True,
+        with measured(device) as m:
+            run_perturb(
+                PerturbConfig(
+                    model=model,
+                    corpus=corpus,
+                    out=str(out),
+                    mode="all",
+                    state_column="state",
+                    start_state="A",
+                    goal_state="B",
+                    alt_states=["A"],
+                    precision=precision,
+                    use_gpu=device == "cuda",
+                    in_process=True,
+                )
             )
-        )
-        ours_s = time.perf_counter() - t
+        ours_s = m["s"]
         first = read_results(str(out)).to_pandas().iloc[0]
         tol = 1e-4 if precision == "float32" else 1e-2  # the same numbers (else: to the rounding)
-        for _, row in baselines.values():
+        for _, _, row in baselines.values():
             for k, v in row.items():
                 assert abs(first[k] - v) < tol, (k, first[k], v)
         conf = {
@@ -200,11 +221,12 @@ def perturb_bench(
             "forward_batch_size": batch,
             "precision": precision,
         }
-        seconds = {"rankformer": ours_s}
+        runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32
-            seconds |= {m: sec for m, (sec, _) in baselines.items()}
-        for method, sec in seconds.items():
+            runs |= {k: (sec, mb) for k, (sec, mb, _) in baselines.items()}
+        for method, (sec, mb) in runs.items():
             record("perturb", "perturbed_cells_per_s", perturbed / sec, "cells/s", {**conf, "method": method})
+            record("perturb", "peak_memory_mb", mb, "MB", {**conf, "method": method})
         ref_s, plain_s = baselines["reference"][0], baselines["plain-encoder-loop"][0]
         record("perturb", "ratio_vs_reference_method", ref_s / ours_s, "x", conf)
         record("perturb", "ratio_vs_plain_encoder_loop", plain_s / ours_s, "x", conf)

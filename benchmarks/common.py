@@ -6,6 +6,9 @@ import datetime
 import json
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,33 @@ def record(benchmark: str, metric: str, value: float, unit: str, config: dict[st
     with open(RESULTS / f"{benchmark}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
     print(f"{benchmark:>9} {metric:<32} {value:>12.4g} {unit:<8} {json.dumps(config)}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def rss_growth(every_s: float = 0.005) -> Iterator[dict[str, float]]:
+    """The largest growth of this process's resident memory over the block (``["mb"]``), sampled
+    every ``every_s`` by a thread: what one in-process method needs beyond what was already held."""
+    start, peak, stop = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(every_s)
+
+    out: dict[str, float] = {}
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["mb"] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
 
 
 def fresh_ray(workers: int) -> None:
