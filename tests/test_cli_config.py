@@ -13,7 +13,7 @@ from rankformer import tracking
 from rankformer.cli import _parser, pretrain_config
 from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.errors import InputError
-from rankformer.loader import load_model
+from rankformer.loader import inspect_model, load_model, model_meta
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
 from rankformer.synth import gene_ids
@@ -90,6 +90,10 @@ def test_registry_round_trip_on_sqlite(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
     assert tracking.model_version_info(uri, "models:/m@current")["tags"]["vocab_hash"] == vocab.content_hash
+    info = inspect_model("models:/m@current", tracking_uri=uri)  # metadata, vocabulary, config only
+    assert info.vocab.content_hash == vocab.content_hash
+    assert info.config.hidden_size == model.config.hidden_size
+    assert model_meta("models:/m@current", uri)["layout"] == "v2"
     with pytest.raises(InputError, match="not in the registry"):
         load_model("models:/nope@current", tracking_uri=uri)
     with pytest.raises(InputError, match="uses vocabulary"):

@@ -74,3 +74,50 @@ def test_aborted_s3_write_leaves_no_object(s3_server, bucket):
         f.write(np.zeros(10, np.uint8).tobytes())
         raise RuntimeError("die mid-write")
     assert not rfs.exists(f"s3://{name}/half.bin")
+
+
+def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
+    """An s3:// model is copied to a temporary folder for the load and the folder removed after;
+    a check without weights copies only the metadata, vocabulary and config."""
+    import os
+    import tempfile
+
+    import torch
+    from transformers import BertForMaskedLM
+
+    from rankformer.loader import inspect_model, load_model, model_meta
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+    from rankformer.vocab import build_vocab
+
+    name, _ = bucket
+    vocab = build_vocab([f"ENSG{i:011d}" for i in range(1, 31)], [1.0] * 30)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(preset("tiny"), vocab)).eval()
+    local = tmp_path / "model"
+    save_model_dir(model, vocab, {"task": "masked-lm", "layout": "v2"}, str(local))
+    s3 = s3fs.S3FileSystem()
+    s3.put(str(local), f"{name}/models/tiny", recursive=True)
+    uri = f"s3://{name}/models/tiny"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    fetched: list[str] = []
+    real_open = open
+
+    def spy(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(scratch)) and "w" in mode:
+            fetched.append(os.path.basename(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    info = inspect_model(uri, expect_vocab_hash=vocab.content_hash)
+    assert info.layout == "v2" and info.positions == model.config.max_position_embeddings
+    assert model_meta(uri)["task"] == "masked-lm"
+    assert sorted(set(fetched)) == ["config.json", "rankformer.json", "vocab.json"]
+    loaded = load_model(uri, expect_vocab_hash=vocab.content_hash)
+    assert "model.safetensors" in fetched
+    ids = torch.tensor([[2, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert os.listdir(scratch) == []

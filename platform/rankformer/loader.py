@@ -6,35 +6,65 @@ without the weights)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from transformers import BertForMaskedLM, PreTrainedModel
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.model.store import META, LoadedModel, ModelInfo, load_weights, read_model_dir
+from rankformer.model.store import (
+    META,
+    VOCAB,
+    LoadedModel,
+    ModelInfo,
+    load_model_dir,
+    read_meta,
+    read_model_dir,
+)
+from rankformer.vocab import GeneVocab
+
+LIGHT_FILES = (META, VOCAB, "config.json")  # what a model says about itself, without its weights
 
 
-def fetch_model_dir(uri: str, tracking_uri: str | None = None) -> str:
-    """A local folder holding the model directory at ``uri``."""
-    if uri.startswith("models:/"):
-        from rankformer.tracking import download_model
+@contextmanager
+def local_model_dir(uri: str, tracking_uri: str | None = None, weights: bool = True) -> Iterator[str]:
+    """The model folder at ``uri`` as a local folder for the block. A remote one (``s3://`` or
+    ``models:/``) is copied into a temporary folder that is removed afterwards (the weights, once
+    loaded, live in memory); ``weights=False`` copies only its metadata, vocabulary and config."""
+    remote = uri.startswith("models:/") or fs.is_remote(uri)
+    if not remote:
+        if not os.path.isdir(uri):
+            raise FileNotFoundError(
+                f"model {uri} not found; give a model folder, an s3:// prefix or models:/NAME@ALIAS"
+            )
+        yield uri
+        return
+    files = None if weights else LIGHT_FILES
+    tmp = tempfile.mkdtemp(prefix="rankformer-model-")
+    try:
+        if uri.startswith("models:/"):
+            from rankformer.tracking import download_model
 
-        return download_model(uri, tracking_uri)
-    if fs.is_remote(uri):
+            yield download_model(uri, tracking_uri, tmp, files)
+            return
         if not fs.exists(fs.join(uri, META)):
             raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
-        local = tempfile.mkdtemp(prefix="rankformer-model-")
-        for name in fs.listdir(uri):
-            with open(os.path.join(local, name), "wb") as f:
+        for name in files or fs.listdir(uri):
+            with open(os.path.join(tmp, name), "wb") as f:
                 f.write(fs.read_bytes(fs.join(uri, name)))
-        return local
-    if not os.path.isdir(uri):
-        raise FileNotFoundError(
-            f"model {uri} not found; give a model folder, an s3:// prefix or models:/NAME@ALIAS"
-        )
-    return uri
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_meta(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A model's ``rankformer.json`` (task, layout, classes...), read without its weights."""
+    with local_model_dir(uri, tracking_uri, weights=False) as local:
+        return read_meta(local)
 
 
 def inspect_model(
@@ -42,13 +72,18 @@ def inspect_model(
 ) -> ModelInfo:
     """A model's metadata, vocabulary and config, checked, without loading its weights; with
     ``expect_vocab_hash``, refuse one made with another vocabulary."""
-    info = read_model_dir(fetch_model_dir(uri, tracking_uri), source=uri)
-    if expect_vocab_hash is not None and info.vocab.content_hash != expect_vocab_hash:
-        raise InputError(
-            f"model {uri} uses vocabulary {info.vocab.content_hash[:19]} but the corpus was tokenized "
-            f"with {expect_vocab_hash[:19]}; tokenize the corpus with the model's vocab.json"
-        )
+    with local_model_dir(uri, tracking_uri, weights=False) as local:
+        info = read_model_dir(local, source=uri)
+    _check_vocab(uri, info.vocab, expect_vocab_hash)
     return info
+
+
+def _check_vocab(uri: str, vocab: GeneVocab, expect_hash: str | None) -> None:
+    if expect_hash is not None and vocab.content_hash != expect_hash:
+        raise InputError(
+            f"model {uri} uses vocabulary {vocab.content_hash[:19]} but the corpus was tokenized "
+            f"with {expect_hash[:19]}; tokenize the corpus with the model's vocab.json"
+        )
 
 
 def check_fits_corpus(info: ModelInfo, corpus: str, layout: str | None, max_length: int) -> None:
@@ -71,4 +106,7 @@ def load_model(
     **kwargs: Any,
 ) -> LoadedModel:
     """Load and check a model; with ``expect_vocab_hash``, refuse one made with another vocabulary."""
-    return load_weights(inspect_model(uri, tracking_uri, expect_vocab_hash), head, **kwargs)
+    with local_model_dir(uri, tracking_uri) as local:
+        loaded = load_model_dir(local, head, source=uri, **kwargs)
+    _check_vocab(uri, loaded.vocab, expect_vocab_hash)
+    return loaded

@@ -187,8 +187,7 @@ class ModelCore:
     ) -> None:
         from rankformer import tracking
         from rankformer.classify.labels import symbol_index
-        from rankformer.loader import fetch_model_dir
-        from rankformer.model.store import read_meta
+        from rankformer.loader import model_meta
         from rankformer.perturb import Perturber
 
         self.uri = tracking.resolve_uri(tracking_uri)
@@ -197,7 +196,7 @@ class ModelCore:
         if model_uri.startswith("models:/"):
             v = tracking.model_version_info(self.uri, model_uri)
             self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
-        meta = read_meta(fetch_model_dir(model_uri, self.uri))
+        meta = model_meta(model_uri, self.uri)
         self.layout = str(meta["layout"])
         self.spec: dict[str, Any] = {
             "model": model_uri,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -196,16 +195,21 @@ def _parse_models_uri(model_uri: str) -> tuple[str, str]:
     raise InputError(f"{model_uri}: a registry URI is models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def download_model(model_uri: str, tracking_uri: str | None = None) -> str:
-    """A local copy of a registered model's folder."""
+def download_model(
+    model_uri: str, tracking_uri: str | None, dst: str, files: Sequence[str] | None = None
+) -> str:
+    """A registered model's folder copied under ``dst`` (only ``files`` of it when given); returns
+    the local folder."""
     uri = resolve_uri(tracking_uri)
     info = model_version_info(uri, model_uri)
-    import mlflow.artifacts
+    from mlflow.artifacts import download_artifacts
 
-    dst = tempfile.mkdtemp(prefix="rankformer-registry-")
+    source = info["source"].rstrip("/")
     try:
-        return str(
-            mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=dst, tracking_uri=uri)
-        )
+        if files is None:
+            return str(download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
+        for name in files:
+            download_artifacts(artifact_uri=f"{source}/{name}", dst_path=dst, tracking_uri=uri)
+        return dst
     except Exception as exc:
         raise InputError(f"{model_uri}: could not download its files from {info['source']} ({exc})") from exc

@@ -66,10 +66,12 @@ def open_model_and_corpus(
     model_uri: str, corpus: str, tracking_uri: str, head: Any = None
 ) -> tuple[LoadedModel, dict[str, Any]]:
     """The model (checked against the corpus's vocabulary and layout) and the corpus manifest."""
-    from rankformer.model.store import load_weights
+    from rankformer.loader import load_model
 
-    info, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri)
-    return load_weights(info, **({"head": head} if head is not None else {})), manifest
+    _, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri)
+    kwargs = {"head": head} if head is not None else {}
+    want = manifest["vocab_hash"]
+    return load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=want, **kwargs), manifest
 
 
 def token_layout(vocab: Any) -> tuple[int, int]:

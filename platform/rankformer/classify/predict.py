@@ -33,12 +33,11 @@ class PredictConfig:
 
 
 def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
-    from rankformer.loader import fetch_model_dir
-    from rankformer.model.store import read_meta
+    from rankformer.loader import model_meta
     from rankformer.train.finetune import classifier_class
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
-    meta = read_meta(fetch_model_dir(cfg.model, uri))
+    meta = model_meta(cfg.model, uri)
     if meta.get("task") != TASKS[what]:
         raise InputError(
             f"model {cfg.model} is a {meta.get('task')!r} model, not {TASKS[what]!r}; predict with a "

@@ -111,7 +111,6 @@ class ModelInfo:
     vocab: GeneVocab
     meta: dict[str, Any]
     source: str  # where it came from (path, s3:// or models:/ URI)
-    local_dir: str
 
     @property
     def layout(self) -> str:
@@ -135,23 +134,16 @@ def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
             f"{local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} but its "
             f"vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
         )
-    return ModelInfo(cfg, vocab, meta, source or local_dir, local_dir)
-
-
-def load_weights(
-    info: ModelInfo, head: type[PreTrainedModel] = BertForMaskedLM, **kwargs: Any
-) -> LoadedModel:
-    """The model of a checked directory, with ``head`` on its BERT body."""
-    quiet()
-    model = head.from_pretrained(info.local_dir, attn_implementation="sdpa", **kwargs)
-    return LoadedModel(model, info.vocab, info.meta, info.source)
+    return ModelInfo(cfg, vocab, meta, source or local_dir)
 
 
 def load_model_dir(
     local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
 ) -> LoadedModel:
     """Model, vocabulary and metadata from a local model directory, checked against each other."""
-    return load_weights(read_model_dir(local_dir, source), head, **kwargs)
+    info = read_model_dir(local_dir, source)
+    model = head.from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
+    return LoadedModel(model, info.vocab, info.meta, info.source)
 
 
 def state_checksum(model: torch.nn.Module) -> float:

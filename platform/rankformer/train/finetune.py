@@ -300,10 +300,10 @@ def loop_options(spec: TrainSpec) -> LoopOptions:
 
 
 def classifier_for(spec: TrainSpec) -> torch.nn.Module:
-    from rankformer.loader import fetch_model_dir
+    from rankformer.loader import local_model_dir
 
-    local = fetch_model_dir(spec.model, spec.tracking_uri)
-    return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo)
+    with local_model_dir(spec.model, spec.tracking_uri) as local:
+        return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo)
 
 
 def _task(
