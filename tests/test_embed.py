@@ -106,6 +106,29 @@ def test_gene_embeddings_over_every_occurrence(world, tmp_path, stat):
     np.testing.assert_allclose(np.asarray(row.embedding), want.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("budget", [97, 12_800])  # one gene, a few dimensions / a few genes, all
+def test_gene_median_in_bounded_pieces_equals_all_at_once(world, tmp_path, monkeypatch, budget):
+    import rankformer.embed as embed
+
+    def medians(out):
+        cfg = EmbedConfig(
+            model=world.model,
+            corpus=world.corpus,
+            out=str(out),
+            level="gene",
+            gene_stat="median",
+            in_process=True,
+        )
+        run_embed(cfg)
+        return read_embeddings(str(out)).to_pandas()
+
+    whole = medians(tmp_path / "whole")
+    monkeypatch.setattr(embed, "MEDIAN_BUDGET_FLOATS", budget)
+    pieces = medians(tmp_path / "pieces")
+    assert pieces.gene_id.tolist() == whole.gene_id.tolist() and len(whole) > 50
+    np.testing.assert_array_equal(np.stack(pieces.embedding), np.stack(whole.embedding))
+
+
 def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):
     out = tmp_path / "emb"
     cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), in_process=True)

@@ -8,7 +8,9 @@ each gene's states averaged over all its occurrences in the selected cells, with
 
 The work unit is a corpus shard: a pool of Ray actors (one model each; a GPU each when asked) takes
 shards, batches their cells by length, and writes one output shard each, atomically (gene level: a
-partial sum per shard). A rerun skips the shards already written; the manifest comes last.
+Parquet file of per-gene partial sums per shard, and with the exact median every occurrence's state,
+sorted by gene, which the merge reads a group of genes and dimensions at a time). A rerun skips the
+shards already written; the manifest comes last.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 
 SHARD_STEM = "part-"
+OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
 
 
 @dataclass
@@ -44,7 +47,7 @@ class EmbedConfig:
     out: str  # output folder: Parquet shards + manifest (local or s3://)
     level: str = "cell"  # cell or gene
     pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
-    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (holds every occurrence)
+    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
     layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
@@ -136,25 +139,46 @@ class Embedder:
         vecs, genes = self.embed(cells)
         target = fs.join(spec["out"], task["name"])
         if genes is not None:
+            if spec.get("gene_stat") == "median":  # before the partial sums: they mark the shard done
+                occ = _occurrences(self.occurrences)
+                _write_parquet(fs.join(spec["out"], OCC_STEM + task["name"]), occ, row_group_size=1 << 16)
             seen = genes.seen()
-            part: dict[str, Any] = {
-                "tokens": seen,
-                "sums": genes.sums[seen].numpy(),
-                "counts": genes.counts[seen].numpy(),
-            }
-            if self.occurrences:
-                part["occ_tokens"] = np.concatenate([t for t, _ in self.occurrences])
-                part["occ_states"] = np.concatenate([s for _, s in self.occurrences])
-            fs.write_bytes_atomic(target, pickle.dumps(part))
+            sums = genes.sums[seen].numpy()
+            part = pa.table(
+                {
+                    "token": pa.array(seen, pa.int32()),
+                    "n": pa.array(genes.counts[seen].numpy(), pa.int64()),
+                    "sum": vectors(sums, pa.float64()),
+                }
+            )
+            _write_parquet(target, part)
             return pickle.dumps({"name": task["name"], "cells": len(cells)})
-        flat = pa.array(vecs.reshape(-1), pa.float32())
-        out = table.drop_columns([schema.INPUT_IDS]).append_column(
-            "embedding", pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])
-        )
-        buf = io.BytesIO()
-        pq.write_table(out, buf)
-        fs.write_bytes_atomic(target, buf.getvalue())
+        out = table.drop_columns([schema.INPUT_IDS]).append_column("embedding", vectors(vecs))
+        _write_parquet(target, out)
         return pickle.dumps({"name": task["name"], "cells": len(cells)})
+
+
+def vectors(rows: np.ndarray, kind: pa.DataType | None = None) -> pa.FixedSizeListArray:
+    """A (n, dim) array as a ``fixed_size_list<float32>`` column (or of ``kind``)."""
+    flat = pa.array(rows.reshape(-1), kind or pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
+
+
+def _write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    fs.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _occurrences(chunks: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+    """Every (token, state) of a shard, sorted by token, one float32 column per dimension (the
+    median merge reads a few dimensions of a few genes at a time; row groups let it skip the rest)."""
+    tokens = np.concatenate([t for t, _ in chunks]) if chunks else np.zeros(0, np.int64)
+    states = np.concatenate([s for _, s in chunks]) if chunks else np.zeros((0, 0), np.float32)
+    order = np.argsort(tokens, kind="stable")
+    cols = {"token": pa.array(tokens[order], pa.int32())}
+    cols |= {f"d{j}": pa.array(states[order, j], pa.float32()) for j in range(states.shape[1])}
+    return pa.table(cols)
 
 
 def _read_shard(uri: str, columns: list[str], where: dict[str, list[str]]) -> pa.Table:
@@ -197,8 +221,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
     done = set(fs.listdir(cfg.out))
-    ext = "parquet" if cfg.level == "cell" else "pkl"
-    shards = [{"uri": f, "name": f"{SHARD_STEM}{i:06d}.{ext}"} for i, f in enumerate(files)]
+    shards = [{"uri": f, "name": f"{SHARD_STEM}{i:06d}.parquet"} for i, f in enumerate(files)]
     pending = [s for s in shards if s["name"] not in done]
     spec = {
         "model": cfg.model,
@@ -253,51 +276,78 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     return summary
 
 
+MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
+
+
 def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any, median: bool = False) -> pa.Table:
     """Per-gene mean (or exact median, per dimension) over every occurrence in every shard."""
-    dim = None
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    occ_t: list[np.ndarray] = []
-    occ_s: list[np.ndarray] = []
+    sums = counts = None
     for s in shards:
-        part = pickle.loads(fs.read_bytes(fs.join(out, s["name"])))
-        if median:
-            occ_t.append(part["occ_tokens"])
-            occ_s.append(part["occ_states"])
-        dim = part["sums"].shape[1] if len(part["tokens"]) else dim
-        for t, v, c in zip(part["tokens"].tolist(), part["sums"], part["counts"].tolist(), strict=True):
-            if t in sums:
-                sums[t] += v
-                counts[t] += c
-            else:
-                sums[t], counts[t] = v.copy(), c
+        with fs.open_input(fs.join(out, s["name"])) as f:
+            part = pq.read_table(f)
+        tokens = part.column("token").to_numpy().astype(np.int64)
+        if sums is None:
+            dim = part.schema.field("sum").type.list_size
+            sums, counts = np.zeros((vocab.n_tokens, dim)), np.zeros(vocab.n_tokens, np.int64)
+        assert counts is not None
+        if len(tokens):
+            sums[tokens] += np.stack(part.column("sum").to_numpy(zero_copy_only=False))
+            counts[tokens] += part.column("n").to_numpy()
+    assert sums is not None and counts is not None
     gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
-    tokens = sorted(t for t in sums if t in gene_of)
-    if median and tokens:
-        all_t, all_s = np.concatenate(occ_t), np.concatenate(occ_s)
-        order = np.argsort(all_t, kind="stable")
-        all_t, all_s = all_t[order], all_s[order]
-        bounds = np.searchsorted(all_t, [*tokens, max(tokens) + 1])
-        means = np.stack([np.median(all_s[bounds[i] : bounds[i + 1]], axis=0) for i in range(len(tokens))])
-        means = means.astype(np.float32)
+    tokens = np.asarray([t for t in np.flatnonzero(counts) if t in gene_of], dtype=np.int64)
+    if median:
+        values = _medians(out, [OCC_STEM + s["name"] for s in shards], tokens, counts, sums.shape[1])
     else:
-        means = (
-            np.stack([sums[t] / counts[t] for t in tokens]).astype(np.float32)
-            if tokens
-            else np.zeros((0, dim or 1), np.float32)
-        )
-    ids = [gene_of[t] for t in tokens]
+        values = sums[tokens] / counts[tokens, None]
+    values = values.astype(np.float32)
+    ids = [gene_of[t] for t in tokens.tolist()]
     return pa.table(
         {
             "gene_id": ids,
             "symbol": [vocab.gene_names.get(g, "") for g in ids],
-            "n_occurrences": pa.array([counts[t] for t in tokens], pa.int64()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(means.reshape(-1), pa.float32()), means.shape[1]
-            ),
+            "n_occurrences": pa.array(counts[tokens], pa.int64()),
+            "embedding": vectors(values),
         }
     )
+
+
+def _medians(out: str, names: list[str], tokens: np.ndarray, counts: np.ndarray, dim: int) -> np.ndarray:
+    """Exact per-dimension medians of each token's occurrences, holding at most about
+    MEDIAN_BUDGET_FLOATS values: tokens go in groups whose occurrences fit, and each group in
+    blocks of dimensions (a gene that occurs in every cell needs one float per cell per dimension)."""
+    result = np.zeros((len(tokens), dim))
+    start = 0
+    while start < len(tokens):
+        stop, held = start + 1, int(counts[tokens[start]])
+        while stop < len(tokens) and held + counts[tokens[stop]] <= MEDIAN_BUDGET_FLOATS // dim:
+            held += int(counts[tokens[stop]])
+            stop += 1
+        group = tokens[start:stop]
+        block = int(np.clip(MEDIAN_BUDGET_FLOATS // max(held, 1), 1, dim))
+        for d0 in range(0, dim, block):
+            cols = [f"d{j}" for j in range(d0, min(d0 + block, dim))]
+            token_n, vals = _read_occurrences(out, names, int(group[0]), int(group[-1]), cols)
+            order = np.argsort(token_n, kind="stable")
+            token_n, vals = token_n[order], vals[order]
+            bounds = np.searchsorted(token_n, [*group.tolist(), int(group[-1]) + 1])
+            for i in range(len(group)):
+                result[start + i, d0 : d0 + len(cols)] = np.median(vals[bounds[i] : bounds[i + 1]], axis=0)
+        start = stop
+    return result
+
+
+def _read_occurrences(
+    out: str, names: list[str], lo: int, hi: int, cols: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and the given dimensions of every occurrence of tokens lo..hi, over all shards."""
+    tokens, vals = [], []
+    for name in names:
+        with fs.open_input(fs.join(out, name)) as f:
+            t = pq.read_table(f, columns=["token", *cols], filters=[("token", ">=", lo), ("token", "<=", hi)])
+        tokens.append(t.column("token").to_numpy())
+        vals.append(np.stack([t.column(c).to_numpy() for c in cols], axis=1))
+    return np.concatenate(tokens), np.concatenate(vals)
 
 
 def _write_genes(out: Any, table: pa.Table) -> None:
