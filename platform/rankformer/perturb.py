@@ -220,20 +220,68 @@ class Perturber(Embedder):
             for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
         ]
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
-        done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        for b in batches(cells, self.pad, spec["max_tokens"]):  # each original forward runs once
-            h = hidden_states(self.model, b, self.layer, self.device).cpu()
-            for j, i in enumerate(b.index.tolist()):
-                done[i] = self.score_cell(cells[i], h[j, : len(cells[i])], ids[i])
-        rows = [r for i in range(len(cells)) for r in done[i][0]]  # in corpus order
-        per_gene = [g for i in range(len(cells)) for g in done[i][1]]
-        _write(spec["out"], task["name"], rows, spec["state_names"])
-        if spec["per_gene"]:
-            _write(spec["out"], "genes-" + task["name"], per_gene, None)
-        return pickle.dumps({"cells": len(cells), "rows": len(rows)})
+        genes_name = "genes-" + task["name"] if spec["per_gene"] else None
+        with (
+            RowWriter(spec["out"], task["name"], spec["state_names"]) as rows,
+            RowWriter(spec["out"], genes_name, None) as per_gene,
+        ):
+            for lo in range(0, len(cells), WINDOW_CELLS):  # memory: one window's rows at most
+                window = cells[lo : lo + WINDOW_CELLS]
+                done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+                for b in batches(window, self.pad, spec["max_tokens"]):  # each original runs once
+                    h = hidden_states(self.model, b, self.layer, self.device).cpu()
+                    for j, i in enumerate(b.index.tolist()):
+                        done[i] = self.score_cell(window[i], h[j, : len(window[i])], ids[lo + i])
+                for i in range(len(window)):  # in corpus order
+                    rows.add(done[i][0])
+                    per_gene.add(done[i][1])
+        return pickle.dumps({"cells": len(cells), "rows": rows.n})
 
 
-def _write(out: str, name: str, rows: list[dict[str, Any]], states: list[str] | None) -> None:
+WINDOW_CELLS = 256  # cells scored before their rows are written
+FLUSH_ROWS = 65_536  # rows per Parquet row group
+
+
+class RowWriter:
+    """Rows of one output file (per-cell scores, or the per-gene table when ``states`` is None)
+    streamed to Parquet in row groups; the file appears whole when the block ends without error.
+    A writer without a name (no per-gene table asked for) takes rows and writes nothing."""
+
+    def __init__(self, out: str, name: str | None, states: list[str] | None) -> None:
+        self.uri = fs.join(out, name) if name else None
+        self.states = states
+        self.buffer: list[dict[str, Any]] = []
+        self.n = 0
+
+    def __enter__(self) -> RowWriter:
+        if self.uri:
+            self._file_cm = fs.open_output_atomic(self.uri)
+            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), _table([], self.states).schema)
+        return self
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.n += len(rows)
+        if self.uri:
+            self.buffer += rows
+            if len(self.buffer) >= FLUSH_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._writer.write_table(_table(self.buffer, self.states))
+        self.buffer = []
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.uri:
+            return
+        try:
+            if exc[0] is None and self.buffer:
+                self._flush()
+            self._writer.close()
+        finally:
+            self._file_cm.__exit__(*exc)
+
+
+def _table(rows: list[dict[str, Any]], states: list[str] | None) -> pa.Table:
     if states is not None:
         cols: dict[str, Any] = {
             schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
@@ -244,19 +292,15 @@ def _write(out: str, name: str, rows: list[dict[str, Any]], states: list[str] | 
         }
         for s in states:
             cols[f"shift_{s}"] = pa.array([r[f"shift_{s}"] for r in rows], pa.float64())
-        table = pa.table(cols)
-    else:
-        table = pa.table(
-            {
-                schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
-                "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
-                "affected_gene": pa.array([r["affected_gene"] for r in rows], pa.string()),
-                "cosine": pa.array([r["cosine"] for r in rows], pa.float64()),
-            }
-        )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fs.write_bytes_atomic(fs.join(out, name), buf.getvalue())
+        return pa.table(cols)
+    return pa.table(
+        {
+            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
+            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
+            "affected_gene": pa.array([r["affected_gene"] for r in rows], pa.string()),
+            "cosine": pa.array([r["cosine"] for r in rows], pa.float64()),
+        }
+    )
 
 
 def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
