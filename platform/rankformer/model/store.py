@@ -131,8 +131,8 @@ def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
     cfg = AutoConfig.from_pretrained(local_dir)
     if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
         raise InputError(
-            f"{local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} but its "
-            f"vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
+            f"{source or local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} "
+            f"but its vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
         )
     return ModelInfo(cfg, vocab, meta, source or local_dir)
 
