@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rankformer import schema
+from rankformer.classify.data import token_lists
 from rankformer.errors import InputError
 from rankformer.io import fs
 
@@ -132,10 +133,7 @@ class Embedder:
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
         table = _read_shard(task["uri"], spec["columns"], spec["where"])
-        cells = [
-            np.asarray(x, dtype=np.int64)
-            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
-        ]
+        cells = token_lists(table)
         vecs, genes = self.embed(cells)
         target = fs.join(spec["out"], task["name"])
         if genes is not None:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rankformer import schema
+from rankformer.classify.data import token_lists
 from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
 from rankformer.io import fs
@@ -215,10 +216,7 @@ class Perturber(Embedder):
 
         spec = self.spec
         table = _read_shard(task["uri"], spec["columns"], spec["where"])
-        cells = [
-            np.asarray(x, dtype=np.int64)
-            for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
-        ]
+        cells = token_lists(table)
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
         genes_name = "genes-" + task["name"] if spec["per_gene"] else None
         with (
@@ -333,10 +331,7 @@ class StateSums(Embedder):
         table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted})
         found: dict[str, tuple[np.ndarray, int]] = {}
         if table.num_rows:
-            cells = [
-                np.asarray(x, dtype=np.int64)
-                for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
-            ]
+            cells = token_lists(table)
             vecs, _ = self.embed(cells)
             labels = np.asarray([str(v) for v in table.column(column).to_pylist()])
             for s in wanted:

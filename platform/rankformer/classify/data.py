@@ -92,10 +92,13 @@ def load_cells(
     if max_cells and table.num_rows > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_cells, replace=False))
         table = table.take(pa.array(rows))
-    ids = [
-        np.asarray(x, dtype=np.int64) for x in table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
-    ]
-    return Cells(ids, table.drop_columns([schema.INPUT_IDS]), manifest)
+    return Cells(token_lists(table), table.drop_columns([schema.INPUT_IDS]), manifest)
+
+
+def token_lists(table: pa.Table) -> list[np.ndarray]:
+    """Each cell's token ids (int64) from a table of corpus rows."""
+    column = table.column(schema.INPUT_IDS).to_numpy(zero_copy_only=False)
+    return [np.asarray(x, dtype=np.int64) for x in column]
 
 
 def cells_with_tokens(cells: Sequence[np.ndarray], tokens: np.ndarray) -> np.ndarray:
