@@ -129,6 +129,27 @@ def test_gene_median_in_bounded_pieces_equals_all_at_once(world, tmp_path, monke
     np.testing.assert_array_equal(np.stack(pieces.embedding), np.stack(whole.embedding))
 
 
+def test_gene_median_with_shards_left_empty_by_the_selection(world, tmp_path):
+    """--cells-where keeps the first shard's cells only: the other shards add nothing."""
+    batch = ["x"] * 40 + ["y"] * 80
+    corpus = write_corpus(str(tmp_path / "c"), world.cells, N_GENES, shards=3, carry={"batch": batch})
+    out = tmp_path / "g"
+    cfg = EmbedConfig(
+        model=world.model,
+        corpus=corpus,
+        out=str(out),
+        level="gene",
+        gene_stat="median",
+        cells_where=["batch=x"],
+        in_process=True,
+    )
+    run_embed(cfg)
+    table = read_embeddings(str(out)).to_pandas()
+    counts = np.bincount(np.concatenate(world.cells[:40]), minlength=N_GENES + 4)
+    assert len(table) == int((counts[4:] > 0).sum())
+    assert table.n_occurrences.sum() == counts[4:].sum()
+
+
 def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):
     out = tmp_path / "emb"
     cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), in_process=True)

@@ -138,7 +138,7 @@ class Embedder:
         target = fs.join(spec["out"], task["name"])
         if genes is not None:
             if spec.get("gene_stat") == "median":  # before the partial sums: they mark the shard done
-                occ = _occurrences(self.occurrences)
+                occ = _occurrences(self.occurrences, int(self.model.config.hidden_size))
                 _write_parquet(fs.join(spec["out"], OCC_STEM + task["name"]), occ, row_group_size=1 << 16)
             seen = genes.seen()
             sums = genes.sums[seen].numpy()
@@ -168,14 +168,15 @@ def _write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None)
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
-def _occurrences(chunks: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+def _occurrences(chunks: list[tuple[np.ndarray, np.ndarray]], dim: int) -> pa.Table:
     """Every (token, state) of a shard, sorted by token, one float32 column per dimension (the
-    median merge reads a few dimensions of a few genes at a time; row groups let it skip the rest)."""
+    median merge reads a few dimensions of a few genes at a time; row groups let it skip the rest).
+    A shard with no selected cell still gets every column."""
     tokens = np.concatenate([t for t, _ in chunks]) if chunks else np.zeros(0, np.int64)
-    states = np.concatenate([s for _, s in chunks]) if chunks else np.zeros((0, 0), np.float32)
+    states = np.concatenate([s for _, s in chunks]) if chunks else np.zeros((0, dim), np.float32)
     order = np.argsort(tokens, kind="stable")
     cols = {"token": pa.array(tokens[order], pa.int32())}
-    cols |= {f"d{j}": pa.array(states[order, j], pa.float32()) for j in range(states.shape[1])}
+    cols |= {f"d{j}": pa.array(states[order, j], pa.float32()) for j in range(dim)}
     return pa.table(cols)
 
 
