@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv services demo test lint typecheck bench bench-scale clean
+.PHONY: venv services demo test lint typecheck bench bench-perturb bench-scale clean
 
 venv: $(VENV)/.installed
 
@@ -69,6 +69,11 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_small.py
 	$(PY) benchmarks/bench_pretrain.py
+	$(PY) benchmarks/report.py --readme README.md
+
+bench-perturb: $(VENV)/.installed
+	$(PY) benchmarks/bench_perturb.py
+	$(PY) benchmarks/bench_perturb_stats.py
 	$(PY) benchmarks/report.py --readme README.md
 
 bench-scale: $(VENV)/.installed

@@ -17,7 +17,8 @@ from transformers import BertModel
 from pretrain_helpers import pretrain_in_process, write_corpus
 from rankformer.errors import InputError
 from rankformer.model.perturbations import delete_each, perturb
-from rankformer.perturb import PerturbConfig, perturb_stats, read_results, run_perturb
+from rankformer.perturb import PerturbConfig, read_results, run_perturb
+from rankformer.perturb_stats import perturb_stats
 from rankformer.synth import gene_ids
 
 V2 = np.array([2, 10, 11, 12, 13, 3])

@@ -86,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("perturb-stats", help="`perturb stats OUT`: per-gene effects, null test, FDR")
     ps.add_argument("out", help="output folder of `rankformer perturb`")
     ps.add_argument("--goal-state", help="rank by the shift toward this state (default: 1 - cell_cosine)")
-    ps.add_argument("--seed", type=int, default=0, help="seed of the null's subsample (0)")
+    ps.add_argument(
+        "--rank-window",
+        type=int,
+        default=1,
+        help="compare with other genes perturbed within this many rank positions (1: the same rank)",
+    )
     from rankformer.serving import ServeConfig
 
     add_config_arguments(
@@ -169,9 +174,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         _config_job(args)
         return 0
     if args.command == "perturb-stats":
-        from rankformer.perturb import perturb_stats
+        from rankformer.perturb_stats import perturb_stats
 
-        res = perturb_stats(args.out, args.goal_state, args.seed)
+        res = perturb_stats(args.out, args.goal_state, args.rank_window)
         print(res.head(20).to_string(index=False))
         print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
         return 0

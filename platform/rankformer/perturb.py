@@ -13,13 +13,13 @@ Per (cell, perturbation) row, with states at ``--layer``:
 Each cell's original forward pass runs once; its variants go through together in length-budgeted
 batches (a deletion is one token shorter: no padding to a global maximum). Corpus shards are spread
 over a pool of Ray actors, each writing its output shard as it finishes; a rerun skips finished
-shards. Memory is bounded by one shard's cells and one cell's variants.
+shards. Memory is bounded by one shard's cells and one cell's variants. Statistics over the output:
+`rankformer.perturb_stats`.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import pickle
 from collections.abc import Callable
@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -38,6 +37,7 @@ from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.model.perturbations import KINDS, delete_each, perturb
+from rankformer.perturb_stats import result_paths
 
 
 @dataclass
@@ -467,96 +467,8 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
 
 
 def read_results(out: str, per_gene: bool = False) -> pa.Table:
-    manifest = json.loads(fs.read_bytes(fs.join(out, "manifest.json")))
     tables = []
-    for name in manifest["shards"]:
-        with fs.open_input(fs.join(out, ("genes-" if per_gene else "") + name)) as f:
+    for path in result_paths(out, per_gene):
+        with fs.open_input(path) as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables)
-
-
-def perturb_stats(
-    out: str, goal_state: str | None = None, seed: int = 0, null_cap: int = 100_000
-) -> pd.DataFrame:
-    """Per perturbed gene (or combination): cells, mean scores with 95% confidence intervals, and a
-    two-sided rank-sum test of its effect against a null of other genes perturbed at matched ranks
-    (the same window of three rank positions), Benjamini-Hochberg FDR. The effect is the shift toward
-    ``goal_state`` when given, else 1 - cell_cosine. Writes stats.parquet/.csv and a plot."""
-    from scipy import stats as st
-
-    df = read_results(out).to_pandas()
-    if df.empty:
-        raise InputError(f"{out} holds no perturbation rows")
-    col = f"shift_{goal_state}" if goal_state else None
-    if col and col not in df:
-        raise InputError(
-            f"{out} has no shift toward {goal_state!r}; its states: "
-            f"{[c[6:] for c in df.columns if c.startswith('shift_')]}"
-        )
-    df["key"] = df["perturbed"].map(lambda g: ",".join(g))
-    df["effect"] = df[col] if col else 1.0 - df["cell_cosine"]
-    # matched in rank: the same window of three positions (a deletion's position effect is strongest
-    # near the top of a cell, so relative bins would mix very different positions)
-    df["rank_bin"] = df["rank"].clip(lower=0) // 3
-    rng = np.random.default_rng(seed)
-    rows = []
-    for key, g in df.groupby("key", sort=False):
-        n = len(g)
-        eff = g["effect"].to_numpy()
-        half = float(st.t.ppf(0.975, n - 1) * eff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-        null = df.loc[(df["key"] != key) & df["rank_bin"].isin(g["rank_bin"].unique()), "effect"].to_numpy()
-        if len(null) > null_cap:
-            null = rng.choice(null, null_cap, replace=False)
-        p = float(st.mannwhitneyu(eff, null).pvalue) if len(null) and n else float("nan")
-        row = {
-            "perturbed": key,
-            "n_cells": n,
-            "effect_mean": float(eff.mean()),
-            "effect_ci_low": float(eff.mean()) - half,
-            "effect_ci_high": float(eff.mean()) + half,
-            "cell_cosine_mean": float(g["cell_cosine"].mean()),
-            "gene_mean_cosine_mean": float(g["gene_mean_cosine"].mean()),
-            "null_effect_mean": float(null.mean()) if len(null) else float("nan"),
-            "p_value": p,
-        }
-        for c in g.columns:
-            if c.startswith("shift_"):
-                row[f"{c}_mean"] = float(g[c].mean())
-        rows.append(row)
-    res = pd.DataFrame(rows)
-    ok = res["p_value"].notna()
-    res["fdr"] = np.nan
-    if ok.any():
-        res.loc[ok, "fdr"] = st.false_discovery_control(res.loc[ok, "p_value"].to_numpy(), method="bh")
-    res["significant"] = res["fdr"] < 0.05
-    res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
-    res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
-    _write_stats(out, res)
-    return res
-
-
-def _write_stats(out: str, res: pd.DataFrame) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    res.to_parquet(buf, index=False)
-    fs.write_bytes_atomic(fs.join(out, "stats.parquet"), buf.getvalue())
-    fs.write_bytes_atomic(fs.join(out, "stats.csv"), res.to_csv(index=False).encode())
-    top = res.head(25).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.25 * len(top) + 1.5))
-    err = np.vstack([top.effect_mean - top.effect_ci_low, top.effect_ci_high - top.effect_mean])
-    colors = ["tab:red" if s else "tab:grey" for s in top.significant]
-    ax.barh(range(len(top)), top.effect_mean, xerr=np.nan_to_num(err), color=colors)
-    ax.set_yticks(range(len(top)), top.perturbed, fontsize=7)
-    ax.axvline(float(res["null_effect_mean"].mean()), ls="--", c="k", lw=0.8)
-    ax.set(
-        xlabel=res.attrs.get("effect", "effect"), title="top perturbations (red: FDR < 0.05; dashed: null)"
-    )
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    fs.write_bytes_atomic(fs.join(out, "stats.png"), png.getvalue())
