@@ -35,6 +35,8 @@ def machine() -> str:
 
 
 def git_sha() -> str:
+    if os.environ.get("RANKFORMER_GIT_SHA"):  # a copy without .git (the GPU machine)
+        return os.environ["RANKFORMER_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True

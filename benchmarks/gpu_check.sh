@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one short run on a lent GPU machine (python3 there holds torch,
+# transformers, pyarrow, pandas, scipy and pytest; these paths need no Ray, MLflow or anndata):
+#   the `gpu` tests (bf16 pretraining learns; GPU perturbation and embeddings equal the CPU's),
+#   the perturbation benchmark's GPU variants, and the pretraining MFU benchmark.
+# Records go to $OUT/results (bring them back into benchmarks/results/ and run report.py).
+# Usage there: RANKFORMER_GIT_SHA=<sha> bash benchmarks/gpu_check.sh
+set -uo pipefail
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out/results"
+export PYTHONPATH=platform:tests:benchmarks PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
+export RANKFORMER_BENCH_RESULTS=$out/results RANKFORMER_BENCH_WORK=/tmp/bench_work
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
+rc=0
+timeout 240 $py -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" || rc=1
+timeout 240 $py benchmarks/bench_perturb.py --skip-embed --gpu-only 2>&1 | tee "$out/bench_perturb.log" || rc=1
+timeout 180 $py benchmarks/bench_pretrain_gpu.py 2>&1 | tee "$out/bench_pretrain_gpu.log" || rc=1
+exit $rc
