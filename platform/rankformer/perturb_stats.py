@@ -9,7 +9,8 @@ Wilcoxon rank-sum test): within each rank (or window of ``rank_window`` position
 are ranked among every row at that rank, the rank sums are combined with weights 1/(rows + 1), and
 the statistic is compared with its normal approximation, ties corrected. Its null is therefore the
 other genes perturbed at the gene's own ranks, every one of them, in the gene's own proportions;
-nothing is sampled, so the result is deterministic. One sort of all rows and a few group sums
+nothing is sampled, so the result is deterministic. Genes a cell did not hold (rank -1: an
+overexpression of an absent gene) form a stratum of their own. One sort of all rows and a few group sums
 compute it for every gene at once; only the score columns are read, shard by shard.
 """
 
@@ -144,7 +145,8 @@ def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RA
     with np.errstate(invalid="ignore", divide="ignore"):
         sd = np.sqrt(ss / (eff_n - 1))
         half = np.where(eff_n > 1, st.t.ppf(0.975, np.maximum(eff_n - 1, 1)) * sd / np.sqrt(eff_n), np.nan)
-    strata = np.maximum(s.rank[usable], 0) // rank_window
+    rank = s.rank[usable]
+    strata = np.where(rank < 0, 0, rank // rank_window + 1)  # 0: genes the cell did not hold
     p, null_mean = stratified_rank_sum(s.codes[usable], strata, s.effect[usable], n_keys)
     res = pd.DataFrame(
         {
