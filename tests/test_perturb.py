@@ -261,7 +261,7 @@ def test_bad_input(world, tmp_path):
         }
         return run_perturb(PerturbConfig(**{**base, "in_process": True, **kw}))
 
-    summary = run(genes=[world.ids[0], "NOT_A_GENE"])
+    summary = run(genes=[f"{world.ids[0]},NOT_A_GENE"])  # a comma-separated list is a list
     assert summary["genes_not_in_vocabulary"] == ["NOT_A_GENE"]
     with pytest.raises(InputError, match="NOT_A_GENE"):
         run(genes=[world.ids[0], "NOT_A_GENE"], missing="error")

@@ -26,6 +26,17 @@ def test_science_modules_do_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_the_command_line_starts_without_torch_transformers_or_ray():
+    """Every command's flags come from its config class; building the parser (what `--help`,
+    `corpus stats` or `perturb stats` pay before their work) must not load the model stack."""
+    code = (
+        "import sys; from rankformer.cli import _parser; _parser();"
+        "print([m for m in ('torch', 'transformers', 'ray', 'mlflow') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_job_manifests_name_real_entrypoints_and_valid_configs():
     """Every RayJob's entrypoint scripts exist, and each config it mounts builds into the config
     class of the command the script runs (unknown keys and wrong types would fail here)."""

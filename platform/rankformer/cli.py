@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(fg, FinetuneGenesConfig)
     fc = fine.add_parser("cells", help="cell classification from a carried obs label column")
     add_config_arguments(fc, FinetuneCellsConfig)
-    from rankformer.classify.predict import PredictConfig
+    from rankformer.infer_config import PredictConfig
 
     pr = sub.add_parser("predict", help="apply a fine-tuned classifier to another corpus").add_subparsers(
         dest="predict_command", required=True
@@ -75,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(
             pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
         )
-    from rankformer.embed import EmbedConfig
+    from rankformer.infer_config import EmbedConfig
 
     add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
-    from rankformer.perturb import PerturbConfig
+    from rankformer.infer_config import PerturbConfig
 
     add_config_arguments(
         sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig

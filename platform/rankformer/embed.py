@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -33,49 +33,11 @@ import torch
 from rankformer import schema
 from rankformer.classify.data import token_lists
 from rankformer.errors import InputError
+from rankformer.infer_config import EmbedConfig
 from rankformer.io import fs
 
 SHARD_STEM = "part-"
 OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
-
-
-@dataclass
-class EmbedConfig:
-    """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
-
-    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder (tokenized with the model's vocabulary)
-    out: str  # output folder: Parquet shards + manifest (local or s3://)
-    level: str = "cell"  # cell or gene
-    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
-    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
-    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
-    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
-    num_workers: int = 1  # actors, one model each
-    use_gpu: bool = False  # one GPU per actor
-    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
-    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
-    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
-    plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs (and plots, with experiment)
-    experiment: str | None = None  # log plots and the manifest to a run of this MLflow experiment
-
-    def __post_init__(self) -> None:
-        from rankformer.infer import check_precision
-
-        check_precision(self.precision, self.use_gpu)
-        if self.level not in ("cell", "gene"):
-            raise InputError(f"level {self.level!r} must be cell or gene")
-        if self.gene_stat not in ("mean", "median"):
-            raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
-        if self.pooling not in ("mean", "cls"):
-            raise InputError(f"pooling {self.pooling!r} must be mean or cls")
-        if self.layer not in ("penultimate", "last"):
-            try:
-                int(self.layer)
-            except ValueError:
-                raise InputError(f"layer {self.layer!r} must be penultimate, last or an integer") from None
 
 
 class Embedder:

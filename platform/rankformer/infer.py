@@ -14,17 +14,7 @@ import torch
 
 from rankformer.model.batching import budget_batches, pad_batch
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_precision(precision: str, use_gpu: bool) -> None:
-    """The `precision` option of the inference jobs and the endpoints."""
-    from rankformer.errors import InputError
-
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r} must be one of {list(PRECISIONS)}")
-    if precision == "float16" and not use_gpu:
-        raise InputError("precision float16 needs --use-gpu; on CPU use bfloat16 (or float32)")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
 
 
 def gene_mask(ids: torch.Tensor, gene_lo: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import functools
 import json
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -35,56 +35,10 @@ from rankformer import schema
 from rankformer.classify.data import token_lists
 from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
+from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
-from rankformer.model.perturbations import KINDS, delete_each, perturb
+from rankformer.model.perturbations import delete_each, perturb
 from rankformer.perturb_stats import result_paths
-
-
-@dataclass
-class PerturbConfig:
-    """`rankformer perturb`: how perturbing genes moves each cell's embedding."""
-
-    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder (tokenized with the model's vocabulary)
-    out: str  # output folder: Parquet shards + manifest (local or s3://)
-    kind: str = "delete"  # delete, overexpress, inhibit or activate
-    genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
-    mode: str = "each"  # each listed gene alone, all listed together, or every gene of each cell (all)
-    anchor: str | None = None  # perturb this gene together with each other one
-    shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
-    missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
-    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    state_column: str | None = None  # carried column naming each cell's state
-    start_state: str | None = None  # perturb only cells of this state
-    goal_state: str | None = None  # score the shift toward this state
-    alt_states: list[str] = field(default_factory=list)  # further states to score shifts toward
-    per_gene: bool = False  # also write each affected gene's cosine (genes-part-*.parquet)
-    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
-    num_workers: int = 1  # actors, one model each
-    use_gpu: bool = False  # one GPU per actor
-    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
-    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
-    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs
-
-    def __post_init__(self) -> None:
-        from rankformer.infer import check_precision
-
-        check_precision(self.precision, self.use_gpu)
-        if self.kind not in KINDS:
-            raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
-        if self.mode not in ("each", "together", "all"):
-            raise InputError(f"mode {self.mode!r} must be each, together or all")
-        if self.mode != "all" and not self.genes:
-            raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
-        if self.missing not in ("skip", "error"):
-            raise InputError(f"missing {self.missing!r} must be skip or error")
-        if not 0 < self.shift <= 1:
-            raise InputError(f"shift {self.shift} must be within (0, 1]")
-        states = [s for s in (self.start_state, self.goal_state, *self.alt_states) if s]
-        if states and not self.state_column:
-            raise InputError("--start-state/--goal-state/--alt-states need --state-column")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ class ServeConfig:
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
 
     def __post_init__(self) -> None:
-        from rankformer.infer import check_precision
+        from rankformer.infer_config import check_precision
 
         check_precision(self.precision, self.use_gpu)
 

@@ -4,7 +4,6 @@ it, recording the model (and its registry version) and the vocabulary hash."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,22 +13,9 @@ from rankformer import schema, tracking
 from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
 from rankformer.classify.data import load_cells, parse_where
 from rankformer.errors import InputError
+from rankformer.infer_config import PredictConfig
 
 TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
-
-
-@dataclass
-class PredictConfig:
-    """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
-
-    model: str  # fine-tuned model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder to predict on (tokenized with the model's vocabulary)
-    out: str  # output folder for the prediction table
-    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
-    seed: int = 0  # the sample's seed
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
 
 
 def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""The inference jobs' configs (`predict`, `embed`, `perturb`), importable without torch: the
+command line builds its parser from them, so every command, `--help` included, starts without
+loading torch and Transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rankformer.errors import InputError
+from rankformer.model.perturbations import KINDS
+
+PRECISION_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_precision(precision: str, use_gpu: bool) -> None:
+    """The `precision` option of the inference jobs and the endpoints."""
+    if precision not in PRECISION_NAMES:
+        raise InputError(f"precision {precision!r} must be one of {list(PRECISION_NAMES)}")
+    if precision == "float16" and not use_gpu:
+        raise InputError("precision float16 needs --use-gpu; on CPU use bfloat16 (or float32)")
+
+
+@dataclass
+class PredictConfig:
+    """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
+
+    model: str  # fine-tuned model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder to predict on (tokenized with the model's vocabulary)
+    out: str  # output folder for the prediction table
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
+    seed: int = 0  # the sample's seed
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
+
+
+@dataclass
+class EmbedConfig:
+    """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
+
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder (tokenized with the model's vocabulary)
+    out: str  # output folder: Parquet shards + manifest (local or s3://)
+    level: str = "cell"  # cell or gene
+    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
+    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
+    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    num_workers: int = 1  # actors, one model each
+    use_gpu: bool = False  # one GPU per actor
+    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
+    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
+    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
+    plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs (and plots, with experiment)
+    experiment: str | None = None  # log plots and the manifest to a run of this MLflow experiment
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, self.use_gpu)
+        if self.level not in ("cell", "gene"):
+            raise InputError(f"level {self.level!r} must be cell or gene")
+        if self.gene_stat not in ("mean", "median"):
+            raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
+        if self.pooling not in ("mean", "cls"):
+            raise InputError(f"pooling {self.pooling!r} must be mean or cls")
+        if self.layer not in ("penultimate", "last"):
+            try:
+                int(self.layer)
+            except ValueError:
+                raise InputError(f"layer {self.layer!r} must be penultimate, last or an integer") from None
+
+
+@dataclass
+class PerturbConfig:
+    """`rankformer perturb`: how perturbing genes moves each cell's embedding."""
+
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder (tokenized with the model's vocabulary)
+    out: str  # output folder: Parquet shards + manifest (local or s3://)
+    kind: str = "delete"  # delete, overexpress, inhibit or activate
+    genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
+    mode: str = "each"  # each listed gene alone, all listed together, or every gene of each cell (all)
+    anchor: str | None = None  # perturb this gene together with each other one
+    shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
+    missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
+    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    state_column: str | None = None  # carried column naming each cell's state
+    start_state: str | None = None  # perturb only cells of this state
+    goal_state: str | None = None  # score the shift toward this state
+    alt_states: list[str] = field(default_factory=list)  # further states to score shifts toward
+    per_gene: bool = False  # also write each affected gene's cosine (genes-part-*.parquet)
+    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states
+    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    num_workers: int = 1  # actors, one model each
+    use_gpu: bool = False  # one GPU per actor
+    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
+    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
+    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, self.use_gpu)
+        if self.kind not in KINDS:
+            raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
+        if self.mode not in ("each", "together", "all"):
+            raise InputError(f"mode {self.mode!r} must be each, together or all")
+        self.genes = [g.strip() for item in self.genes for g in item.split(",") if g.strip()]  # A,B too
+        if self.mode != "all" and not self.genes:
+            raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
+        if self.missing not in ("skip", "error"):
+            raise InputError(f"missing {self.missing!r} must be skip or error")
+        if not 0 < self.shift <= 1:
+            raise InputError(f"shift {self.shift} must be within (0, 1]")
+        states = [s for s in (self.start_state, self.goal_state, *self.alt_states) if s]
+        if states and not self.state_column:
+            raise InputError("--start-state/--goal-state/--alt-states need --state-column")
