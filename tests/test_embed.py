@@ -7,11 +7,13 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
+from rankformer import embed
 from rankformer.embed import EmbedConfig, read_embeddings, run_embed
 from rankformer.errors import InputError
 from rankformer.model.presets import bert_config, preset
@@ -165,8 +167,11 @@ def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, 
         )
 
 
-def test_plots_and_tracking(world, tmp_path):
+def test_plots_and_tracking(world, tmp_path, monkeypatch):
+    """The UMAP is fitted on a bounded sample; the class means are over every cell."""
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(embed, "UMAP_CELLS", 50)
 
     out = tmp_path / "emb"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -179,8 +184,14 @@ def test_plots_and_tracking(world, tmp_path):
         tracking_uri=uri,
         experiment="embed",
     )
-    run_embed(cfg)
+    summary = run_embed(cfg)
     assert (out / "umap.png").exists() and (out / "class_means.png").exists()
+    assert summary["umap_cells"] == 50
+    cells = read_embeddings(str(out)).to_pandas()
+    want = pd.DataFrame(np.stack(cells["embedding"].to_numpy())).groupby(cells["cell_type"].to_numpy()).mean()
+    got = pd.read_parquet(out / "class_means.parquet").set_index("cell_type")
+    assert got["n_cells"].sum() == len(cells) == 120 and list(got.index) == list(want.index)
+    np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6)
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("embed").experiment_id])[0]
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
