@@ -125,6 +125,12 @@ def vectors(rows: np.ndarray, kind: pa.DataType | None = None) -> pa.FixedSizeLi
     return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
 
 
+def rows_of(column: pa.ChunkedArray) -> np.ndarray:
+    """A ``fixed_size_list`` column as an (n, dim) array: the inverse of :func:`vectors`."""
+    flat = column.combine_chunks().flatten()  # flatten(), not .values: it honours a slice's offset
+    return flat.to_numpy(zero_copy_only=False).reshape(len(column), -1)
+
+
 def _write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size)
@@ -253,7 +259,7 @@ def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any, median: boo
             sums, counts = np.zeros((vocab.n_tokens, dim)), np.zeros(vocab.n_tokens, np.int64)
         assert counts is not None
         if len(tokens):
-            sums[tokens] += np.stack(part.column("sum").to_numpy(zero_copy_only=False))
+            sums[tokens] += rows_of(part.column("sum"))
             counts[tokens] += part.column("n").to_numpy()
     assert sums is not None and counts is not None
     gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
@@ -355,8 +361,7 @@ def _plot_data(cfg: EmbedConfig, names: list[str]) -> tuple[np.ndarray, np.ndarr
     for path, size in zip(paths, sizes, strict=True):
         with fs.open_input(path) as f:
             t = pq.read_table(f, columns=[col, "embedding"])
-        emb = t.column("embedding").combine_chunks()
-        x = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), -1)
+        x = rows_of(t.column("embedding"))
         labels = np.asarray([str(v) for v in t.column(col).to_pylist()])
         for c in np.unique(labels):
             m = labels == c

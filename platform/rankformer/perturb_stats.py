@@ -10,8 +10,8 @@ are ranked among every row at that rank, the rank sums are combined with weights
 the statistic is compared with its normal approximation, ties corrected. Its null is therefore the
 other genes perturbed at the gene's own ranks, every one of them, in the gene's own proportions;
 nothing is sampled, so the result is deterministic. Genes a cell did not hold (rank -1: an
-overexpression of an absent gene) form a stratum of their own. One sort of all rows and a few group sums
-compute it for every gene at once; only the score columns are read, shard by shard.
+overexpression of an absent gene) form a stratum of their own. One sort of all rows and a few group
+sums compute it for every gene at once; only the score columns are read, shard by shard.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class Scores:
         with fs.open_input(paths[0]) as f:
             names = pq.read_schema(f).names
         self.shifts = [c for c in names if c.startswith("shift_")]
-        self.effect_column = f"shift_{goal_state}" if goal_state else "cell_cosine"
-        if goal_state and self.effect_column not in self.shifts:
+        if goal_state and f"shift_{goal_state}" not in self.shifts:
             raise InputError(
                 f"{out} has no shift toward {goal_state!r}; its states: {[c[6:] for c in self.shifts]}"
             )
@@ -70,7 +69,7 @@ class Scores:
         self.values = {c: np.concatenate(v) for c, v in values.items()}
         if not len(self.codes):
             raise InputError(f"{out} holds no perturbation rows")
-        self.effect = self.values[self.effect_column] if goal_state else 1.0 - self.values["cell_cosine"]
+        self.effect = self.values[f"shift_{goal_state}"] if goal_state else 1.0 - self.values["cell_cosine"]
 
     def by_key(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per key: the mean of its finite values of ``x`` (NaN if none), and how many there were."""
