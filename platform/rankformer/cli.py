@@ -19,6 +19,7 @@ from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.cluster import user_error_inside
 from rankformer.config import TokenizeConfig, VocabBuildConfig
 from rankformer.errors import InputError
+from rankformer.infer_config import EmbedConfig, PerturbConfig, PredictConfig
 from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 
 
@@ -66,8 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(fg, FinetuneGenesConfig)
     fc = fine.add_parser("cells", help="cell classification from a carried obs label column")
     add_config_arguments(fc, FinetuneCellsConfig)
-    from rankformer.infer_config import PredictConfig
-
     pr = sub.add_parser("predict", help="apply a fine-tuned classifier to another corpus").add_subparsers(
         dest="predict_command", required=True
     )
@@ -75,11 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(
             pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
         )
-    from rankformer.infer_config import EmbedConfig
-
     add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
-    from rankformer.infer_config import PerturbConfig
-
     add_config_arguments(
         sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
     )
