@@ -208,6 +208,20 @@ def test_bad_input(world, tmp_path):
         )
     with pytest.raises(InputError, match="level"):
         EmbedConfig(model=world.model, corpus=world.corpus, out="x", level="token")
+    with pytest.raises(InputError, match="layer 'top' must be penultimate, last or an integer"):
+        EmbedConfig(model=world.model, corpus=world.corpus, out="x", layer="top")
+    for layer in ("4", "-5"):  # 3 layers: hidden_states 0..3, or -4..-1
+        with pytest.raises(InputError, match=rf"layer {layer} is outside this model's hidden_states 0\.\.3"):
+            run_embed(
+                EmbedConfig(
+                    model=world.model,
+                    corpus=world.corpus,
+                    out=str(tmp_path / "c"),
+                    layer=layer,
+                    in_process=True,
+                )
+            )
+    assert not (tmp_path / "c").exists()  # refused at the door: no output folder started
 
 
 def test_model_layout_and_positions_checked_against_the_corpus(world, tmp_path):

@@ -347,6 +347,12 @@ def test_bad_input_is_named_before_training(world, tmp_path):
     )
     with pytest.raises(InputError, match="vocabulary"):
         genes(corpus=other_vocab)
+    with pytest.raises(InputError, match="layer 'top' must be penultimate, last or an integer"):
+        genes(layer="top")
+    with pytest.raises(InputError, match="layer 40 is outside this model's hidden_states"):
+        run_finetune_cells(_cells_cfg(world, tmp_path / "c4", layer="40"))
+    assert not (tmp_path / "c4").exists()  # refused at the door, not after training
+    run_finetune_cells(_cells_cfg(world, tmp_path / "c5", layer="40", frozen_baseline=False, max_steps=1))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):

@@ -278,6 +278,10 @@ def test_bad_input(world, tmp_path):
         PerturbConfig(model="m", corpus="c", out="o", mode="all", precision="float16")
     with pytest.raises(InputError, match="precision 'float64'"):
         PerturbConfig(model="m", corpus="c", out="o", mode="all", precision="float64")
+    with pytest.raises(InputError, match="layer 'top'"):
+        PerturbConfig(model="m", corpus="c", out="o", mode="all", layer="top")
+    with pytest.raises(InputError, match="layer 99 is outside this model's hidden_states"):
+        run(mode="all", layer="99")
     manifest = json.loads((tmp_path / "o0" / "manifest.json").read_text())
     assert manifest["job"] == "perturb"
 

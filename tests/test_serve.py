@@ -165,6 +165,7 @@ def test_perturb_equals_the_batch_job(app, tmp_path):
         ({"cells": [{"tokens": [2, 99999, 3]}]}, 422, "tokens"),
         ({"cells": [{"genes": ["NOPE1", "NOPE2"]}]}, 422, "vocabulary"),
         ({"cells": [{"tokens": [2, 5, 3]}], "layer": "top"}, 422, "layer"),
+        ({"cells": [{"tokens": [2, 5, 3]}], "layer": "99"}, 422, "layer: layer 99 is outside"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(app, body, status, field):

@@ -34,7 +34,7 @@ import torch
 from rankformer import schema
 from rankformer.classify.data import token_lists
 from rankformer.errors import InputError
-from rankformer.infer_config import EmbedConfig
+from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
 
 SHARD_STEM = "part-"
@@ -48,7 +48,7 @@ class Embedder:
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
-        from rankformer.infer import pick_layer, up_to
+        from rankformer.infer import up_to
         from rankformer.loader import load_model
 
         self.spec = spec
@@ -171,7 +171,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
-    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
         raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
     where = parse_where(cfg.cells_where)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankformer.infer_config import pick_layer
 from rankformer.model.batching import budget_batches, pad_batch
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
@@ -20,18 +21,6 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 def gene_mask(ids: torch.Tensor, gene_lo: int) -> torch.Tensor:
     """True at gene tokens (specials and pad are below ``gene_lo``)."""
     return ids >= gene_lo
-
-
-def pick_layer(layer: str | int, n_layers: int) -> int:
-    """Index into Hugging Face ``hidden_states`` (0 = embedding output, n_layers = last layer)."""
-    if layer == "penultimate":
-        return n_layers - 1
-    if layer == "last":
-        return n_layers
-    i = int(layer)
-    if not -(n_layers + 1) <= i <= n_layers:
-        raise ValueError(f"layer {layer} is outside hidden_states 0..{n_layers} (or negative from the end)")
-    return i % (n_layers + 1)
 
 
 @dataclass

@@ -10,6 +10,36 @@ from rankformer.errors import InputError
 from rankformer.model.perturbations import KINDS
 
 PRECISION_NAMES = ("float32", "bfloat16", "float16")
+LAYER_NAMES = ("penultimate", "last")
+
+
+def check_layer(layer: str) -> None:
+    """The `layer` option's form (its range needs the model: :func:`pick_layer`)."""
+    if str(layer) in LAYER_NAMES:
+        return
+    try:
+        int(layer)
+    except ValueError:
+        raise InputError(
+            f"layer {layer!r} must be penultimate, last or an integer index into hidden_states "
+            "(0 = embedding output, negative from the end)"
+        ) from None
+
+
+def pick_layer(layer: str | int, n_layers: int) -> int:
+    """Index into Hugging Face ``hidden_states`` (0 = embedding output, n_layers = last layer)."""
+    if layer == "penultimate":
+        return n_layers - 1
+    if layer == "last":
+        return n_layers
+    check_layer(str(layer))
+    i = int(layer)
+    if not -(n_layers + 1) <= i <= n_layers:
+        raise InputError(
+            f"layer {layer} is outside this model's hidden_states 0..{n_layers} ({n_layers} layers; "
+            f"negative counts from the end, down to -{n_layers + 1})"
+        )
+    return i % (n_layers + 1)
 
 
 def check_precision(precision: str, use_gpu: bool) -> None:
@@ -64,11 +94,7 @@ class EmbedConfig:
             raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"pooling {self.pooling!r} must be mean or cls")
-        if self.layer not in ("penultimate", "last"):
-            try:
-                int(self.layer)
-            except ValueError:
-                raise InputError(f"layer {self.layer!r} must be penultimate, last or an integer") from None
+        check_layer(self.layer)
 
 
 @dataclass
@@ -101,6 +127,7 @@ class PerturbConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision, self.use_gpu)
+        check_layer(self.layer)
         if self.kind not in KINDS:
             raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
         if self.mode not in ("each", "together", "all"):

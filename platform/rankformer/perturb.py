@@ -348,7 +348,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
-    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     listed, anchor, missing = _targets(cfg, info.vocab)
     where = parse_where(cfg.cells_where)
     names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)

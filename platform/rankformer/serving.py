@@ -59,9 +59,10 @@ class ServeConfig:
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
 
     def __post_init__(self) -> None:
-        from rankformer.infer_config import check_precision
+        from rankformer.infer_config import check_layer, check_precision
 
         check_precision(self.precision, self.use_gpu)
+        check_layer(self.layer)
 
 
 class Cell(BaseModel):
@@ -101,8 +102,10 @@ class EmbedRequest(BaseModel):
     @field_validator("layer")
     @classmethod
     def _layer(cls, v: str | None) -> str | None:
-        if v is not None and v not in ("penultimate", "last"):
-            int(v)  # ValueError names the field
+        from rankformer.infer_config import check_layer
+
+        if v is not None:
+            check_layer(v)  # an InputError is a ValueError: a 422 naming the field
         return v
 
 
@@ -237,7 +240,7 @@ class ModelCore:
         return self.views[layer]
 
     def layer_index(self, layer: str | None) -> int:
-        from rankformer.infer import pick_layer
+        from rankformer.infer_config import pick_layer
 
         return pick_layer(layer or self.default_layer, int(self.worker.model.config.num_hidden_layers))
 
@@ -449,9 +452,14 @@ def build_app(cfg: ServeConfig) -> Any:
                     out.append({"error": f"cells: {exc}"})
             groups: dict[tuple[int, str, bool], list[tuple[int, int]]] = {}
             for r, (req, cells_p) in enumerate(zip(requests, prepared, strict=True)):
-                if cells_p is not None:
+                if cells_p is None:
+                    continue
+                try:  # a layer this model lacks fails its own request, not the batch it came in
                     k = (core.layer_index(req.layer), req.pooling, req.gene_vectors)
-                    groups.setdefault(k, []).extend((r, i) for i in range(len(cells_p)))
+                except ValueError as exc:
+                    out[r] = {"error": f"layer: {exc}"}
+                    continue
+                groups.setdefault(k, []).extend((r, i) for i in range(len(cells_p)))
             for (layer, pooling, genes), where in groups.items():
                 tokens = [prepared[r][i].tokens for r, i in where]  # type: ignore[index]
                 for (r, i), v in zip(where, core.embed(tokens, layer, pooling, genes), strict=True):

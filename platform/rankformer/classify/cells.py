@@ -116,7 +116,9 @@ class CellJob:
         self.cfg = cfg
         self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
         tracking.check_reachable(self.uri)
-        self.pre, manifest = open_model_and_corpus(cfg.model, cfg.corpus, self.uri)
+        self.pre, manifest = open_model_and_corpus(
+            cfg.model, cfg.corpus, self.uri, layer=cfg.layer if cfg.frozen_baseline else None
+        )
         self.vocab = self.pre.vocab
         self.pad, self.gene_lo = token_layout(self.vocab)
         cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])

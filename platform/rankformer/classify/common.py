@@ -48,27 +48,32 @@ MANIFEST = "manifest.json"  # written last: the outputs of a finished job
 
 
 def check_model_and_corpus(
-    model_uri: str, corpus: str, tracking_uri: str
+    model_uri: str, corpus: str, tracking_uri: str, layer: str | None = None
 ) -> tuple[ModelInfo, dict[str, Any]]:
-    """The model's checked metadata (vocabulary, layout and positions against the corpus), without
-    its weights, and the corpus manifest: the door check of jobs whose workers load the model."""
+    """The model's checked metadata (vocabulary, layout and positions against the corpus, and the
+    ``layer`` asked for against its depth), without its weights, and the corpus manifest: the door
+    check of jobs whose workers load the model."""
     from rankformer.api import corpus_manifest
+    from rankformer.infer_config import pick_layer
     from rankformer.loader import check_fits_corpus, inspect_model
 
     manifest = corpus_manifest(corpus)
     info = inspect_model(model_uri, tracking_uri, manifest["vocab_hash"])
     ccfg = manifest.get("config", {})
     check_fits_corpus(info, corpus, ccfg.get("layout"), int(ccfg.get("max_length") or 0))
+    if layer is not None:
+        pick_layer(layer, int(info.config.num_hidden_layers))
     return info, manifest
 
 
 def open_model_and_corpus(
-    model_uri: str, corpus: str, tracking_uri: str, head: Any = None
+    model_uri: str, corpus: str, tracking_uri: str, head: Any = None, layer: str | None = None
 ) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model (checked against the corpus's vocabulary and layout) and the corpus manifest."""
+    """The model (checked against the corpus's vocabulary and layout, and ``layer`` against its
+    depth) and the corpus manifest."""
     from rankformer.loader import load_model
 
-    _, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri)
+    _, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri, layer)
     kwargs = {"head": head} if head is not None else {}
     want = manifest["vocab_hash"]
     return load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=want, **kwargs), manifest

@@ -62,7 +62,9 @@ class GeneJob:
         self.cfg = cfg
         self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
         tracking.check_reachable(self.uri)
-        self.pre, manifest = open_model_and_corpus(cfg.model, cfg.corpus, self.uri)
+        self.pre, manifest = open_model_and_corpus(
+            cfg.model, cfg.corpus, self.uri, layer=cfg.layer if cfg.frozen_baseline else None
+        )
         self.vocab = self.pre.vocab
         self.pad, self.gene_lo = token_layout(self.vocab)
         sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)

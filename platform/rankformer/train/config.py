@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rankformer.errors import InputError
+from rankformer.infer_config import check_layer
 
 
 @dataclass
@@ -206,6 +207,7 @@ class FinetuneCommon:
             raise InputError("log_every and checkpoint_every must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        check_layer(self.layer)
 
 
 @dataclass
