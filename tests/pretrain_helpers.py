@@ -24,11 +24,14 @@ def write_corpus(
     shards: int = 2,
     layout: str = "v2",
     carry: dict[str, list[str]] | None = None,
+    symbols: bool = False,
 ) -> str:
     """A corpus folder (shards, manifest, vocabulary) holding exactly ``cells`` (and ``carry``:
-    obs columns, one value per cell)."""
+    obs columns, one value per cell); ``symbols``: the vocabulary names gene i ``G<i>``."""
     os.makedirs(out, exist_ok=True)
-    vocab = build_vocab(list(gene_ids(n_genes)), [1.0] * n_genes)
+    ids = list(gene_ids(n_genes))
+    names = {g: f"G{i}" for i, g in enumerate(ids)} if symbols else None
+    vocab = build_vocab(ids, [1.0] * n_genes, gene_names=names)
     vocab_path = os.path.join(out, "..", os.path.basename(out) + "_vocab.json")
     vocab.save(vocab_path)
     bounds = np.linspace(0, len(cells), shards + 1).astype(int)

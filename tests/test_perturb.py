@@ -84,9 +84,11 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("perturb")
     cells, states = _cells(400, 0)
     n_genes = N_SHARED + MARKERS
-    corpus = write_corpus(str(d / "corpus"), cells, n_genes, shards=2, carry={"state": states})
+    corpus = write_corpus(str(d / "corpus"), cells, n_genes, shards=2, carry={"state": states}, symbols=True)
     model = pretrain_in_process(corpus, str(d / "model"), 1000)
-    small = write_corpus(str(d / "small"), cells[:24], n_genes, shards=2, carry={"state": states[:24]})
+    small = write_corpus(
+        str(d / "small"), cells[:24], n_genes, shards=2, carry={"state": states[:24]}, symbols=True
+    )
     return SimpleNamespace(
         d=d, corpus=corpus, small=small, model=model, cells=cells, states=states, ids=gene_ids(n_genes)
     )
@@ -192,6 +194,7 @@ def test_deleting_planted_markers_moves_cells_toward_the_other_state(world, tmp_
     )
     stats = perturb_stats(str(out), goal_state="B").set_index("perturbed")
     markers = list(world.ids[N_SHARED : N_SHARED + MARKERS])
+    assert stats.loc[markers, "symbol"].tolist() == [f"G{i}" for i in range(N_SHARED, N_SHARED + MARKERS)]
     others = stats.drop(index=markers)
     assert stats.loc[markers, "significant"].all()
     assert (stats.loc[markers, "effect_mean"] > stats.loc[markers, "null_effect_mean"]).all()
@@ -233,6 +236,10 @@ def test_overexpress_and_combinations(world, tmp_path):
     )
     rows = read_results(str(anchor)).to_pandas()
     assert {tuple(p) for p in rows.perturbed} == {(markers[0], g) for g in world.ids[:3]}
+    stats = perturb_stats(str(anchor)).set_index("perturbed")
+    assert stats.symbol.to_dict() == {
+        f"{markers[0]},{g}": f"G{N_SHARED},G{i}" for i, g in enumerate(world.ids[:3])
+    }
     assert set(rows.cell_id) <= {f"c{i}" for i in range(24) if world.states[i] == "A"}  # the anchor's cells
 
 

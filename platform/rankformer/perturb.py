@@ -38,7 +38,7 @@ from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
 from rankformer.model.perturbations import delete_each, perturb
-from rankformer.perturb_stats import result_paths
+from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -361,6 +361,10 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         if k not in ("num_workers", "ray_address", "in_process", "use_gpu")
     }
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
+    named = info.vocab.gene_names
+    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
+    if symbols:  # for the statistics' tables (the rows name genes by id)
+        out.write_json(SYMBOLS_FILE, symbols)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
     max_length = int(info.meta.get("max_length") or info.config.max_position_embeddings)
     spec: dict[str, Any] = {

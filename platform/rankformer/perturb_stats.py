@@ -29,6 +29,14 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 
 RANK_WINDOW = 1  # rank positions per stratum: exact rank by default
+SYMBOLS_FILE = "gene_symbols.json"  # written by `perturb`: the model vocabulary's gene id -> symbol
+
+
+def symbols_of(out: str, keys: list[str]) -> list[str]:
+    """Each key's gene symbols (comma-joined like the key; "" where the vocabulary has none)."""
+    path = fs.join(out, SYMBOLS_FILE)
+    names: dict[str, str] = json.loads(fs.read_bytes(path)) if fs.exists(path) else {}
+    return [",".join(names.get(g, "") for g in k.split(",")) for k in keys]
 
 
 def result_paths(out: str, per_gene: bool = False) -> list[str]:
@@ -150,6 +158,7 @@ def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RA
     res = pd.DataFrame(
         {
             "perturbed": s.keys,
+            "symbol": symbols_of(out, s.keys),
             "n_cells": np.bincount(s.codes, minlength=n_keys),
             "effect_mean": eff_mean,
             "effect_ci_low": eff_mean - half,
@@ -187,7 +196,8 @@ def _write_stats(out: str, res: pd.DataFrame) -> None:
     err = np.vstack([top.effect_mean - top.effect_ci_low, top.effect_ci_high - top.effect_mean])
     colors = ["tab:red" if s else "tab:grey" for s in top.significant]
     ax.barh(range(len(top)), top.effect_mean, xerr=np.nan_to_num(err), color=colors)
-    ax.set_yticks(range(len(top)), top.perturbed, fontsize=7)
+    labels = [sym if sym.strip(",") else key for key, sym in zip(top.perturbed, top.symbol, strict=True)]
+    ax.set_yticks(range(len(top)), labels, fontsize=7)
     ax.axvline(float(res["null_effect_mean"].mean()), ls="--", c="k", lw=0.8)
     ax.set(
         xlabel=res.attrs.get("effect", "effect"), title="top perturbations (red: FDR < 0.05; dashed: null)"
