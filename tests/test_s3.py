@@ -76,6 +76,23 @@ def test_aborted_s3_write_leaves_no_object(s3_server, bucket):
     assert not rfs.exists(f"s3://{name}/half.bin")
 
 
+def test_streamed_copy_round_trip_and_a_missing_source(bucket, tmp_path, monkeypatch):
+    """Files move between disk and S3 in chunks (here 1,000 bytes), arriving whole; a copy from a
+    missing source names it and leaves nothing at the destination."""
+    from rankformer.io import fs as rfs
+
+    name, _ = bucket
+    monkeypatch.setattr(rfs, "COPY_CHUNK", 1000)
+    data = np.random.default_rng(0).integers(0, 256, 10_500, dtype=np.uint8).tobytes()
+    (tmp_path / "a.bin").write_bytes(data)
+    rfs.copy(str(tmp_path / "a.bin"), f"s3://{name}/copy/a.bin")
+    rfs.copy(f"s3://{name}/copy/a.bin", str(tmp_path / "b.bin"))
+    assert (tmp_path / "b.bin").read_bytes() == data
+    with pytest.raises(FileNotFoundError, match="copy/missing.bin"):
+        rfs.copy(f"s3://{name}/copy/missing.bin", str(tmp_path / "c.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
 def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
     """An s3:// model is copied to a temporary folder for the load and the folder removed after;
     a check without weights copies only the metadata, vocabulary and config."""
@@ -85,6 +102,7 @@ def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
     import torch
     from transformers import BertForMaskedLM
 
+    from rankformer.io import fs as rfs
     from rankformer.loader import inspect_model, load_model, model_meta
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
@@ -103,14 +121,14 @@ def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     fetched: list[str] = []
-    real_open = open
+    real_copy = rfs.copy
 
-    def spy(path, mode="r", *args, **kwargs):
-        if str(path).startswith(str(scratch)) and "w" in mode:
-            fetched.append(os.path.basename(path))
-        return real_open(path, mode, *args, **kwargs)
+    def spy(src, dst):
+        if str(dst).startswith(str(scratch)):
+            fetched.append(os.path.basename(dst))
+        real_copy(src, dst)
 
-    monkeypatch.setattr("builtins.open", spy)
+    monkeypatch.setattr(rfs, "copy", spy)
     info = inspect_model(uri, expect_vocab_hash=vocab.content_hash)
     assert info.layout == "v2" and info.positions == model.config.max_position_embeddings
     assert model_meta(uri)["task"] == "masked-lm"

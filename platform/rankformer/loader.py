@@ -54,8 +54,7 @@ def local_model_dir(uri: str, tracking_uri: str | None = None, weights: bool = T
         if not fs.exists(fs.join(uri, META)):
             raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
         for name in files or fs.listdir(uri):
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(fs.read_bytes(fs.join(uri, name)))
+            fs.copy(fs.join(uri, name), os.path.join(tmp, name))
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -152,8 +152,7 @@ class JobOutput:
         self.publish(stem + ".csv")
 
     def publish(self, name: str) -> None:
-        with open(os.path.join(self.stage, name), "rb") as f:
-            fs.write_bytes_atomic(fs.join(self.out, name), f.read())
+        fs.copy(os.path.join(self.stage, name), fs.join(self.out, name))
         self.files.append(name)
 
     def log_to(self, uri: str, run_id: str) -> None:

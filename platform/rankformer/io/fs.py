@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -119,6 +120,15 @@ def open_output_atomic(uri: str) -> Iterator[IO[bytes]]:
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     with open_output_atomic(uri) as f:
         f.write(data)
+
+
+COPY_CHUNK = 8 << 20  # bytes per read: a copy holds this much, not the whole file
+
+
+def copy(src: str, dst: str) -> None:
+    """Stream ``src`` to ``dst`` (each local or s3://); ``dst`` appears whole or not at all."""
+    with open_input(src) as fin, open_output_atomic(dst) as fout:
+        shutil.copyfileobj(fin, fout, COPY_CHUNK)
 
 
 def remove(uri: str) -> None:

@@ -59,8 +59,7 @@ def save_model_dir(model: PreTrainedModel, vocab: GeneVocab, meta: dict[str, Any
         vocab.save(os.path.join(tmp, VOCAB))
         if fs.is_remote(out):
             for name in sorted(os.listdir(tmp)):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    fs.write_bytes_atomic(fs.join(out, name), f.read())
+                fs.copy(os.path.join(tmp, name), fs.join(out, name))
             fs.write_bytes_atomic(fs.join(out, META), json.dumps(doc, indent=1).encode())
             return
         with open(os.path.join(tmp, META), "w") as f:
