@@ -51,83 +51,79 @@ def check_precision(precision: str, use_gpu: bool) -> None:
 
 
 @dataclass
-class PredictConfig:
-    """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
+class ModelOnCorpus:
+    """What every inference job names: a model, a corpus it reads and an output folder."""
 
-    model: str  # fine-tuned model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder to predict on (tokenized with the model's vocabulary)
-    out: str  # output folder for the prediction table
+    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
+    corpus: str  # corpus folder (tokenized with the model's vocabulary)
+    out: str  # output folder (local or s3://)
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
-    seed: int = 0  # the sample's seed
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
 
 
 @dataclass
-class EmbedConfig:
-    """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
+class PredictConfig(ModelOnCorpus):
+    """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
 
-    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder (tokenized with the model's vocabulary)
-    out: str  # output folder: Parquet shards + manifest (local or s3://)
-    level: str = "cell"  # cell or gene
-    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
-    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
+    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
+    seed: int = 0  # the sample's seed
+
+
+@dataclass
+class ActorPoolJob(ModelOnCorpus):
+    """Jobs that read a layer's states of every selected cell on a pool of Ray actors."""
+
     layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
-    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     num_workers: int = 1  # actors, one model each
     use_gpu: bool = False  # one GPU per actor
     precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
     in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
-    plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs (and plots, with experiment)
-    experiment: str | None = None  # log plots and the manifest to a run of this MLflow experiment
 
     def __post_init__(self) -> None:
         check_precision(self.precision, self.use_gpu)
+        check_layer(self.layer)
+
+
+@dataclass
+class EmbedConfig(ActorPoolJob):
+    """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
+
+    level: str = "cell"  # cell or gene
+    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
+    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
+    plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
+    experiment: str | None = None  # log plots and the manifest to a run of this experiment (tracking_uri)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.level not in ("cell", "gene"):
             raise InputError(f"level {self.level!r} must be cell or gene")
         if self.gene_stat not in ("mean", "median"):
             raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"pooling {self.pooling!r} must be mean or cls")
-        check_layer(self.layer)
 
 
 @dataclass
-class PerturbConfig:
+class PerturbConfig(ActorPoolJob):
     """`rankformer perturb`: how perturbing genes moves each cell's embedding."""
 
-    model: str  # model: folder, s3:// prefix or models:/NAME@ALIAS
-    corpus: str  # corpus folder (tokenized with the model's vocabulary)
-    out: str  # output folder: Parquet shards + manifest (local or s3://)
     kind: str = "delete"  # delete, overexpress, inhibit or activate
     genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
     mode: str = "each"  # each listed gene alone, all listed together, or every gene of each cell (all)
     anchor: str | None = None  # perturb this gene together with each other one
     shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
     missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
-    cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
     state_column: str | None = None  # carried column naming each cell's state
     start_state: str | None = None  # perturb only cells of this state
     goal_state: str | None = None  # score the shift toward this state
     alt_states: list[str] = field(default_factory=list)  # further states to score shifts toward
     per_gene: bool = False  # also write each affected gene's cosine (genes-part-*.parquet)
-    layer: str = "penultimate"  # penultimate, last, or an index into hidden_states
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
-    num_workers: int = 1  # actors, one model each
-    use_gpu: bool = False  # one GPU per actor
-    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
-    ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
-    in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs
 
     def __post_init__(self) -> None:
-        check_precision(self.precision, self.use_gpu)
-        check_layer(self.layer)
+        super().__post_init__()
         if self.kind not in KINDS:
             raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
         if self.mode not in ("each", "together", "all"):
