@@ -19,11 +19,10 @@ import torch
 
 from rankformer import schema, tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, in_parent_run, open_model_and_corpus, token_layout
+from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
 from rankformer.classify.data import Cells, load_cells, parse_where
 from rankformer.classify.genes import logreg
 from rankformer.errors import InputError
-from rankformer.infer import gene_and_cell_states
 from rankformer.train.config import FinetuneCellsConfig
 from rankformer.train.finetune import (
     TrainSpec,
@@ -111,16 +110,13 @@ def split_cells(
     return split
 
 
-class CellJob:
+class CellJob(PretrainedOnCorpus):
+    """One cell-classification job: its cells, labels and splits."""
+
     def __init__(self, cfg: FinetuneCellsConfig) -> None:
         self.cfg = cfg
-        self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
-        tracking.check_reachable(self.uri)
-        self.pre, manifest = open_model_and_corpus(
-            cfg.model, cfg.corpus, self.uri, layer=cfg.layer if cfg.frozen_baseline else None
-        )
-        self.vocab = self.pre.vocab
-        self.pad, self.gene_lo = token_layout(self.vocab)
+        super().__init__(cfg)
+        manifest = self.manifest
         cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
         cells = load_cells(
             cfg.corpus, parse_where(cfg.cells_where), cols, manifest["vocab_hash"], cfg.limit_cells, cfg.seed
@@ -237,15 +233,7 @@ def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
             report.update({f"{part[:4] if part == 'test' else 'val'}_{k}": v for k, v in s.items()})
     frozen_prob = None
     if cfg.frozen_baseline:
-        _, emb = gene_and_cell_states(
-            job.pre.model,
-            job.cells.ids,
-            job.pad,
-            job.gene_lo,
-            cfg.layer,
-            torch.device("cpu"),
-            cfg.batch.max_tokens,
-        )
+        _, emb = job.frozen_states(job.cells.ids)
         tr, te = job.rows("train"), job.rows("test")
         frozen_prob = logreg(emb[tr], job.y[tr], emb, len(classes), cfg.seed)
         fs_ = metrics.scores(job.y[te], frozen_prob[te], classes)

@@ -84,6 +84,44 @@ def token_layout(vocab: Any) -> tuple[int, int]:
     return int(vocab.specials[schema.PAD]), int(vocab.token_ids.min())
 
 
+class PretrainedOnCorpus:
+    """What both fine-tuning jobs open first: the tracking store (checked reachable), the pretrained
+    model checked against the corpus (and against the frozen baseline's layer when there is one),
+    its token layout and the corpus manifest."""
+
+    def __init__(self, cfg: Any) -> None:
+        from rankformer import tracking
+
+        self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
+        tracking.check_reachable(self.uri)
+        self.frozen_layer: str | None = cfg.layer if cfg.frozen_baseline else None
+        self.pre, self.manifest = open_model_and_corpus(
+            cfg.model, cfg.corpus, self.uri, layer=self.frozen_layer
+        )
+        self.vocab = self.pre.vocab
+        self.pad, self.gene_lo = token_layout(self.vocab)
+        self.max_tokens = int(cfg.batch.max_tokens)
+
+    def frozen_states(self, ids: list[np.ndarray]) -> tuple[Any, np.ndarray]:
+        """The frozen baseline's features from the pretrained model, on CPU: per-gene sums of the
+        layer's states over all occurrences, and each cell's mean-pooled vector."""
+        import torch
+
+        from rankformer.infer import gene_and_cell_states
+
+        if self.frozen_layer is None:
+            raise RuntimeError("frozen_states needs frozen_baseline on")  # a caller's bug, not input
+        return gene_and_cell_states(
+            self.pre.model,
+            ids,
+            self.pad,
+            self.gene_lo,
+            self.frozen_layer,
+            torch.device("cpu"),
+            self.max_tokens,
+        )
+
+
 def fingerprint(cfg: Any) -> str:
     """A short hash of a config (a dataclass, or a dict of what matters)."""
     blob = json.dumps(cfg if isinstance(cfg, dict) else asdict(cfg), sort_keys=True, default=str)

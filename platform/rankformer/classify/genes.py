@@ -19,12 +19,12 @@ import torch
 
 from rankformer import tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, in_parent_run, open_model_and_corpus, token_layout
+from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, map_labels, read_label_sets
 from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.errors import InputError
-from rankformer.infer import GeneSums, batches, gene_and_cell_states, logits_of
+from rankformer.infer import GeneSums, batches, logits_of
 from rankformer.train.config import FinetuneGenesConfig
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
@@ -55,18 +55,13 @@ def gene_folds(labels: GeneLabels, k: int, seed: int) -> list[tuple[np.ndarray, 
     return [(tr, te) for tr, te in skf.split(np.zeros(len(labels.tokens)), labels.label)]
 
 
-class GeneJob:
+class GeneJob(PretrainedOnCorpus):
     """One gene-classification job: the state its folds share."""
 
     def __init__(self, cfg: FinetuneGenesConfig) -> None:
         self.cfg = cfg
-        self.uri = tracking.resolve_uri(cfg.track.tracking_uri)
-        tracking.check_reachable(self.uri)
-        self.pre, manifest = open_model_and_corpus(
-            cfg.model, cfg.corpus, self.uri, layer=cfg.layer if cfg.frozen_baseline else None
-        )
-        self.vocab = self.pre.vocab
-        self.pad, self.gene_lo = token_layout(self.vocab)
+        super().__init__(cfg)
+        manifest = self.manifest
         sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)
         labels = map_labels(sets, self.vocab)
         self.cells: Cells = load_cells(
@@ -242,15 +237,7 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     tuned = job.tune(parent)
     frozen, sums = None, None
     if cfg.frozen_baseline:
-        sums, _ = gene_and_cell_states(
-            job.pre.model,
-            job.cells.ids,
-            job.pad,
-            job.gene_lo,
-            cfg.layer,
-            torch.device("cpu"),
-            cfg.batch.max_tokens,
-        )
+        sums, _ = job.frozen_states(job.cells.ids)
         frozen = sums.means(labels.tokens)
     cv = job.cross_validate(labels, parent, "cv", frozen)
     controls = []
