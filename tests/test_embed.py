@@ -152,6 +152,31 @@ def test_gene_median_with_shards_left_empty_by_the_selection(world, tmp_path):
     assert table.n_occurrences.sum() == counts[4:].sum()
 
 
+def test_a_seeded_sample_of_the_selected_cells(world, tmp_path):
+    """--limit-cells: the cells `predict --limit-cells` draws with that seed, across the shards, each
+    embedded as in a full run; the sample is in the manifest; a limit over the selection takes all."""
+    from rankformer.classify.data import load_cells
+
+    where = ["cell_type=t0,t2"]
+    common = {"model": world.model, "corpus": world.corpus, "cells_where": where, "in_process": True}
+    run_embed(EmbedConfig(**common, out=str(tmp_path / "full")))
+    full = read_embeddings(str(tmp_path / "full")).to_pandas().set_index("cell_id")
+    summary = run_embed(EmbedConfig(**common, out=str(tmp_path / "s"), limit_cells=13, seed=5))
+    got = read_embeddings(str(tmp_path / "s")).to_pandas()
+    want = load_cells(world.corpus, {"cell_type": ["t0", "t2"]}, max_cells=13, seed=5)
+    assert got.cell_id.tolist() == [str(c) for c in want.column("cell_id")]
+    shard_of = {f"c{i}": i * 3 // 120 for i in range(120)}  # write_corpus: 3 equal shards in order
+    assert len({shard_of[c] for c in got.cell_id}) > 1
+    np.testing.assert_allclose(
+        np.stack(got.embedding), np.stack(full.loc[got.cell_id].embedding.to_numpy()), atol=1e-5
+    )
+    assert summary["sample"] == {"cells": 13, "of_selected": len(full), "seed": 5}
+    run_embed(EmbedConfig(**common, out=str(tmp_path / "all"), limit_cells=1000))
+    assert read_embeddings(str(tmp_path / "all")).to_pandas().cell_id.tolist() == full.index.tolist()
+    with pytest.raises(InputError, match="limit_cells 0 must be >= 1"):
+        EmbedConfig(**common, out="x", limit_cells=0)
+
+
 def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):
     out = tmp_path / "emb"
     cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), in_process=True)
@@ -251,3 +276,10 @@ def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
     a = np.asarray(read_embeddings(str(local)).column("embedding").to_pylist())
     b = np.asarray(read_embeddings(str(pooled)).column("embedding").to_pylist())
     np.testing.assert_allclose(a, b, atol=1e-6)
+    sampled = tmp_path / "sampled"  # a sample's rows travel with each shard's task
+    common = {"model": world.model, "corpus": world.corpus, "limit_cells": 9, "seed": 1}
+    run_embed(EmbedConfig(**common, out=str(sampled), num_workers=2, in_process=False))
+    run_embed(EmbedConfig(**common, out=str(tmp_path / "sampled_here"), in_process=True))
+    assert read_embeddings(str(sampled)).column("cell_id").to_pylist() == (
+        read_embeddings(str(tmp_path / "sampled_here")).column("cell_id").to_pylist()
+    )

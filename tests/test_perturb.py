@@ -155,6 +155,26 @@ def test_scores_equal_the_plain_per_variant_computation(world, tmp_path):
             np.testing.assert_allclose(mine.cosine.to_numpy(), gc.numpy(), atol=1e-5)
 
 
+def test_a_seeded_sample_of_the_start_state_cells(world, tmp_path):
+    """--limit-cells samples among the selected (start-state) cells, the sample `predict` draws;
+    their rows equal the full run's; the state embeddings still use every cell of each state."""
+    from rankformer.classify.data import load_cells
+
+    _delete_every_gene(world, tmp_path / "full")
+    summary = _delete_every_gene(world, tmp_path / "s", limit_cells=4, seed=2)
+    want = load_cells(world.small, {"state": ["A"]}, max_cells=4, seed=2).column("cell_id")
+    got = read_results(str(tmp_path / "s")).to_pandas()
+    assert list(dict.fromkeys(got.cell_id)) == [str(c) for c in want]
+    full = read_results(str(tmp_path / "full")).to_pandas()
+    full = full[full.cell_id.isin(got.cell_id)]
+    for col in ("cell_cosine", "gene_mean_cosine", "shift_B"):
+        np.testing.assert_allclose(got[col], full[col], atol=1e-5)
+    n_a = sum(s == "A" for s in world.states[:24])
+    assert summary["sample"] == {"cells": 4, "of_selected": n_a, "seed": 2}
+    states = [json.loads((tmp_path / d / "states.json").read_text()) for d in ("full", "s")]
+    assert states[0] == states[1]
+
+
 def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch):
     """Scored a few cells at a time and written a few rows at a time: the same rows, same order."""
     import pyarrow.parquet as pq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -80,12 +81,10 @@ def map_shards(
     # workers idle, so let this map use the whole budget while it runs.
     saved = ctx.op_resource_reservation_enabled
     ctx.op_resource_reservation_enabled = False
-    items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    items = _task_items(tasks)
 
     def _apply(batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-        keys = list(batch)
-        n = len(batch[keys[0]])
-        return {"payload": [fn({k: _plain(batch[k][i]) for k in keys}) for i in range(n)]}
+        return {"payload": [fn(pickle.loads(t)) for t in batch["task"]]}
 
     fault = os.environ.get("RANKFORMER_FAULT_INJECT")
     # test hook: forward the fault plan to the workers
@@ -103,6 +102,14 @@ def map_shards(
         yield from _payloads(ds)
     finally:
         ctx.op_resource_reservation_enabled = saved
+
+
+def _task_items(tasks: list[dict[str, Any]]) -> Any:
+    """One dataset row per task, the task pickled whole: from plain dicts Ray Data would infer one
+    Arrow type per key, and a key that is None in one task and a list in another has none."""
+    import ray
+
+    return ray.data.from_items([{"task": pickle.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
 
 
 def _payloads(ds: Any) -> Iterator[bytes]:
@@ -134,19 +141,16 @@ def map_shards_actors(
             yield fn(task)
         return
     import numpy as np
-    import ray
 
     ensure_ray(opts)
-    items = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    items = _task_items(tasks)
 
     class _Actor:
         def __init__(self) -> None:
             self.fn = make()
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-            keys = list(batch)
-            n = len(batch[keys[0]])
-            return {"payload": [self.fn({k: _plain(batch[k][i]) for k in keys}) for i in range(n)]}
+            return {"payload": [self.fn(pickle.loads(t)) for t in batch["task"]]}
 
     ds = items.map_batches(
         _Actor,
@@ -199,10 +203,6 @@ def serial_shards(
 
 
 Runner = Callable[[list[dict[str, Any]], Callable[[dict[str, Any]], bytes], ClusterOptions], Iterator[bytes]]
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 
 
 def maybe_inject_fault(point: str, shard_name: str) -> None:

@@ -22,6 +22,7 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,7 @@ class Embedder:
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
-        table = _read_shard(task["uri"], spec["columns"], spec["where"])
+        table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
         cells = token_lists(table)
         vecs, genes = self.embed(cells)
         target = fs.join(spec["out"], task["name"])
@@ -149,12 +150,46 @@ def _occurrences(chunks: list[tuple[np.ndarray, np.ndarray]], dim: int) -> pa.Ta
     return pa.table(cols)
 
 
-def _read_shard(uri: str, columns: list[str], where: dict[str, list[str]]) -> pa.Table:
+def _read_shard(
+    uri: str, columns: list[str], where: dict[str, list[str]], rows: list[int] | None = None
+) -> pa.Table:
+    """The selected cells of one shard (``rows``: only these, counted among the selected)."""
     with fs.open_input(uri) as f:
         table = pq.read_table(f, columns=columns)
     for col, values in where.items():
         table = table.filter(pc.is_in(table.column(col).cast(pa.string()), pa.array(values)))
-    return table
+    return table if rows is None else table.take(pa.array(rows, pa.int64()))
+
+
+def _selected_in(uri: str, where: dict[str, list[str]]) -> int:
+    if not where:
+        with fs.open_input(uri) as f:
+            return int(pq.read_metadata(f).num_rows)
+    return _read_shard(uri, list(where), where).num_rows
+
+
+def sample_rows(
+    files: list[str], where: dict[str, list[str]], limit: int | None, seed: int
+) -> tuple[list[list[int] | None], int]:
+    """Per shard, the rows (among its selected cells) of a seeded sample of ``limit`` of the
+    corpus's selected cells, None for all; and how many cells were selected. The sample is the
+    one ``predict --limit-cells`` draws with the same seed: the same rule over the same cells in
+    manifest order. Only the shards' footers (or their ``where`` columns) are read, in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if limit is None:
+        return [None] * len(files), -1
+    with ThreadPoolExecutor(16) as pool:
+        counts = np.asarray(list(pool.map(lambda f: _selected_in(f, where), files)), dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        cond = " and ".join(f"{k} in {v}" for k, v in where.items())
+        raise InputError(f"no cell of the corpus matches {cond}; check the values")
+    if limit >= total:
+        return [None] * len(files), total
+    chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    starts = np.r_[0, np.cumsum(counts)]
+    return [(chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist() for lo, hi in pairwise(starts)], total
 
 
 def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
@@ -184,12 +219,28 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     what = {
         k: v
         for k, v in asdict(cfg).items()
-        if k in ("model", "corpus", "level", "pooling", "layer", "cells_where", "gene_stat", "precision")
+        if k
+        in (
+            "model",
+            "corpus",
+            "level",
+            "pooling",
+            "layer",
+            "cells_where",
+            "limit_cells",
+            "seed",
+            "gene_stat",
+            "precision",
+        )
     }
     out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    sample, selected = sample_rows(files, where, cfg.limit_cells, cfg.seed)
     done = set(fs.listdir(cfg.out))
-    shards = [{"uri": f, "name": f"{SHARD_STEM}{i:06d}.parquet"} for i, f in enumerate(files)]
+    shards: list[dict[str, Any]] = [
+        {"uri": f, "name": f"{SHARD_STEM}{i:06d}.parquet", "rows": rows}
+        for i, (f, rows) in enumerate(zip(files, sample, strict=True))
+    ]
     pending = [s for s in shards if s["name"] not in done]
     spec = {
         "model": cfg.model,
@@ -221,6 +272,12 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "shards": [s["name"] for s in shards],
         "shards_done_before": len(shards) - len(pending),
     }
+    if cfg.limit_cells is not None:
+        summary["sample"] = {
+            "cells": min(cfg.limit_cells, selected),
+            "of_selected": selected,
+            "seed": cfg.seed,
+        }
     if cfg.level == "gene":
         table = _merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
         _write_genes(out, table)

@@ -58,16 +58,21 @@ class ModelOnCorpus:
     corpus: str  # corpus folder (tokenized with the model's vocabulary)
     out: str  # output folder (local or s3://)
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
+    limit_cells: int | None = None  # a seeded sample of this many of the selected cells (default: all)
+    seed: int = 0  # the sample's seed
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
+
+    def __post_init__(self) -> None:
+        if self.limit_cells is not None and self.limit_cells < 1:
+            raise InputError(
+                f"limit_cells {self.limit_cells} must be >= 1 (or left out: every selected cell)"
+            )
 
 
 @dataclass
 class PredictConfig(ModelOnCorpus):
     """`rankformer predict genes|cells`: a fine-tuned classifier applied to another corpus."""
-
-    limit_cells: int | None = None  # cap the selected cells (a seeded sample)
-    seed: int = 0  # the sample's seed
 
 
 @dataclass
@@ -82,6 +87,7 @@ class ActorPoolJob(ModelOnCorpus):
     in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
 

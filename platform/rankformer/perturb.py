@@ -33,7 +33,7 @@ import torch
 
 from rankformer import schema
 from rankformer.classify.data import token_lists
-from rankformer.embed import Embedder, _read_shard
+from rankformer.embed import Embedder, _read_shard, sample_rows
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
@@ -169,7 +169,7 @@ class Perturber(Embedder):
         from rankformer.infer import batches, hidden_states
 
         spec = self.spec
-        table = _read_shard(task["uri"], spec["columns"], spec["where"])
+        table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
         cells = token_lists(table)
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
         genes_name = "genes-" + task["name"] if spec["per_gene"] else None
@@ -393,8 +393,12 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         out.write_json(STATES_FILE, states)
     spec["states"] = states
     spec["state_names"] = list(states)
+    sample, selected = sample_rows(files, where, cfg.limit_cells, cfg.seed)
     done = set(fs.listdir(cfg.out))
-    shards = [{"uri": f, "name": f"part-{i:06d}.parquet"} for i, f in enumerate(files)]
+    shards: list[dict[str, Any]] = [
+        {"uri": f, "name": f"part-{i:06d}.parquet", "rows": rows}
+        for i, (f, rows) in enumerate(zip(files, sample, strict=True))
+    ]
     pending = [s for s in shards if s["name"] not in done]
     rows = 0
     make = functools.partial(_make_perturber, spec)
@@ -403,7 +407,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     out.files += [s["name"] for s in shards] + (
         ["genes-" + s["name"] for s in shards] if cfg.per_gene else []
     )
-    summary = {
+    summary: dict[str, Any] = {
         "model": cfg.model,
         "vocab_hash": info.vocab.content_hash,
         "kind": cfg.kind,
@@ -415,6 +419,12 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "shards": [s["name"] for s in shards],
         "shards_done_before": len(shards) - len(pending),
     }
+    if cfg.limit_cells is not None:
+        summary["sample"] = {
+            "cells": min(cfg.limit_cells, selected),
+            "of_selected": selected,
+            "seed": cfg.seed,
+        }
     out.finish(summary)
     print(
         f"perturbed ({cfg.kind}, {cfg.mode}) cells of {len(shards)} shards "
