@@ -58,7 +58,7 @@ class ModelOnCorpus:
     corpus: str  # corpus folder (tokenized with the model's vocabulary)
     out: str  # output folder (local or s3://)
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
-    limit_cells: int | None = None  # a seeded sample of this many of the selected cells (default: all)
+    limit_cells: int | None = None  # take a seeded sample of this many of the selected cells; unset: all
     seed: int = 0  # the sample's seed
     max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
     tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
