@@ -92,7 +92,9 @@ class Perturber(Embedder):
                     f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
                     "out (--cells-where) or perturb fewer genes"
                 )
-        keep0 = torch.as_tensor(cell >= self.gene_lo)
+        dev = self.device  # scores are computed where the states are; only the scores come back
+        h0 = h0.to(dev)
+        keep0 = torch.as_tensor(cell >= self.gene_lo, device=dev)
         v0 = mean_pool(h0[None], keep0[None])[0]
         # where each gene token stood in the original cell (-1: not there); variants' states are
         # matched to the original's by gene with one gather per batch
@@ -104,7 +106,9 @@ class Perturber(Embedder):
         states = spec["states"]
         s_names = list(states)
         s_mat = (
-            torch.tensor(np.asarray([states[k] for k in s_names]), dtype=torch.float32) if states else None
+            torch.tensor(np.asarray([states[k] for k in s_names]), dtype=torch.float32, device=dev)
+            if states
+            else None
         )
         s_cos0 = _cos(v0[None], s_mat) if s_mat is not None else None
         rows: list[dict[str, Any]] = []
@@ -112,8 +116,8 @@ class Perturber(Embedder):
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
         for idx in budget_batches(lengths, spec["max_tokens"], 256) if len(seqs) else []:
             ids, attn = pad_batch([seqs[i] for i in idx], self.pad)
-            h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device).cpu()
-            keep1 = ids >= self.gene_lo
+            h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device)
+            keep1 = (ids >= self.gene_lo).to(dev)
             v1 = mean_pool(h1, keep1)
             cell_cos = _cos(v0[None], v1).tolist()
             shifts = (
@@ -122,10 +126,13 @@ class Perturber(Embedder):
                 else None
             )
             p0, common = self._matched(ids, [combos[i] for i in idx], lut)
+            common_d = common.to(dev)
             # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
-            gene_cos = torch.where(common, _cos(h1, h0[p0.clamp(min=0)]), 0.0)
+            gene_cos = torch.where(common_d, _cos(h1, h0[p0.to(dev).clamp(min=0)]), 0.0)
             n_common = common.sum(1)
-            mean_cos = (gene_cos.sum(1) / n_common.clamp(min=1)).tolist()
+            mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
+            if spec["per_gene"]:
+                gene_cos = gene_cos.cpu()
             for j, i in enumerate(idx.tolist()):
                 row = {
                     schema.CELL_ID: cell_id,
@@ -181,7 +188,7 @@ class Perturber(Embedder):
                 window = cells[lo : lo + WINDOW_CELLS]
                 done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
                 for b in batches(window, self.pad, spec["max_tokens"]):  # each original runs once
-                    h = hidden_states(self.model, b, self.layer, self.device).cpu()
+                    h = hidden_states(self.model, b, self.layer, self.device)
                     for j, i in enumerate(b.index.tolist()):
                         done[i] = self.score_cell(window[i], h[j, : len(window[i])], ids[lo + i])
                 for i in range(len(window)):  # in corpus order

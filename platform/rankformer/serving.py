@@ -296,7 +296,7 @@ class ModelCore:
             h0 = hidden_states(
                 w.model, Batch(np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids)), layer, w.device
             )
-        rows, per_gene = w.score_cell(cell, h0.cpu()[0], "request")
+        rows, per_gene = w.score_cell(cell, h0[0], "request")
         for r in rows:
             r.pop(schema.CELL_ID, None)
             if req.per_gene:
