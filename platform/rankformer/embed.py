@@ -82,16 +82,18 @@ class Embedder:
         vecs = np.zeros((len(cells), dim), dtype=np.float32)
         self.occurrences: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, states) for medians
         for b in batches(cells, self.pad, self.spec["max_tokens"]):
-            h = hidden_states(self.model, b, self.layer, self.device).cpu()
+            # pooled on the device: a cell's vector comes back, not its states
+            h = hidden_states(self.model, b, self.layer, self.device)
             keep = b.ids >= self.gene_lo
             if genes is not None:
-                genes.add(b.ids, h, keep)
+                states = h[keep.to(h.device)].cpu()  # the gene tokens' states, in ids[keep] order
+                genes.add_flat(b.ids[keep], states)
                 if self.spec.get("gene_stat") == "median":
-                    self.occurrences.append((b.ids[keep].numpy(), h[keep].numpy()))
+                    self.occurrences.append((b.ids[keep].numpy(), states.numpy()))
             elif self.spec["pooling"] == "cls":
-                vecs[b.index] = h[:, 0].numpy()
+                vecs[b.index] = h[:, 0].cpu().numpy()
             else:
-                vecs[b.index] = mean_pool(h, keep).numpy()
+                vecs[b.index] = mean_pool(h, keep.to(h.device)).cpu().numpy()
         return vecs, genes
 
     def __call__(self, task: dict[str, Any]) -> bytes:

@@ -100,8 +100,13 @@ class GeneSums:
         self.counts = torch.zeros(n_tokens, dtype=torch.int64)
 
     def add(self, ids: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
-        flat = ids[keep].cpu().long()
-        self.sums.index_add_(0, flat, values[keep].detach().cpu().double())
+        """Positions where ``keep`` is true: ``ids`` (B, L) and their ``values`` (B, L, H)."""
+        self.add_flat(ids[keep.to(ids.device)], values[keep.to(values.device)])
+
+    def add_flat(self, tokens: torch.Tensor, values: torch.Tensor) -> None:
+        """One token id per row of ``values`` (N, H)."""
+        flat = tokens.cpu().long()
+        self.sums.index_add_(0, flat, values.detach().cpu().double())
         self.counts.index_add_(0, flat, torch.ones_like(flat))
 
     def merge(self, other: GeneSums) -> None:

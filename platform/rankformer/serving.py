@@ -257,9 +257,10 @@ class ModelCore:
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         with torch.no_grad():
             for b in batches(arrays, w.pad, self.spec["max_tokens"]):
-                h = hidden_states(self.view(layer), b, layer, w.device).cpu()
-                keep = b.ids >= w.gene_lo
-                vec = h[:, 0] if pooling == "cls" else mean_pool(h, keep)
+                h = hidden_states(self.view(layer), b, layer, w.device)
+                keep = (b.ids >= w.gene_lo).to(h.device)
+                vec = (h[:, 0] if pooling == "cls" else mean_pool(h, keep)).cpu()  # pooled on the device
+                h = h.cpu() if gene_vectors else h
                 for j, i in enumerate(b.index.tolist()):
                     out[i]["embedding"] = vec[j].tolist()
                     if gene_vectors:
