@@ -283,3 +283,44 @@ def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
     assert read_embeddings(str(sampled)).column("cell_id").to_pylist() == (
         read_embeddings(str(tmp_path / "sampled_here")).column("cell_id").to_pylist()
     )
+
+
+def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
+    """rankformer.load_model(...).embed / .embed_genes on cells in memory: the embed job's vectors
+    for the same cells (cell ids kept from a table, input order kept); bad cells named."""
+    import pyarrow as pa
+
+    import rankformer
+
+    model = rankformer.load_model(world.model)
+    assert (model.layout, model.hidden_size) == ("v2", 32)
+    table = pa.table(
+        {"input_ids": [c.tolist() for c in world.cells], "cell_id": [f"c{i}" for i in range(120)]}
+    )
+    run_embed(EmbedConfig(model=world.model, corpus=world.corpus, out=str(tmp_path / "c"), in_process=True))
+    job = read_embeddings(str(tmp_path / "c")).to_pandas()
+    np.testing.assert_allclose(model.embed(table), np.stack(job.embedding), atol=1e-6)
+    reversed_cells = [c.tolist() for c in world.cells[::-1]]
+    np.testing.assert_allclose(model.embed(reversed_cells), np.stack(job.embedding)[::-1], atol=1e-6)
+    cls = model.embed(world.cells[:5], pooling="cls")
+    np.testing.assert_allclose(cls[2], _plain(world, world.cells[2], 2)[0].numpy(), atol=1e-5)
+    run_embed(
+        EmbedConfig(
+            model=world.model, corpus=world.corpus, out=str(tmp_path / "g"), level="gene", in_process=True
+        )
+    )
+    genes = read_embeddings(str(tmp_path / "g")).to_pandas()
+    got = model.embed_genes(table)
+    assert got.gene_id.tolist() == genes.gene_id.tolist()
+    assert got.n_occurrences.tolist() == genes.n_occurrences.tolist()
+    np.testing.assert_allclose(np.stack(got.embedding), np.stack(genes.embedding), atol=1e-6)
+    last = rankformer.load_model(world.model, layer="last").embed(world.cells[:1])[0]
+    np.testing.assert_allclose(last, _plain(world, world.cells[0], 3)[1:-1].mean(0).numpy(), atol=1e-5)
+    with pytest.raises(InputError, match="cells: cell 1 is not a list of this model's token ids"):
+        model.embed([[2, 5, 3], [2, 9999, 3]])
+    with pytest.raises(InputError, match="needs an 'input_ids' column"):
+        model.embed(pa.table({"tokens": [[2, 5, 3]]}))
+    with pytest.raises(InputError, match="more than the model's 64"):
+        model.embed([[2] + [5] * 70 + [3]])
+    with pytest.raises(InputError, match="layer 'top'"):
+        rankformer.load_model(world.model, layer="top")

@@ -332,3 +332,46 @@ def test_actor_pool_and_rerun_give_the_same_scores(world, tmp_path, ray_cluster)
     assert json.loads((pooled / "states.json").read_text()) == kept
     c = read_results(str(pooled)).to_pandas()
     np.testing.assert_allclose(c[cols].to_numpy(), b[cols].to_numpy(), atol=1e-6)
+
+
+def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
+    """rankformer.load_model(...).state_embeddings / .perturb / .perturb_stats on cells in memory:
+    the perturb job's state embeddings, rows and statistics for the same cells."""
+    import pyarrow as pa
+
+    import rankformer
+    from rankformer.api import read_corpus
+
+    _delete_every_gene(world, tmp_path / "job")
+    job_states = json.loads((tmp_path / "job" / "states.json").read_text())
+    job = read_results(str(tmp_path / "job")).to_pandas()
+    model = rankformer.load_model(world.model)
+    small = read_corpus(world.small, engine="arrow").to_table()
+    states = model.state_embeddings(small, small.column("state"))
+    assert sorted(states) == ["A", "B"]
+    for s in ("A", "B"):
+        np.testing.assert_allclose(states[s], job_states[s], atol=1e-6)
+    a_cells = small.filter(pa.compute.equal(small.column("state"), "A"))
+    rows = model.perturb(a_cells, mode="all", states={"B": states["B"], "A": states["A"]})
+    assert list(rows.columns) == [*job.columns[:5], "shift_B", "shift_A"]
+    key = ["cell_id", "perturbed"]
+    got = rows.assign(perturbed=rows.perturbed.map(tuple)).set_index(key).sort_index()
+    want = job.assign(perturbed=job.perturbed.map(tuple)).set_index(key).sort_index()
+    assert got.index.equals(want.index)
+    for col in ("rank", "cell_cosine", "gene_mean_cosine", "shift_B"):
+        np.testing.assert_allclose(got[col], want[col], atol=1e-5)
+    stats = model.perturb_stats(rows, goal_state="B").set_index("perturbed")
+    job_stats = perturb_stats(str(tmp_path / "job"), goal_state="B").set_index("perturbed")
+    np.testing.assert_allclose(stats.loc[job_stats.index, "p_value"], job_stats.p_value, rtol=1e-6)
+    assert stats.symbol.to_dict() == job_stats.symbol.to_dict()
+    marker = world.ids[N_SHARED]
+    rows, genes = model.perturb(a_cells, [f"G{N_SHARED}", "NOPE"], per_gene=True)  # a symbol works
+    assert {tuple(p) for p in rows.perturbed} == {(marker,)}
+    assert rows.attrs["genes_not_in_vocabulary"] == ["NOPE"]
+    assert set(genes.perturbed.map(tuple)) == {(marker,)} and len(genes) > len(rows)
+    with pytest.raises(InputError, match="states: \\['B'\\] are not vectors of"):
+        model.perturb(a_cells, [marker], states={"B": [0.0, 1.0]})
+    with pytest.raises(InputError, match="kind 'knockout'"):
+        model.perturb(a_cells, [marker], kind="knockout")
+    with pytest.raises(InputError, match="NOPE"):
+        model.perturb(a_cells, ["NOPE"], missing="error")

@@ -1,13 +1,14 @@
 """rankformer: single-cell foundation models of the Geneformer kind, at corpus scale on Ray.
 
 The Python API (imported on first use, so ``import rankformer`` stays instant):
-``tokenize_anndata``, ``read_corpus``, ``GeneVocab``.
+``tokenize_anndata``, ``read_corpus``, ``GeneVocab``; ``load_model`` (a :class:`Model` for
+in-memory embeddings and perturbation).
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GeneVocab", "read_corpus", "tokenize_anndata"]
+__all__ = ["GeneVocab", "Model", "load_model", "read_corpus", "tokenize_anndata"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from rankformer import api
 
         return getattr(api, name)
+    if name in ("load_model", "Model"):
+        from rankformer import inference
+
+        return getattr(inference, name)
     if name == "GeneVocab":
         from rankformer.vocab import GeneVocab
 

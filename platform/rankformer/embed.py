@@ -67,6 +67,7 @@ class Embedder:
         self.pad = int(loaded.vocab.specials[schema.PAD])
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.vocab = loaded.vocab
+        self.meta = loaded.meta
         self.cls = loaded.vocab.specials.get(schema.CLS)
         self.eos = loaded.vocab.specials.get(schema.EOS)
         self.gene_of = dict(zip(loaded.vocab.token_ids.tolist(), loaded.vocab.gene_ids, strict=True))

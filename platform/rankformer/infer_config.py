@@ -50,6 +50,23 @@ def check_precision(precision: str, use_gpu: bool) -> None:
         raise InputError("precision float16 needs --use-gpu; on CPU use bfloat16 (or float32)")
 
 
+def check_perturbation(kind: str, mode: str, genes: list[str], missing: str, shift: float) -> list[str]:
+    """The perturbation options (the job's and the in-memory API's); returns the gene list with
+    comma-separated items split (``A,B`` is two genes)."""
+    if kind not in KINDS:
+        raise InputError(f"kind {kind!r} must be one of {list(KINDS)}")
+    if mode not in ("each", "together", "all"):
+        raise InputError(f"mode {mode!r} must be each, together or all")
+    genes = [g.strip() for item in genes for g in item.split(",") if g.strip()]
+    if mode != "all" and not genes:
+        raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
+    if missing not in ("skip", "error"):
+        raise InputError(f"missing {missing!r} must be skip or error")
+    if not 0 < shift <= 1:
+        raise InputError(f"shift {shift} must be within (0, 1]")
+    return genes
+
+
 @dataclass
 class ModelOnCorpus:
     """What every inference job names: a model, a corpus it reads and an output folder."""
@@ -130,17 +147,7 @@ class PerturbConfig(ActorPoolJob):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kind not in KINDS:
-            raise InputError(f"kind {self.kind!r} must be one of {list(KINDS)}")
-        if self.mode not in ("each", "together", "all"):
-            raise InputError(f"mode {self.mode!r} must be each, together or all")
-        self.genes = [g.strip() for item in self.genes for g in item.split(",") if g.strip()]  # A,B too
-        if self.mode != "all" and not self.genes:
-            raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
-        if self.missing not in ("skip", "error"):
-            raise InputError(f"missing {self.missing!r} must be skip or error")
-        if not 0 < self.shift <= 1:
-            raise InputError(f"shift {self.shift} must be within (0, 1]")
+        self.genes = check_perturbation(self.kind, self.mode, self.genes, self.missing, self.shift)
         states = [s for s in (self.start_state, self.goal_state, *self.alt_states) if s]
         if states and not self.state_column:
             raise InputError("--start-state/--goal-state/--alt-states need --state-column")

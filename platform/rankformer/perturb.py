@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -172,9 +172,51 @@ class Perturber(Embedder):
     def names(self, tokens: list[int]) -> list[str]:
         return [self.gene_of[t] for t in tokens]
 
-    def __call__(self, task: dict[str, Any]) -> bytes:
+    def configure(
+        self,
+        *,
+        kind: str,
+        mode: str,
+        targets: list[int],
+        anchor: int | None,
+        shift: float,
+        per_gene: bool,
+        max_length: int,
+        states: dict[str, Any],
+    ) -> None:
+        """What the next cells are perturbed with (the job sets it once; the endpoint and the
+        in-memory API per call)."""
+        self.spec = {
+            **self.spec,
+            "kind": kind,
+            "mode": mode,
+            "targets": targets,
+            "anchor": anchor,
+            "shift": shift,
+            "per_gene": per_gene,
+            "max_length": max_length,
+            "states": states,
+            "state_names": list(states),
+        }
+
+    def scored(
+        self, cells: list[np.ndarray], ids: list[str]
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Each cell's rows and per-gene rows, in input order; the originals run in batches of a
+        window of cells (memory: one window's rows at most)."""
         from rankformer.infer import batches, hidden_states
 
+        for lo in range(0, len(cells), WINDOW_CELLS):
+            window = cells[lo : lo + WINDOW_CELLS]
+            done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+            for b in batches(window, self.pad, self.spec["max_tokens"]):  # each original runs once
+                h = hidden_states(self.model, b, self.layer, self.device)
+                for j, i in enumerate(b.index.tolist()):
+                    done[i] = self.score_cell(window[i], h[j, : len(window[i])], ids[lo + i])
+            for i in range(len(window)):
+                yield done[i]
+
+    def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
         table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
         cells = token_lists(table)
@@ -184,16 +226,9 @@ class Perturber(Embedder):
             RowWriter(spec["out"], task["name"], spec["state_names"]) as rows,
             RowWriter(spec["out"], genes_name, None) as per_gene,
         ):
-            for lo in range(0, len(cells), WINDOW_CELLS):  # memory: one window's rows at most
-                window = cells[lo : lo + WINDOW_CELLS]
-                done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-                for b in batches(window, self.pad, spec["max_tokens"]):  # each original runs once
-                    h = hidden_states(self.model, b, self.layer, self.device)
-                    for j, i in enumerate(b.index.tolist()):
-                        done[i] = self.score_cell(window[i], h[j, : len(window[i])], ids[lo + i])
-                for i in range(len(window)):  # in corpus order
-                    rows.add(done[i][0])
-                    per_gene.add(done[i][1])
+            for cell_rows, gene_rows in self.scored(cells, ids):  # in corpus order
+                rows.add(cell_rows)
+                per_gene.add(gene_rows)
         return pickle.dumps({"cells": len(cells), "rows": rows.n})
 
 
@@ -215,7 +250,7 @@ class RowWriter:
     def __enter__(self) -> RowWriter:
         if self.uri:
             self._file_cm = fs.open_output_atomic(self.uri)
-            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), _table([], self.states).schema)
+            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), rows_table([], self.states).schema)
         return self
 
     def add(self, rows: list[dict[str, Any]]) -> None:
@@ -226,7 +261,7 @@ class RowWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        self._writer.write_table(_table(self.buffer, self.states))
+        self._writer.write_table(rows_table(self.buffer, self.states))
         self.buffer = []
 
     def __exit__(self, *exc: Any) -> None:
@@ -240,7 +275,7 @@ class RowWriter:
             self._file_cm.__exit__(*exc)
 
 
-def _table(rows: list[dict[str, Any]], states: list[str] | None) -> pa.Table:
+def rows_table(rows: list[dict[str, Any]], states: list[str] | None) -> pa.Table:
     if states is not None:
         cols: dict[str, Any] = {
             schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
@@ -266,21 +301,24 @@ def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     return Perturber(spec)
 
 
-def _targets(cfg: PerturbConfig, vocab: Any) -> tuple[list[int], int | None, list[str]]:
+def targets_of(
+    vocab: Any, genes: list[str], anchor: str | None, mode: str, missing: str
+) -> tuple[list[int], int | None, list[str]]:
+    """(the listed genes' tokens, the anchor's token, the names not in the vocabulary)."""
     from rankformer.classify.labels import symbol_index
 
     names = symbol_index(vocab)
-    asked = list(cfg.genes) + ([cfg.anchor] if cfg.anchor else [])
+    asked = list(genes) + ([anchor] if anchor else [])
     tokens = vocab.map_gene_ids(asked, extra_aliases=names).tolist()
-    missing = [g for g, t in zip(asked, tokens, strict=True) if t < 0]
-    if cfg.anchor and tokens[-1] < 0:
-        raise InputError(f"anchor gene {cfg.anchor} is not in the model's vocabulary")
-    if missing and cfg.missing == "error":
-        raise InputError(f"genes not in the model's vocabulary: {missing}; fix them or pass --missing skip")
-    listed = [t for t in tokens[: len(cfg.genes)] if t >= 0]
-    if cfg.mode != "all" and not listed:
-        raise InputError(f"none of the genes {cfg.genes} is in the model's vocabulary")
-    return listed, (tokens[-1] if cfg.anchor else None), missing
+    not_found = [g for g, t in zip(asked, tokens, strict=True) if t < 0]
+    if anchor and tokens[-1] < 0:
+        raise InputError(f"anchor gene {anchor} is not in the model's vocabulary")
+    if not_found and missing == "error":
+        raise InputError(f"genes not in the model's vocabulary: {not_found}; fix them or pass --missing skip")
+    listed = [t for t in tokens[: len(genes)] if t >= 0]
+    if mode != "all" and not listed:
+        raise InputError(f"none of the genes {genes} is in the model's vocabulary")
+    return listed, (tokens[-1] if anchor else None), not_found
 
 
 class StateSums(Embedder):
@@ -356,7 +394,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
-    listed, anchor, missing = _targets(cfg, info.vocab)
+    listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
     where = parse_where(cfg.cells_where)
     names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
     check_columns(cfg.corpus, names, [*where, *([cfg.state_column] if cfg.state_column else [])], "the")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,11 +33,15 @@ RANK_WINDOW = 1  # rank positions per stratum: exact rank by default
 SYMBOLS_FILE = "gene_symbols.json"  # written by `perturb`: the model vocabulary's gene id -> symbol
 
 
-def symbols_of(out: str, keys: list[str]) -> list[str]:
+def symbols_of(names: dict[str, str], keys: list[str]) -> list[str]:
     """Each key's gene symbols (comma-joined like the key; "" where the vocabulary has none)."""
+    return [",".join(names.get(g, "") for g in k.split(",")) for k in keys]
+
+
+def _symbols_in(out: str) -> dict[str, str]:
     path = fs.join(out, SYMBOLS_FILE)
     names: dict[str, str] = json.loads(fs.read_bytes(path)) if fs.exists(path) else {}
-    return [",".join(names.get(g, "") for g in k.split(",")) for k in keys]
+    return names
 
 
 def result_paths(out: str, per_gene: bool = False) -> list[str]:
@@ -48,36 +53,52 @@ def result_paths(out: str, per_gene: bool = False) -> list[str]:
 class Scores:
     """The score columns of every row, with each row's perturbation as a code into ``keys``."""
 
-    def __init__(self, out: str, goal_state: str | None) -> None:
-        paths = result_paths(out)
-        if not paths:
-            raise InputError(f"{out} holds no perturbation rows")
-        with fs.open_input(paths[0]) as f:
-            names = pq.read_schema(f).names
+    def __init__(
+        self, parts: Iterable[pa.Table], names: list[str], goal_state: str | None, source: str
+    ) -> None:
+        """``parts``: tables of rows (as `perturb` writes them) holding at least the columns
+        read here; ``names``: their column names; ``source``: what errors call them."""
         self.shifts = [c for c in names if c.startswith("shift_")]
         if goal_state and f"shift_{goal_state}" not in self.shifts:
             raise InputError(
-                f"{out} has no shift toward {goal_state!r}; its states: {[c[6:] for c in self.shifts]}"
+                f"{source} has no shift toward {goal_state!r}; its states: {[c[6:] for c in self.shifts]}"
             )
         floats = ["cell_cosine", "gene_mean_cosine", *self.shifts]
         keys: list[pa.Array] = []
         ranks: list[np.ndarray] = []
         values: dict[str, list[np.ndarray]] = {c: [] for c in floats}
-        for path in paths:
-            with fs.open_input(path) as f:
-                t = pq.read_table(f, columns=["perturbed", "rank", *floats])
+        for t in parts:
             keys.append(pc.binary_join(t.column("perturbed"), ",").cast(pa.large_string()).combine_chunks())
             ranks.append(t.column("rank").to_numpy())
             for c in floats:
                 values[c].append(t.column(c).to_numpy().astype(np.float64))
+        if not keys or not sum(len(k) for k in keys):
+            raise InputError(f"{source} holds no perturbation rows")
         encoded = pa.chunked_array(keys, pa.large_string()).combine_chunks().dictionary_encode()
         self.codes = encoded.indices.to_numpy().astype(np.int64)  # first appearance first
         self.keys: list[str] = encoded.dictionary.to_pylist()
         self.rank = np.concatenate(ranks).astype(np.int64)
         self.values = {c: np.concatenate(v) for c, v in values.items()}
-        if not len(self.codes):
-            raise InputError(f"{out} holds no perturbation rows")
         self.effect = self.values[f"shift_{goal_state}"] if goal_state else 1.0 - self.values["cell_cosine"]
+
+    @classmethod
+    def read(cls, out: str, goal_state: str | None) -> Scores:
+        """The rows of a `perturb` output folder, shard by shard, only the score columns."""
+        paths = result_paths(out)
+        if not paths:
+            raise InputError(f"{out} holds no perturbation rows")
+        with fs.open_input(paths[0]) as f:
+            names = pq.read_schema(f).names
+        wanted = ["perturbed", "rank", "cell_cosine", "gene_mean_cosine"] + [
+            c for c in names if c.startswith("shift_")
+        ]
+
+        def parts() -> Iterator[pa.Table]:
+            for path in paths:
+                with fs.open_input(path) as f:
+                    yield pq.read_table(f, columns=wanted)
+
+        return cls(parts(), names, goal_state, out)
 
     def by_key(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per key: the mean of its finite values of ``x`` (NaN if none), and how many there were."""
@@ -135,15 +156,29 @@ def stratified_rank_sum(
 
 
 def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RANK_WINDOW) -> pd.DataFrame:
-    """Per perturbed gene (or combination): cells, mean scores with a 95% confidence interval for the
-    effect, and the rank-stratified rank-sum test (module docstring) with its null's mean effect,
-    Benjamini-Hochberg FDR over the genes with a test. Writes stats.parquet/.csv and a plot; returns
-    the table sorted by mean effect, largest first."""
-    from scipy import stats as st
+    """Per perturbed gene (or combination) of a `perturb` output folder: :func:`stats_table`,
+    written to stats.parquet/.csv with a plot; returns the table."""
+    _check_window(rank_window)
+    res = stats_table(Scores.read(out, goal_state), goal_state, rank_window, _symbols_in(out))
+    _write_stats(out, res)
+    return res
 
+
+def _check_window(rank_window: int) -> None:
     if rank_window < 1:
         raise InputError(f"rank_window is {rank_window}; it counts rank positions, 1 (exact rank) or more")
-    s = Scores(out, goal_state)
+
+
+def stats_table(
+    s: Scores, goal_state: str | None, rank_window: int = RANK_WINDOW, names: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """Per perturbed gene (or combination): cells, mean scores with a 95% confidence interval for the
+    effect, and the rank-stratified rank-sum test (module docstring) with its null's mean effect,
+    Benjamini-Hochberg FDR over the genes with a test; sorted by mean effect, largest first.
+    ``names``: gene id -> symbol, for the ``symbol`` column."""
+    from scipy import stats as st
+
+    _check_window(rank_window)
     n_keys = len(s.keys)
     eff_mean, eff_n = s.by_key(s.effect)
     usable = np.isfinite(s.effect)
@@ -158,7 +193,7 @@ def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RA
     res = pd.DataFrame(
         {
             "perturbed": s.keys,
-            "symbol": symbols_of(out, s.keys),
+            "symbol": symbols_of(names or {}, s.keys),
             "n_cells": np.bincount(s.codes, minlength=n_keys),
             "effect_mean": eff_mean,
             "effect_ci_low": eff_mean - half,
@@ -177,7 +212,6 @@ def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RA
     res["significant"] = res["fdr"] < 0.05
     res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
     res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
-    _write_stats(out, res)
     return res
 
 

@@ -282,16 +282,16 @@ class ModelCore:
         cell = np.asarray(tokens, dtype=np.int64)
         w.layer = layer
         w.model = self.view(layer)
-        w.spec = {
-            **self.spec,
-            "kind": req.kind,
-            "mode": "together" if req.together else "each",
-            "targets": targets,
-            "anchor": None,
-            "shift": req.shift,
-            "per_gene": req.per_gene,
-            "max_length": self.max_length,
-        }
+        w.configure(
+            kind=req.kind,
+            mode="together" if req.together else "each",
+            targets=targets,
+            anchor=None,
+            shift=req.shift,
+            per_gene=req.per_gene,
+            max_length=self.max_length,
+            states={},
+        )
         ids = torch.as_tensor(cell[None])
         with torch.no_grad():
             h0 = hidden_states(

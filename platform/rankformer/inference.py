@@ -1,0 +1,224 @@
+"""In-memory inference for notebooks and scripts: the `embed` and `perturb` jobs' own code on cells
+held in memory, with the model loaded once.
+
+    model = rankformer.load_model("gf-v2/")      # folder, s3:// prefix or models:/NAME@ALIAS
+    cells = rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout,
+                                        max_length=model.max_length, carry=["disease"])
+    X = model.embed(cells)                        # (cells, hidden) float32
+    genes = model.embed_genes(cells)              # gene_id, symbol, n_occurrences, embedding
+    states = model.state_embeddings(cells, cells.column("disease"))
+    rows = model.perturb(cells, ["GATA4", "TBX5"], states=states)
+    table = model.perturb_stats(rows, goal_state="nf")
+
+The numbers are the jobs' numbers (the same classes compute them; tested equal). For a corpus on
+disk, or more cells than memory holds, run the jobs (`rankformer embed`, `rankformer perturb`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from rankformer import schema
+from rankformer.errors import InputError
+from rankformer.infer_config import check_layer, check_perturbation, check_precision
+
+
+class Model:
+    """A model for in-memory work: embeddings and perturbation at one layer (``layer``: penultimate,
+    last or an index into ``hidden_states``)."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        layer: str | int = "penultimate",
+        use_gpu: bool = False,
+        precision: str = "float32",
+        max_tokens: int = 16_384,
+        tracking_uri: str | None = None,
+    ) -> None:
+        from rankformer import tracking
+        from rankformer.perturb import Perturber
+
+        check_precision(precision, use_gpu)
+        check_layer(str(layer))
+        self.uri = uri
+        self._w = Perturber(
+            {
+                "model": uri,
+                "tracking_uri": tracking.resolve_uri(tracking_uri),
+                "use_gpu": use_gpu,
+                "precision": precision,
+                "layer": str(layer),
+                "level": "cell",
+                "pooling": "mean",
+                "gene_stat": "mean",
+                "max_tokens": max_tokens,
+                "states": {},
+                "state_names": [],
+                "per_gene": False,
+            }
+        )
+        self.vocab = self._w.vocab
+        self.layout = str(self._w.meta["layout"])
+        self.max_length = int(self._w.meta.get("max_length") or self._w.model.config.max_position_embeddings)
+        self.hidden_size = int(self._w.model.config.hidden_size)
+
+    def __repr__(self) -> str:
+        return f"Model({self.uri!r}, layout={self.layout}, layer={self._w.layer}, dim={self.hidden_size})"
+
+    # --- cells in ----------------------------------------------------------------------------
+    def _cells(self, cells: Any) -> tuple[list[np.ndarray], list[str]]:
+        """Token arrays and cell ids from a table of corpus rows (``input_ids``; ``cell_id`` when
+        present) or a sequence of token id lists."""
+        from rankformer.classify.data import token_lists
+
+        if isinstance(cells, pd.DataFrame):
+            cells = pa.Table.from_pandas(cells, preserve_index=False)
+        if isinstance(cells, pa.Table):
+            if schema.INPUT_IDS not in cells.column_names:
+                raise InputError(
+                    f"cells: a table needs an {schema.INPUT_IDS!r} column (rankformer.tokenize_anndata or "
+                    f"read_corpus rows); it has {cells.column_names}"
+                )
+            arrays = token_lists(cells)
+            ids = (
+                [str(x) for x in cells.column(schema.CELL_ID).to_pylist()]
+                if schema.CELL_ID in cells.column_names
+                else [str(i) for i in range(len(arrays))]
+            )
+        else:
+            arrays = [np.asarray(c, dtype=np.int64) for c in cells]
+            ids = [str(i) for i in range(len(arrays))]
+        n_tokens = self.vocab.n_tokens
+        for i, a in enumerate(arrays):
+            if not len(a) or a.ndim != 1 or a.min() < 0 or a.max() >= n_tokens:
+                raise InputError(
+                    f"cells: cell {ids[i]} is not a list of this model's token ids (0..{n_tokens - 1}); "
+                    "tokenize with rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout)"
+                )
+            if len(a) > self.max_length:
+                raise InputError(
+                    f"cells: cell {ids[i]} has {len(a)} tokens, more than the model's {self.max_length}; "
+                    f"tokenize with max_length={self.max_length}"
+                )
+        return arrays, ids
+
+    # --- embeddings ----------------------------------------------------------------------------
+    def embed(self, cells: Any, pooling: str = "mean") -> np.ndarray:
+        """Each cell's vector, (cells, hidden) float32 in input order: the mean of the layer's
+        gene-token states, or the ``<cls>`` state (``pooling="cls"``, v2 models)."""
+        if pooling not in ("mean", "cls"):
+            raise InputError(f"pooling {pooling!r} must be mean or cls")
+        if pooling == "cls" and self._w.cls is None:
+            raise InputError(
+                f"pooling cls needs a v2-layout model (<cls> first); {self.uri} is {self.layout}"
+            )
+        arrays, _ = self._cells(cells)
+        self._w.spec = {**self._w.spec, "level": "cell", "pooling": pooling}
+        vecs, _ = self._w.embed(arrays)
+        return vecs
+
+    def embed_genes(self, cells: Any) -> pd.DataFrame:
+        """Each gene's state averaged over all its occurrences in ``cells``: ``gene_id``,
+        ``symbol``, ``n_occurrences``, ``embedding`` (float32 arrays), by token order."""
+        arrays, _ = self._cells(cells)
+        self._w.spec = {**self._w.spec, "level": "gene", "gene_stat": "mean"}
+        try:
+            _, sums = self._w.embed(arrays)
+        finally:
+            self._w.spec = {**self._w.spec, "level": "cell"}
+        gene_of = self._w.gene_of
+        tokens = np.asarray([t for t in sums.seen().tolist() if t in gene_of], dtype=np.int64)
+        ids = [gene_of[t] for t in tokens.tolist()]
+        return pd.DataFrame(
+            {
+                "gene_id": ids,
+                "symbol": [self.vocab.gene_names.get(g, "") for g in ids],
+                "n_occurrences": sums.counts[tokens].numpy(),
+                "embedding": list(sums.means(tokens).astype(np.float32)),
+            }
+        )
+
+    def state_embeddings(self, cells: Any, labels: Sequence[Any] | Any) -> dict[str, np.ndarray]:
+        """Each state's embedding: the mean of its cells' mean-pooled vectors (``labels``: one
+        state per cell, e.g. a carried obs column), as the perturb job computes them."""
+        values = labels.to_pylist() if hasattr(labels, "to_pylist") else list(labels)
+        arrays, _ = self._cells(cells)
+        if len(values) != len(arrays):
+            raise InputError(f"labels: {len(values)} labels for {len(arrays)} cells; give one per cell")
+        self._w.spec = {**self._w.spec, "level": "cell", "pooling": "mean"}
+        vecs, _ = self._w.embed(arrays)
+        names = np.asarray([str(v) for v in values])
+        return {s: vecs[names == s].astype(np.float64).mean(0) for s in dict.fromkeys(names.tolist())}
+
+    # --- perturbation --------------------------------------------------------------------------
+    def perturb(
+        self,
+        cells: Any,
+        genes: Sequence[str] = (),
+        *,
+        kind: str = "delete",
+        mode: str = "each",
+        anchor: str | None = None,
+        shift: float = 0.1,
+        missing: str = "skip",
+        states: Mapping[str, Any] | None = None,
+        per_gene: bool = False,
+    ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+        """One row per (cell, perturbation), the `perturb` job's columns (``cell_id``,
+        ``perturbed``, ``rank``, ``cell_cosine``, ``gene_mean_cosine``, ``shift_<state>`` for each
+        of ``states``); with ``per_gene`` also the per-gene table. Options as `rankformer perturb`
+        (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, and names in
+        ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
+        from rankformer.perturb import rows_table, targets_of
+
+        listed = check_perturbation(kind, mode, list(genes), missing, shift)
+        targets, anchor_token, not_found = targets_of(self.vocab, listed, anchor, mode, missing)
+        arrays, ids = self._cells(cells)
+        chosen = {str(k): np.asarray(v, dtype=np.float64) for k, v in (states or {}).items()}
+        bad = [k for k, v in chosen.items() if v.shape != (self.hidden_size,)]
+        if bad:
+            raise InputError(
+                f"states: {bad} are not vectors of {self.hidden_size} (use model.state_embeddings)"
+            )
+        self._w.configure(
+            kind=kind,
+            mode=mode,
+            targets=targets,
+            anchor=anchor_token,
+            shift=shift,
+            per_gene=per_gene,
+            max_length=self.max_length,
+            states={k: v.tolist() for k, v in chosen.items()},
+        )
+        rows: list[dict[str, Any]] = []
+        gene_rows: list[dict[str, Any]] = []
+        for cell_rows, cell_genes in self._w.scored(arrays, ids):
+            rows += cell_rows
+            gene_rows += cell_genes
+        out = rows_table(rows, list(chosen)).to_pandas()
+        out.attrs["genes_not_in_vocabulary"] = not_found
+        if per_gene:
+            return out, rows_table(gene_rows, None).to_pandas()
+        return out
+
+    def perturb_stats(
+        self, rows: pd.DataFrame, goal_state: str | None = None, rank_window: int = 1
+    ) -> pd.DataFrame:
+        """`rankformer perturb stats` on rows from :meth:`perturb` (symbols from this vocabulary)."""
+        from rankformer.perturb_stats import Scores, stats_table
+
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+        scores = Scores([table], table.column_names, goal_state, "the rows")
+        return stats_table(scores, goal_state, rank_window, self.vocab.gene_names)
+
+
+def load_model(uri: str, **options: Any) -> Model:
+    """A model for in-memory embeddings and perturbation (options: :class:`Model`)."""
+    return Model(uri, **options)
