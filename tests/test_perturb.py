@@ -375,3 +375,34 @@ def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
         model.perturb(a_cells, [marker], kind="knockout")
     with pytest.raises(InputError, match="NOPE"):
         model.perturb(a_cells, ["NOPE"], missing="error")
+
+
+def test_state_embeddings_from_a_capped_sample_of_each_state(world, tmp_path):
+    """--state-cells N: each state's embedding is the mean of N of its cells (checked against every
+    N-subset of the state's cell vectors), the same for the same seed; no cap above a state's size."""
+    from itertools import combinations
+
+    import rankformer
+    from rankformer.api import read_corpus
+
+    def states(out, **kw):
+        cfg = {"model": world.model, "corpus": world.small, "out": str(tmp_path / out), "in_process": True}
+        run_perturb(PerturbConfig(**cfg, genes=[world.ids[0]], state_column="state", goal_state="B", **kw))
+        return {k: np.asarray(v) for k, v in json.loads((tmp_path / out / "states.json").read_text()).items()}
+
+    small = read_corpus(world.small, engine="arrow").to_table()
+    labels = np.asarray(small.column("state").to_pylist())
+    vecs = rankformer.load_model(world.model).embed(small).astype(np.float64)
+    full = states("full")
+    assert all(np.allclose(states("big", state_cells=1000)[s], full[s], atol=1e-12) for s in full)
+    capped = states("capped", state_cells=3, seed=4)
+    for s, v in capped.items():
+        members = vecs[labels == s]
+        assert len(members) > 3 and not np.allclose(v, full[s], atol=1e-6)
+        assert any(
+            np.allclose(v, members[list(c)].mean(0), atol=1e-6) for c in combinations(range(len(members)), 3)
+        )
+    again = states("again", state_cells=3, seed=4)
+    assert all(np.array_equal(again[s], capped[s]) for s in capped)
+    with pytest.raises(InputError, match="state_cells 0 must be >= 1"):
+        PerturbConfig(model="m", corpus="c", out="o", mode="all", state_column="state", state_cells=0)

@@ -143,11 +143,16 @@ class PerturbConfig(ActorPoolJob):
     start_state: str | None = None  # perturb only cells of this state
     goal_state: str | None = None  # score the shift toward this state
     alt_states: list[str] = field(default_factory=list)  # further states to score shifts toward
+    state_cells: int | None = None  # state embeddings from at most this many cells per state (seeded)
     per_gene: bool = False  # also write each affected gene's cosine (genes-part-*.parquet)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.genes = check_perturbation(self.kind, self.mode, self.genes, self.missing, self.shift)
+        if self.state_cells is not None and self.state_cells < 1:
+            raise InputError(
+                f"state_cells {self.state_cells} must be >= 1 (or left out: every cell of a state)"
+            )
         states = [s for s in (self.start_state, self.goal_state, *self.alt_states) if s]
         if states and not self.state_column:
             raise InputError("--start-state/--goal-state/--alt-states need --state-column")

@@ -24,10 +24,12 @@ import json
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -327,7 +329,7 @@ class StateSums(Embedder):
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         column, wanted = self.spec["state_column"], self.spec["wanted"]
-        table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted})
+        table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted}, task.get("rows"))
         found: dict[str, tuple[np.ndarray, int]] = {}
         if table.num_rows:
             cells = token_lists(table)
@@ -347,6 +349,34 @@ def _make_state_sums(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
 STATES_FILE = "states.json"
 
 
+def state_sample(
+    files: list[str], column: str, wanted: list[str], cap: int | None, seed: int
+) -> list[list[int] | None]:
+    """Per shard, the rows (among its cells of the ``wanted`` states) of a seeded sample of at most
+    ``cap`` cells of each state, drawn state by state over the corpus in manifest order; None per
+    shard (every cell) without a cap. Only the state column is read, in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if cap is None:
+        return [None] * len(files)
+
+    def labels(uri: str) -> pa.Array:
+        col = _read_shard(uri, [column], {column: wanted}).column(column)
+        return pc.cast(col, pa.string()).combine_chunks()
+
+    with ThreadPoolExecutor(16) as pool:
+        per_shard = list(pool.map(labels, files))
+    every = pa.concat_arrays(per_shard) if per_shard else pa.array([], pa.string())
+    rng = np.random.default_rng(seed)
+    keep = []
+    for state in wanted:
+        rows = np.flatnonzero(pc.equal(every, state).to_numpy(zero_copy_only=False))
+        keep.append(rng.choice(rows, cap, replace=False) if len(rows) > cap else rows)
+    chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+    starts = np.r_[0, np.cumsum([len(a) for a in per_shard])]
+    return [(chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist() for lo, hi in pairwise(starts)]
+
+
 def state_embeddings(
     cfg: PerturbConfig, spec: dict[str, Any], files: list[str], opts: Any
 ) -> dict[str, list[float]]:
@@ -364,7 +394,10 @@ def state_embeddings(
         return doc
     wanted = [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
     sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}
-    tasks = [{"uri": f, "index": i} for i, f in enumerate(files)]
+    sample = state_sample(files, cfg.state_column, wanted, cfg.state_cells, cfg.seed)
+    tasks = [
+        {"uri": f, "index": i, "rows": rows} for i, (f, rows) in enumerate(zip(files, sample, strict=True))
+    ]
     make = functools.partial(_make_state_sums, sspec)
     parts = [pickle.loads(p) for p in map_shards_actors(tasks, make, opts, cfg.num_workers, _gpus(cfg))]
     sums: dict[str, np.ndarray] = {}
