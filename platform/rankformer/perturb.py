@@ -492,6 +492,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "mode": cfg.mode,
         "layer": cfg.layer,
         "states": list(states),
+        "state_cells": cfg.state_cells,  # None: every cell of each state
         "goal_state": cfg.goal_state,
         "genes_not_in_vocabulary": missing,
         "shards": [s["name"] for s in shards],
