@@ -248,6 +248,36 @@ def test_predict_cells(cells_run, world, tmp_path):
     run_predict("cells", PredictConfig(model=str(out / "model"), corpus=world.other, out=str(tmp_path / "p")))
     table = pd.read_parquet(tmp_path / "p" / "cell_predictions.parquet")
     assert len(table) == 300 and (table.label == table.predicted).mean() > 0.8
+    # in memory: the same table for the same cells
+    import rankformer
+    from rankformer.api import read_corpus
+
+    clf = rankformer.load_classifier(str(out / "model"))
+    assert clf.kind == "cells" and clf.classes == [f"type{t}" for t in range(3)]
+    got = clf.predict(read_corpus(world.other, engine="arrow").to_table())
+    assert list(got.columns) == list(table.columns)
+    assert got.cell_id.tolist() == table.cell_id.tolist() and got.label.tolist() == table.label.tolist()
+    probs = [f"prob_type{t}" for t in range(3)]
+    np.testing.assert_allclose(got[probs].to_numpy(), table[probs].to_numpy(), atol=1e-6)
+    with pytest.raises(InputError, match="not a classifier"):
+        rankformer.load_classifier(world.model)
+
+
+def test_in_memory_gene_predictions_equal_the_job(genes_run, world, tmp_path):
+    import rankformer
+    from rankformer.api import read_corpus
+
+    uri = f"sqlite:///{world.d}/mlflow.db"
+    cfg = PredictConfig(
+        model="models:/gene-clf@current", corpus=world.other, out=str(tmp_path / "p"), tracking_uri=uri
+    )
+    run_predict("genes", cfg)
+    table = pd.read_parquet(tmp_path / "p" / "gene_predictions.parquet")
+    clf = rankformer.load_classifier("models:/gene-clf@current", tracking_uri=uri)
+    got = clf.predict(read_corpus(world.other, engine="arrow").to_table())
+    assert got.gene_id.tolist() == table.gene_id.tolist() and list(got.columns) == list(table.columns)
+    np.testing.assert_allclose(got.prob_x, table.prob_x, atol=1e-6)
+    assert got.in_training.tolist() == table.in_training.tolist()
 
 
 @pytest.mark.ray

@@ -2,13 +2,22 @@
 
 The Python API (imported on first use, so ``import rankformer`` stays instant):
 ``tokenize_anndata``, ``read_corpus``, ``GeneVocab``; ``load_model`` (a :class:`Model` for
-in-memory embeddings and perturbation).
+in-memory embeddings and perturbation) and ``load_classifier`` (predictions of a fine-tuned
+classifier).
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GeneVocab", "Model", "load_model", "read_corpus", "tokenize_anndata"]
+__all__ = [
+    "Classifier",
+    "GeneVocab",
+    "Model",
+    "load_classifier",
+    "load_model",
+    "read_corpus",
+    "tokenize_anndata",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,7 +25,7 @@ def __getattr__(name: str) -> Any:
         from rankformer import api
 
         return getattr(api, name)
-    if name in ("load_model", "Model"):
+    if name in ("load_model", "Model", "load_classifier", "Classifier"):
         from rankformer import inference
 
         return getattr(inference, name)

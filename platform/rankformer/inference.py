@@ -72,41 +72,8 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.uri!r}, layout={self.layout}, layer={self._w.layer}, dim={self.hidden_size})"
 
-    # --- cells in ----------------------------------------------------------------------------
     def _cells(self, cells: Any) -> tuple[list[np.ndarray], list[str]]:
-        """Token arrays and cell ids from a table of corpus rows (``input_ids``; ``cell_id`` when
-        present) or a sequence of token id lists."""
-        from rankformer.classify.data import token_lists
-
-        if isinstance(cells, pd.DataFrame):
-            cells = pa.Table.from_pandas(cells, preserve_index=False)
-        if isinstance(cells, pa.Table):
-            if schema.INPUT_IDS not in cells.column_names:
-                raise InputError(
-                    f"cells: a table needs an {schema.INPUT_IDS!r} column (rankformer.tokenize_anndata or "
-                    f"read_corpus rows); it has {cells.column_names}"
-                )
-            arrays = token_lists(cells)
-            ids = (
-                [str(x) for x in cells.column(schema.CELL_ID).to_pylist()]
-                if schema.CELL_ID in cells.column_names
-                else [str(i) for i in range(len(arrays))]
-            )
-        else:
-            arrays = [np.asarray(c, dtype=np.int64) for c in cells]
-            ids = [str(i) for i in range(len(arrays))]
-        n_tokens = self.vocab.n_tokens
-        for i, a in enumerate(arrays):
-            if not len(a) or a.ndim != 1 or a.min() < 0 or a.max() >= n_tokens:
-                raise InputError(
-                    f"cells: cell {ids[i]} is not a list of this model's token ids (0..{n_tokens - 1}); "
-                    "tokenize with rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout)"
-                )
-            if len(a) > self.max_length:
-                raise InputError(
-                    f"cells: cell {ids[i]} has {len(a)} tokens, more than the model's {self.max_length}; "
-                    f"tokenize with max_length={self.max_length}"
-                )
+        arrays, ids, _ = token_cells(cells, self.vocab, self.max_length)
         return arrays, ids
 
     # --- embeddings ----------------------------------------------------------------------------
@@ -217,6 +184,113 @@ class Model:
         table = pa.Table.from_pandas(rows, preserve_index=False)
         scores = Scores([table], table.column_names, goal_state, "the rows")
         return stats_table(scores, goal_state, rank_window, self.vocab.gene_names)
+
+
+def token_cells(
+    cells: Any, vocab: Any, max_length: int
+) -> tuple[list[np.ndarray], list[str], pa.Table | None]:
+    """Token arrays, cell ids and the table (None for token lists) from a table of corpus rows
+    (``input_ids``; ``cell_id`` when present) or a sequence of token id lists, checked against
+    the model's vocabulary and length."""
+    from rankformer.classify.data import token_lists
+
+    table = None
+    if isinstance(cells, pd.DataFrame):
+        cells = pa.Table.from_pandas(cells, preserve_index=False)
+    if isinstance(cells, pa.Table):
+        if schema.INPUT_IDS not in cells.column_names:
+            raise InputError(
+                f"cells: a table needs an {schema.INPUT_IDS!r} column (rankformer.tokenize_anndata or "
+                f"read_corpus rows); it has {cells.column_names}"
+            )
+        table = cells
+        arrays = token_lists(cells)
+        ids = (
+            [str(x) for x in cells.column(schema.CELL_ID).to_pylist()]
+            if schema.CELL_ID in cells.column_names
+            else [str(i) for i in range(len(arrays))]
+        )
+    else:
+        arrays = [np.asarray(c, dtype=np.int64) for c in cells]
+        ids = [str(i) for i in range(len(arrays))]
+    n_tokens = vocab.n_tokens
+    for i, a in enumerate(arrays):
+        if not len(a) or a.ndim != 1 or a.min() < 0 or a.max() >= n_tokens:
+            raise InputError(
+                f"cells: cell {ids[i]} is not a list of this model's token ids (0..{n_tokens - 1}); "
+                "tokenize with rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout)"
+            )
+        if len(a) > max_length:
+            raise InputError(
+                f"cells: cell {ids[i]} has {len(a)} tokens, more than the model's {max_length}; "
+                f"tokenize with max_length={max_length}"
+            )
+    return arrays, ids, table
+
+
+TASKS = {"gene-classification": "genes", "cell-classification": "cells"}
+
+
+class Classifier:
+    """A classifier from `rankformer finetune genes|cells` for cells in memory: the prediction
+    tables `rankformer predict` writes, for the given cells."""
+
+    def __init__(
+        self, uri: str, *, use_gpu: bool = False, max_tokens: int = 16_384, tracking_uri: str | None = None
+    ) -> None:
+        import torch
+
+        from rankformer import tracking
+        from rankformer.loader import load_model as load
+        from rankformer.loader import model_meta
+        from rankformer.train.finetune import classifier_class
+
+        resolved = tracking.resolve_uri(tracking_uri)
+        meta = model_meta(uri, resolved)
+        if meta.get("task") not in TASKS:
+            raise InputError(
+                f"model {uri} is a {meta.get('task')!r} model, not a classifier; give a model from "
+                "`rankformer finetune genes|cells` (rankformer.load_model embeds and perturbs)"
+            )
+        self.uri = uri
+        self.kind = TASKS[meta["task"]]
+        head = classifier_class("token" if self.kind == "genes" else "sequence", meta.get("head_class"))
+        self._loaded = load(uri, head=head, tracking_uri=resolved)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model: Any = self._loaded.model
+        self._model = model.to(device).eval()
+        self.vocab = self._loaded.vocab
+        self.layout = str(meta["layout"])
+        self.classes = [str(c) for c in meta["classes"]]
+        self.label_column = meta.get("label_column")
+        config: Any = self._model.config
+        self.max_length = int(meta.get("max_length") or config.max_position_embeddings)
+        self.max_tokens = max_tokens
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.uri!r}, {self.kind}, classes={self.classes})"
+
+    def predict(self, cells: Any) -> pd.DataFrame:
+        """Cell classifiers: per cell ``cell_id``, ``label`` (from the training label column when
+        the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen in
+        the cells, mean class probabilities over its occurrences, ranked as `predict genes` ranks."""
+        from rankformer.classify.common import token_layout
+        from rankformer.classify.predict import cell_predictions, gene_predictions
+
+        arrays, ids, table = token_cells(cells, self.vocab, self.max_length)
+        pad, gene_lo = token_layout(self.vocab)
+        if self.kind == "genes":
+            return gene_predictions(
+                self._model, arrays, pad, gene_lo, self._loaded, self.classes, self.max_tokens
+            )
+        col = self.label_column
+        labels = table.column(col).to_pylist() if table is not None and col in table.column_names else None
+        return cell_predictions(self._model, arrays, ids, labels, pad, self.classes, self.max_tokens)
+
+
+def load_classifier(uri: str, **options: Any) -> Classifier:
+    """A fine-tuned classifier for in-memory predictions (options: :class:`Classifier`)."""
+    return Classifier(uri, **options)
 
 
 def load_model(uri: str, **options: Any) -> Model:

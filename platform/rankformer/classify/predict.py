@@ -46,9 +46,18 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
     out = JobOutput(cfg.out, f"predict-{what}", cfg)
     pad, gene_lo = token_layout(loaded.vocab)
     if what == "genes":
-        table = _gene_table(model, cells.ids, pad, gene_lo, loaded, classes, cfg.max_tokens)
+        table = gene_predictions(model, cells.ids, pad, gene_lo, loaded, classes, cfg.max_tokens)
     else:
-        table = _cell_table(model, cells, pad, classes, extra, cfg.max_tokens)
+        names = cells.table.column_names
+        table = cell_predictions(
+            model,
+            cells.ids,
+            cells.column(schema.CELL_ID) if schema.CELL_ID in names else None,
+            cells.column(extra[0]) if extra and extra[0] in names else None,
+            pad,
+            classes,
+            cfg.max_tokens,
+        )
     out.write_table(f"{'gene' if what == 'genes' else 'cell'}_predictions", table)
     version = None
     if cfg.model.startswith("models:/"):
@@ -77,7 +86,7 @@ def _corpus_columns(corpus: str) -> list[str]:
     return list(read_corpus(corpus, engine="arrow").schema.names)
 
 
-def _gene_table(
+def gene_predictions(
     model: Any,
     ids: list[np.ndarray],
     pad: int,
@@ -86,6 +95,8 @@ def _gene_table(
     classes: list[str],
     max_tokens: int,
 ) -> pd.DataFrame:
+    """The gene prediction table: each gene's mean class probabilities over its occurrences in
+    ``ids``, whether it was a training gene, ranked by the positive class."""
     from rankformer.classify.genes import gene_table, token_probs
 
     training = {g for gs in loaded.meta.get("labelled_genes", {}).values() for g in gs}
@@ -95,19 +106,24 @@ def _gene_table(
     )
 
 
-def _cell_table(
-    model: Any, cells: Any, pad: int, classes: list[str], extra: list[str], max_tokens: int
+def cell_predictions(
+    model: Any,
+    ids: list[np.ndarray],
+    cell_ids: Any,
+    labels: Any,
+    pad: int,
+    classes: list[str],
+    max_tokens: int,
 ) -> pd.DataFrame:
+    """The cell prediction table: ``cell_id`` (0.. when None), ``label`` (the known class, when
+    given), ``predicted``, ``split`` and a ``prob_<class>`` column per class."""
     from rankformer.train.finetune import cell_probs
 
-    prob = cell_probs(model, cells.ids, pad, max_tokens)
-    names = cells.table.column_names
+    prob = cell_probs(model, ids, pad, max_tokens)
     df = pd.DataFrame(
         {
-            schema.CELL_ID: cells.column(schema.CELL_ID)
-            if schema.CELL_ID in names
-            else np.arange(len(prob)).astype(str),
-            "label": cells.column(extra[0]) if extra and extra[0] in names else None,
+            schema.CELL_ID: cell_ids if cell_ids is not None else np.arange(len(prob)).astype(str),
+            "label": labels,
             "predicted": [classes[i] for i in prob.argmax(1)],
             "split": "predict",
         }
