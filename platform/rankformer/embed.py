@@ -22,7 +22,6 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rankformer import schema
-from rankformer.classify.data import token_lists
+from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
 from rankformer.errors import InputError
 from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
@@ -190,9 +189,7 @@ def sample_rows(
         raise InputError(f"no cell of the corpus matches {cond}; check the values")
     if limit >= total:
         return [None] * len(files), total
-    chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
-    starts = np.r_[0, np.cumsum(counts)]
-    return [(chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist() for lo, hi in pairwise(starts)], total
+    return list(split_by_shard(seeded_sample(total, limit, seed), counts.tolist())), total
 
 
 def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:

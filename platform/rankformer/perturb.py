@@ -24,7 +24,6 @@ import json
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rankformer import schema
-from rankformer.classify.data import token_lists
+from rankformer.classify.data import split_by_shard, token_lists
 from rankformer.embed import Embedder, _read_shard, sample_rows
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
@@ -373,8 +372,7 @@ def state_sample(
         rows = np.flatnonzero(pc.equal(every, state).to_numpy(zero_copy_only=False))
         keep.append(rng.choice(rows, cap, replace=False) if len(rows) > cap else rows)
     chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-    starts = np.r_[0, np.cumsum([len(a) for a in per_shard])]
-    return [(chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist() for lo, hi in pairwise(starts)]
+    return list(split_by_shard(chosen, [len(a) for a in per_shard]))
 
 
 def state_embeddings(

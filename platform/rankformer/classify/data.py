@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,18 @@ def check_columns(corpus: str, available: Sequence[str], wanted: Sequence[str], 
             )
 
 
+def seeded_sample(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of the positions ``0..n-1``, in order: the one sampling rule of every ``limit_cells``
+    (so a job and `predict` given the same seed take the same cells)."""
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def split_by_shard(chosen: np.ndarray, counts: Sequence[int]) -> list[list[int]]:
+    """Sorted positions in the concatenation of shards of ``counts`` rows, as each shard's own."""
+    starts = np.r_[0, np.cumsum(np.asarray(counts, dtype=np.int64))]
+    return [(chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist() for lo, hi in pairwise(starts)]
+
+
 def load_cells(
     corpus: str,
     where: Mapping[str, Sequence[str]] | None = None,
@@ -90,8 +103,7 @@ def load_cells(
         cond = " and ".join(f"{k} in {v}" for k, v in where.items())
         raise InputError(f"no cell of corpus {corpus} matches --cells-where {cond}; check the values")
     if max_cells and table.num_rows > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_cells, replace=False))
-        table = table.take(pa.array(rows))
+        table = table.take(pa.array(seeded_sample(table.num_rows, max_cells, seed)))
     return Cells(token_lists(table), table.drop_columns([schema.INPUT_IDS]), manifest)
 
 
