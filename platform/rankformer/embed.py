@@ -50,6 +50,7 @@ class Embedder:
 
         from rankformer.infer import up_to
         from rankformer.loader import load_model
+        from rankformer.model.store import max_length_of
 
         self.spec = spec
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -67,6 +68,7 @@ class Embedder:
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.vocab = loaded.vocab
         self.meta = loaded.meta
+        self.max_length = max_length_of(loaded.meta, loaded.model.config)
         self.cls = loaded.vocab.specials.get(schema.CLS)
         self.eos = loaded.vocab.specials.get(schema.EOS)
         self.gene_of = dict(zip(loaded.vocab.token_ids.tolist(), loaded.vocab.gene_ids, strict=True))

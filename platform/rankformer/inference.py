@@ -48,25 +48,12 @@ class Model:
         check_precision(precision, use_gpu)
         check_layer(str(layer))
         self.uri = uri
-        self._w = Perturber(
-            {
-                "model": uri,
-                "tracking_uri": tracking.resolve_uri(tracking_uri),
-                "use_gpu": use_gpu,
-                "precision": precision,
-                "layer": str(layer),
-                "level": "cell",
-                "pooling": "mean",
-                "gene_stat": "mean",
-                "max_tokens": max_tokens,
-                "states": {},
-                "state_names": [],
-                "per_gene": False,
-            }
+        self._w = Perturber.on_demand(
+            uri, tracking.resolve_uri(tracking_uri), use_gpu, precision, str(layer), max_tokens
         )
         self.vocab = self._w.vocab
         self.layout = str(self._w.meta["layout"])
-        self.max_length = int(self._w.meta.get("max_length") or self._w.model.config.max_position_embeddings)
+        self.max_length = self._w.max_length
         self.hidden_size = int(self._w.model.config.hidden_size)
 
     def __repr__(self) -> str:
@@ -243,6 +230,7 @@ class Classifier:
         from rankformer import tracking
         from rankformer.loader import load_model as load
         from rankformer.loader import model_meta
+        from rankformer.model.store import max_length_of
         from rankformer.train.finetune import classifier_class
 
         resolved = tracking.resolve_uri(tracking_uri)
@@ -264,7 +252,7 @@ class Classifier:
         self.classes = [str(c) for c in meta["classes"]]
         self.label_column = meta.get("label_column")
         config: Any = self._model.config
-        self.max_length = int(meta.get("max_length") or config.max_position_embeddings)
+        self.max_length = max_length_of(meta, config)
         self.max_tokens = max_tokens
 
     def __repr__(self) -> str:

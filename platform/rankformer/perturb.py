@@ -173,6 +173,35 @@ class Perturber(Embedder):
     def names(self, tokens: list[int]) -> list[str]:
         return [self.gene_of[t] for t in tokens]
 
+    @classmethod
+    def on_demand(
+        cls,
+        model: str,
+        tracking_uri: str,
+        use_gpu: bool,
+        precision: str,
+        layer: str,
+        max_tokens: int = 16_384,
+    ) -> Perturber:
+        """One loaded model for cells given per call (the endpoint, the in-memory API): it embeds
+        with mean pooling and perturbs as :meth:`configure` says."""
+        return cls(
+            {
+                "model": model,
+                "tracking_uri": tracking_uri,
+                "use_gpu": use_gpu,
+                "precision": precision,
+                "layer": layer,
+                "level": "cell",
+                "pooling": "mean",
+                "gene_stat": "mean",
+                "max_tokens": max_tokens,
+                "states": {},
+                "state_names": [],
+                "per_gene": False,
+            }
+        )
+
     def configure(
         self,
         *,
@@ -442,7 +471,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     if symbols:  # for the statistics' tables (the rows name genes by id)
         out.write_json(SYMBOLS_FILE, symbols)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    max_length = int(info.meta.get("max_length") or info.config.max_position_embeddings)
+    max_length = info.max_length
     spec: dict[str, Any] = {
         "model": cfg.model,
         "tracking_uri": uri,

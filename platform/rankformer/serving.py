@@ -190,7 +190,6 @@ class ModelCore:
     ) -> None:
         from rankformer import tracking
         from rankformer.classify.labels import symbol_index
-        from rankformer.loader import model_meta
         from rankformer.perturb import Perturber
 
         self.uri = tracking.resolve_uri(tracking_uri)
@@ -199,26 +198,14 @@ class ModelCore:
         if model_uri.startswith("models:/"):
             v = tracking.model_version_info(self.uri, model_uri)
             self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
-        meta = model_meta(model_uri, self.uri)
-        self.layout = str(meta["layout"])
-        self.spec: dict[str, Any] = {
-            "model": model_uri,
-            "tracking_uri": self.uri,
-            "use_gpu": use_gpu,
-            "precision": precision,
-            "layer": "last",  # keep every layer: requests choose theirs
-            "level": "cell",
-            "pooling": "mean",
-            "max_tokens": 16_384,
-            "states": {},
-            "state_names": [],
-            "per_gene": False,
-        }
-        self.worker = Perturber(self.spec)
+        # keep every layer ("last"): requests choose theirs
+        self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last")
+        self.layout = str(self.worker.meta["layout"])
         self.vocab = self.worker.vocab
         self.vocab_names = symbol_index(self.vocab)
-        self.max_length = int(meta.get("max_length") or self.worker.model.config.max_position_embeddings)
+        self.max_length = self.worker.max_length
         self.default_layer = layer
+        self.layer_index(None)  # a default layer this model lacks stops the replica here, named
         self.full = self.worker.model
         self.views: dict[int, Any] = {}
         self.info.update(
@@ -256,7 +243,7 @@ class ModelCore:
         out: list[dict[str, Any]] = [{} for _ in cells]
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         with torch.no_grad():
-            for b in batches(arrays, w.pad, self.spec["max_tokens"]):
+            for b in batches(arrays, w.pad, w.spec["max_tokens"]):
                 h = hidden_states(self.view(layer), b, layer, w.device)
                 keep = (b.ids >= w.gene_lo).to(h.device)
                 vec = (h[:, 0] if pooling == "cls" else mean_pool(h, keep)).cpu()  # pooled on the device

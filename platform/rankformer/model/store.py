@@ -119,6 +119,15 @@ class ModelInfo:
     def positions(self) -> int:
         return int(self.config.max_position_embeddings)
 
+    @property
+    def max_length(self) -> int:
+        return max_length_of(self.meta, self.config)
+
+
+def max_length_of(meta: dict[str, Any], config: Any) -> int:
+    """The longest cell a model takes: the ``max_length`` it was made for, else its positions."""
+    return int(meta.get("max_length") or config.max_position_embeddings)
+
 
 def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
     """Metadata, vocabulary and config of a local model directory, checked against each other."""
