@@ -73,7 +73,9 @@ class Model:
             raise InputError(
                 f"pooling cls needs a v2-layout model (<cls> first); {self.uri} is {self.layout}"
             )
-        arrays, _ = self._cells(cells)
+        return self._vectors(self._cells(cells)[0], pooling)
+
+    def _vectors(self, arrays: list[np.ndarray], pooling: str) -> np.ndarray:
         self._w.spec = {**self._w.spec, "level": "cell", "pooling": pooling}
         vecs, _ = self._w.embed(arrays)
         return vecs
@@ -83,10 +85,7 @@ class Model:
         ``symbol``, ``n_occurrences``, ``embedding`` (float32 arrays), by token order."""
         arrays, _ = self._cells(cells)
         self._w.spec = {**self._w.spec, "level": "gene", "gene_stat": "mean"}
-        try:
-            _, sums = self._w.embed(arrays)
-        finally:
-            self._w.spec = {**self._w.spec, "level": "cell"}
+        _, sums = self._w.embed(arrays)
         gene_of = self._w.gene_of
         tokens = np.asarray([t for t in sums.seen().tolist() if t in gene_of], dtype=np.int64)
         ids = [gene_of[t] for t in tokens.tolist()]
@@ -106,8 +105,7 @@ class Model:
         arrays, _ = self._cells(cells)
         if len(values) != len(arrays):
             raise InputError(f"labels: {len(values)} labels for {len(arrays)} cells; give one per cell")
-        self._w.spec = {**self._w.spec, "level": "cell", "pooling": "mean"}
-        vecs, _ = self._w.embed(arrays)
+        vecs = self._vectors(arrays, "mean")
         names = np.asarray([str(v) for v in values])
         return {s: vecs[names == s].astype(np.float64).mean(0) for s in dict.fromkeys(names.tolist())}
 
