@@ -146,7 +146,6 @@ class Model:
             anchor=anchor_token,
             shift=shift,
             per_gene=per_gene,
-            max_length=self.max_length,
             states={k: v.tolist() for k, v in chosen.items()},
         )
         rows: list[dict[str, Any]] = []

@@ -211,7 +211,6 @@ class Perturber(Embedder):
         anchor: int | None,
         shift: float,
         per_gene: bool,
-        max_length: int,
         states: dict[str, Any],
     ) -> None:
         """What the next cells are perturbed with (the job sets it once; the endpoint and the
@@ -224,7 +223,7 @@ class Perturber(Embedder):
             "anchor": anchor,
             "shift": shift,
             "per_gene": per_gene,
-            "max_length": max_length,
+            "max_length": self.max_length,
             "states": states,
             "state_names": list(states),
         }

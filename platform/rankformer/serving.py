@@ -276,7 +276,6 @@ class ModelCore:
             anchor=None,
             shift=req.shift,
             per_gene=req.per_gene,
-            max_length=self.max_length,
             states={},
         )
         ids = torch.as_tensor(cell[None])
