@@ -159,6 +159,44 @@ def test_a_position_effect_alone_is_not_significant_a_planted_one_is(tmp_path):
     assert set(top.index) <= set(wide.index[wide["significant"]])  # the unmatched null is fooled
 
 
+def test_a_small_memory_budget_spills_to_disk_and_changes_nothing(tmp_path, monkeypatch):
+    """With room for a few rows the test runs stratum range by stratum range from rows set aside
+    on disk (a stratum larger than the budget alone); every column equals the one-pass result."""
+    import tempfile
+
+    rng = np.random.default_rng(4)
+    n = 2000
+    genes = rng.integers(0, 60, n)
+    rank = rng.integers(-1, 40, n)
+    rank[:300] = 3  # one stratum far over the budget
+    df = rows(genes, rank, np.round(rng.normal(0, 1, n) - 0.01 * rank, 1), rng)
+    df.loc[rng.choice(n, 30, replace=False), "shift_B"] = np.nan  # no effect: left out of the test
+    df.at[5, "perturbed"] = ["G1", "G7"]
+    write_results(tmp_path / "out", df, shards=5)
+    whole = perturb_stats(str(tmp_path / "out"), goal_state="B", rank_window=3)
+
+    spilled: list[str] = []
+    real_fromfile = np.fromfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(
+        np, "fromfile", lambda path, *a, **k: (spilled.append(path), real_fromfile(path, *a, **k))[1]
+    )
+    small = perturb_stats(str(tmp_path / "out"), goal_state="B", rank_window=3, rows_in_memory=40)
+    assert spilled and all(path.startswith(str(tmp_path / "rankformer-stats-")) for path in spilled)
+    assert not list(tmp_path.glob("rankformer-stats-*"))  # removed after
+    pd.testing.assert_frame_equal(small, whole, rtol=1e-12)
+    assert (
+        cli(["perturb", "stats", str(tmp_path / "out"), "--goal-state", "B", "--rows-in-memory", "100"]) == 0
+    )
+
+
+def test_stratum_ranges_hold_the_budget_or_one_stratum():
+    from rankformer.perturb_stats import buckets
+
+    assert list(buckets(np.array([3, 0, 4, 9, 1, 1, 2, 0]), 5)) == [(0, 2), (2, 3), (3, 4), (4, 8)]
+    assert list(buckets(np.array([0, 0]), 5)) == []
+
+
 def test_bad_input_is_named(tmp_path, capsys):
     rng = np.random.default_rng(3)
     write_results(tmp_path / "out", rows(np.arange(10), np.arange(10), rng.normal(0, 1, 10), rng))
@@ -172,3 +210,5 @@ def test_bad_input_is_named(tmp_path, capsys):
         perturb_stats(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="rank_window is 0"):
         perturb_stats(str(tmp_path / "out"), rank_window=0)
+    with pytest.raises(InputError, match="rows_in_memory is 0"):
+        perturb_stats(str(tmp_path / "out"), rows_in_memory=0)

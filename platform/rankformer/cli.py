@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="compare with other genes perturbed within this many rank positions (1: the same rank)",
     )
+    ps.add_argument(
+        "--rows-in-memory",
+        type=int,
+        help="rows the test holds at once (about 120 B each; default 2,000,000); the rest wait on local "
+        "disk (16 B each)",
+    )
     from rankformer.serving import ServeConfig
 
     add_config_arguments(
@@ -169,9 +175,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         _config_job(args)
         return 0
     if args.command == "perturb-stats":
-        from rankformer.perturb_stats import perturb_stats
+        from rankformer.perturb_stats import ROWS_IN_MEMORY, perturb_stats
 
-        res = perturb_stats(args.out, args.goal_state, args.rank_window)
+        res = perturb_stats(
+            args.out,
+            args.goal_state,
+            args.rank_window,
+            ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory,
+        )
         print(res.head(20).to_string(index=False))
         print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
         return 0

@@ -163,11 +163,12 @@ class Model:
         self, rows: pd.DataFrame, goal_state: str | None = None, rank_window: int = 1
     ) -> pd.DataFrame:
         """`rankformer perturb stats` on rows from :meth:`perturb` (symbols from this vocabulary)."""
-        from rankformer.perturb_stats import Scores, stats_table
+        from rankformer.perturb_stats import stats_table
 
         table = pa.Table.from_pandas(rows, preserve_index=False)
-        scores = Scores([table], table.column_names, goal_state, "the rows")
-        return stats_table(scores, goal_state, rank_window, self.vocab.gene_names)
+        return stats_table(
+            [table], table.column_names, goal_state, "the rows", rank_window, self.vocab.gene_names
+        )
 
 
 def token_cells(

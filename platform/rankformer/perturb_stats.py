@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -30,6 +32,8 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 
 RANK_WINDOW = 1  # rank positions per stratum: exact rank by default
+ROWS_IN_MEMORY = 2_000_000  # rows the test holds at once (~120 B each), more if one stratum is larger
+BATCH_ROWS = 262_144  # rows read from a shard at a time
 SYMBOLS_FILE = "gene_symbols.json"  # written by `perturb`: the model vocabulary's gene id -> symbol
 
 
@@ -50,73 +54,100 @@ def result_paths(out: str, per_gene: bool = False) -> list[str]:
     return [fs.join(out, ("genes-" if per_gene else "") + name) for name in manifest["shards"]]
 
 
-class Scores:
-    """The score columns of every row, with each row's perturbation as a code into ``keys``."""
+class _Spill:
+    """Each row's (stratum, key code, effect), set aside chunk by chunk, each chunk sorted by
+    stratum and kept as its key codes and effects with where each stratum starts: in memory while
+    they fit ``budget`` rows, then as raw files in ``folder`` (12 bytes a row), read back one range
+    of strata at a time."""
 
-    def __init__(
-        self, parts: Iterable[pa.Table], names: list[str], goal_state: str | None, source: str
-    ) -> None:
-        """``parts``: tables of rows (as `perturb` writes them) holding at least the columns
-        read here; ``names``: their column names; ``source``: what errors call them."""
-        self.shifts = [c for c in names if c.startswith("shift_")]
-        if goal_state and f"shift_{goal_state}" not in self.shifts:
-            raise InputError(
-                f"{source} has no shift toward {goal_state!r}; its states: {[c[6:] for c in self.shifts]}"
-            )
-        floats = ["cell_cosine", "gene_mean_cosine", *self.shifts]
-        keys: list[pa.Array] = []
-        ranks: list[np.ndarray] = []
-        values: dict[str, list[np.ndarray]] = {c: [] for c in floats}
-        for t in parts:
-            keys.append(pc.binary_join(t.column("perturbed"), ",").cast(pa.large_string()).combine_chunks())
-            ranks.append(t.column("rank").to_numpy())
-            for c in floats:
-                values[c].append(t.column(c).to_numpy().astype(np.float64))
-        if not keys or not sum(len(k) for k in keys):
-            raise InputError(f"{source} holds no perturbation rows")
-        encoded = pa.chunked_array(keys, pa.large_string()).combine_chunks().dictionary_encode()
-        self.codes = encoded.indices.to_numpy().astype(np.int64)  # first appearance first
-        self.keys: list[str] = encoded.dictionary.to_pylist()
-        self.rank = np.concatenate(ranks).astype(np.int64)
-        self.values = {c: np.concatenate(v) for c, v in values.items()}
-        self.effect = self.values[f"shift_{goal_state}"] if goal_state else 1.0 - self.values["cell_cosine"]
+    def __init__(self, budget: int, folder: str) -> None:
+        self.budget, self.folder = budget, folder
+        self.chunk = max(budget // 8, 1)  # rows gathered before a chunk is sorted and set aside
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray | str, np.ndarray | str]] = []
+        self.rows = self.held = 0
 
-    @classmethod
-    def read(cls, out: str, goal_state: str | None) -> Scores:
-        """The rows of a `perturb` output folder, shard by shard, only the score columns."""
-        paths = result_paths(out)
-        if not paths:
-            raise InputError(f"{out} holds no perturbation rows")
-        with fs.open_input(paths[0]) as f:
-            names = pq.read_schema(f).names
-        wanted = ["perturbed", "rank", "cell_cosine", "gene_mean_cosine"] + [
-            c for c in names if c.startswith("shift_")
-        ]
+    def add(self, strata: np.ndarray, codes: np.ndarray, x: np.ndarray) -> None:
+        self.pending.append((strata, codes.astype(np.int32), x.astype(np.float64)))
+        self.held += len(x)
+        if self.held >= self.chunk:
+            self.flush()
 
-        def parts() -> Iterator[pa.Table]:
-            for path in paths:
-                with fs.open_input(path) as f:
-                    yield pq.read_table(f, columns=wanted)
+    def flush(self) -> None:
+        if not self.held:
+            return
+        s, c, x = (np.concatenate(a) for a in zip(*self.pending, strict=True))
+        self.pending, self.held = [], 0
+        order = np.argsort(s, kind="stable")
+        starts = np.r_[0, np.cumsum(np.bincount(s))]
+        chunk: tuple[np.ndarray, np.ndarray | str, np.ndarray | str] = (starts, c[order], x[order])
+        on_disk = self.rows + len(x) > self.budget
+        if on_disk and self.rows <= self.budget:  # the first chunk past the budget: all go to disk
+            self.chunks = [self._save(i, ch) for i, ch in enumerate(self.chunks)]
+        self.rows += len(x)
+        self.chunks.append(self._save(len(self.chunks), chunk) if on_disk else chunk)
 
-        return cls(parts(), names, goal_state, out)
+    def _save(
+        self, i: int, chunk: tuple[np.ndarray, np.ndarray | str, np.ndarray | str]
+    ) -> tuple[np.ndarray, str, str]:
+        paths = [os.path.join(self.folder, f"{i:06d}.{name}") for name in ("key", "x")]
+        for path, a in zip(paths, chunk[1:], strict=True):
+            np.asarray(a).tofile(path)
+        return chunk[0], paths[0], paths[1]
 
-    def by_key(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per key: the mean of its finite values of ``x`` (NaN if none), and how many there were."""
-        ok = np.isfinite(x)
-        n = np.bincount(self.codes[ok], minlength=len(self.keys))
-        s = np.bincount(self.codes[ok], x[ok], minlength=len(self.keys))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return s / n, n
+    def between(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row of strata ``lo`` .. ``hi - 1``: (stratum - lo, key code, effect)."""
+        got: list[list[np.ndarray]] = [[], [], []]
+        for starts, codes, x in self.chunks:
+            bounds = starts[np.minimum(np.arange(lo, hi + 1), len(starts) - 1)]  # chunk rows lo..hi
+            a, b = int(bounds[0]), int(bounds[-1])
+            got[0].append(np.repeat(np.arange(hi - lo), np.diff(bounds)))
+            for g, arr, dtype in ((got[1], codes, np.int32), (got[2], x, np.float64)):
+                if isinstance(arr, str):
+                    g.append(np.fromfile(arr, dtype, count=b - a, offset=a * np.dtype(dtype).itemsize))
+                else:
+                    g.append(arr[a:b])
+        s, c, x = (np.concatenate(g) for g in got)
+        return s, c.astype(np.int64), x
 
 
-def stratified_rank_sum(
+def buckets(rows_per_stratum: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of strata, each holding at most ``budget`` rows or a single stratum."""
+    lo = held = 0
+    for s, n in enumerate(rows_per_stratum.tolist()):
+        if held and held + n > budget:
+            yield lo, s
+            lo, held = s, 0
+        held += n
+    if held:
+        yield lo, len(rows_per_stratum)
+
+
+class _Sums:
+    """Per-key sums that grow with the keys met."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.a = np.zeros((len(names), 0))
+
+    def add(self, **parts: np.ndarray) -> None:
+        n = max(len(v) for v in parts.values())
+        if n > self.a.shape[1]:
+            self.a = np.pad(self.a, ((0, 0), (0, n - self.a.shape[1])))
+        for name, v in parts.items():
+            self.a[self.names.index(name), : len(v)] += v
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.a[self.names.index(name)]
+
+
+def van_elteren_sums(
     codes: np.ndarray, strata: np.ndarray, x: np.ndarray, n_keys: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Van Elteren's test of each key's values against the other keys' values in the same strata:
-    (two-sided p-value, NaN where no stratum of the key holds another key's row; the mean of those
-    other values, each stratum weighted by the key's rows in it). ``x`` must be finite."""
-    from scipy.stats import norm
-
+) -> dict[str, np.ndarray]:
+    """Van Elteren's sums over the given strata for every key (they add up over disjoint sets of
+    whole strata): ``t`` and ``v``, the weighted rank-sum statistic and its variance; ``tested``,
+    the strata of the key holding another key's row; ``null`` and ``weight``, the other keys'
+    mean value in each such stratum times the key's rows in it, and those rows. ``x`` finite."""
     n = len(x)
     n_strata = int(strata.max()) + 1 if n else 0
     order = np.lexsort((x, strata))
@@ -128,6 +159,7 @@ def stratified_rank_sum(
     stratum_start = np.maximum.accumulate(np.where(np.r_[True, ss[1:] != ss[:-1]], np.arange(n), 0))
     rank = np.empty(n)
     rank[order] = tie_start[tie] - stratum_start + (tie_size[tie] + 1) / 2  # mid-rank in its stratum
+    del order, xs, new_tie, tie, stratum_start
     rows = np.bincount(strata, minlength=n_strata).astype(np.float64)
     ties = np.bincount(ss[tie_start], tie_size.astype(np.float64) ** 3 - tie_size, minlength=n_strata)
     total = np.bincount(strata, x, minlength=n_strata)
@@ -144,67 +176,153 @@ def stratified_rank_sum(
     )
     w = 1.0 / (big_n + 1.0)
     var = own * other / 12.0 * (big_n + 1.0 - ties[b] / (big_n * (big_n - 1.0)))
-    t = np.bincount(key, w * (rank_sum - own * (big_n + 1.0) / 2.0), minlength=n_keys)
-    v = np.bincount(key, w * w * var, minlength=n_keys)
-    tested = np.bincount(key, minlength=n_keys) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(v > 0, 2.0 * norm.sf(np.abs(t) / np.sqrt(v)), 1.0)  # all tied: no evidence
-        null_mean = np.bincount(key, own * (total[b] - own_total) / other, minlength=n_keys) / np.bincount(
-            key, own, minlength=n_keys
-        )
-    return np.where(tested, p, np.nan), np.where(tested, null_mean, np.nan)
+    return {
+        "t": np.bincount(key, w * (rank_sum - own * (big_n + 1.0) / 2.0), minlength=n_keys),
+        "v": np.bincount(key, w * w * var, minlength=n_keys),
+        "tested": np.bincount(key, minlength=n_keys).astype(np.float64),
+        "null": np.bincount(key, own * (total[b] - own_total) / other, minlength=n_keys),
+        "weight": np.bincount(key, own, minlength=n_keys),
+    }
 
 
-def perturb_stats(out: str, goal_state: str | None = None, rank_window: int = RANK_WINDOW) -> pd.DataFrame:
+def perturb_stats(
+    out: str,
+    goal_state: str | None = None,
+    rank_window: int = RANK_WINDOW,
+    rows_in_memory: int = ROWS_IN_MEMORY,
+) -> pd.DataFrame:
     """Per perturbed gene (or combination) of a `perturb` output folder: :func:`stats_table`,
     written to stats.parquet/.csv with a plot; returns the table."""
-    _check_window(rank_window)
-    res = stats_table(Scores.read(out, goal_state), goal_state, rank_window, _symbols_in(out))
+    _check_options(rank_window, rows_in_memory)
+    paths = result_paths(out)
+    if not paths:
+        raise InputError(f"{out} holds no perturbation rows")
+    with fs.open_input(paths[0]) as f:
+        names = pq.read_schema(f).names
+    wanted = ["perturbed", "rank", "cell_cosine", "gene_mean_cosine"] + [
+        c for c in names if c.startswith("shift_")
+    ]
+
+    def parts() -> Iterator[pa.RecordBatch]:
+        for path in paths:
+            with fs.open_input(path) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=wanted)
+
+    res = stats_table(parts(), names, goal_state, out, rank_window, _symbols_in(out), rows_in_memory)
     _write_stats(out, res)
     return res
 
 
-def _check_window(rank_window: int) -> None:
+def _check_options(rank_window: int, rows_in_memory: int) -> None:
     if rank_window < 1:
         raise InputError(f"rank_window is {rank_window}; it counts rank positions, 1 (exact rank) or more")
+    if rows_in_memory < 1:
+        raise InputError(f"rows_in_memory is {rows_in_memory}; give a positive number of rows")
 
 
 def stats_table(
-    s: Scores, goal_state: str | None, rank_window: int = RANK_WINDOW, names: dict[str, str] | None = None
+    parts: Iterable[pa.Table | pa.RecordBatch],
+    names: list[str],
+    goal_state: str | None,
+    source: str,
+    rank_window: int = RANK_WINDOW,
+    symbols: dict[str, str] | None = None,
+    rows_in_memory: int = ROWS_IN_MEMORY,
 ) -> pd.DataFrame:
-    """Per perturbed gene (or combination): cells, mean scores with a 95% confidence interval for the
-    effect, and the rank-stratified rank-sum test (module docstring) with its null's mean effect,
+    """Per perturbed gene (or combination) of the rows in ``parts`` (as `perturb` writes them,
+    holding at least the score columns; ``names``: their column names; ``source``: what errors
+    call them): cells, mean scores with a 95% confidence interval for the effect, and the
+    rank-stratified rank-sum test (module docstring) with its null's mean effect,
     Benjamini-Hochberg FDR over the genes with a test; sorted by mean effect, largest first.
-    ``names``: gene id -> symbol, for the ``symbol`` column."""
-    from scipy import stats as st
+    ``symbols``: gene id -> symbol, for the ``symbol`` column.
 
-    _check_window(rank_window)
-    n_keys = len(s.keys)
-    eff_mean, eff_n = s.by_key(s.effect)
-    usable = np.isfinite(s.effect)
-    dev = np.where(usable, s.effect - eff_mean[s.codes], 0.0)
-    ss = np.bincount(s.codes, dev * dev, minlength=n_keys)
+    Two passes, memory bounded whatever the number of rows: the first streams ``parts`` once,
+    adding per-key sums and setting each row's (rank stratum, key, effect) aside, sorted by
+    stratum (on local disk, 16 bytes a row, once they pass ``rows_in_memory``); the second runs
+    the test on consecutive strata of at most ``rows_in_memory`` rows (or one larger stratum)
+    at a time. The test's sums add up over disjoint strata, so the result does not depend on it."""
+    from scipy import stats as st
+    from scipy.stats import norm
+
+    _check_options(rank_window, rows_in_memory)
+    shifts = [c for c in names if c.startswith("shift_")]
+    if goal_state and f"shift_{goal_state}" not in shifts:
+        raise InputError(
+            f"{source} has no shift toward {goal_state!r}; its states: {[c[6:] for c in shifts]}"
+        )
+    floats = ["cell_cosine", "gene_mean_cosine", *shifts]
+    sums = _Sums(["rows", "effect", "effect_n"] + [f"{c}{k}" for c in floats for k in ("", "_n")])
+    index: dict[str, int] = {}
+    per_stratum = np.zeros(0, np.int64)
+    with tempfile.TemporaryDirectory(prefix="rankformer-stats-") as folder:
+        spill = _Spill(rows_in_memory, folder)
+        for t in (b for part in parts for b in _batches(part)):
+            if not t.num_rows:
+                continue
+            enc = pc.binary_join(t.column("perturbed"), ",").dictionary_encode()
+            local = np.fromiter(
+                (index.setdefault(k, len(index)) for k in enc.dictionary.to_pylist()), np.int64
+            )
+            codes = local[enc.indices.to_numpy()]  # first appearance first
+            per_key: dict[str, np.ndarray] = {"rows": np.bincount(codes)}
+            for c in floats:
+                x = t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                ok = np.isfinite(x)
+                per_key[c], per_key[f"{c}_n"] = np.bincount(codes[ok], x[ok]), np.bincount(codes[ok])
+            if goal_state:
+                effect = t.column(f"shift_{goal_state}").to_numpy(zero_copy_only=False).astype(np.float64)
+            else:
+                effect = 1.0 - t.column("cell_cosine").to_numpy(zero_copy_only=False).astype(np.float64)
+            ok = np.isfinite(effect)
+            per_key["effect"], per_key["effect_n"] = (
+                np.bincount(codes[ok], effect[ok]),
+                np.bincount(codes[ok]),
+            )
+            sums.add(**per_key)
+            rank = t.column("rank").to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+            strata = np.where(rank < 0, 0, rank // rank_window + 1)  # 0: genes the cell did not hold
+            per_stratum = _grown(per_stratum, np.bincount(strata))
+            spill.add(strata, codes[ok], effect[ok])
+        spill.flush()
+        n_keys = len(index)
+        if not n_keys:
+            raise InputError(f"{source} holds no perturbation rows")
+        sums.add(rows=np.zeros(n_keys))
+        eff_n = sums["effect_n"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            eff_mean = sums["effect"] / eff_n
+        test = _Sums(["t", "v", "tested", "null", "weight", "ss"])
+        test.add(ss=np.zeros(n_keys))
+        for lo, hi in buckets(per_stratum, rows_in_memory):
+            strata, codes, x = spill.between(lo, hi)
+            test.add(**van_elteren_sums(codes, strata, x, n_keys))
+            test.add(ss=np.bincount(codes, (x - eff_mean[codes]) ** 2, minlength=n_keys))
     with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.sqrt(ss / (eff_n - 1))
+        sd = np.sqrt(test["ss"] / (eff_n - 1))
         half = np.where(eff_n > 1, st.t.ppf(0.975, np.maximum(eff_n - 1, 1)) * sd / np.sqrt(eff_n), np.nan)
-    rank = s.rank[usable]
-    strata = np.where(rank < 0, 0, rank // rank_window + 1)  # 0: genes the cell did not hold
-    p, null_mean = stratified_rank_sum(s.codes[usable], strata, s.effect[usable], n_keys)
-    res = pd.DataFrame(
-        {
-            "perturbed": s.keys,
-            "symbol": symbols_of(names or {}, s.keys),
-            "n_cells": np.bincount(s.codes, minlength=n_keys),
-            "effect_mean": eff_mean,
-            "effect_ci_low": eff_mean - half,
-            "effect_ci_high": eff_mean + half,
-            "cell_cosine_mean": s.by_key(s.values["cell_cosine"])[0],
-            "gene_mean_cosine_mean": s.by_key(s.values["gene_mean_cosine"])[0],
-            "null_effect_mean": null_mean,
-            "p_value": p,
-            **{f"{c}_mean": s.by_key(s.values[c])[0] for c in s.shifts},
-        }
-    )
+        v, tested = test["v"], test["tested"] > 0
+        p = np.where(v > 0, 2.0 * norm.sf(np.abs(test["t"]) / np.sqrt(v)), 1.0)  # all tied: no evidence
+        null_mean = test["null"] / test["weight"]
+
+        def mean(c: str) -> np.ndarray:
+            return np.asarray(sums[c] / sums[f"{c}_n"])
+
+        keys = list(index)
+        res = pd.DataFrame(
+            {
+                "perturbed": keys,
+                "symbol": symbols_of(symbols or {}, keys),
+                "n_cells": sums["rows"].astype(np.int64),
+                "effect_mean": eff_mean,
+                "effect_ci_low": eff_mean - half,
+                "effect_ci_high": eff_mean + half,
+                "cell_cosine_mean": mean("cell_cosine"),
+                "gene_mean_cosine_mean": mean("gene_mean_cosine"),
+                "null_effect_mean": np.where(tested, null_mean, np.nan),
+                "p_value": np.where(tested, p, np.nan),
+                **{f"{c}_mean": mean(c) for c in shifts},
+            }
+        )
     ok = res["p_value"].notna()
     res["fdr"] = np.nan
     if ok.any():
@@ -213,6 +331,17 @@ def stats_table(
     res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
     res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
     return res
+
+
+def _batches(part: pa.Table | pa.RecordBatch) -> list[pa.RecordBatch]:
+    return part.to_batches() if isinstance(part, pa.Table) else [part]
+
+
+def _grown(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+    if len(part) > len(acc):
+        acc = np.pad(acc, (0, len(part) - len(acc)))
+    acc[: len(part)] += part
+    return acc
 
 
 def _write_stats(out: str, res: pd.DataFrame) -> None:
