@@ -98,3 +98,39 @@ def test_registry_round_trip_on_sqlite(tmp_path):
         load_model("models:/nope@current", tracking_uri=uri)
     with pytest.raises(InputError, match="uses vocabulary"):
         load_model(local, expect_vocab_hash="sha256:other")
+
+
+def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
+    """`embed` and `perturb` read a model's metadata, vocabulary and config at the door without
+    importing torch (an error comes in about a second, not after the ~8 s torch and transformers
+    take); a config.json without the fields the checks need is named."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pretrain_helpers import write_corpus
+
+    vocab = build_vocab(list(gene_ids(30)), [1.0] * 30)
+    model = BertForMaskedLM._from_config(bert_config(preset("tiny"), vocab))
+    local = str(tmp_path / "model")
+    save_model_dir(model, vocab, {"layout": "v2", "task": "masked-lm"}, local)
+    corpus = write_corpus(str(tmp_path / "corpus"), [np.arange(2, 12, dtype=np.int32)] * 4, 7)
+    where = ["--model", local, "--corpus", corpus, "--out", str(tmp_path / "o")]
+    code = (
+        "import sys\nfrom rankformer.cli import main\n"
+        "for cmd in (['embed'], ['perturb', '--mode', 'all']):\n"
+        f"    assert main([*cmd, *{where!r}]) == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stderr.count("uses vocabulary") == 2
+    cfg_path = tmp_path / "model" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert inspect_model(local).config.num_hidden_layers == cfg["num_hidden_layers"]
+    del cfg["num_hidden_layers"], cfg["pad_token_id"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="config.json has no pad_token_id, num_hidden_layers; write"):
+        inspect_model(local)

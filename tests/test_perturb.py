@@ -279,7 +279,14 @@ def test_bfloat16_scores_stay_close_to_float32(world, tmp_path):
     assert not np.array_equal(a.shift_B, b.shift_B)  # it did run in bfloat16
 
 
-def test_bad_input(world, tmp_path):
+def test_bad_input(world, tmp_path, monkeypatch):
+    import gc
+    import shutil
+    import tempfile
+
+    staging = tempfile.mkdtemp()
+    monkeypatch.setattr(tempfile, "tempdir", staging)
+
     def run(**kw):
         base = {
             "model": world.model,
@@ -311,6 +318,9 @@ def test_bad_input(world, tmp_path):
         run(mode="all", layer="99")
     manifest = json.loads((tmp_path / "o0" / "manifest.json").read_text())
     assert manifest["job"] == "perturb"
+    gc.collect()
+    assert not os.listdir(staging)  # failed jobs leave no staged files behind
+    shutil.rmtree(staging)
 
 
 @pytest.mark.ray

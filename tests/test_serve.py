@@ -174,6 +174,23 @@ def test_bad_input_is_a_4xx_naming_the_field(app, body, status, field):
     assert field in r.text
 
 
+def test_a_model_that_cannot_serve_is_refused_at_the_door(app, capsys):
+    """Before any replica starts (one that cannot load its model would be retried until the
+    deployment times out): a missing model, one not in the registry, a default layer it lacks."""
+    from ray import serve
+
+    from rankformer.cli import main
+
+    apps = set(serve.status().applications)
+    assert main(["serve", "--model", str(app.d / "nowhere")]) == 2
+    assert main(["serve", "--model", "models:/nope@current", "--tracking-uri", app.uri]) == 2
+    assert main(["serve", "--model", app.model0, "--layer", "40", "--name", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere not found" in err and "not in the registry" in err
+    assert "layer 40 is outside this model's hidden_states" in err
+    assert set(serve.status().applications) == apps
+
+
 def test_malformed_oversized_nan_and_unauthorised(app):
     headers = {"x-api-key": KEY, "content-type": "application/json"}
     r = requests.post(f"{app.url}/v1/embed", data=b'{"cells": [', headers=headers, timeout=30)

@@ -29,7 +29,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from rankformer import schema
 from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
@@ -45,6 +44,7 @@ class Embedder:
     """One model, loaded once; embeds one corpus shard per call."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 

@@ -10,9 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from transformers import BertForMaskedLM, PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from rankformer.errors import InputError
 from rankformer.io import fs
@@ -26,6 +24,9 @@ from rankformer.model.store import (
     read_model_dir,
 )
 from rankformer.vocab import GeneVocab
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LIGHT_FILES = (META, VOCAB, "config.json")  # what a model says about itself, without its weights
 
@@ -99,12 +100,13 @@ def check_fits_corpus(info: ModelInfo, corpus: str, layout: str | None, max_leng
 
 def load_model(
     uri: str,
-    head: type[PreTrainedModel] = BertForMaskedLM,
+    head: type[PreTrainedModel] | None = None,
     tracking_uri: str | None = None,
     expect_vocab_hash: str | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
-    """Load and check a model; with ``expect_vocab_hash``, refuse one made with another vocabulary."""
+    """Load and check a model (``head``: a Hugging Face class, by default ``BertForMaskedLM``);
+    with ``expect_vocab_hash``, refuse one made with another vocabulary."""
     with local_model_dir(uri, tracking_uri) as local:
         loaded = load_model_dir(local, head, source=uri, **kwargs)
     _check_vocab(uri, loaded.vocab, expect_vocab_hash)

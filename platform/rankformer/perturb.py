@@ -24,13 +24,12 @@ import json
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from rankformer import schema
 from rankformer.classify.data import split_by_shard, token_lists
@@ -41,8 +40,13 @@ from rankformer.io import fs
 from rankformer.model.perturbations import delete_each, perturb
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
@@ -69,6 +73,8 @@ class Perturber(Embedder):
     def score_cell(
         self, cell: np.ndarray, h0: torch.Tensor, cell_id: str
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        import torch
+
         from rankformer.infer import Batch, hidden_states, mean_pool
         from rankformer.model.batching import budget_batches, pad_batch
 
@@ -164,6 +170,8 @@ class Perturber(Embedder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For a batch of variants: each position's position in the original cell (-1 if none),
         and whether it holds a gene present in both that was not itself perturbed."""
+        import torch
+
         p0 = torch.from_numpy(lut[ids.numpy()])
         width = max(len(m) for m in moved)
         mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)

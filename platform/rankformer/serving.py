@@ -526,13 +526,44 @@ def deploy(apps: list[tuple[ServeConfig, str]]) -> None:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
+    for cfg, _ in apps:
+        check_model(cfg)
     doc = serve_document(apps)
     client = serve_start(
         http_options=doc["http_options"],
         global_logging_config=doc["logging_config"],
         proxy_location="HeadOnly",
     )
-    client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
+    try:
+        client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
+    except TimeoutError as exc:
+        raise RuntimeError(f"the Serve application did not start: {_why_not_running(apps)}") from exc
+
+
+def check_model(cfg: ServeConfig) -> None:
+    """The model at the door, from its metadata and config (no weights, no torch): it exists, its
+    vocabulary and config agree, and it has the default ``--layer``. A replica that cannot load it
+    would otherwise be retried until the deployment times out."""
+    from rankformer.infer_config import pick_layer
+    from rankformer.loader import inspect_model
+
+    info = inspect_model(cfg.model, cfg.tracking_uri)
+    pick_layer(cfg.layer, int(info.config.num_hidden_layers))
+
+
+def _why_not_running(apps: list[tuple[ServeConfig, str]]) -> str:
+    from ray import serve
+
+    try:
+        status = serve.status().applications
+        return "; ".join(
+            f"{c.name}: {status[c.name].status} {status[c.name].message}".strip()
+            + "".join(f" ({d}: {s.message})" for d, s in status[c.name].deployments.items() if s.message)
+            for c, _ in apps
+            if c.name in status
+        )
+    except Exception as exc:  # the status itself is best effort
+        return f"status unavailable ({exc})"
 
 
 def run_serve(cfg: ServeConfig, block: bool = True) -> str:
@@ -544,6 +575,7 @@ def run_serve(cfg: ServeConfig, block: bool = True) -> str:
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
 
+    check_model(cfg)  # before a cluster starts
     ensure_ray(ClusterOptions())
     deploy([(cfg, "/")])
     url = f"http://{cfg.host}:{cfg.port}"

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -139,6 +140,8 @@ class JobOutput:
         self.out, self.job, self.keep_on_change = out, job, keep_on_change
         self.fingerprint = fingerprint(cfg)
         self.stage = tempfile.mkdtemp(prefix=f"rankformer-{job}-")
+        # removed when the job finishes, and also when it fails (once this object is dropped, or at exit)
+        self._drop_stage = weakref.finalize(self, shutil.rmtree, self.stage, True)
         self.files: list[str] = []
         self._claim()
 
@@ -222,7 +225,7 @@ class JobOutput:
         fs.write_bytes_atomic(
             fs.join(self.out, MANIFEST), json.dumps(doc, indent=1, default=_jsonable).encode()
         )
-        shutil.rmtree(self.stage, ignore_errors=True)
+        self._drop_stage()
 
 
 def _jsonable(x: Any) -> Any:

@@ -14,15 +14,17 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from transformers import BertForMaskedLM, PreTrainedModel
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.vocab import GeneVocab
+
+if TYPE_CHECKING:  # torch and transformers load only where weights do: drivers check models without them
+    import torch
+    from transformers import PreTrainedModel
 
 META = "rankformer.json"
 VOCAB = "vocab.json"
@@ -129,14 +131,33 @@ def max_length_of(meta: dict[str, Any], config: Any) -> int:
     return int(meta.get("max_length") or config.max_position_embeddings)
 
 
+CONFIG_KEYS = ("vocab_size", "pad_token_id", "max_position_embeddings", "num_hidden_layers", "hidden_size")
+
+
+def read_config(local_dir: str, source: str | None = None) -> SimpleNamespace:
+    """The Hugging Face ``config.json`` of a model folder as attributes, read as JSON (no torch):
+    what a driver checks before its workers load the weights."""
+    path = os.path.join(local_dir, "config.json")
+    if not os.path.exists(path):
+        raise InputError(
+            f"{source or local_dir} has no config.json; a model folder is `save_pretrained` output"
+        )
+    with open(path) as f:
+        doc = json.load(f)
+    missing = [k for k in CONFIG_KEYS if doc.get(k) is None]
+    if missing:
+        raise InputError(
+            f"{source or local_dir}: config.json has no {', '.join(missing)}; write the config with "
+            "`save_pretrained` (it records every field) or add them"
+        )
+    return SimpleNamespace(**doc)
+
+
 def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
     """Metadata, vocabulary and config of a local model directory, checked against each other."""
-    from transformers import AutoConfig
-
-    quiet()
     meta = read_meta(local_dir)
     vocab = GeneVocab.load(os.path.join(local_dir, VOCAB), expect_hash=meta["vocab_hash"])
-    cfg = AutoConfig.from_pretrained(local_dir)
+    cfg = read_config(local_dir, source)
     if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
         raise InputError(
             f"{source or local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} "
@@ -146,11 +167,15 @@ def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
 
 
 def load_model_dir(
-    local_dir: str, head: type[PreTrainedModel] = BertForMaskedLM, source: str | None = None, **kwargs: Any
+    local_dir: str, head: type[PreTrainedModel] | None = None, source: str | None = None, **kwargs: Any
 ) -> LoadedModel:
-    """Model, vocabulary and metadata from a local model directory, checked against each other."""
+    """Model (``head``: a Hugging Face class, by default ``BertForMaskedLM``), vocabulary and
+    metadata from a local model directory, checked against each other."""
+    from transformers import BertForMaskedLM
+
+    quiet()
     info = read_model_dir(local_dir, source)
-    model = head.from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
+    model = (head or BertForMaskedLM).from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
     return LoadedModel(model, info.vocab, info.meta, info.source)
 
 

@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -398,11 +399,16 @@ def train_classifier(
 
 
 def scratch_dir(out: str) -> str:
-    """Checkpoints of a job writing to ``out``: beside it for a local output, else a temp folder."""
+    """Checkpoints of a job writing to ``out``: beside it for a local output, else a temporary
+    folder removed when the process exits."""
+    import atexit
+
     from rankformer.io import fs
 
     if fs.is_remote(out):
-        return tempfile.mkdtemp(prefix="rankformer-finetune-")
+        d = tempfile.mkdtemp(prefix="rankformer-finetune-")
+        atexit.register(shutil.rmtree, d, True)
+        return d
     d = os.path.join(os.path.abspath(out), ".work")
     os.makedirs(d, exist_ok=True)
     return d
