@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -228,6 +229,7 @@ def scaling(work: Path) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         cfg = _cfg(corpus, "tiny", 40, 16384)
         cfg.out = str(work / f"model_{n}")
+        shutil.rmtree(cfg.out, ignore_errors=True)  # a model in place: the same training would be skipped
         cfg.log_every = 20
         cfg.checkpoint_every = 40
         cfg.scale.num_workers, cfg.scale.cpus_per_worker = n, 0.5

@@ -1,6 +1,7 @@
 """Pretraining end to end on the two-raylet cluster with 2 workers, tracked by an MLflow server
-(PostgreSQL store, S3 artifacts): a worker killed mid-run, resumed from its checkpoint, one
-continuous run, a registered model that loads everywhere with the same predictions."""
+(PostgreSQL store, S3 artifacts): a failed job rerun and a worker killed mid-run, both resumed
+from a checkpoint, one continuous run, a registered model that loads everywhere with the same
+predictions."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, mlflow_server, tmp_path_factory):
+    """A job whose worker dies at step 25 with no restarts allowed fails; rerun with the same
+    options (one restart allowed), it resumes from its step-20 checkpoint in the same MLflow run,
+    loses a worker at step 38, and Ray Train restarts it from its last checkpoint."""
     d = tmp_path_factory.mktemp("pretrain")
     # each node has 2 CPUs: one worker of 1 CPU per node (STRICT_SPREAD), and beside it a whole CPU
     # for Ray Data (its file listing asks for 1 CPU, its reads for 0.25)
     corpus = write_corpus(str(d / "corpus"), ordered_cells(400, 120, 3, 30, seed=5), 120, shards=4)
-    marker = d / "killed"
-    os.environ["RANKFORMER_FAULT_INJECT"] = f"train-step:rank1-step25:{marker}"
-    try:
-        cfg = PretrainConfig(
+    markers = [d / "killed-job", d / "killed-worker"]
+
+    def config(max_failures: int) -> PretrainConfig:
+        return PretrainConfig(
             corpus=corpus,
             out=str(d / "model"),
             max_steps=40,
@@ -40,7 +44,7 @@ def trained(ray_cluster, mlflow_server, tmp_path_factory):
                 "cpus_per_worker": 1.0,
                 "placement": "STRICT_SPREAD",
                 "storage_path": str(d / "ray"),
-                "max_failures": 1,
+                "max_failures": max_failures,
             },
             track={
                 "tracking_uri": mlflow_server,
@@ -48,17 +52,36 @@ def trained(ray_cluster, mlflow_server, tmp_path_factory):
                 "registered_model": "tiny-test",
             },
         )
+
+    try:
+        os.environ["RANKFORMER_FAULT_INJECT"] = f"train-step:rank1-step25:{markers[0]}"
+        with pytest.raises(Exception):  # noqa: B017 (Ray Train's own error type)
+            run_pretrain(config(0))
+        os.environ["RANKFORMER_FAULT_INJECT"] = f"train-step:rank0-step38:{markers[1]}"
+        cfg = config(1)
         summary = run_pretrain(cfg)
     finally:
         os.environ.pop("RANKFORMER_FAULT_INJECT", None)
-    return summary, cfg, marker
+    return summary, cfg, markers
 
 
-def test_resumes_from_the_last_checkpoint_after_a_worker_dies(trained):
-    summary, cfg, marker = trained
-    assert marker.exists(), "the fault plan never killed a worker"
+def test_resumes_from_the_last_checkpoint_after_the_job_or_a_worker_dies(trained, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    summary, cfg, markers = trained
+    assert all(m.exists() for m in markers), "the fault plan never killed a worker"
     assert summary["step"] == cfg.max_steps
-    assert summary["resumed_from_step"] == 20  # the checkpoint before the kill at step 25, not 0
+    history = MlflowClient(mlflow_server).get_metric_history(summary["run_id"], "resumed_from_step")
+    by_step: dict[float, set[float]] = {}
+    for m in history:
+        by_step.setdefault(m.step, set()).add(m.value)
+    assert by_step[5] == {0.0} and 20.0 in by_step[25]  # the first job; the rerun from its step 20
+    # the restart after the kill at step 38 resumes from step 30, or from 20 when Ray Train had not
+    # yet collected the step-30 report from the worker that died (it polls every 2 s): never from 0
+    assert summary["resumed_from_step"] in (20.0, 30.0)
+    assert {v for values in by_step.values() for v in values} <= {0.0, 20.0, 30.0}
+    again = run_pretrain(cfg)  # finished, model in place: nothing to do
+    assert again["already_done"] and again["run_id"] == summary["run_id"]
 
 
 def test_one_continuous_run_on_two_nodes(trained, mlflow_server):

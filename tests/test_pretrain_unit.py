@@ -162,3 +162,28 @@ def test_init_from_door_checks(small_corpus, tmp_path):
         _plan(small_corpus, tmp_path, init_from=model(str(tmp_path / "short"), vocab, positions=32))
     with pytest.raises(InputError, match="is for v1 corpora"):
         _plan(small_corpus, tmp_path, init_from=model(str(tmp_path / "v1"), vocab, layout="v1"))
+
+
+def test_the_resume_key_follows_what_a_training_computes_not_where_it_runs(tmp_path):
+    from dataclasses import replace
+
+    from rankformer.train.config import ScaleOptions, TrackOptions
+    from rankformer.train.pretrain import resume_key
+
+    cfg = PretrainConfig(corpus="c", out=str(tmp_path / "m"), max_steps=40)
+    key = resume_key(cfg)
+    same = [
+        replace(
+            cfg, scale=ScaleOptions(ray_address="ray://h:10001", storage_path="s3://b/r", max_failures=3)
+        ),
+        replace(cfg, scale=ScaleOptions(placement="SPREAD", keep_checkpoints=5, cpus_per_worker=2.0)),
+        replace(cfg, track=TrackOptions(experiment="other", registered_model="m")),
+    ]
+    assert {resume_key(c) for c in same} == {key}
+    other = [
+        replace(cfg, max_steps=41),
+        replace(cfg, out=str(tmp_path / "m2")),
+        replace(cfg, seed=1),
+        replace(cfg, scale=ScaleOptions(num_workers=2)),
+    ]
+    assert len({key, *(resume_key(c) for c in other)}) == 5

@@ -71,6 +71,29 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] 
     return str(run.info.run_id)
 
 
+RESUME_TAG = "rankformer.resume_key"
+
+
+def find_run(uri: str, experiment: str, key: str) -> dict[str, Any] | None:
+    """The latest run of ``experiment`` tagged with resume key ``key`` (``run_id``, ``status``,
+    ``tags``), or None."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`{RESUME_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
+    )
+    if not runs:
+        return None
+    return {"run_id": str(runs[0].info.run_id), "status": str(runs[0].info.status), "tags": runs[0].data.tags}
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """An interrupted run running again (a rerun that resumes its training logs into it)."""
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 

@@ -263,10 +263,33 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     p = plan(cfg)
     uri = p.tracking_uri
     name = cfg.track.run_name or f"pretrain-{os.path.basename(cfg.out.rstrip('/'))}"
-    tags = {"job": "pretrain", "vocab_hash": p.vocab.content_hash, "corpus": cfg.corpus}
-    run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
+    key = resume_key(cfg)
+    earlier = tracking.find_run(uri, cfg.track.experiment, key)
+    if earlier is not None and earlier["status"] == "FINISHED":
+        done = _finished_model(cfg, earlier["run_id"])
+        if done is not None:
+            return done
+        earlier = None  # finished, but its model is gone or replaced: train again
+    if earlier is not None and TRAIN_RUN_TAG in earlier["tags"]:
+        # the same training, interrupted: it resumes from its last checkpoint, in its MLflow run
+        run_id, train_run = earlier["run_id"], earlier["tags"][TRAIN_RUN_TAG]
+        tracking.reopen_run(uri, run_id)
+        resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
+        tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
+        print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run})")
+    else:
+        tags = {
+            "job": "pretrain",
+            "vocab_hash": p.vocab.content_hash,
+            "corpus": cfg.corpus,
+            tracking.RESUME_TAG: key,
+        }
+        run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
+        train_run = f"{name}-{run_id[:8]}"  # the Ray Train run: its checkpoint folder in the storage
+        tracking.set_tag(uri, run_id, TRAIN_RUN_TAG, train_run)
     try:
-        tracking.log_params(uri, run_id, config_dict(cfg))
+        if earlier is None:  # a resumed run has its params (MLflow never changes one)
+            tracking.log_params(uri, run_id, config_dict(cfg))
         import ray.data
 
         from rankformer.cluster import ensure_ray
@@ -284,13 +307,55 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "mean_length": p.mean_length,
         }
         with tracking.system_metrics(uri, run_id):
-            result = fit(pretrain_worker, config, {"train": ds}, cfg.scale, f"{name}-{run_id[:8]}")
+            result = fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run)
         summary = _finish(cfg, p, result, run_id)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
     tracking.end_run(uri, run_id)
     return summary
+
+
+# options that change where and how robustly a training runs, not what it computes: a rerun that
+# changes only these resumes the same training
+_PLACE_ONLY = (
+    "ray_address",
+    "in_process",
+    "storage_path",
+    "max_failures",
+    "keep_checkpoints",
+    "placement",
+    "cpus_per_worker",
+)
+TRAIN_RUN_TAG = "rankformer.train_run"  # the Ray Train run name of an MLflow run's training
+RESUMES_TAG = "rankformer.resumes"  # how many reruns resumed it
+
+
+def resume_key(cfg: PretrainConfig) -> str:
+    """What identifies a training: its output and every option that changes what it computes.
+    It tags the MLflow run (which records its Ray Train run name, i.e. its checkpoint folder in
+    the storage path), so that rerunning an interrupted job resumes from its last checkpoint, in
+    the same run."""
+    doc = config_dict(cfg)
+    doc.pop("track")
+    for k in _PLACE_ONLY:
+        doc["scale"].pop(k)
+    out = cfg.out if fs.is_remote(cfg.out) else os.path.abspath(cfg.out)
+    return hashlib.sha256(json.dumps([out, doc], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished_model(cfg: PretrainConfig, run_id: str) -> dict[str, Any] | None:
+    """The summary of this same training, finished as MLflow run ``run_id``, when its model is
+    at ``cfg.out`` (a rerun then does nothing), else None."""
+    from rankformer.model.store import META
+
+    if not fs.exists(fs.join(cfg.out, META)):
+        return None
+    training = json.loads(fs.read_bytes(fs.join(cfg.out, META))).get("training", {})
+    if training.get("mlflow_run_id") != run_id:
+        return None
+    print(f"already pretrained with these options -> {cfg.out} (MLflow run {run_id}); nothing to do")
+    return {"out": cfg.out, "run_id": run_id, "already_done": True, **training}
 
 
 def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str, Any]:
