@@ -187,3 +187,17 @@ def test_the_resume_key_follows_what_a_training_computes_not_where_it_runs(tmp_p
         replace(cfg, scale=ScaleOptions(num_workers=2)),
     ]
     assert len({key, *(resume_key(c) for c in other)}) == 5
+
+
+def test_a_cluster_of_several_machines_needs_a_storage_path(monkeypatch):
+    """Ray Train writes checkpoints from the workers and reads them from the driver: a local
+    default only works on one machine (the two-raylet test cluster is one)."""
+    from rankformer.train import ray_train
+    from rankformer.train.config import ScaleOptions
+
+    monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"10.0.0.1", "10.0.0.2"})
+    with pytest.raises(InputError, match=r"spans 2 machines .* Give --storage-path s3://"):
+        ray_train.checkpoint_storage(ScaleOptions(), "/work/ray_results")
+    assert ray_train.checkpoint_storage(ScaleOptions(storage_path="s3://b/ckpt"), "/x") == "s3://b/ckpt"
+    monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"127.0.0.1"})
+    assert ray_train.checkpoint_storage(ScaleOptions(), "/work/ray_results") == "/work/ray_results"

@@ -373,13 +373,13 @@ def train_classifier(
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
-    from rankformer.train.ray_train import fit
+    from rankformer.train.ray_train import checkpoint_storage, fit
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))
     ray.data.DataContext.get_current().enable_progress_bars = False
     table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
     ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
-    storage = scale.storage_path or os.path.join(os.path.abspath(workdir), "ray")
+    storage = checkpoint_storage(scale, os.path.join(os.path.abspath(workdir), "ray"))
     scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
     score = (SELECT, "max") if spec.val_ids else ("loss", "min")
     # The Ray Train run name is its checkpoint folder in the storage: it must be this training's

@@ -88,6 +88,31 @@ def worker_setup(config: dict[str, Any]) -> None:
         os.environ[FAULT_ENV] = config["fault_inject"]
 
 
+def cluster_hosts() -> set[str]:
+    """The addresses of the machines of the connected Ray cluster's live nodes."""
+    import ray
+
+    return {str(n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive")}
+
+
+def checkpoint_storage(scale: ScaleOptions, default: str) -> str:
+    """Where Ray Train keeps a run's checkpoints: ``--storage-path`` when given, else ``default``
+    (a local folder), which only works while every node is on this machine: Ray Train writes
+    checkpoints from the workers and reads them back from the driver. Call with Ray connected."""
+    from rankformer.errors import InputError
+
+    if scale.storage_path:
+        return scale.storage_path
+    hosts = cluster_hosts()
+    if len(hosts) > 1:
+        raise InputError(
+            f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(hosts)[:4])}) and no "
+            f"--storage-path was given: checkpoints would go to {default} on each machine's own disk. "
+            "Give --storage-path s3://BUCKET/PREFIX, or a shared filesystem path mounted on every node"
+        )
+    return default
+
+
 def fit(
     worker_fn: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
@@ -103,7 +128,7 @@ def fit(
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
-    storage = scale.storage_path or os.path.abspath("ray_results")
+    storage = checkpoint_storage(scale, os.path.abspath("ray_results"))
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={**config, "fault_inject": os.environ.get(FAULT_ENV)},
