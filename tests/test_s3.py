@@ -93,11 +93,14 @@ def test_streamed_copy_round_trip_and_a_missing_source(bucket, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
 
 
-def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
-    """An s3:// model is copied to a temporary folder for the load and the folder removed after;
-    a check without weights copies only the metadata, vocabulary and config."""
+def test_a_model_from_s3_is_fetched_once_per_machine_and_version(bucket, tmp_path, monkeypatch):
+    """A check without weights copies only the metadata, vocabulary and config, to a temporary
+    folder removed after. A load fetches the model into this machine's model cache once: the next
+    loads (threads at once included) fetch nothing; a model rewritten in place is fetched again;
+    the least recently used model leaves the cache beyond its size."""
     import os
     import tempfile
+    import threading
 
     import torch
     from transformers import BertForMaskedLM
@@ -110,22 +113,29 @@ def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
 
     name, _ = bucket
     vocab = build_vocab([f"ENSG{i:011d}" for i in range(1, 31)], [1.0] * 30)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(bert_config(preset("tiny"), vocab)).eval()
-    local = tmp_path / "model"
-    save_model_dir(model, vocab, {"task": "masked-lm", "layout": "v2"}, str(local))
     s3 = s3fs.S3FileSystem()
-    s3.put(str(local), f"{name}/models/tiny", recursive=True)
+
+    def upload(seed: int, prefix: str) -> BertForMaskedLM:
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(bert_config(preset("tiny"), vocab)).eval()
+        local = tmp_path / f"model-{seed}"
+        save_model_dir(model, vocab, {"task": "masked-lm", "layout": "v2"}, str(local))
+        for f in local.iterdir():  # file by file: over an existing model, each file replaced
+            s3.put(str(f), f"{name}/{prefix}/{f.name}")
+        return model
+
+    model = upload(0, "models/tiny")
     uri = f"s3://{name}/models/tiny"
-    scratch = tmp_path / "scratch"
+    scratch, cache = tmp_path / "scratch", tmp_path / "cache"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("RANKFORMER_MODEL_CACHE", str(cache))
+    monkeypatch.setenv("RANKFORMER_MODEL_CACHE_KEEP", "1")
     fetched: list[str] = []
     real_copy = rfs.copy
 
     def spy(src, dst):
-        if str(dst).startswith(str(scratch)):
-            fetched.append(os.path.basename(dst))
+        fetched.append(os.path.basename(dst))
         real_copy(src, dst)
 
     monkeypatch.setattr(rfs, "copy", spy)
@@ -133,12 +143,34 @@ def test_model_from_s3_leaves_no_copy_behind(bucket, tmp_path, monkeypatch):
     assert info.layout == "v2" and info.positions == model.config.max_position_embeddings
     assert model_meta(uri)["task"] == "masked-lm"
     assert sorted(set(fetched)) == ["config.json", "rankformer.json", "vocab.json"]
-    loaded = load_model(uri, expect_vocab_hash=vocab.content_hash)
-    assert "model.safetensors" in fetched
+    assert os.listdir(scratch) == [] and not cache.exists()
     ids = torch.tensor([[2, 5, 9, 3]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert os.listdir(scratch) == []
+
+    def logits(m):
+        with torch.no_grad():
+            return m.eval()(input_ids=ids).logits
+
+    fetched.clear()
+    loaded = load_model(uri, expect_vocab_hash=vocab.content_hash)
+    torch.testing.assert_close(logits(loaded.model), logits(model))
+    assert fetched.count("model.safetensors") == 1
+    entries = [e for e in os.listdir(cache) if not e.endswith(".lock")]
+    assert len(entries) == 1 and os.listdir(scratch) == []
+    threads = [threading.Thread(target=load_model, args=(uri,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fetched.count("model.safetensors") == 1  # three more loads, nothing fetched
+
+    changed = upload(1, "models/tiny")  # rewritten in place: another version
+    torch.testing.assert_close(logits(load_model(uri).model), logits(changed))
+    assert fetched.count("model.safetensors") == 2
+    assert [e for e in os.listdir(cache) if not e.endswith(".lock")] != entries  # the old one evicted
+    assert len([e for e in os.listdir(cache) if not e.endswith(".lock")]) == 1
+    monkeypatch.setenv("RANKFORMER_MODEL_CACHE", "off")  # no cache: a temporary copy, removed after
+    torch.testing.assert_close(logits(load_model(uri).model), logits(changed))
+    assert fetched.count("model.safetensors") == 3 and os.listdir(scratch) == []
 
 
 def test_embed_and_perturb_with_model_corpus_and_outputs_on_s3(bucket, tmp_path):

@@ -5,6 +5,8 @@ without the weights)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,11 +33,17 @@ if TYPE_CHECKING:
 LIGHT_FILES = (META, VOCAB, "config.json")  # what a model says about itself, without its weights
 
 
+CACHE_ENV = "RANKFORMER_MODEL_CACHE"  # folder of fetched models on this machine; "off": none
+CACHE_KEEP_ENV = "RANKFORMER_MODEL_CACHE_KEEP"  # models it keeps (least recently used go first)
+CACHE_KEEP = 3
+
+
 @contextmanager
 def local_model_dir(uri: str, tracking_uri: str | None = None, weights: bool = True) -> Iterator[str]:
     """The model folder at ``uri`` as a local folder for the block. A remote one (``s3://`` or
-    ``models:/``) is copied into a temporary folder that is removed afterwards (the weights, once
-    loaded, live in memory); ``weights=False`` copies only its metadata, vocabulary and config."""
+    ``models:/``) with its weights comes from this machine's model cache (:func:`cached_model_dir`),
+    fetched once per machine and version, not once per worker; ``weights=False`` copies only its
+    metadata, vocabulary and config into a temporary folder removed afterwards."""
     remote = uri.startswith("models:/") or fs.is_remote(uri)
     if not remote:
         if not os.path.isdir(uri):
@@ -44,21 +52,104 @@ def local_model_dir(uri: str, tracking_uri: str | None = None, weights: bool = T
             )
         yield uri
         return
-    files = None if weights else LIGHT_FILES
+    if weights and _cache_root() is not None:
+        with cached_model_dir(uri, tracking_uri) as local:
+            yield local
+        return
     tmp = tempfile.mkdtemp(prefix="rankformer-model-")
     try:
-        if uri.startswith("models:/"):
-            from rankformer.tracking import download_model
-
-            yield download_model(uri, tracking_uri, tmp, files)
-            return
-        if not fs.exists(fs.join(uri, META)):
-            raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
-        for name in files or fs.listdir(uri):
-            fs.copy(fs.join(uri, name), os.path.join(tmp, name))
-        yield tmp
+        yield _fetch(uri, tracking_uri, tmp, None if weights else LIGHT_FILES)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(uri: str, tracking_uri: str | None, dst: str, files: tuple[str, ...] | None) -> str:
+    """Copy the remote model at ``uri`` (only ``files`` of it when given) into ``dst``; returns
+    the local model folder."""
+    if uri.startswith("models:/"):
+        from rankformer.tracking import download_model
+
+        return download_model(uri, tracking_uri, dst, files)
+    if not fs.exists(fs.join(uri, META)):
+        raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
+    for name in files or fs.listdir(uri):
+        fs.copy(fs.join(uri, name), os.path.join(dst, name))
+    return dst
+
+
+def _cache_root() -> str | None:
+    root = os.environ.get(CACHE_ENV)
+    if root == "off":
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return root or os.path.join(base, "rankformer", "models")
+
+
+def _version_of(uri: str, tracking_uri: str | None) -> str:
+    """What identifies the files of a remote model now: for ``s3://`` its objects' names, sizes
+    and ETags (a model rewritten in place is another version), for ``models:/`` the registry's
+    name, version and artifact source (a version's files never change; an alias moves)."""
+    if uri.startswith("models:/"):
+        from rankformer import tracking
+
+        store = tracking.resolve_uri(tracking_uri)
+        v = tracking.model_version_info(store, uri)
+        doc: Any = [store, v["name"], v["version"], v["source"]]
+    else:
+        if not fs.exists(fs.join(uri, META)):
+            raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
+        listing = fs.filesystem(uri).ls(uri, detail=True)
+        doc = [
+            uri,
+            sorted((e["name"], e.get("size"), str(e.get("ETag") or e.get("LastModified"))) for e in listing),
+        ]
+    return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:24]
+
+
+@contextmanager
+def cached_model_dir(uri: str, tracking_uri: str | None = None) -> Iterator[str]:
+    """The remote model at ``uri`` in this machine's model cache (``RANKFORMER_MODEL_CACHE``,
+    default ``~/.cache/rankformer/models``), fetched if absent; the same version is fetched once
+    per machine however many workers ask at once (a file lock; the folder appears by one rename).
+    While the block runs the entry is never evicted; the cache keeps the ``CACHE_KEEP`` (env
+    ``RANKFORMER_MODEL_CACHE_KEEP``) most recently used models."""
+    import fcntl
+
+    root = _cache_root() or ""
+    os.makedirs(root, exist_ok=True)
+    key = _version_of(uri, tracking_uri)
+    entry = os.path.join(root, key)
+    with open(entry + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per machine; others wait for it
+        if not os.path.isfile(os.path.join(entry, META)):
+            shutil.rmtree(entry, ignore_errors=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root)
+            try:
+                got = _fetch(uri, tracking_uri, tmp, None)
+                os.rename(got, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        os.utime(entry)  # most recently used
+        fcntl.flock(lock, fcntl.LOCK_SH)  # in use: eviction skips it
+        _evict(root, keep=int(os.environ.get(CACHE_KEEP_ENV, CACHE_KEEP)), spare=key)
+        yield entry
+
+
+def _evict(root: str, keep: int, spare: str) -> None:
+    """Remove the least recently used entries beyond ``keep``, skipping any in use."""
+    import fcntl
+
+    entries = [e for e in os.listdir(root) if not e.startswith(".") and not e.endswith(".lock")]
+    entries.sort(key=lambda e: os.path.getmtime(os.path.join(root, e)), reverse=True)
+    for name in entries[keep:]:
+        if name == spare:
+            continue
+        with open(os.path.join(root, name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a worker is loading it
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def model_meta(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
