@@ -391,26 +391,38 @@ def test_bad_input_is_named_before_training(world, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster):
+def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster, s3_server):
     """The same training through Ray Train: 2 workers (DDP over gloo), rank 0 logging to the run,
-    checkpoints in the run's storage, the best epoch by validation kept."""
+    the best epoch by validation kept; with the output on s3:// and no --storage-path, checkpoints
+    go to OUT/.work on s3 (every node reaches it), and a rerun resumes from them: no step is
+    trained again and the classifier is the same."""
+    import boto3
+    import s3fs
     from mlflow.tracking import MlflowClient
 
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="finetune-test")
+    db = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _cells_cfg(
         world,
-        tmp_path / "ray",
+        "s3://finetune-test/cells",
         epochs=2.0,
         frozen_baseline=False,
-        scale={"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "ckpt")},
-        track={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ray"},
+        scale={"num_workers": 2, "cpus_per_worker": 0.5},
+        track={"tracking_uri": db, "experiment": "ray"},
     )
     summary = run_finetune_cells(cfg)
     assert summary["test_macro_f1"] >= 0.8
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(db)
     exp = client.get_experiment_by_name("ray")
     train = client.search_runs([exp.experiment_id], "attributes.run_name = 'train'")
     assert train and client.get_metric_history(train[0].info.run_id, "val_macro_f1")  # rank 0 scored epochs
-    assert (tmp_path / "ckpt").is_dir()  # checkpoints went to the Ray Train storage
+    assert s3fs.S3FileSystem().find("finetune-test/cells/.work/ray")  # checkpoints in the run's storage
+    again = run_finetune_cells(cfg)
+    assert again["test_macro_f1"] == summary["test_macro_f1"]
+    runs = client.search_runs(
+        [exp.experiment_id], "attributes.run_name = 'train'", order_by=["start_time DESC"]
+    )
+    assert len(runs) == 2 and not client.get_metric_history(runs[0].info.run_id, "loss")  # resumed: no step
 
 
 @needs_shared()

@@ -150,6 +150,7 @@ def search(
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
+    from rankformer.train.finetune import local_dir
 
     ensure_ray(ClusterOptions())
     space = {
@@ -178,7 +179,7 @@ def search(
             num_samples=opts.trials,
             scheduler=ASHAScheduler(max_t=evals, grace_period=max(1, opts.grace_steps // opts.eval_every)),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(storage), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(local_dir(storage)), verbose=0),
     )
     grid = tuner.fit()
     uri, experiment, parent = mlflow

@@ -352,15 +352,18 @@ def train_classifier(
 ) -> torch.nn.Module:
     """Train ``spec`` on the rows (``ids``, ``y``); the trained classifier, in this process.
 
-    In this process (one worker, no cluster named) checkpoints go to ``workdir``; on Ray Train to
-    the run's storage. Either way a rerun after a crash resumes from the last checkpoint."""
+    In this process (one worker, no cluster named) checkpoints go to ``workdir`` (to a temporary
+    folder when it is remote: no resume then); on Ray Train to ``--storage-path``, else
+    ``workdir/ray``. A rerun after a crash resumes from the last checkpoint."""
     from rankformer.train.local import LocalContext
     from rankformer.train.loop import run_loop
 
     if in_process(scale):
         model = classifier_for(spec)
         tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
-        ctx = LocalContext(os.path.join(workdir, name), "cuda" if scale.use_gpu else "cpu", tracking)
+        ctx = LocalContext(
+            os.path.join(local_dir(workdir), name), "cuda" if scale.use_gpu else "cpu", tracking
+        )
         run_loop(model, _task(spec, local_rows(ids, y, spec.seed), 0), loop_options(spec), ctx)
         best = ctx.best(SELECT)
         if best:
@@ -379,13 +382,17 @@ def train_classifier(
     ray.data.DataContext.get_current().enable_progress_bars = False
     table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
     ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
-    storage = checkpoint_storage(scale, os.path.join(os.path.abspath(workdir), "ray"))
+    from rankformer.io import fs
+
+    if not fs.is_remote(workdir):
+        workdir = os.path.abspath(workdir)
+    storage = checkpoint_storage(scale, fs.join(workdir, "ray"))
     scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
     score = (SELECT, "max") if spec.val_ids else ("loss", "min")
     # The Ray Train run name is its checkpoint folder in the storage: it must be this training's
     # own (a rerun of the same job and training resumes; any other job, sharing a cluster-wide
     # storage path, must not pick up its checkpoints)
-    what = json.dumps([os.path.abspath(workdir), {k: v for k, v in asdict(spec).items() if k != "run_id"}])
+    what = json.dumps([workdir, {k: v for k, v in asdict(spec).items() if k != "run_id"}])
     run = f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
     result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, run, score)
     model = classifier_for(spec)
@@ -399,16 +406,26 @@ def train_classifier(
 
 
 def scratch_dir(out: str) -> str:
-    """Checkpoints of a job writing to ``out``: beside it for a local output, else a temporary
-    folder removed when the process exits."""
+    """Where a job writing to ``out`` keeps its training checkpoints: ``OUT/.work``, local or
+    ``s3://``, so that a rerun resumes (and on a cluster every node reaches an s3:// one)."""
+    from rankformer.io import fs
+
+    if fs.is_remote(out):
+        return fs.join(out, ".work")
+    d = os.path.join(os.path.abspath(out), ".work")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def local_dir(workdir: str) -> str:
+    """A local folder for what must be local (checkpoints of training in this process, Ray Tune's
+    state): ``workdir`` itself, or for an ``s3://`` one a temporary folder removed at exit."""
     import atexit
 
     from rankformer.io import fs
 
-    if fs.is_remote(out):
-        d = tempfile.mkdtemp(prefix="rankformer-finetune-")
-        atexit.register(shutil.rmtree, d, True)
-        return d
-    d = os.path.join(os.path.abspath(out), ".work")
-    os.makedirs(d, exist_ok=True)
+    if not fs.is_remote(workdir):
+        return workdir
+    d = tempfile.mkdtemp(prefix="rankformer-finetune-")
+    atexit.register(shutil.rmtree, d, True)
     return d

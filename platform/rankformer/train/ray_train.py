@@ -96,15 +96,16 @@ def cluster_hosts() -> set[str]:
 
 
 def checkpoint_storage(scale: ScaleOptions, default: str) -> str:
-    """Where Ray Train keeps a run's checkpoints: ``--storage-path`` when given, else ``default``
-    (a local folder), which only works while every node is on this machine: Ray Train writes
-    checkpoints from the workers and reads them back from the driver. Call with Ray connected."""
+    """Where Ray Train keeps a run's checkpoints: ``--storage-path`` when given, else ``default``;
+    a local default only works while every node is on this machine (Ray Train writes checkpoints
+    from the workers and reads them back on the driver). Call with Ray connected."""
     from rankformer.errors import InputError
+    from rankformer.io import fs
 
     if scale.storage_path:
         return scale.storage_path
     hosts = cluster_hosts()
-    if len(hosts) > 1:
+    if len(hosts) > 1 and not fs.is_remote(default):
         raise InputError(
             f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(hosts)[:4])}) and no "
             f"--storage-path was given: checkpoints would go to {default} on each machine's own disk. "
