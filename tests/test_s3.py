@@ -171,6 +171,10 @@ def test_a_model_from_s3_is_fetched_once_per_machine_and_version(bucket, tmp_pat
     monkeypatch.setenv("RANKFORMER_MODEL_CACHE", "off")  # no cache: a temporary copy, removed after
     torch.testing.assert_close(logits(load_model(uri).model), logits(changed))
     assert fetched.count("model.safetensors") == 3 and os.listdir(scratch) == []
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RANKFORMER_MODEL_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made
+    torch.testing.assert_close(logits(load_model(uri).model), logits(changed))  # as with off
+    assert fetched.count("model.safetensors") == 4 and os.listdir(scratch) == []
 
 
 def test_embed_and_perturb_with_model_corpus_and_outputs_on_s3(bucket, tmp_path):

@@ -52,8 +52,9 @@ def local_model_dir(uri: str, tracking_uri: str | None = None, weights: bool = T
             )
         yield uri
         return
-    if weights and _cache_root() is not None:
-        with cached_model_dir(uri, tracking_uri) as local:
+    root = _cache_root() if weights else None
+    if root is not None:
+        with cached_model_dir(uri, tracking_uri, root) as local:
             yield local
         return
     tmp = tempfile.mkdtemp(prefix="rankformer-model-")
@@ -78,11 +79,18 @@ def _fetch(uri: str, tracking_uri: str | None, dst: str, files: tuple[str, ...] 
 
 
 def _cache_root() -> str | None:
+    """The model cache folder, created; None when it is off or cannot be written (a read-only
+    home: loads then use a temporary copy, as with ``off``)."""
     root = os.environ.get(CACHE_ENV)
     if root == "off":
         return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return root or os.path.join(base, "rankformer", "models")
+    root = root or os.path.join(base, "rankformer", "models")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:
+        return None
+    return root if os.access(root, os.W_OK) else None
 
 
 def _version_of(uri: str, tracking_uri: str | None) -> str:
@@ -107,16 +115,14 @@ def _version_of(uri: str, tracking_uri: str | None) -> str:
 
 
 @contextmanager
-def cached_model_dir(uri: str, tracking_uri: str | None = None) -> Iterator[str]:
-    """The remote model at ``uri`` in this machine's model cache (``RANKFORMER_MODEL_CACHE``,
+def cached_model_dir(uri: str, tracking_uri: str | None, root: str) -> Iterator[str]:
+    """The remote model at ``uri`` in this machine's model cache ``root`` (``RANKFORMER_MODEL_CACHE``,
     default ``~/.cache/rankformer/models``), fetched if absent; the same version is fetched once
     per machine however many workers ask at once (a file lock; the folder appears by one rename).
     While the block runs the entry is never evicted; the cache keeps the ``CACHE_KEEP`` (env
     ``RANKFORMER_MODEL_CACHE_KEEP``) most recently used models."""
     import fcntl
 
-    root = _cache_root() or ""
-    os.makedirs(root, exist_ok=True)
     key = _version_of(uri, tracking_uri)
     entry = os.path.join(root, key)
     with open(entry + ".lock", "a") as lock:
