@@ -277,6 +277,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
         tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
         print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run})")
+        if earlier["status"] == "RUNNING":  # a killed driver leaves it so; so does a live one
+            print(
+                f"note: MLflow run {run_id} was still marked running; if its job is alive, stop this one "
+                "(both would write the same checkpoints)"
+            )
     else:
         tags = {
             "job": "pretrain",
