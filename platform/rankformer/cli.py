@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rows-in-memory",
         type=int,
         help="rows the test holds at once (about 120 B each; default 2,000,000); the rest wait on local "
-        "disk (16 B each)",
+        "disk (12 B each)",
     )
     from rankformer.serving import ServeConfig
 

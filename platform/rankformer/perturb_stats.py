@@ -10,8 +10,9 @@ are ranked among every row at that rank, the rank sums are combined with weights
 the statistic is compared with its normal approximation, ties corrected. Its null is therefore the
 other genes perturbed at the gene's own ranks, every one of them, in the gene's own proportions;
 nothing is sampled, so the result is deterministic. Genes a cell did not hold (rank -1: an
-overexpression of an absent gene) form a stratum of their own. One sort of all rows and a few group
-sums compute it for every gene at once; only the score columns are read, shard by shard.
+overexpression of an absent gene) form a stratum of their own. A sort and a few group sums compute
+it for every gene at once, on ranges of strata of bounded size (:func:`stats_table`); only the
+score columns are read, shard by shard.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def stats_table(
 
     Two passes, memory bounded whatever the number of rows: the first streams ``parts`` once,
     adding per-key sums and setting each row's (rank stratum, key, effect) aside, sorted by
-    stratum (on local disk, 16 bytes a row, once they pass ``rows_in_memory``); the second runs
+    stratum (on local disk, 12 bytes a row, once they pass ``rows_in_memory``); the second runs
     the test on consecutive strata of at most ``rows_in_memory`` rows (or one larger stratum)
     at a time. The test's sums add up over disjoint strata, so the result does not depend on it."""
     from scipy import stats as st
@@ -251,39 +252,9 @@ def stats_table(
             f"{source} has no shift toward {goal_state!r}; its states: {[c[6:] for c in shifts]}"
         )
     floats = ["cell_cosine", "gene_mean_cosine", *shifts]
-    sums = _Sums(["rows", "effect", "effect_n"] + [f"{c}{k}" for c in floats for k in ("", "_n")])
-    index: dict[str, int] = {}
-    per_stratum = np.zeros(0, np.int64)
     with tempfile.TemporaryDirectory(prefix="rankformer-stats-") as folder:
         spill = _Spill(rows_in_memory, folder)
-        for t in (b for part in parts for b in _batches(part)):
-            if not t.num_rows:
-                continue
-            enc = pc.binary_join(t.column("perturbed"), ",").dictionary_encode()
-            local = np.fromiter(
-                (index.setdefault(k, len(index)) for k in enc.dictionary.to_pylist()), np.int64
-            )
-            codes = local[enc.indices.to_numpy()]  # first appearance first
-            per_key: dict[str, np.ndarray] = {"rows": np.bincount(codes)}
-            for c in floats:
-                x = t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                ok = np.isfinite(x)
-                per_key[c], per_key[f"{c}_n"] = np.bincount(codes[ok], x[ok]), np.bincount(codes[ok])
-            if goal_state:
-                effect = t.column(f"shift_{goal_state}").to_numpy(zero_copy_only=False).astype(np.float64)
-            else:
-                effect = 1.0 - t.column("cell_cosine").to_numpy(zero_copy_only=False).astype(np.float64)
-            ok = np.isfinite(effect)
-            per_key["effect"], per_key["effect_n"] = (
-                np.bincount(codes[ok], effect[ok]),
-                np.bincount(codes[ok]),
-            )
-            sums.add(**per_key)
-            rank = t.column("rank").to_numpy(zero_copy_only=False)[ok].astype(np.int64)
-            strata = np.where(rank < 0, 0, rank // rank_window + 1)  # 0: genes the cell did not hold
-            per_stratum = _grown(per_stratum, np.bincount(strata))
-            spill.add(strata, codes[ok], effect[ok])
-        spill.flush()
+        sums, index, per_stratum = _first_pass(parts, floats, goal_state, rank_window, spill)
         n_keys = len(index)
         if not n_keys:
             raise InputError(f"{source} holds no perturbation rows")
@@ -331,6 +302,44 @@ def stats_table(
     res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
     res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
     return res
+
+
+def _first_pass(
+    parts: Iterable[pa.Table | pa.RecordBatch],
+    floats: list[str],
+    goal_state: str | None,
+    rank_window: int,
+    spill: _Spill,
+) -> tuple[_Sums, dict[str, int], np.ndarray]:
+    """One streamed pass over the rows: per-key sums (rows, and sum and count of the finite values
+    of the effect and of each of ``floats``), the key codes (first appearance first), rows per
+    stratum; each row with a finite effect set aside in ``spill``."""
+    sums = _Sums(["rows", "effect", "effect_n"] + [f"{c}{k}" for c in floats for k in ("", "_n")])
+    index: dict[str, int] = {}
+    per_stratum = np.zeros(0, np.int64)
+
+    def column(t: pa.RecordBatch, name: str) -> np.ndarray:
+        return np.asarray(t.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+    for t in (b for part in parts for b in _batches(part)):
+        if not t.num_rows:
+            continue
+        enc = pc.binary_join(t.column("perturbed"), ",").dictionary_encode()
+        local = np.fromiter((index.setdefault(k, len(index)) for k in enc.dictionary.to_pylist()), np.int64)
+        codes = local[enc.indices.to_numpy()]
+        per_key: dict[str, np.ndarray] = {"rows": np.bincount(codes)}
+        effect = column(t, f"shift_{goal_state}") if goal_state else 1.0 - column(t, "cell_cosine")
+        for name, x in [*((c, column(t, c)) for c in floats), ("effect", effect)]:
+            ok = np.isfinite(x)
+            per_key[name], per_key[f"{name}_n"] = np.bincount(codes[ok], x[ok]), np.bincount(codes[ok])
+        sums.add(**per_key)
+        ok = np.isfinite(effect)
+        rank = t.column("rank").to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+        strata = np.where(rank < 0, 0, rank // rank_window + 1)  # 0: genes the cell did not hold
+        per_stratum = _grown(per_stratum, np.bincount(strata))
+        spill.add(strata, codes[ok], effect[ok])
+    spill.flush()
+    return sums, index, per_stratum
 
 
 def _batches(part: pa.Table | pa.RecordBatch) -> list[pa.RecordBatch]:
