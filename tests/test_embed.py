@@ -324,3 +324,40 @@ def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
         model.embed([[2] + [5] * 70 + [3]])
     with pytest.raises(InputError, match="layer 'top'"):
         rankformer.load_model(world.model, layer="top")
+    with pytest.raises(InputError, match=r"holds the pad or mask token"):
+        model.embed([[2, 5, 0, 3]])
+
+
+def test_in_memory_model_tokenizes_cells_for_itself(world):
+    """model.tokenize(adata) is tokenize_anndata with the model's vocabulary, layout and length;
+    an AnnData or a counts matrix given where tokens are expected is named, not read as tokens."""
+    import anndata as ad
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    import rankformer
+    from rankformer.vocab import GeneVocab
+
+    model = rankformer.load_model(world.model)
+    vocab = GeneVocab.load(f"{world.model}/vocab.json")
+    rng = np.random.default_rng(7)
+    counts = rng.poisson(0.4, (12, 40)).astype(np.float32)
+    counts[3] = 0  # no gene: dropped
+    genes = list(vocab.gene_ids[:40])
+    adata = ad.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=genes))
+    adata.obs["donor"] = [f"d{i % 3}" for i in range(12)]
+    cells = model.tokenize(adata, carry=["donor"], report=False)
+    want = rankformer.tokenize_anndata(
+        adata, vocab, layout=model.layout, max_length=model.max_length, carry=["donor"], report=False
+    )
+    assert cells.equals(want) and cells.num_rows == 11 and 3 not in cells.column("source_row").to_pylist()
+    assert model.embed(cells).shape == (11, model.hidden_size)
+    with pytest.raises(InputError, match=r"an AnnData holds counts.*model.tokenize\(adata\)"):
+        model.embed(adata)
+    with pytest.raises(InputError, match="reads as counts, not token ids"):
+        model.embed(counts)
+    with pytest.raises(InputError, match="reads as counts"):
+        model.embed(sp.csr_matrix(counts))
+    with pytest.raises(InputError, match="max_length come from the model"):
+        model.tokenize(adata, max_length=10)
+    assert model.embed(pa.table({"input_ids": [c.tolist() for c in world.cells[:2]]})).shape[0] == 2

@@ -2,8 +2,7 @@
 held in memory, with the model loaded once.
 
     model = rankformer.load_model("gf-v2/")      # folder, s3:// prefix or models:/NAME@ALIAS
-    cells = rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout,
-                                        max_length=model.max_length, carry=["disease"])
+    cells = model.tokenize(adata, counts="raw", carry=["disease"])  # tokenize_anndata for this model
     X = model.embed(cells)                        # (cells, hidden) float32
     genes = model.embed_genes(cells)              # gene_id, symbol, n_occurrences, embedding
     states = model.state_embeddings(cells, cells.column("disease"))
@@ -28,7 +27,27 @@ from rankformer.errors import InputError
 from rankformer.infer_config import check_layer, check_perturbation, check_precision
 
 
-class Model:
+class _TakesCells:
+    """What a model held in memory needs to tokenize cells for itself."""
+
+    vocab: Any
+    layout: str
+    max_length: int
+
+    def tokenize(self, adata: Any, **options: Any) -> pa.Table:
+        """``adata`` rank-value encoded for this model: :func:`rankformer.tokenize_anndata` with
+        the model's vocabulary, layout and length. ``options``: its other arguments (``counts``
+        "X", "raw" or "layers/NAME"; ``carry`` obs columns; ``gene_ids`` for a matrix; ...).
+        Cells without a vocabulary gene are dropped; ``source_row`` says which row each one is."""
+        from rankformer.api import tokenize_anndata
+
+        fixed = [k for k in ("vocab", "layout", "max_length") if k in options]
+        if fixed:
+            raise InputError(f"tokenize: {', '.join(fixed)} come from the model; leave them out")
+        return tokenize_anndata(adata, self.vocab, layout=self.layout, max_length=self.max_length, **options)
+
+
+class Model(_TakesCells):
     """A model for in-memory work: embeddings and perturbation at one layer (``layer``: penultimate,
     last or an index into ``hidden_states``)."""
 
@@ -180,6 +199,16 @@ def token_cells(
     from rankformer.classify.data import token_lists
 
     table = None
+    if hasattr(cells, "obs") and hasattr(cells, "var"):
+        raise InputError(
+            "cells: an AnnData holds counts, not this model's tokens; tokenize it first: "
+            "cells = model.tokenize(adata) (counts='raw' for counts in .raw, carry=[...] for obs columns)"
+        )
+    if (isinstance(cells, np.ndarray) and cells.ndim == 2) or hasattr(cells, "tocsr"):
+        raise InputError(
+            "cells: a 2-D array or sparse matrix reads as counts, not token ids; tokenize it first: "
+            "model.tokenize(matrix, gene_ids=[...]); token id lists go as a list of 1-D lists or arrays"
+        )
     if isinstance(cells, pd.DataFrame):
         cells = pa.Table.from_pandas(cells, preserve_index=False)
     if isinstance(cells, pa.Table):
@@ -199,11 +228,17 @@ def token_cells(
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         ids = [str(i) for i in range(len(arrays))]
     n_tokens = vocab.n_tokens
+    never = [vocab.specials[k] for k in (schema.PAD, schema.MASK) if k in vocab.specials]
     for i, a in enumerate(arrays):
         if not len(a) or a.ndim != 1 or a.min() < 0 or a.max() >= n_tokens:
             raise InputError(
                 f"cells: cell {ids[i]} is not a list of this model's token ids (0..{n_tokens - 1}); "
-                "tokenize with rankformer.tokenize_anndata(adata, model.vocab, layout=model.layout)"
+                "tokenize with model.tokenize(adata)"
+            )
+        if np.isin(a, never).any():
+            raise InputError(
+                f"cells: cell {ids[i]} holds the pad or mask token ({never}); give each cell's tokens "
+                "without padding, as model.tokenize(adata) or read_corpus rows have them"
             )
         if len(a) > max_length:
             raise InputError(
@@ -216,7 +251,7 @@ def token_cells(
 TASKS = {"gene-classification": "genes", "cell-classification": "cells"}
 
 
-class Classifier:
+class Classifier(_TakesCells):
     """A classifier from `rankformer finetune genes|cells` for cells in memory: the prediction
     tables `rankformer predict` writes, for the given cells."""
 

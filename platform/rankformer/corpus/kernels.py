@@ -214,7 +214,8 @@ def rank_chunk(
     has_dups = bool(_has_duplicates(col_token))
     reciprocal = arithmetic == "reciprocal"
     if reciprocal:
-        scale = np.divide(1, n_counts)  # in the dtype of n_counts (integers: float64)
+        with np.errstate(divide="ignore"):  # a cell of no counts: inf, never used (it has no entry)
+            scale = np.divide(1, n_counts)  # in the dtype of n_counts (integers: float64)
         wd = np.result_type(counts.dtype, scale.dtype)
         wd = np.dtype(np.float32) if wd == np.float32 else np.dtype(np.float64)
         data = counts.data.astype(wd, copy=False)
