@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.cluster import user_error_inside
@@ -139,24 +140,49 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 
 # commands that build one config dataclass from flags/--config and call one function with it:
 # (command, subcommand) -> (module, config class, function)
-CONFIG_JOBS = {
-    ("finetune", "genes"): ("rankformer.classify.genes", "FinetuneGenesConfig", "run_finetune_genes"),
-    ("finetune", "cells"): ("rankformer.classify.cells", "FinetuneCellsConfig", "run_finetune_cells"),
-    ("embed", None): ("rankformer.embed", "EmbedConfig", "run_embed"),
-    ("serve", None): ("rankformer.serving", "ServeConfig", "run_serve"),
-    ("perturb", None): ("rankformer.perturb", "PerturbConfig", "run_perturb"),
+CONFIG_JOBS = {  # (command, subcommand): (job module, module of its config class, class, function)
+    ("finetune", "genes"): (
+        "rankformer.classify.genes",
+        "rankformer.train.config",
+        "FinetuneGenesConfig",
+        "run_finetune_genes",
+    ),
+    ("finetune", "cells"): (
+        "rankformer.classify.cells",
+        "rankformer.train.config",
+        "FinetuneCellsConfig",
+        "run_finetune_cells",
+    ),
+    ("embed", None): ("rankformer.embed", "rankformer.infer_config", "EmbedConfig", "run_embed"),
+    ("serve", None): ("rankformer.serving", "rankformer.serving", "ServeConfig", "run_serve"),
+    ("perturb", None): ("rankformer.perturb", "rankformer.infer_config", "PerturbConfig", "run_perturb"),
 }
 
 
 def _config_job(args: argparse.Namespace) -> None:
     import importlib
 
-    module, config_name, function = CONFIG_JOBS[(args.command, getattr(args, "finetune_command", None))]
-    mod = importlib.import_module(module)
-    config_cls = getattr(mod, config_name, None) or getattr(
-        importlib.import_module("rankformer.train.config"), config_name
-    )
-    getattr(mod, function)(build(config_cls, merged_values(args, config_cls)))
+    module, config_module, config_name, function = CONFIG_JOBS[
+        (args.command, getattr(args, "finetune_command", None))
+    ]
+    config_cls = getattr(importlib.import_module(config_module), config_name)
+    cfg = build(config_cls, merged_values(args, config_cls))
+    _model_and_corpus_door(cfg)
+    getattr(importlib.import_module(module), function)(cfg)
+
+
+def _model_and_corpus_door(cfg: Any) -> None:
+    """A job's model against its corpus, from their metadata alone, before the job's module (and
+    torch) is imported: a wrong path or a model of another vocabulary is named in about a second.
+    The job checks them again (the same light files)."""
+    model, corpus = getattr(cfg, "model", None), getattr(cfg, "corpus", None)
+    if not (isinstance(model, str) and isinstance(corpus, str)):
+        return
+    from rankformer.classify.common import check_model_and_corpus
+    from rankformer.tracking import resolve_uri
+
+    track = getattr(cfg, "track", None)
+    check_model_and_corpus(model, corpus, resolve_uri(getattr(track or cfg, "tracking_uri", None)))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
