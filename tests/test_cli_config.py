@@ -101,9 +101,10 @@ def test_registry_round_trip_on_sqlite(tmp_path):
 
 
 def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
-    """`embed`, `perturb` and both fine-tuning jobs read a model's metadata, vocabulary and config
-    at the door without importing torch (an error comes in about a second, not after the ~8 s
-    torch and transformers take); a config.json without the fields the checks need is named."""
+    """`embed`, `perturb`, both fine-tuning jobs and `pretrain --init-from` read a model's
+    metadata, vocabulary and config at the door without importing torch (an error comes in about
+    a second, not after the ~8 s torch and transformers take); a config.json without the fields
+    the checks need is named."""
     import json
     import subprocess
     import sys
@@ -123,11 +124,13 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
         "for cmd in (['embed'], ['perturb', '--mode', 'all'], ['finetune', 'cells', '--label-column', 'x'],\n"
         "            ['finetune', 'genes', '--labels', 'a.txt']):\n"
         f"    assert main([*cmd, *{where!r}]) == 2\n"
+        f"assert main(['pretrain', '--corpus', {corpus!r}, '--out', {str(tmp_path / 'p')!r}, "
+        f"'--init-from', {local!r}]) == 2\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-2000:]
-    assert got.stderr.count("uses vocabulary") == 4
+    assert got.stderr.count("uses vocabulary") == 5
     cfg_path = tmp_path / "model" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     assert inspect_model(local).config.num_hidden_layers == cfg["num_hidden_layers"]

@@ -193,9 +193,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "corpus":
         return _corpus_command(args)
     if args.command == "pretrain":
+        from rankformer.train.plan import plan
+
+        cfg = pretrain_config(args)
+        checked = plan(cfg)  # the door, before torch loads
+
         from rankformer.train.pretrain import run_pretrain
 
-        run_pretrain(pretrain_config(args))
+        run_pretrain(cfg, checked)
         return 0
     if (args.command, getattr(args, "finetune_command", None)) in CONFIG_JOBS:
         _config_job(args)

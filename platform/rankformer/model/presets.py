@@ -8,13 +8,14 @@ size and pad id always come from the GeneVocab, never from the preset.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
-
-from transformers import BertConfig
+from typing import TYPE_CHECKING, Any
 
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.vocab import GeneVocab
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
 def bert_config(p: Preset, vocab: GeneVocab) -> BertConfig:
     """A Hugging Face BertConfig for this preset and vocabulary (absolute positions; models are
     built with SDPA attention)."""
+    from transformers import BertConfig
+
     arch = {k: v for k, v in asdict(p).items() if k != "layout"}
     cfg = BertConfig(
         vocab_size=vocab.n_tokens,

@@ -26,10 +26,11 @@ from rankformer.io import fs
 from rankformer.model.batching import length_grouped, pad_batch
 from rankformer.model.masking import mask_genes
 from rankformer.model.mlm import MaskedGeneLM
-from rankformer.model.presets import bert_config, check_fits, preset
-from rankformer.model.store import check_model_output, save_model_dir
+from rankformer.model.presets import bert_config, preset
+from rankformer.model.store import save_model_dir
 from rankformer.train.config import PretrainConfig
 from rankformer.train.loop import LoopOptions
+from rankformer.train.plan import Plan, plan
 from rankformer.vocab import GeneVocab
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -205,62 +206,14 @@ def save_final(
     return os.path.join(local, "model")
 
 
-@dataclasses.dataclass
-class Plan:
-    """What the driver learned at the door."""
-
-    manifest: dict[str, Any]
-    vocab: GeneVocab
-    layout: str
-    max_length: int
-    mean_length: float
-    tracking_uri: str
-
-
-def plan(cfg: PretrainConfig) -> Plan:
-    """Every check that can fail before the first step, each a clear error."""
-    from rankformer import tracking
-    from rankformer.api import corpus_manifest
-
-    manifest = corpus_manifest(cfg.corpus)
-    totals = manifest["totals"]
-    if totals["cells_out"] == 0:
-        raise InputError(f"corpus {cfg.corpus} holds no cells; tokenize a non-empty input")
-    ccfg = manifest["config"]
-    vocab = GeneVocab.load(cfg.vocab or ccfg["vocab"])
-    if vocab.content_hash != manifest["vocab_hash"]:
-        raise InputError(
-            f"vocabulary {cfg.vocab or ccfg['vocab']} ({vocab.content_hash[:19]}) is not the one corpus "
-            f"{cfg.corpus} was tokenized with ({manifest['vocab_hash'][:19]}); pass the corpus's vocab"
-        )
-    layout, max_length = str(ccfg["layout"]), int(ccfg["max_length"])
-    uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    if cfg.init_from:
-        _check_init(cfg, manifest, layout, max_length, uri)
-    else:
-        check_fits(preset(cfg.preset, cfg.model), cfg.preset, layout, max_length)
-    check_model_output(cfg.out, allow_model=True)
-    tracking.check_reachable(uri)
-    return Plan(manifest, vocab, layout, max_length, totals["tokens"] / totals["cells_out"], uri)
-
-
-def _check_init(
-    cfg: PretrainConfig, manifest: dict[str, Any], layout: str, max_length: int, uri: str
-) -> None:
-    """The initial model's metadata and config against the corpus (its weights load in the workers)."""
-    from rankformer.loader import check_fits_corpus, inspect_model
-
-    info = inspect_model(cfg.init_from or "", uri, expect_vocab_hash=manifest["vocab_hash"])
-    check_fits_corpus(info, cfg.corpus, layout, max_length)
-
-
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pretrain; write, log and register the model; return a summary."""
+def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, Any]:
+    """Pretrain; write, log and register the model; return a summary. ``checked``: the
+    :func:`plan` of ``cfg`` when the caller already made it (the CLI does, before torch loads)."""
     from rankformer import tracking
     from rankformer.api import read_corpus
     from rankformer.train.ray_train import fit
 
-    p = plan(cfg)
+    p = checked or plan(cfg)
     uri = p.tracking_uri
     name = cfg.track.run_name or f"pretrain-{os.path.basename(cfg.out.rstrip('/'))}"
     key = resume_key(cfg)
