@@ -60,9 +60,9 @@ class GeneJob(PretrainedOnCorpus):
 
     def __init__(self, cfg: FinetuneGenesConfig) -> None:
         self.cfg = cfg
+        sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)  # before the model loads
         super().__init__(cfg)
         manifest = self.manifest
-        sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)
         labels = map_labels(sets, self.vocab)
         self.cells: Cells = load_cells(
             cfg.corpus,
