@@ -200,9 +200,8 @@ def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
 
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     from rankformer import tracking
-    from rankformer.api import read_corpus
     from rankformer.classify.common import JobOutput, check_model_and_corpus
-    from rankformer.classify.data import check_columns, parse_where
+    from rankformer.classify.data import check_columns, corpus_columns, parse_where
     from rankformer.cluster import map_shards_actors
     from rankformer.config import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
@@ -212,7 +211,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
         raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
     where = parse_where(cfg.cells_where)
-    names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
+    names = corpus_columns(cfg.corpus)
     check_columns(cfg.corpus, names, list(where), "--cells-where")
     if cfg.plot_column:
         check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")

@@ -71,11 +71,15 @@ def _fetch(uri: str, tracking_uri: str | None, dst: str, files: tuple[str, ...] 
         from rankformer.tracking import download_model
 
         return download_model(uri, tracking_uri, dst, files)
-    if not fs.exists(fs.join(uri, META)):
-        raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
+    _require_model(uri)
     for name in files or fs.listdir(uri):
         fs.copy(fs.join(uri, name), os.path.join(dst, name))
     return dst
+
+
+def _require_model(uri: str) -> None:
+    if not fs.exists(fs.join(uri, META)):
+        raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
 
 
 def _cache_root() -> str | None:
@@ -104,8 +108,7 @@ def _version_of(uri: str, tracking_uri: str | None) -> str:
         v = tracking.model_version_info(store, uri)
         doc: Any = [store, v["name"], v["version"], v["source"]]
     else:
-        if not fs.exists(fs.join(uri, META)):
-            raise InputError(f"{uri} holds no rankformer model (no {META}); check the prefix")
+        _require_model(uri)
         listing = fs.filesystem(uri).ls(uri, detail=True)
         doc = [
             uri,

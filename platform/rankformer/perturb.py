@@ -452,9 +452,8 @@ def _gpus(cfg: PerturbConfig) -> float:
 
 def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer import tracking
-    from rankformer.api import read_corpus
     from rankformer.classify.common import JobOutput, check_model_and_corpus
-    from rankformer.classify.data import check_columns, parse_where
+    from rankformer.classify.data import check_columns, corpus_columns, parse_where
     from rankformer.cluster import map_shards_actors
     from rankformer.config import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
@@ -463,7 +462,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
     where = parse_where(cfg.cells_where)
-    names = list(read_corpus(cfg.corpus, engine="arrow").schema.names)
+    names = corpus_columns(cfg.corpus)
     check_columns(cfg.corpus, names, [*where, *([cfg.state_column] if cfg.state_column else [])], "the")
     if cfg.start_state and cfg.state_column:
         where[cfg.state_column] = [cfg.start_state]

@@ -521,13 +521,18 @@ def serve_document(apps: list[tuple[ServeConfig, str]]) -> dict[str, Any]:
 
 
 def deploy(apps: list[tuple[ServeConfig, str]]) -> None:
-    """Apply a Serve config for these applications (declarative, like `serve deploy`: applications
-    left out are removed) and wait until they run."""
+    """Check each application's model, join or start Ray, apply a Serve config for these
+    applications (declarative, like `serve deploy`: applications left out are removed) and wait
+    until they run."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
+    from rankformer.cluster import ensure_ray
+    from rankformer.config import ClusterOptions
+
     for cfg, _ in apps:
-        check_model(cfg)
+        check_model(cfg)  # before a cluster starts
+    ensure_ray(ClusterOptions())
     doc = serve_document(apps)
     client = serve_start(
         http_options=doc["http_options"],
@@ -572,11 +577,6 @@ def run_serve(cfg: ServeConfig, block: bool = True) -> str:
     the registry alias); other changes replace the replicas."""
     from ray import serve
 
-    from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
-
-    check_model(cfg)  # before a cluster starts
-    ensure_ray(ClusterOptions())
     deploy([(cfg, "/")])
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {cfg.model} at {url} (docs {url}/docs)", flush=True)

@@ -20,7 +20,7 @@ import torch
 from rankformer import schema, tracking
 from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
-from rankformer.classify.data import Cells, check_columns, load_cells, parse_where
+from rankformer.classify.data import Cells, check_columns, corpus_columns, load_cells, parse_where
 from rankformer.classify.genes import logreg
 from rankformer.errors import InputError
 from rankformer.train.config import FinetuneCellsConfig
@@ -114,12 +114,9 @@ class CellJob(PretrainedOnCorpus):
     """One cell-classification job: its cells, labels and splits."""
 
     def __init__(self, cfg: FinetuneCellsConfig) -> None:
-        from rankformer.api import read_corpus
-
         self.cfg = cfg
         cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
-        names = read_corpus(cfg.corpus, engine="arrow").schema.names  # a footer: before the model loads
-        check_columns(cfg.corpus, names, cols, "the")
+        check_columns(cfg.corpus, corpus_columns(cfg.corpus), cols, "the")  # before the model loads
         super().__init__(cfg)
         cells = load_cells(
             cfg.corpus,

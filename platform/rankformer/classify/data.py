@@ -53,6 +53,13 @@ def carried_columns(manifest: dict[str, Any]) -> list[str]:
     return sorted(set(dict(manifest.get("config", {}).get("carry") or {}).values()))
 
 
+def corpus_columns(corpus: str) -> list[str]:
+    """The column names of a corpus, from one shard's footer."""
+    from rankformer.api import read_corpus
+
+    return list(read_corpus(corpus, engine="arrow").schema.names)
+
+
 def check_columns(corpus: str, available: Sequence[str], wanted: Sequence[str], what: str) -> None:
     for col in wanted:
         if col not in available:

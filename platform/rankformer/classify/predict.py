@@ -11,7 +11,7 @@ import pandas as pd
 
 from rankformer import schema, tracking
 from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
-from rankformer.classify.data import load_cells, parse_where
+from rankformer.classify.data import corpus_columns, load_cells, parse_where
 from rankformer.errors import InputError
 from rankformer.infer_config import PredictConfig
 
@@ -35,7 +35,7 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
     model = loaded.model.eval()
     classes = list(meta["classes"])
     extra = [meta["label_column"]] if what == "cells" and meta.get("label_column") else []
-    names = set(_corpus_columns(cfg.corpus))
+    names = set(corpus_columns(cfg.corpus))
     cells = load_cells(
         cfg.corpus,
         parse_where(cfg.cells_where),
@@ -79,12 +79,6 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
         + f" -> {cfg.out}"
     )
     return summary
-
-
-def _corpus_columns(corpus: str) -> list[str]:
-    from rankformer.api import read_corpus
-
-    return list(read_corpus(corpus, engine="arrow").schema.names)
 
 
 def gene_predictions(

@@ -376,14 +376,13 @@ def train_classifier(
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
+    from rankformer.io import fs
     from rankformer.train.ray_train import checkpoint_storage, fit
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))
     ray.data.DataContext.get_current().enable_progress_bars = False
     table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
     ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
-    from rankformer.io import fs
-
     if not fs.is_remote(workdir):
         workdir = os.path.abspath(workdir)
     storage = checkpoint_storage(scale, fs.join(workdir, "ray"))
