@@ -201,3 +201,66 @@ def test_a_cluster_of_several_machines_needs_a_storage_path(monkeypatch):
     assert ray_train.checkpoint_storage(ScaleOptions(storage_path="s3://b/ckpt"), "/x") == "s3://b/ckpt"
     monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"127.0.0.1"})
     assert ray_train.checkpoint_storage(ScaleOptions(), "/work/ray_results") == "/work/ray_results"
+
+
+def test_a_live_training_is_not_driven_twice(small_corpus, tmp_path, monkeypatch):
+    """A rerun while the training's driver lives is refused before Ray starts (both would write
+    the same checkpoints); a stale or dead driver's stamp does not hold it; of two drivers that
+    claim one training at the same moment, exactly one goes on, and an earlier-started live run
+    with the same key holds it against a newer one."""
+    import os
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from rankformer import tracking
+    from rankformer.train.pretrain import TRAIN_RUN_TAG, resume_key, run_pretrain
+
+    track = {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    cfg = PretrainConfig(corpus=small_corpus, out=str(tmp_path / "model"), track=track)
+    uri, key = tracking.resolve_uri(cfg.track.tracking_uri), resume_key(cfg)
+    run = tracking.start_run(uri, cfg.track.experiment, "a", {tracking.RESUME_TAG: key, TRAIN_RUN_TAG: "t"})
+    now = int(time.time())
+    tracking.set_tag(uri, run, tracking.DRIVER_TAG, f"other-host 123 abcd1234 {now - 5}")
+    with pytest.raises(
+        InputError, match=rf"already running: MLflow run {run}, driver on other-host \(pid 123\)"
+    ):
+        run_pretrain(cfg)
+    assert not os.path.exists(cfg.out)
+
+    def stamp(host: str, pid: int, at: int) -> dict[str, str]:
+        return {tracking.DRIVER_TAG: f"{host} {pid} 0123abcd {at}"}
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = socket.gethostname()
+    assert tracking.live_driver(stamp("other-host", 1, now - int(tracking.STALE_S) - 1)) is None
+    assert tracking.live_driver(stamp(here, dead.pid, now)) is None
+    assert (
+        tracking.live_driver(stamp(here, os.getpid(), now - 60), now=now)
+        == f"driver on {here} (pid {os.getpid()}), last seen 60 s ago"
+    )
+    assert tracking.live_driver({}) is None
+
+    monkeypatch.setattr(tracking, "CLAIM_WAIT_S", 1.0)
+    outcome: list[str] = []
+
+    def claim() -> None:
+        try:
+            tracking.claim_run(uri, key, run)
+            outcome.append("on")
+        except InputError as exc:
+            outcome.append(str(exc))
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcome)[0] == "on" and "already running" in sorted(outcome)[1], outcome
+    time.sleep(0.01)
+    later = tracking.start_run(uri, cfg.track.experiment, "b", {tracking.RESUME_TAG: key})
+    with pytest.raises(InputError, match=f"MLflow run {run}"):
+        tracking.claim_run(uri, key, later)
+    tracking.claim_run(uri, key, run)  # the earlier run goes on beside the newer one's fresh stamp

@@ -94,6 +94,106 @@ def reopen_run(uri: str, run_id: str) -> None:
     _client(uri).update_run(run_id, status="RUNNING")
 
 
+# A training's driver stamps its run while it lives ("host pid token unix-seconds"), so that a
+# rerun can tell a live training (refused: both would write the same checkpoints) from one whose
+# driver was killed (resumed).
+DRIVER_TAG = "rankformer.driver"
+BEAT_S = 30.0  # how often a live driver renews its stamp
+STALE_S = 120.0  # a stamp older than this is a dead driver's
+CLAIM_WAIT_S = 0.5  # how long a claim waits before it reads back who holds the training
+
+
+def _stamp() -> str:
+    import socket
+    import time
+    import uuid
+
+    return f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]} {int(time.time())}"
+
+
+def live_driver(tags: Mapping[str, str], now: float | None = None) -> str | None:
+    """Who drives a run, when that driver is alive: its stamp is fresh and, on this machine, its
+    process still runs. None when the run has no stamp or its driver is gone."""
+    import socket
+    import time
+
+    parts = tags.get(DRIVER_TAG, "").split()
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[3].isdigit():
+        return None
+    host, pid, age = parts[0], int(parts[1]), (now or time.time()) - int(parts[3])
+    if age > STALE_S or (host == socket.gethostname() and not _process_runs(pid)):
+        return None
+    return f"driver on {host} (pid {pid}), last seen {max(age, 0):.0f} s ago"
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def claim_run(uri: str, key: str, run_id: str) -> None:
+    """Stamp ``run_id`` as driven by this process, wait ``CLAIM_WAIT_S``, and raise InputError when
+    another live driver holds the training after all: it stamped this same run later (two reruns
+    started at one moment), or it drives an earlier-started run with the same resume ``key``."""
+    import time
+
+    stamp = _stamp()
+    set_tag(uri, run_id, DRIVER_TAG, stamp)
+    time.sleep(CLAIM_WAIT_S)
+    client = _client(uri)
+    mine = client.get_run(run_id)
+    holder = mine.data.tags.get(DRIVER_TAG)
+    if holder != stamp:
+        raise running_elsewhere(run_id, live_driver(mine.data.tags) or f"driver {holder}")
+    query = f"tags.`{RESUME_TAG}` = '{key}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([mine.info.experiment_id], query, max_results=100):
+        who = live_driver(run.data.tags)
+        first = (run.info.start_time, run.info.run_id) < (mine.info.start_time, run_id)
+        if run.info.run_id != run_id and who and first:
+            raise running_elsewhere(run.info.run_id, who)
+
+
+def running_elsewhere(run_id: str, who: str) -> InputError:
+    return InputError(
+        f"this training is already running: MLflow run {run_id}, {who}. Wait for it to finish (a rerun "
+        "then finds its model and does nothing) or stop it: a rerun after that resumes from its last "
+        f"checkpoint (a driver killed on another machine counts as gone {STALE_S:.0f} s after its last stamp)"
+    )
+
+
+@contextmanager
+def heartbeat(uri: str, run_id: str) -> Iterator[None]:
+    """Renew this process's driver stamp on ``run_id`` every ``BEAT_S`` while the block runs."""
+    import sys
+    import threading
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_S):
+            try:
+                set_tag(uri, run_id, DRIVER_TAG, _stamp())
+            except Exception as exc:  # the store is briefly away: training goes on, the next beat retries
+                print(f"warning: could not renew the driver stamp of run {run_id}: {exc}", file=sys.stderr)
+
+    thread = threading.Thread(target=beat, name="rankformer-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    _client(uri).delete_run(run_id)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 

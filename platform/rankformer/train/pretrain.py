@@ -223,18 +223,18 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         if done is not None:
             return done
         earlier = None  # finished, but its model is gone or replaced: train again
-    if earlier is not None and TRAIN_RUN_TAG in earlier["tags"]:
+    resuming = earlier is not None and TRAIN_RUN_TAG in earlier["tags"]
+    if earlier is not None and resuming:
         # the same training, interrupted: it resumes from its last checkpoint, in its MLflow run
         run_id, train_run = earlier["run_id"], earlier["tags"][TRAIN_RUN_TAG]
+        who = tracking.live_driver(earlier["tags"]) if earlier["status"] == "RUNNING" else None
+        if who:  # a live driver: both would write the same checkpoints
+            raise tracking.running_elsewhere(run_id, who)
         tracking.reopen_run(uri, run_id)
         resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
         tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
-        print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run})")
-        if earlier["status"] == "RUNNING":  # a killed driver leaves it so; so does a live one
-            print(
-                f"note: MLflow run {run_id} was still marked running; if its job is alive, stop this one "
-                "(both would write the same checkpoints)"
-            )
+        gone = " (its driver is gone)" if earlier["status"] == "RUNNING" else ""
+        print(f"resuming the interrupted training of MLflow run {run_id}{gone} (Ray Train run {train_run})")
     else:
         tags = {
             "job": "pretrain",
@@ -245,6 +245,12 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
         train_run = f"{name}-{run_id[:8]}"  # the Ray Train run: its checkpoint folder in the storage
         tracking.set_tag(uri, run_id, TRAIN_RUN_TAG, train_run)
+    try:  # a driver that started at the same moment may hold this training
+        tracking.claim_run(uri, key, run_id)
+    except InputError:
+        if not resuming:
+            tracking.delete_run(uri, run_id)  # ours alone; a resumed run is the other driver's
+        raise
     try:
         if earlier is None:  # a resumed run has its params (MLflow never changes one)
             tracking.log_params(uri, run_id, config_dict(cfg))
@@ -264,7 +270,7 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
             "tracking": {"uri": uri, "run_id": run_id},
             "mean_length": p.mean_length,
         }
-        with tracking.system_metrics(uri, run_id):
+        with tracking.system_metrics(uri, run_id), tracking.heartbeat(uri, run_id):
             result = fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run)
         summary = _finish(cfg, p, result, run_id)
     except BaseException:
