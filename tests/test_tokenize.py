@@ -79,6 +79,36 @@ def test_corpus_content_and_manifest(ray_cluster, corpus_inputs, tmp_path):
     assert "b.h5ad" in rows["source_file"][-1] and 5 not in rows["source_row"][81:]
 
 
+def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
+    """The workers and every later stage read the vocabulary from the corpus folder: a corpus
+    moved elsewhere, its vocabulary file gone, still plans its pretraining and explains its cells. A corpus
+    without that copy (older ones) falls back to its config's path, else a named error."""
+    import shutil
+
+    from rankformer.api import corpus_vocab
+    from rankformer.corpus.inspect import explain_cell
+    from rankformer.train.config import PretrainConfig
+    from rankformer.train.plan import plan
+
+    given = tmp_path / "given_vocab.json"
+    shutil.copy(corpus_inputs["vocab"], given)
+    run_tokenize(_config({**corpus_inputs, "vocab": str(given)}, tmp_path / "corpus"))
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.move(tmp_path / "corpus", moved)
+    given.unlink()
+    manifest = json.loads((moved / "manifest.json").read_text())
+    assert corpus_vocab(str(moved)).content_hash == manifest["vocab_hash"]
+    track = {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    cfg = PretrainConfig(corpus=str(moved), out=str(tmp_path / "model"), track=track)
+    assert plan(cfg).vocab.content_hash == manifest["vocab_hash"]
+    assert len(explain_cell(str(moved), row=0)) > 0
+    (moved / "vocab.json").unlink()
+    with pytest.raises(InputError, match=r"holds no vocab.json .* pass that vocabulary \(--vocab\)"):
+        corpus_vocab(str(moved))
+    shutil.copy(corpus_inputs["vocab"], given)
+    assert corpus_vocab(str(moved)).content_hash == manifest["vocab_hash"]
+
+
 def test_tokens_equal_the_plain_restatement(ray_cluster, corpus_inputs, tmp_path):
     import anndata as ad
 

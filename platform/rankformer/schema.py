@@ -20,6 +20,7 @@ EOS: Final = "<eos>"
 
 CORPUS_MANIFEST: Final = "manifest.json"
 CORPUS_CLAIM: Final = "_corpus_config.json"
+CORPUS_VOCAB: Final = "vocab.json"  # the vocabulary a corpus was tokenized with, in its folder
 SHARD_STATS_KEY: Final = b"rankformer.shard"
 
 # Geneformer's normalisation: counts per 10,000.

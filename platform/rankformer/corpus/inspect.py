@@ -48,10 +48,12 @@ def find_row(out: str, cell: str | None = None, row: int | None = None) -> dict[
 
 def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> pd.DataFrame:
     """Every expressed vocabulary gene of the cell in rank order, with how its value came about."""
+    from rankformer.api import corpus_vocab
+
     manifest, _ = _corpus(out)
     cfg = manifest["config"]
     rec = find_row(out, cell, row)
-    vocab = GeneVocab.load(cfg["vocab"], expect_hash=manifest["vocab_hash"])
+    vocab = corpus_vocab(out, manifest)
     read = ReadOptions(**cfg["read"])
     r = int(rec[schema.SOURCE_ROW])
     with open_source(rec[schema.SOURCE_FILE], read.gene_id_column, read.counts) as src:

@@ -133,7 +133,7 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
     """Tokenize one shard into ``<out>/<shard name>``; return its statistics (JSON)."""
     cfg = TokenizeConfig(**json.loads(task["config"]))
     shard = Shard(task["file_index"], task["uri"], task["shard_index"], task["start"], task["stop"])
-    vocab = _vocab(cfg.vocab, task["vocab_hash"])
+    vocab = _vocab(fs.join(cfg.out, schema.CORPUS_VOCAB), task["vocab_hash"])
     stats: dict[str, Any] = {
         "shard": shard.name,
         "file_index": shard.file_index,
@@ -223,6 +223,13 @@ def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
     fs.write_bytes_atomic(claim_uri, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
+def _keep_vocab(cfg: TokenizeConfig, vocab: GeneVocab) -> None:
+    """The vocabulary travels in the corpus folder: every worker reads it there (a path given on
+    the driver may not exist on another node, or from another working directory), and so does
+    every later stage, wherever the corpus is moved."""
+    vocab.save(fs.join(cfg.out, schema.CORPUS_VOCAB))  # a rerun writes the same bytes (same hash)
+
+
 def _check_inputs(cfg: TokenizeConfig, vocab: GeneVocab) -> list[Shard]:
     infos = inspect_inputs(cfg.inputs, cfg.read)
     for info in infos:
@@ -251,6 +258,7 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     shards = _check_inputs(cfg, vocab)
     fingerprint = cfg.output_fingerprint(vocab.content_hash)
     _claim_output(cfg, fingerprint)
+    _keep_vocab(cfg, vocab)
     done = set(fs.listdir(cfg.out))
     pending = [s for s in shards if s.name not in done]
     config_json = json.dumps(to_dict(cfg))

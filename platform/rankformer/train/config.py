@@ -86,7 +86,7 @@ class PretrainConfig:
     preset: str = "tiny"  # tiny, geneformer-v1, geneformer-v2-104m, geneformer-v2-316m
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {num_hidden_layers: 4}
     init_from: str | None = None  # continue pretraining this model (path, s3:// or models:/NAME@ALIAS)
-    vocab: str | None = None  # vocabulary JSON (default: the corpus manifest's)
+    vocab: str | None = None  # vocabulary JSON (default: the one the corpus keeps)
     max_steps: int = 1000  # optimizer steps
     seed: int = 0  # model init, masking, shuffling
     mask_prob: float = 0.15  # share of gene tokens to predict

@@ -29,17 +29,17 @@ class Plan:
 def plan(cfg: PretrainConfig) -> Plan:
     """Every check that can fail before the first step, each a clear error."""
     from rankformer import tracking
-    from rankformer.api import corpus_manifest
+    from rankformer.api import corpus_manifest, corpus_vocab
 
     manifest = corpus_manifest(cfg.corpus)
     totals = manifest["totals"]
     if totals["cells_out"] == 0:
         raise InputError(f"corpus {cfg.corpus} holds no cells; tokenize a non-empty input")
     ccfg = manifest["config"]
-    vocab = GeneVocab.load(cfg.vocab or ccfg["vocab"])
+    vocab = GeneVocab.load(cfg.vocab) if cfg.vocab else corpus_vocab(cfg.corpus, manifest)
     if vocab.content_hash != manifest["vocab_hash"]:
         raise InputError(
-            f"vocabulary {cfg.vocab or ccfg['vocab']} ({vocab.content_hash[:19]}) is not the one corpus "
+            f"vocabulary {cfg.vocab} ({vocab.content_hash[:19]}) is not the one corpus "
             f"{cfg.corpus} was tokenized with ({manifest['vocab_hash'][:19]}); pass the corpus's vocab"
         )
     layout, max_length = str(ccfg["layout"]), int(ccfg["max_length"])
