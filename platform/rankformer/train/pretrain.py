@@ -233,8 +233,8 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         tracking.reopen_run(uri, run_id)
         resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
         tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
-        gone = " (its driver is gone)" if earlier["status"] == "RUNNING" else ""
-        print(f"resuming the interrupted training of MLflow run {run_id}{gone} (Ray Train run {train_run})")
+        gone = "; its driver had stopped without ending it" if earlier["status"] == "RUNNING" else ""
+        print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run}){gone}")
     else:
         tags = {
             "job": "pretrain",
