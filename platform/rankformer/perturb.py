@@ -20,24 +20,23 @@ shards. Memory is bounded by one shard's cells and one cell's variants. Statisti
 from __future__ import annotations
 
 import functools
-import json
 import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.classify.data import split_by_shard, token_lists
+from rankformer.classify.data import token_lists
 from rankformer.embed import Embedder, _read_shard, sample_rows
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
 from rankformer.model.perturbations import delete_each, perturb
+from rankformer.perturb_states import STATES_FILE, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 
 if TYPE_CHECKING:
@@ -48,6 +47,22 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@dataclass
+class _Original:
+    """A cell before perturbation: its states and mean-pooled embedding, where each gene stood
+    (``lut``: token -> position, -1 if absent), each gene's rank, and the states' embeddings
+    (``s_mat``) with the original's cosines to them."""
+
+    cell_id: str
+    h0: torch.Tensor
+    v0: torch.Tensor
+    lut: np.ndarray
+    rank: dict[int, int]
+    s_names: list[str]
+    s_mat: torch.Tensor | None
+    s_cos0: torch.Tensor | None
 
 
 class Perturber(Embedder):
@@ -73,15 +88,23 @@ class Perturber(Embedder):
     def score_cell(
         self, cell: np.ndarray, h0: torch.Tensor, cell_id: str
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        import torch
+        """One cell's rows and per-gene rows: its variants in length-budgeted batches, scored
+        against the original's states ``h0`` (one cell, its own length)."""
+        from rankformer.model.batching import budget_batches
 
-        from rankformer.infer import Batch, hidden_states, mean_pool
-        from rankformer.model.batching import budget_batches, pad_batch
-
-        spec = self.spec
-        n_genes = int((cell >= self.gene_lo).sum())
-        shift = max(1, round(spec["shift"] * n_genes))
         combos = self.variants(cell)
+        seqs = self._sequences(cell, combos, cell_id)
+        orig = self._original(cell, h0, cell_id)
+        rows: list[dict[str, Any]] = []
+        per_gene: list[dict[str, Any]] = []
+        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        for idx in budget_batches(lengths, self.spec["max_tokens"], 256) if len(seqs) else []:
+            self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, per_gene)
+        return rows, per_gene
+
+    def _sequences(self, cell: np.ndarray, combos: list[list[int]], cell_id: str) -> list[np.ndarray]:
+        """Each perturbation's token sequence; an error naming one that would leave no gene."""
+        spec = self.spec
         if (
             spec["kind"] == "delete"
             and all(len(c) == 1 for c in combos)
@@ -90,6 +113,7 @@ class Perturber(Embedder):
         ):
             seqs = delete_each(cell, [c[0] for c in combos])  # every gene alone: the common case
         else:
+            shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
             seqs = [
                 perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos
             ]
@@ -99,71 +123,83 @@ class Perturber(Embedder):
                     f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
                     "out (--cells-where) or perturb fewer genes"
                 )
+        return seqs
+
+    def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> _Original:
+        """What every variant of the cell is scored against."""
+        import torch
+
+        from rankformer.infer import mean_pool
+
         dev = self.device  # scores are computed where the states are; only the scores come back
         h0 = h0.to(dev)
-        keep0 = torch.as_tensor(cell >= self.gene_lo, device=dev)
-        v0 = mean_pool(h0[None], keep0[None])[0]
+        v0 = mean_pool(h0[None], torch.as_tensor(cell >= self.gene_lo, device=dev)[None])[0]
         # where each gene token stood in the original cell (-1: not there); variants' states are
         # matched to the original's by gene with one gather per batch
-        genes0 = cell[cell >= self.gene_lo]
         at = np.flatnonzero(cell >= self.gene_lo)
         lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
-        rank = {g: r for r, g in reversed(list(enumerate(genes0.tolist())))}
-        states = spec["states"]
-        s_names = list(states)
-        s_mat = (
-            torch.tensor(np.asarray([states[k] for k in s_names]), dtype=torch.float32, device=dev)
-            if states
-            else None
-        )
-        s_cos0 = _cos(v0[None], s_mat) if s_mat is not None else None
-        rows: list[dict[str, Any]] = []
-        per_gene: list[dict[str, Any]] = []
-        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
-        for idx in budget_batches(lengths, spec["max_tokens"], 256) if len(seqs) else []:
-            ids, attn = pad_batch([seqs[i] for i in idx], self.pad)
-            h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device)
-            keep1 = (ids >= self.gene_lo).to(dev)
-            v1 = mean_pool(h1, keep1)
-            cell_cos = _cos(v0[None], v1).tolist()
-            shifts = (
-                (_cos(v1[:, None], s_mat[None]) - s_cos0).tolist()
-                if s_mat is not None and s_cos0 is not None
-                else None
-            )
-            p0, common = self._matched(ids, [combos[i] for i in idx], lut)
-            common_d = common.to(dev)
-            # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
-            gene_cos = torch.where(common_d, _cos(h1, h0[p0.to(dev).clamp(min=0)]), 0.0)
-            n_common = common.sum(1)
-            mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
-            if spec["per_gene"]:
-                gene_cos = gene_cos.cpu()
-            for j, i in enumerate(idx.tolist()):
-                row = {
-                    schema.CELL_ID: cell_id,
-                    "perturbed": self.names(combos[i]),
-                    "rank": min((rank[g] for g in combos[i] if g in rank), default=-1),
-                    "cell_cosine": cell_cos[j],
-                    "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
-                }
-                if shifts is not None:
-                    row.update({f"shift_{k}": d for k, d in zip(s_names, shifts[j], strict=True)})
-                rows.append(row)
-                if spec["per_gene"]:
-                    where = torch.nonzero(common[j]).flatten()
-                    where = where[torch.argsort(p0[j, where])]  # in the original cell's order
-                    per_gene += [
-                        {
-                            schema.CELL_ID: cell_id,
-                            "perturbed": row["perturbed"],
-                            "affected_gene": self.gene_of[g],
-                            "cosine": c,
-                        }
-                        for g, c in zip(ids[j, where].tolist(), gene_cos[j, where].tolist(), strict=True)
-                    ]
-        return rows, per_gene
+        rank = {g: r for r, g in reversed(list(enumerate(cell[at].tolist())))}
+        states = self.spec["states"]
+        s_mat = s_cos0 = None
+        if states:
+            s_mat = torch.tensor(np.asarray(list(states.values())), dtype=torch.float32, device=dev)
+            s_cos0 = _cos(v0[None], s_mat)
+        return _Original(cell_id, h0, v0, lut, rank, list(states), s_mat, s_cos0)
+
+    def _score_batch(
+        self,
+        orig: _Original,
+        idx: np.ndarray,
+        seqs: list[np.ndarray],
+        combos: list[list[int]],
+        rows: list[dict[str, Any]],
+        per_gene: list[dict[str, Any]],
+    ) -> None:
+        """One forward pass over a batch of a cell's variants; their rows appended to ``rows``
+        (and ``per_gene``)."""
+        import torch
+
+        from rankformer.infer import Batch, hidden_states, mean_pool
+        from rankformer.model.batching import pad_batch
+
+        dev = self.device
+        ids, attn = pad_batch(seqs, self.pad)
+        h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device)
+        v1 = mean_pool(h1, (ids >= self.gene_lo).to(dev))
+        cell_cos = _cos(orig.v0[None], v1).tolist()
+        shifts = None
+        if orig.s_mat is not None and orig.s_cos0 is not None:
+            shifts = (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).tolist()
+        p0, common = self._matched(ids, combos, orig.lut)
+        # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
+        gene_cos = torch.where(common.to(dev), _cos(h1, orig.h0[p0.to(dev).clamp(min=0)]), 0.0)
+        n_common = common.sum(1)
+        mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
+        gene_cos = gene_cos.cpu() if self.spec["per_gene"] else gene_cos
+        for j, combo in enumerate(combos):
+            row = {
+                schema.CELL_ID: orig.cell_id,
+                "perturbed": self.names(combo),
+                "rank": min((orig.rank[g] for g in combo if g in orig.rank), default=-1),
+                "cell_cosine": cell_cos[j],
+                "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
+            }
+            if shifts is not None:
+                row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts[j], strict=True)})
+            rows.append(row)
+            if self.spec["per_gene"]:
+                where = torch.nonzero(common[j]).flatten()
+                where = where[torch.argsort(p0[j, where])]  # in the original cell's order
+                per_gene += [
+                    {
+                        schema.CELL_ID: orig.cell_id,
+                        "perturbed": row["perturbed"],
+                        "affected_gene": self.gene_of[g],
+                        "cosine": c,
+                    }
+                    for g, c in zip(ids[j, where].tolist(), gene_cos[j, where].tolist(), strict=True)
+                ]
 
     def _matched(
         self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
@@ -358,127 +394,16 @@ def targets_of(
     return listed, (tokens[-1] if anchor else None), not_found
 
 
-class StateSums(Embedder):
-    """One model per actor: per corpus shard, the sum of each state's cells' mean-pooled embeddings
-    and their count."""
-
-    def __call__(self, task: dict[str, Any]) -> bytes:
-        column, wanted = self.spec["state_column"], self.spec["wanted"]
-        table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted}, task.get("rows"))
-        found: dict[str, tuple[np.ndarray, int]] = {}
-        if table.num_rows:
-            cells = token_lists(table)
-            vecs, _ = self.embed(cells)
-            labels = np.asarray([str(v) for v in table.column(column).to_pylist()])
-            for s in wanted:
-                m = labels == s
-                if m.any():
-                    found[s] = (vecs[m].astype(np.float64).sum(0), int(m.sum()))
-        return pickle.dumps({"index": task["index"], "states": found})
-
-
-def _make_state_sums(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
-    return StateSums(spec)
-
-
-STATES_FILE = "states.json"
-
-
-def state_sample(
-    files: list[str], column: str, wanted: list[str], cap: int | None, seed: int
-) -> list[list[int] | None]:
-    """Per shard, the rows (among its cells of the ``wanted`` states) of a seeded sample of at most
-    ``cap`` cells of each state, drawn state by state over the corpus in manifest order; None per
-    shard (every cell) without a cap. Only the state column is read, in threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if cap is None:
-        return [None] * len(files)
-
-    def labels(uri: str) -> pa.Array:
-        col = _read_shard(uri, [column], {column: wanted}).column(column)
-        return pc.cast(col, pa.string()).combine_chunks()
-
-    with ThreadPoolExecutor(16) as pool:
-        per_shard = list(pool.map(labels, files))
-    every = pa.concat_arrays(per_shard) if per_shard else pa.array([], pa.string())
-    rng = np.random.default_rng(seed)
-    keep = []
-    for state in wanted:
-        rows = np.flatnonzero(pc.equal(every, state).to_numpy(zero_copy_only=False))
-        keep.append(rng.choice(rows, cap, replace=False) if len(rows) > cap else rows)
-    chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-    return list(split_by_shard(chosen, [len(a) for a in per_shard]))
-
-
-def state_embeddings(
-    cfg: PerturbConfig, spec: dict[str, Any], files: list[str], opts: Any
-) -> dict[str, list[float]]:
-    """Each state's embedding: the mean of its cells' mean-pooled embeddings, over every cell of
-    the state (``--cells-where`` and ``--start-state`` do not apply). One pass of the actor pool
-    over the shards, summed in shard order (the same vectors however the shards were scheduled),
-    kept in the output folder, so a rerun reuses them."""
-    from rankformer.cluster import map_shards_actors
-
-    if not cfg.state_column:
-        return {}
-    kept = fs.join(cfg.out, STATES_FILE)
-    if fs.exists(kept):  # the folder's job fingerprint matched: same model, corpus and states
-        doc: dict[str, list[float]] = json.loads(fs.read_bytes(kept))
-        return doc
-    wanted = [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
-    sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}
-    sample = state_sample(files, cfg.state_column, wanted, cfg.state_cells, cfg.seed)
-    tasks = [
-        {"uri": f, "index": i, "rows": rows} for i, (f, rows) in enumerate(zip(files, sample, strict=True))
-    ]
-    make = functools.partial(_make_state_sums, sspec)
-    parts = [pickle.loads(p) for p in map_shards_actors(tasks, make, opts, cfg.num_workers, _gpus(cfg))]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for part in sorted(parts, key=lambda x: x["index"]):
-        for s, (vec, n) in part["states"].items():
-            sums[s] = sums.get(s, 0) + vec
-            counts[s] = counts.get(s, 0) + n
-    empty = [s for s in wanted if s not in counts]
-    if empty:
-        raise InputError(f"no cell of state(s) {empty} in column {cfg.state_column!r}; check the state names")
-    return {s: (sums[s] / counts[s]).tolist() for s in wanted}
-
-
-def _gpus(cfg: PerturbConfig) -> float:
-    return 1.0 if cfg.use_gpu else 0.0
-
-
-def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
-    from rankformer import tracking
-    from rankformer.classify.common import JobOutput, check_model_and_corpus
+def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) -> dict[str, Any]:
+    """What every actor needs: the model, what to read and where to write, how to perturb."""
     from rankformer.classify.data import check_columns, corpus_columns, parse_where
-    from rankformer.cluster import map_shards_actors
-    from rankformer.config import ClusterOptions
-    from rankformer.corpus.tokenize import corpus_files
 
-    uri = tracking.resolve_uri(cfg.tracking_uri)
-    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
-    listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
     where = parse_where(cfg.cells_where)
-    names = corpus_columns(cfg.corpus)
-    check_columns(cfg.corpus, names, [*where, *([cfg.state_column] if cfg.state_column else [])], "the")
+    state = [cfg.state_column] if cfg.state_column else []
+    check_columns(cfg.corpus, corpus_columns(cfg.corpus), [*where, *state], "the")
     if cfg.start_state and cfg.state_column:
         where[cfg.state_column] = [cfg.start_state]
-    what = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k not in ("num_workers", "ray_address", "in_process", "use_gpu")
-    }
-    out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
-    named = info.vocab.gene_names
-    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
-    if symbols:  # for the statistics' tables (the rows name genes by id)
-        out.write_json(SYMBOLS_FILE, symbols)
-    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    max_length = info.max_length
-    spec: dict[str, Any] = {
+    return {
         "model": cfg.model,
         "tracking_uri": uri,
         "use_gpu": cfg.use_gpu,
@@ -487,37 +412,54 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "level": "cell",
         "pooling": "mean",
         "max_tokens": cfg.max_tokens,
-        "columns": [schema.INPUT_IDS, schema.CELL_ID, *([cfg.state_column] if cfg.state_column else [])],
+        "columns": [schema.INPUT_IDS, schema.CELL_ID, *state],
         "where": where,
         "out": cfg.out,
         "kind": cfg.kind,
         "mode": cfg.mode,
-        "targets": listed,
-        "anchor": anchor,
+        **targets,
         "shift": cfg.shift,
         "per_gene": cfg.per_gene,
-        "max_length": max_length,
+        "max_length": info.max_length,
     }
+
+
+def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
+    from rankformer import tracking
+    from rankformer.classify.common import JobOutput, check_model_and_corpus
+    from rankformer.cluster import map_shards_actors
+    from rankformer.config import ClusterOptions
+    from rankformer.corpus.tokenize import corpus_files
+
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
+    listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
+    spec = _job_spec(cfg, uri, info, {"targets": listed, "anchor": anchor})
+    placement = ("num_workers", "ray_address", "in_process", "use_gpu")
+    what = {k: v for k, v in asdict(cfg).items() if k not in placement}
+    out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
+    named = info.vocab.gene_names
+    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
+    if symbols:  # for the statistics' tables (the rows name genes by id)
+        out.write_json(SYMBOLS_FILE, symbols)
+    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     states = state_embeddings(cfg, spec, files, opts)
     if states:
         out.write_json(STATES_FILE, states)
-    spec["states"] = states
-    spec["state_names"] = list(states)
-    sample, selected = sample_rows(files, where, cfg.limit_cells, cfg.seed)
+    spec |= {"states": states, "state_names": list(states)}
+    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
     done = set(fs.listdir(cfg.out))
-    shards: list[dict[str, Any]] = [
-        {"uri": f, "name": f"part-{i:06d}.parquet", "rows": rows}
-        for i, (f, rows) in enumerate(zip(files, sample, strict=True))
+    shards = [f"part-{i:06d}.parquet" for i in range(len(files))]
+    pending = [
+        {"uri": f, "name": name, "rows": rows}
+        for f, name, rows in zip(files, shards, sample, strict=True)
+        if name not in done
     ]
-    pending = [s for s in shards if s["name"] not in done]
-    rows = 0
     make = functools.partial(_make_perturber, spec)
-    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, _gpus(cfg)):
-        rows += int(pickle.loads(payload)["rows"])
-    out.files += [s["name"] for s in shards] + (
-        ["genes-" + s["name"] for s in shards] if cfg.per_gene else []
-    )
+    for _ in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
+        pass  # each actor wrote its shard's rows
+    out.files += shards + (["genes-" + s for s in shards] if cfg.per_gene else [])
     summary: dict[str, Any] = {
         "model": cfg.model,
         "vocab_hash": info.vocab.content_hash,
@@ -528,7 +470,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "state_cells": cfg.state_cells,  # None: every cell of each state
         "goal_state": cfg.goal_state,
         "genes_not_in_vocabulary": missing,
-        "shards": [s["name"] for s in shards],
+        "shards": shards,
         "shards_done_before": len(shards) - len(pending),
     }
     if cfg.limit_cells is not None:
