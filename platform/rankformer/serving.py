@@ -16,16 +16,12 @@ the new one is loaded.
 # No `from __future__ import annotations` here: FastAPI inside a Serve ingress class must see the
 # request models as classes, not as strings it cannot resolve in the replica.
 import asyncio
-import math
 import os
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Self
+from typing import Any
 
-import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
-
-from rankformer import schema
+from rankformer.serving_core import EmbedRequest, ModelCore, PerturbRequest, embed_requests, prepare_cell
 
 API_KEY_HEADER = "x-api-key"
 DEPLOYMENT = "RankformerServer"
@@ -65,234 +61,6 @@ class ServeConfig:
         check_layer(self.layer)
 
 
-class Cell(BaseModel):
-    """One cell: raw counts, a ranked gene list, or token ids (exactly one)."""
-
-    cell_id: str | None = None
-    counts: dict[str, float] | None = Field(None, description="{Ensembl id or symbol: raw count}")
-    n_counts: float | None = Field(None, description="total counts (default: the sum of counts)")
-    genes: list[str] | None = Field(None, description="genes ranked highest first")
-    tokens: list[int] | None = Field(None, description="token ids as in a corpus, specials included")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> Self:
-        given = [k for k in ("counts", "genes", "tokens") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of counts, genes, tokens (got {given or 'none'})")
-        form = given[0]
-        if not getattr(self, form):
-            raise ValueError(f"{form} is empty: a cell needs at least one gene")
-        if self.counts is not None:
-            bad = [g for g, v in self.counts.items() if not math.isfinite(v) or v < 0]
-            if bad:
-                raise ValueError(f"counts must be finite and >= 0; not so for {bad[:5]}")
-            if not any(v > 0 for v in self.counts.values()):
-                raise ValueError("counts are all zero: a cell needs at least one expressed gene")
-        if self.n_counts is not None and (not math.isfinite(self.n_counts) or self.n_counts <= 0):
-            raise ValueError("n_counts must be a finite number > 0")
-        return self
-
-
-class EmbedRequest(BaseModel):
-    cells: list[Cell] = Field(..., min_length=1)
-    layer: str | None = Field(None, description="penultimate, last or an index into hidden_states")
-    pooling: Literal["mean", "cls"] = "mean"
-    gene_vectors: bool = False
-
-    @field_validator("layer")
-    @classmethod
-    def _layer(cls, v: str | None) -> str | None:
-        from rankformer.infer_config import check_layer
-
-        if v is not None:
-            check_layer(v)  # an InputError is a ValueError: a 422 naming the field
-        return v
-
-
-class PerturbRequest(BaseModel):
-    cell: Cell
-    genes: list[str] = Field(..., min_length=1)
-    kind: Literal["delete", "overexpress", "inhibit", "activate"] = "delete"
-    together: bool = Field(True, description="perturb the genes together (else each alone)")
-    shift: float = Field(0.1, gt=0, le=1)
-    per_gene: bool = False
-
-
-class Prepared(BaseModel):
-    """A cell as tokens, with what the conversion found."""
-
-    cell_id: str | None
-    tokens: list[int]
-    unknown_genes: list[str]
-    truncated: bool
-
-
-def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: dict[str, str]) -> Prepared:
-    """Token ids of a request cell, with the genes that are not in the vocabulary reported."""
-    import scipy.sparse as sp
-
-    from rankformer.api import tokenize_anndata
-
-    cls, eos = vocab.specials.get(schema.CLS), vocab.specials.get(schema.EOS)
-    specials = 2 if layout == "v2" else 0
-    if cell.tokens is not None:
-        n_tokens = vocab.n_tokens  # a property that scans the vocabulary: once per cell
-        bad = [t for t in cell.tokens if not 0 <= t < n_tokens]
-        if bad:
-            raise ValueError(f"tokens {bad[:5]} are outside the vocabulary (0..{n_tokens - 1})")
-        toks = list(cell.tokens)
-        return Prepared(
-            cell_id=cell.cell_id, tokens=toks[:max_length], unknown_genes=[], truncated=len(toks) > max_length
-        )
-    ids = list(cell.genes if cell.genes is not None else (cell.counts or {}))
-    mapped = vocab.map_gene_ids(ids, extra_aliases=names)
-    unknown = [g for g, t in zip(ids, mapped.tolist(), strict=True) if t < 0]
-    if len(unknown) == len(ids):
-        raise ValueError(f"none of the cell's {len(ids)} genes is in the model's vocabulary")
-    if cell.genes is not None:
-        body = list(dict.fromkeys(t for t in mapped.tolist() if t >= 0))
-        limit = max_length - specials
-        toks = ([cls] if specials else []) + body[:limit] + ([eos] if specials else [])
-        return Prepared(cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=len(body) > limit)
-    values = np.asarray([cell.counts[g] for g in ids], dtype=np.float64)  # type: ignore[index]
-    import anndata as ad
-    import pandas as pd
-
-    total = cell.n_counts if cell.n_counts is not None else float(values.sum())
-    adata = ad.AnnData(
-        X=sp.csr_matrix(values[None, :]),
-        obs=pd.DataFrame({schema.N_COUNTS: [total]}, index=["0"]),
-        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: ids}, index=[str(i) for i in range(len(ids))]),
-    )
-    table = tokenize_anndata(
-        adata,
-        vocab,
-        layout=layout,
-        max_length=max_length,
-        coverage_floor=0.0,
-        allow_normalized=True,
-        report=False,  # one line per request would flood the replica's log
-    )
-    if table.num_rows == 0:
-        raise ValueError("no expressed gene of the cell is in the model's vocabulary")
-    toks = [int(t) for t in table.column(schema.INPUT_IDS)[0].as_py()]
-    expressed = int(sum(1 for g, t, v in zip(ids, mapped.tolist(), values, strict=True) if t >= 0 and v > 0))
-    return Prepared(
-        cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=expressed > len(toks) - specials
-    )
-
-
-class ModelCore:
-    """The model, its vocabulary, and the batch jobs' embedding and perturbation code."""
-
-    def __init__(
-        self, model_uri: str, tracking_uri: str | None, use_gpu: bool, layer: str, precision: str = "float32"
-    ) -> None:
-        from rankformer import tracking
-        from rankformer.classify.labels import symbol_index
-        from rankformer.perturb import Perturber
-
-        self.uri = tracking.resolve_uri(tracking_uri)
-        self.model_uri = model_uri
-        self.info: dict[str, Any] = {"model": model_uri}
-        if model_uri.startswith("models:/"):
-            v = tracking.model_version_info(self.uri, model_uri)
-            self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
-        # keep every layer ("last"): requests choose theirs
-        self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last")
-        self.layout = str(self.worker.meta["layout"])
-        self.vocab = self.worker.vocab
-        self.vocab_names = symbol_index(self.vocab)
-        self.max_length = self.worker.max_length
-        self.default_layer = layer
-        self.layer_index(None)  # a default layer this model lacks stops the replica here, named
-        self.full = self.worker.model
-        self.views: dict[int, Any] = {}
-        self.info.update(
-            {
-                "vocab_hash": self.vocab.content_hash,
-                "layout": self.layout,
-                "max_length": self.max_length,
-                "layers": int(self.worker.model.config.num_hidden_layers),
-                "hidden_size": int(self.worker.model.config.hidden_size),
-            }
-        )
-
-    def view(self, layer: int) -> Any:
-        """The model running only the layers ``hidden_states[layer]`` needs (weights shared)."""
-        from rankformer.infer import up_to
-
-        if layer not in self.views:
-            self.views[layer] = up_to(self.full, layer)
-        return self.views[layer]
-
-    def layer_index(self, layer: str | None) -> int:
-        from rankformer.infer_config import pick_layer
-
-        return pick_layer(layer or self.default_layer, int(self.worker.model.config.num_hidden_layers))
-
-    def embed(
-        self, cells: list[list[int]], layer: int, pooling: str, gene_vectors: bool
-    ) -> list[dict[str, Any]]:
-        """Cell vectors (and optionally per-gene vectors) for token lists, length-batched."""
-        import torch
-
-        from rankformer.infer import batches, hidden_states, mean_pool
-
-        w = self.worker
-        out: list[dict[str, Any]] = [{} for _ in cells]
-        arrays = [np.asarray(c, dtype=np.int64) for c in cells]
-        with torch.no_grad():
-            for b in batches(arrays, w.pad, w.spec["max_tokens"]):
-                h = hidden_states(self.view(layer), b, layer, w.device)
-                keep = (b.ids >= w.gene_lo).to(h.device)
-                vec = (h[:, 0] if pooling == "cls" else mean_pool(h, keep)).cpu()  # pooled on the device
-                h = h.cpu() if gene_vectors else h
-                for j, i in enumerate(b.index.tolist()):
-                    out[i]["embedding"] = vec[j].tolist()
-                    if gene_vectors:
-                        pos = np.flatnonzero(arrays[i] >= w.gene_lo)
-                        out[i]["gene_vectors"] = {w.gene_of[int(arrays[i][p])]: h[j, p].tolist() for p in pos}
-        return out
-
-    def perturb(self, tokens: list[int], genes: list[str], req: PerturbRequest, layer: int) -> dict[str, Any]:
-        import torch
-
-        from rankformer.infer import Batch, hidden_states
-
-        w = self.worker
-        mapped = self.vocab.map_gene_ids(genes, extra_aliases=self.vocab_names).tolist()
-        unknown = [g for g, t in zip(genes, mapped, strict=True) if t < 0]
-        targets = [t for t in mapped if t >= 0]
-        if not targets:
-            raise ValueError(f"none of the genes {genes[:5]} is in the model's vocabulary")
-        cell = np.asarray(tokens, dtype=np.int64)
-        w.layer = layer
-        w.model = self.view(layer)
-        w.configure(
-            kind=req.kind,
-            mode="together" if req.together else "each",
-            targets=targets,
-            anchor=None,
-            shift=req.shift,
-            per_gene=req.per_gene,
-            states={},
-        )
-        ids = torch.as_tensor(cell[None])
-        with torch.no_grad():
-            h0 = hidden_states(
-                w.model, Batch(np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids)), layer, w.device
-            )
-        rows, per_gene = w.score_cell(cell, h0[0], "request")
-        for r in rows:
-            r.pop(schema.CELL_ID, None)
-            if req.per_gene:
-                r["gene_cosines"] = {
-                    g["affected_gene"]: g["cosine"] for g in per_gene if g["perturbed"] == r["perturbed"]
-                }
-        return {"results": rows, "unknown_genes": unknown}
-
-
 def read_api_key(cfg: ServeConfig) -> str | None:
     if cfg.api_key_file:
         with open(cfg.api_key_file) as f:
@@ -328,16 +96,13 @@ class Guard:
         await self.app(scope, receive, send)
 
 
-def build_app(cfg: ServeConfig) -> Any:
-    """The Serve application: a FastAPI ingress bound to a model deployment."""
-    from fastapi import FastAPI, HTTPException, Request
+def _fastapi(cfg: ServeConfig) -> Any:
+    """The HTTP app: API-key and body-size guard, and 422s that name each bad field."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from ray import serve
 
     api = FastAPI(title="rankformer", description="Embeddings and in silico perturbation of single cells.")
-    key = read_api_key(cfg)
-
-    from fastapi.exceptions import RequestValidationError
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -348,9 +113,12 @@ def build_app(cfg: ServeConfig) -> Any:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    api.add_middleware(Guard, key=key, max_body_bytes=cfg.max_body_bytes)
+    api.add_middleware(Guard, key=read_api_key(cfg), max_body_bytes=cfg.max_body_bytes)
+    return api
 
-    autoscaling = {
+
+def _autoscaling(cfg: ServeConfig) -> dict[str, Any]:
+    return {
         "min_replicas": cfg.min_replicas,
         "max_replicas": cfg.max_replicas,
         "target_ongoing_requests": cfg.target_ongoing_requests,
@@ -360,11 +128,19 @@ def build_app(cfg: ServeConfig) -> Any:
         "look_back_period_s": 3.0,
     }
 
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The Serve application: one deployment, the FastAPI ingress and the model."""
+    from fastapi import HTTPException
+    from ray import serve
+
+    api = _fastapi(cfg)
+
     # One deployment is both the HTTP ingress and the model: a second hop (ingress replica ->
     # model replica) costs more CPU per request than the `tiny` model's forward pass itself.
     @serve.deployment(
         name=DEPLOYMENT,
-        autoscaling_config=autoscaling,
+        autoscaling_config=_autoscaling(cfg),
         ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if cfg.use_gpu else 0},
         max_ongoing_requests=cfg.max_ongoing_requests,
         logging_config=serve_logging(cfg),
@@ -419,46 +195,7 @@ def build_app(cfg: ServeConfig) -> Any:
 
         @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
         async def _embed_batch(self, requests: list[EmbedRequest]) -> list[dict[str, Any]]:
-            """Tokenize the cells of the batched requests, then one forward pass plan for all their
-            cells with the same options (regrouped by length). A request with a bad cell gets
-            ``{"error": ...}`` and does not hold up the others."""
-            core = self._core()  # the model that answers the whole batch, even mid-reload
-            prepared: list[list[Prepared] | None] = []
-            out: list[dict[str, Any]] = []
-            for req in requests:
-                try:
-                    prepared.append(
-                        [
-                            prepare_cell(c, core.vocab, core.layout, core.max_length, core.vocab_names)
-                            for c in req.cells
-                        ]
-                    )
-                    out.append({"cells": [{} for _ in req.cells]})
-                except (ValueError, KeyError) as exc:
-                    prepared.append(None)
-                    out.append({"error": f"cells: {exc}"})
-            groups: dict[tuple[int, str, bool], list[tuple[int, int]]] = {}
-            for r, (req, cells_p) in enumerate(zip(requests, prepared, strict=True)):
-                if cells_p is None:
-                    continue
-                try:  # a layer this model lacks fails its own request, not the batch it came in
-                    k = (core.layer_index(req.layer), req.pooling, req.gene_vectors)
-                except ValueError as exc:
-                    out[r] = {"error": f"layer: {exc}"}
-                    continue
-                groups.setdefault(k, []).extend((r, i) for i in range(len(cells_p)))
-            for (layer, pooling, genes), where in groups.items():
-                tokens = [prepared[r][i].tokens for r, i in where]  # type: ignore[index]
-                for (r, i), v in zip(where, core.embed(tokens, layer, pooling, genes), strict=True):
-                    p = prepared[r][i]  # type: ignore[index]
-                    out[r]["cells"][i] = {
-                        "cell_id": p.cell_id,
-                        **v,
-                        "n_tokens": len(p.tokens),
-                        "truncated": p.truncated,
-                        "unknown_genes": {"count": len(p.unknown_genes), "genes": p.unknown_genes[:50]},
-                    }
-            return out
+            return embed_requests(self._core(), requests)  # one model answers the whole batch
 
         @api.post("/v1/perturb")
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
