@@ -198,16 +198,45 @@ def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     return Embedder(spec)
 
 
-def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
-    from rankformer import tracking
-    from rankformer.classify.common import JobOutput, check_model_and_corpus
-    from rankformer.classify.data import check_columns, corpus_columns, parse_where
-    from rankformer.cluster import map_shards_actors
-    from rankformer.config import ClusterOptions
-    from rankformer.corpus.tokenize import corpus_files
+def shard_tasks(out: str, files: list[str], sample: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The output shard names (one per corpus shard, in order) and the tasks of those that a
+    finished earlier run has not already written (``sample``: each shard's rows, or None)."""
+    done = set(fs.listdir(out))
+    names = [f"{SHARD_STEM}{i:06d}.parquet" for i in range(len(files))]
+    tasks = [
+        {"uri": f, "name": n, "rows": rows}
+        for f, n, rows in zip(files, names, sample, strict=True)
+        if n not in done
+    ]
+    return names, tasks
 
-    uri = tracking.resolve_uri(cfg.tracking_uri)
-    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
+
+def sample_note(limit_cells: int | None, selected: int, seed: int) -> dict[str, Any]:
+    """The summary's note of a ``--limit-cells`` sample (nothing without one)."""
+    if limit_cells is None:
+        return {}
+    return {"sample": {"cells": min(limit_cells, selected), "of_selected": selected, "seed": seed}}
+
+
+# what embeddings depend on (not where or how widely they are computed)
+_EMBED_WHAT = (
+    "model",
+    "corpus",
+    "level",
+    "pooling",
+    "layer",
+    "cells_where",
+    "limit_cells",
+    "seed",
+    "gene_stat",
+    "precision",
+)
+
+
+def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> dict[str, Any]:
+    """What every actor needs, after the checks of the options against the model and corpus."""
+    from rankformer.classify.data import check_columns, corpus_columns, parse_where
+
     if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
         raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
     where = parse_where(cfg.cells_where)
@@ -215,35 +244,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     check_columns(cfg.corpus, names, list(where), "--cells-where")
     if cfg.plot_column:
         check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")
-    keep = [c for c in names if c != schema.LENGTH]
-    # what the numbers depend on (not where or how widely they are computed)
-    what = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k
-        in (
-            "model",
-            "corpus",
-            "level",
-            "pooling",
-            "layer",
-            "cells_where",
-            "limit_cells",
-            "seed",
-            "gene_stat",
-            "precision",
-        )
-    }
-    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
-    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    sample, selected = sample_rows(files, where, cfg.limit_cells, cfg.seed)
-    done = set(fs.listdir(cfg.out))
-    shards: list[dict[str, Any]] = [
-        {"uri": f, "name": f"{SHARD_STEM}{i:06d}.parquet", "rows": rows}
-        for i, (f, rows) in enumerate(zip(files, sample, strict=True))
-    ]
-    pending = [s for s in shards if s["name"] not in done]
-    spec = {
+    return {
         "model": cfg.model,
         "tracking_uri": uri,
         "use_gpu": cfg.use_gpu,
@@ -253,15 +254,31 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "pooling": cfg.pooling,
         "max_tokens": cfg.max_tokens,
         "gene_stat": cfg.gene_stat,
-        "columns": keep,
+        "columns": [c for c in names if c != schema.LENGTH],
         "where": where,
         "out": cfg.out,
     }
+
+
+def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
+    from rankformer import tracking
+    from rankformer.classify.common import JobOutput, check_model_and_corpus
+    from rankformer.cluster import map_shards_actors
+    from rankformer.config import ClusterOptions
+    from rankformer.corpus.tokenize import corpus_files
+
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
+    spec = _embed_spec(cfg, uri, info)
+    what = {k: v for k, v in asdict(cfg).items() if k in _EMBED_WHAT}
+    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
+    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
+    shards, pending = shard_tasks(cfg.out, files, sample)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     make = functools.partial(_make_embedder, spec)
-    n_cells = 0
-    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
-        n_cells += int(pickle.loads(payload)["cells"])
+    for _ in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
+        pass  # each actor wrote its shard
     summary: dict[str, Any] = {
         "model": cfg.model,
         "vocab_hash": info.vocab.content_hash,
@@ -270,30 +287,20 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "layer": cfg.layer,
         "pooling": cfg.pooling if cfg.level == "cell" else f"{cfg.gene_stat} over occurrences",
         "dim": int(info.config.hidden_size),
-        "shards": [s["name"] for s in shards],
+        "shards": shards,
         "shards_done_before": len(shards) - len(pending),
+        **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
-    if cfg.limit_cells is not None:
-        summary["sample"] = {
-            "cells": min(cfg.limit_cells, selected),
-            "of_selected": selected,
-            "seed": cfg.seed,
-        }
     if cfg.level == "gene":
         table = _merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
         _write_genes(out, table)
         summary["genes"] = table.num_rows
     else:
-        out.files += [s["name"] for s in shards]
+        out.files += shards
         if cfg.plot_column:
-            summary["umap_cells"] = _plots(cfg, out, [s["name"] for s in shards])
+            summary["umap_cells"] = _plots(cfg, out, shards)
     if cfg.experiment:
-        run = tracking.start_run(uri, cfg.experiment, f"embed-{cfg.level}", {"job": "embed"})
-        tracking.log_params(uri, run, {k: v for k, v in summary.items() if k != "shards"})
-        for name in ("umap.png", "class_means.png"):
-            if os.path.exists(os.path.join(out.stage, name)):
-                tracking.log_file(uri, run, os.path.join(out.stage, name), "plots")
-        tracking.end_run(uri, run)
+        _track(cfg, uri, out.stage, summary)
     out.finish(summary)
     done_what = (
         f"{summary.get('genes', 0):,} genes" if cfg.level == "gene" else f"cells of {len(shards)} shards"
@@ -302,14 +309,26 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     return summary
 
 
+def _track(cfg: EmbedConfig, uri: str, stage: str, summary: dict[str, Any]) -> None:
+    """An MLflow run of the job: its summary as params, its plots as artifacts."""
+    from rankformer import tracking
+
+    run = tracking.start_run(uri, cfg.experiment or "", f"embed-{cfg.level}", {"job": "embed"})
+    tracking.log_params(uri, run, {k: v for k, v in summary.items() if k != "shards"})
+    for name in ("umap.png", "class_means.png"):
+        if os.path.exists(os.path.join(stage, name)):
+            tracking.log_file(uri, run, os.path.join(stage, name), "plots")
+    tracking.end_run(uri, run)
+
+
 MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
 
 
-def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any, median: bool = False) -> pa.Table:
+def _merge_genes(out: str, shards: list[str], vocab: Any, median: bool = False) -> pa.Table:
     """Per-gene mean (or exact median, per dimension) over every occurrence in every shard."""
     sums = counts = None
     for s in shards:
-        with fs.open_input(fs.join(out, s["name"])) as f:
+        with fs.open_input(fs.join(out, s)) as f:
             part = pq.read_table(f)
         tokens = part.column("token").to_numpy().astype(np.int64)
         if sums is None:
@@ -323,7 +342,7 @@ def _merge_genes(out: str, shards: list[dict[str, Any]], vocab: Any, median: boo
     gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
     tokens = np.asarray([t for t in np.flatnonzero(counts) if t in gene_of], dtype=np.int64)
     if median:
-        values = _medians(out, [OCC_STEM + s["name"] for s in shards], tokens, counts, sums.shape[1])
+        values = _medians(out, [OCC_STEM + s for s in shards], tokens, counts, sums.shape[1])
     else:
         values = sums[tokens] / counts[tokens, None]
     values = values.astype(np.float32)

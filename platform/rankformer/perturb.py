@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from rankformer import schema
 from rankformer.classify.data import token_lists
-from rankformer.embed import Embedder, _read_shard, sample_rows
+from rankformer.embed import Embedder, _read_shard, sample_note, sample_rows, shard_tasks
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
@@ -449,13 +449,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         out.write_json(STATES_FILE, states)
     spec |= {"states": states, "state_names": list(states)}
     sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
-    done = set(fs.listdir(cfg.out))
-    shards = [f"part-{i:06d}.parquet" for i in range(len(files))]
-    pending = [
-        {"uri": f, "name": name, "rows": rows}
-        for f, name, rows in zip(files, shards, sample, strict=True)
-        if name not in done
-    ]
+    shards, pending = shard_tasks(cfg.out, files, sample)
     make = functools.partial(_make_perturber, spec)
     for _ in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
         pass  # each actor wrote its shard's rows
@@ -472,13 +466,8 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "genes_not_in_vocabulary": missing,
         "shards": shards,
         "shards_done_before": len(shards) - len(pending),
+        **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
-    if cfg.limit_cells is not None:
-        summary["sample"] = {
-            "cells": min(cfg.limit_cells, selected),
-            "of_selected": selected,
-            "seed": cfg.seed,
-        }
     out.finish(summary)
     print(
         f"perturbed ({cfg.kind}, {cfg.mode}) cells of {len(shards)} shards "
