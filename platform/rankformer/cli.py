@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rankformer.cli_config import add_config_arguments, build, merged_values
@@ -190,83 +190,97 @@ def run(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["perturb", "stats"]:
         argv = ["perturb-stats", *argv[2:]]
     args = _parser().parse_args(argv)
-    if args.command == "corpus":
-        return _corpus_command(args)
-    if args.command == "pretrain":
-        from rankformer.train.plan import plan
-
-        cfg = pretrain_config(args)
-        checked = plan(cfg)  # the door, before torch loads
-
-        from rankformer.train.pretrain import run_pretrain
-
-        run_pretrain(cfg, checked)
-        return 0
     if (args.command, getattr(args, "finetune_command", None)) in CONFIG_JOBS:
         _config_job(args)
         return 0
-    if args.command == "perturb-stats":
-        from rankformer.perturb_stats import ROWS_IN_MEMORY, perturb_stats
+    handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
+        "corpus": _corpus_command,
+        "pretrain": _pretrain,
+        "perturb-stats": _perturb_stats,
+        "model": _import_model,
+        "predict": _predict,
+        "tokenize": _tokenize,
+        "vocab": _vocab,
+    }
+    return handlers[args.command](args) or 0
 
-        res = perturb_stats(
-            args.out,
-            args.goal_state,
-            args.rank_window,
-            ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory,
-        )
-        print(res.head(20).to_string(index=False))
-        print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
-        return 0
-    if args.command == "model":
-        from rankformer.model.imports import import_geneformer_model, register_import
 
-        meta = import_geneformer_model(
-            args.model_dir,
-            args.token_dictionary,
-            args.gene_median_dictionary,
-            args.out,
-            args.mapping_dictionary,
-            args.gene_name_dictionary,
-        )
-        reg = ""
-        if args.registered_model:
-            v = register_import(
-                args.out, args.tracking_uri, args.registered_model, args.alias, args.experiment
-            )
-            reg = f"; registered models:/{args.registered_model}@{args.alias} (v{v})"
-        print(
-            f"imported {args.model_dir}: {meta['layout']} layout, {meta['n_tokens']:,} tokens, "
-            f"{meta['positions']} positions -> {args.out}{reg}"
-        )
-        return 0
-    if args.command == "predict":
-        from rankformer.classify.predict import PredictConfig, run_predict
+def _pretrain(args: argparse.Namespace) -> None:
+    from rankformer.train.plan import plan
 
-        run_predict(args.predict_command, build(PredictConfig, merged_values(args, PredictConfig)))
-        return 0
-    if args.command == "tokenize":
-        from rankformer.corpus.tokenize import run_tokenize
+    cfg = pretrain_config(args)
+    checked = plan(cfg)  # the door, before torch loads
 
-        run_tokenize(tokenize_config(args))
-    elif args.vocab_command == "build":
+    from rankformer.train.pretrain import run_pretrain
+
+    run_pretrain(cfg, checked)
+
+
+def _perturb_stats(args: argparse.Namespace) -> None:
+    from rankformer.perturb_stats import ROWS_IN_MEMORY, perturb_stats
+
+    res = perturb_stats(
+        args.out,
+        args.goal_state,
+        args.rank_window,
+        ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory,
+    )
+    print(res.head(20).to_string(index=False))
+    print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
+
+
+def _import_model(args: argparse.Namespace) -> None:
+    from rankformer.model.imports import import_geneformer_model, register_import
+
+    meta = import_geneformer_model(
+        args.model_dir,
+        args.token_dictionary,
+        args.gene_median_dictionary,
+        args.out,
+        args.mapping_dictionary,
+        args.gene_name_dictionary,
+    )
+    reg = ""
+    if args.registered_model:
+        v = register_import(args.out, args.tracking_uri, args.registered_model, args.alias, args.experiment)
+        reg = f"; registered models:/{args.registered_model}@{args.alias} (v{v})"
+    print(
+        f"imported {args.model_dir}: {meta['layout']} layout, {meta['n_tokens']:,} tokens, "
+        f"{meta['positions']} positions -> {args.out}{reg}"
+    )
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from rankformer.classify.predict import PredictConfig, run_predict
+
+    run_predict(args.predict_command, build(PredictConfig, merged_values(args, PredictConfig)))
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from rankformer.corpus.tokenize import run_tokenize
+
+    run_tokenize(tokenize_config(args))
+
+
+def _vocab(args: argparse.Namespace) -> None:
+    if args.vocab_command == "build":
         from rankformer.corpus.medians import run_vocab_build
 
         run_vocab_build(vocab_build_config(args))
-    else:
-        from rankformer.io.geneformer import import_geneformer
+        return
+    from rankformer.io.geneformer import import_geneformer
 
-        vocab = import_geneformer(
-            args.token_dictionary,
-            args.gene_median_dictionary,
-            args.mapping_dictionary,
-            args.gene_name_dictionary,
-        )
-        digest = vocab.save(args.out)
-        print(
-            f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
-            f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})"
-        )
-    return 0
+    vocab = import_geneformer(
+        args.token_dictionary,
+        args.gene_median_dictionary,
+        args.mapping_dictionary,
+        args.gene_name_dictionary,
+    )
+    digest = vocab.save(args.out)
+    print(
+        f"imported {len(vocab.gene_ids):,} genes, {len(vocab.aliases):,} aliases, specials "
+        f"{sorted(vocab.specials, key=vocab.specials.__getitem__)} -> {args.out} ({digest[:19]})"
+    )
 
 
 def _corpus_command(args: argparse.Namespace) -> int:
