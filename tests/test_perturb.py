@@ -318,6 +318,19 @@ def test_bad_input(world, tmp_path, monkeypatch):
         run(mode="all", layer="99")
     manifest = json.loads((tmp_path / "o0" / "manifest.json").read_text())
     assert manifest["job"] == "perturb"
+    # reading results (and `perturb stats`) needs a finished perturbation output
+    with pytest.raises(InputError, match=r"kept no per-gene table; rerun it with --per-gene"):
+        read_results(str(tmp_path / "o0"), per_gene=True)
+    with pytest.raises(InputError, match=r"no finished `perturb` output: no rankformer job wrote there"):
+        read_results(str(tmp_path / "nothing"))
+    for job, name in (("perturb", "started"), ("embed-cell", "embedded")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job.json").write_text(json.dumps({"job": job}))
+    (tmp_path / "embedded" / "manifest.json").write_text(json.dumps({"job": "embed-cell", "shards": []}))
+    with pytest.raises(InputError, match=r"has not finished \(it is running, or it failed: rerun it"):
+        read_results(str(tmp_path / "started"))
+    with pytest.raises(InputError, match=r"holds the output of `embed-cell`, not of `perturb`"):
+        read_results(str(tmp_path / "embedded"))
     gc.collect()
     assert not os.listdir(staging)  # failed jobs leave no staged files behind
     shutil.rmtree(staging)

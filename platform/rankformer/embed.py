@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 import pickle
 from collections.abc import Callable
@@ -402,7 +401,9 @@ def _write_genes(out: Any, table: pa.Table) -> None:
 
 def read_embeddings(out: str) -> pa.Table:
     """All cell-level shards of a finished embed output, in corpus order."""
-    manifest = json.loads(fs.read_bytes(fs.join(out, "manifest.json")))
+    from rankformer.classify.common import finished_output
+
+    manifest = finished_output(out, "embed-cell", "embed-gene")
     if manifest.get("level") == "gene":
         with fs.open_input(fs.join(out, "genes.parquet")) as f:
             return pq.read_table(f)

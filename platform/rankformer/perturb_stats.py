@@ -51,7 +51,11 @@ def _symbols_in(out: str) -> dict[str, str]:
 
 def result_paths(out: str, per_gene: bool = False) -> list[str]:
     """The finished output files of a perturbation run, in shard order."""
-    manifest = json.loads(fs.read_bytes(fs.join(out, "manifest.json")))
+    from rankformer.classify.common import finished_output
+
+    manifest = finished_output(out, "perturb")
+    if per_gene and not any(f.startswith("genes-") for f in manifest["files"]):
+        raise InputError(f"perturbation run {out} kept no per-gene table; rerun it with --per-gene")
     return [fs.join(out, ("genes-" if per_gene else "") + name) for name in manifest["shards"]]
 
 

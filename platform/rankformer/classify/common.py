@@ -228,6 +228,27 @@ class JobOutput:
         self._drop_stage()
 
 
+def finished_output(out: str, *jobs: str) -> dict[str, Any]:
+    """The manifest of the finished output at ``out`` of one of ``jobs``; a named error when there
+    is none (never run, still running, or failed) or when it is another job's."""
+    command = jobs[0].split("-")[0]  # embed-cell, embed-gene: `rankformer embed`
+    uri = fs.join(out, MANIFEST)
+    if not fs.exists(uri):
+        why = (
+            "its job has not finished (it is running, or it failed: rerun it to resume)"
+            if fs.exists(fs.join(out, JOB_FILE))
+            else f"no rankformer job wrote there; run `rankformer {command} --out {out}` first"
+        )
+        raise InputError(f"{out} holds no finished `{command}` output: {why}")
+    manifest: dict[str, Any] = json.loads(fs.read_bytes(uri))
+    if manifest.get("job") not in jobs:
+        raise InputError(
+            f"{out} holds the output of `{manifest.get('job')}`, not of `{command}`; pass the folder that "
+            "job wrote"
+        )
+    return manifest
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
