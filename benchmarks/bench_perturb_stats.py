@@ -52,7 +52,7 @@ def results(out: Path, cells: int, per_cell: int, vocab: int, shards: int = 8, s
         )
         names.append(f"part-{s:06d}.parquet")
         pq.write_table(table, out / names[-1])
-    (out / "manifest.json").write_text(json.dumps({"shards": names}))
+    (out / "manifest.json").write_text(json.dumps({"job": "perturb", "files": names, "shards": names}))
     return out
 
 

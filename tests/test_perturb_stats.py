@@ -27,7 +27,7 @@ def write_results(out: Path, df: pd.DataFrame, shards: int = 3) -> None:
         table = pa.Table.from_pandas(df.iloc[part].reset_index(drop=True), preserve_index=False)
         pq.write_table(table, out / name)
         names.append(name)
-    (out / "manifest.json").write_text(json.dumps({"shards": names}))
+    (out / "manifest.json").write_text(json.dumps({"job": "perturb", "files": names, "shards": names}))
 
 
 def rows(genes: np.ndarray, rank: np.ndarray, shift: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
@@ -205,7 +205,9 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert cli(["perturb", "stats", str(tmp_path / "out"), "--goal-state", "C"]) == 2
     assert "no shift toward 'C'" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"shards": []}))
+    (tmp_path / "empty" / "manifest.json").write_text(
+        json.dumps({"job": "perturb", "files": [], "shards": []})
+    )
     with pytest.raises(InputError, match="holds no perturbation rows"):
         perturb_stats(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="rank_window is 0"):
