@@ -215,7 +215,6 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
 
     p = checked or plan(cfg)
     uri = p.tracking_uri
-    name = cfg.track.run_name or f"pretrain-{os.path.basename(cfg.out.rstrip('/'))}"
     key = resume_key(cfg)
     earlier = tracking.find_run(uri, cfg.track.experiment, key)
     if earlier is not None and earlier["status"] == "FINISHED":
@@ -223,36 +222,9 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         if done is not None:
             return done
         earlier = None  # finished, but its model is gone or replaced: train again
-    resuming = earlier is not None and TRAIN_RUN_TAG in earlier["tags"]
-    if earlier is not None and resuming:
-        # the same training, interrupted: it resumes from its last checkpoint, in its MLflow run
-        run_id, train_run = earlier["run_id"], earlier["tags"][TRAIN_RUN_TAG]
-        who = tracking.live_driver(earlier["tags"]) if earlier["status"] == "RUNNING" else None
-        if who:  # a live driver: both would write the same checkpoints
-            raise tracking.running_elsewhere(run_id, who)
-        tracking.reopen_run(uri, run_id)
-        resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
-        tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
-        gone = "; its driver had stopped without ending it" if earlier["status"] == "RUNNING" else ""
-        print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run}){gone}")
-    else:
-        tags = {
-            "job": "pretrain",
-            "vocab_hash": p.vocab.content_hash,
-            "corpus": cfg.corpus,
-            tracking.RESUME_TAG: key,
-        }
-        run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
-        train_run = f"{name}-{run_id[:8]}"  # the Ray Train run: its checkpoint folder in the storage
-        tracking.set_tag(uri, run_id, TRAIN_RUN_TAG, train_run)
-    try:  # a driver that started at the same moment may hold this training
-        tracking.claim_run(uri, key, run_id)
-    except InputError:
-        if not resuming:
-            tracking.delete_run(uri, run_id)  # ours alone; a resumed run is the other driver's
-        raise
+    run_id, train_run, resumed = _resume_or_start(cfg, p, key, earlier)
     try:
-        if earlier is None:  # a resumed run has its params (MLflow never changes one)
+        if not resumed:  # a resumed run has its params (MLflow never changes one)
             tracking.log_params(uri, run_id, config_dict(cfg))
         import ray.data
 
@@ -278,6 +250,46 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         raise
     tracking.end_run(uri, run_id)
     return summary
+
+
+def _resume_or_start(
+    cfg: PretrainConfig, p: Plan, key: str, earlier: dict[str, Any] | None
+) -> tuple[str, str, bool]:
+    """(MLflow run id, Ray Train run name, whether it resumes): the ``earlier`` run of this same
+    training, interrupted, resumes from its last checkpoint (unless its driver still lives), else
+    a new run starts; either way this driver claims it."""
+    from rankformer import tracking
+
+    uri = p.tracking_uri
+    resumed = earlier is not None and TRAIN_RUN_TAG in earlier["tags"]
+    if earlier is not None and resumed:
+        run_id, train_run = earlier["run_id"], earlier["tags"][TRAIN_RUN_TAG]
+        who = tracking.live_driver(earlier["tags"]) if earlier["status"] == "RUNNING" else None
+        if who:  # a live driver: both would write the same checkpoints
+            raise tracking.running_elsewhere(run_id, who)
+        tracking.reopen_run(uri, run_id)
+        resumes = int(earlier["tags"].get(RESUMES_TAG, "0")) + 1
+        tracking.set_tag(uri, run_id, RESUMES_TAG, str(resumes))
+        gone = "; its driver had stopped without ending it" if earlier["status"] == "RUNNING" else ""
+        print(f"resuming the interrupted training of MLflow run {run_id} (Ray Train run {train_run}){gone}")
+    else:
+        name = cfg.track.run_name or f"pretrain-{os.path.basename(cfg.out.rstrip('/'))}"
+        tags = {
+            "job": "pretrain",
+            "vocab_hash": p.vocab.content_hash,
+            "corpus": cfg.corpus,
+            tracking.RESUME_TAG: key,
+        }
+        run_id = tracking.start_run(uri, cfg.track.experiment, name, tags)
+        train_run = f"{name}-{run_id[:8]}"  # the Ray Train run: its checkpoint folder in the storage
+        tracking.set_tag(uri, run_id, TRAIN_RUN_TAG, train_run)
+    try:  # a driver that started at the same moment may hold this training
+        tracking.claim_run(uri, key, run_id)
+    except InputError:
+        if not resumed:
+            tracking.delete_run(uri, run_id)  # ours alone; a resumed run is the other driver's
+        raise
+    return run_id, train_run, resumed
 
 
 # options that change where and how robustly a training runs, not what it computes: a rerun that
