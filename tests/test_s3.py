@@ -47,6 +47,7 @@ def test_vocab_build_and_tokenize_on_s3(ray_cluster, bucket, tmp_path):
         "part-f00000-s000000.parquet",
         "part-f00000-s000001.parquet",
         "part-f00000-s000002.parquet",
+        "vocab.json",  # the corpus's own copy, which its workers read
     ]
     files = [f.replace("s3://", "") for f in corpus_files(out)]
     table = pq.read_table(files, filesystem=fs)
