@@ -13,7 +13,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
-from rankformer import embed
+from rankformer import embed_genes, embed_plots
 from rankformer.embed import EmbedConfig, read_embeddings, run_embed
 from rankformer.errors import InputError
 from rankformer.model.presets import bert_config, preset
@@ -110,7 +110,6 @@ def test_gene_embeddings_over_every_occurrence(world, tmp_path, stat):
 
 @pytest.mark.parametrize("budget", [97, 12_800])  # one gene, a few dimensions / a few genes, all
 def test_gene_median_in_bounded_pieces_equals_all_at_once(world, tmp_path, monkeypatch, budget):
-    import rankformer.embed as embed
 
     def medians(out):
         cfg = EmbedConfig(
@@ -125,7 +124,7 @@ def test_gene_median_in_bounded_pieces_equals_all_at_once(world, tmp_path, monke
         return read_embeddings(str(out)).to_pandas()
 
     whole = medians(tmp_path / "whole")
-    monkeypatch.setattr(embed, "MEDIAN_BUDGET_FLOATS", budget)
+    monkeypatch.setattr(embed_genes, "MEDIAN_BUDGET_FLOATS", budget)
     pieces = medians(tmp_path / "pieces")
     assert pieces.gene_id.tolist() == whole.gene_id.tolist() and len(whole) > 50
     np.testing.assert_array_equal(np.stack(pieces.embedding), np.stack(whole.embedding))
@@ -196,7 +195,7 @@ def test_plots_and_tracking(world, tmp_path, monkeypatch):
     """The UMAP is fitted on a bounded sample; the class means are over every cell."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setattr(embed, "UMAP_CELLS", 50)
+    monkeypatch.setattr(embed_plots, "UMAP_CELLS", 50)
 
     out = tmp_path / "emb"
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -24,7 +24,6 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -291,13 +290,17 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
     if cfg.level == "gene":
-        table = _merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
-        _write_genes(out, table)
+        from rankformer.embed_genes import merge_genes, write_genes
+
+        table = merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
+        write_genes(out, table)
         summary["genes"] = table.num_rows
     else:
         out.files += shards
         if cfg.plot_column:
-            summary["umap_cells"] = _plots(cfg, out, shards)
+            from rankformer.embed_plots import plots
+
+            summary["umap_cells"] = plots(cfg, out, shards)
     if cfg.experiment:
         _track(cfg, uri, out.stage, summary)
     out.finish(summary)
@@ -320,85 +323,6 @@ def _track(cfg: EmbedConfig, uri: str, stage: str, summary: dict[str, Any]) -> N
     tracking.end_run(uri, run)
 
 
-MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
-
-
-def _merge_genes(out: str, shards: list[str], vocab: Any, median: bool = False) -> pa.Table:
-    """Per-gene mean (or exact median, per dimension) over every occurrence in every shard."""
-    sums = counts = None
-    for s in shards:
-        with fs.open_input(fs.join(out, s)) as f:
-            part = pq.read_table(f)
-        tokens = part.column("token").to_numpy().astype(np.int64)
-        if sums is None:
-            dim = part.schema.field("sum").type.list_size
-            sums, counts = np.zeros((vocab.n_tokens, dim)), np.zeros(vocab.n_tokens, np.int64)
-        assert counts is not None
-        if len(tokens):
-            sums[tokens] += rows_of(part.column("sum"))
-            counts[tokens] += part.column("n").to_numpy()
-    assert sums is not None and counts is not None
-    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
-    tokens = np.asarray([t for t in np.flatnonzero(counts) if t in gene_of], dtype=np.int64)
-    if median:
-        values = _medians(out, [OCC_STEM + s for s in shards], tokens, counts, sums.shape[1])
-    else:
-        values = sums[tokens] / counts[tokens, None]
-    values = values.astype(np.float32)
-    ids = [gene_of[t] for t in tokens.tolist()]
-    return pa.table(
-        {
-            "gene_id": ids,
-            "symbol": [vocab.gene_names.get(g, "") for g in ids],
-            "n_occurrences": pa.array(counts[tokens], pa.int64()),
-            "embedding": vectors(values),
-        }
-    )
-
-
-def _medians(out: str, names: list[str], tokens: np.ndarray, counts: np.ndarray, dim: int) -> np.ndarray:
-    """Exact per-dimension medians of each token's occurrences, holding at most about
-    MEDIAN_BUDGET_FLOATS values: tokens go in groups whose occurrences fit, and each group in
-    blocks of dimensions (a gene that occurs in every cell needs one float per cell per dimension)."""
-    result = np.zeros((len(tokens), dim))
-    start = 0
-    while start < len(tokens):
-        stop, held = start + 1, int(counts[tokens[start]])
-        while stop < len(tokens) and held + counts[tokens[stop]] <= MEDIAN_BUDGET_FLOATS // dim:
-            held += int(counts[tokens[stop]])
-            stop += 1
-        group = tokens[start:stop]
-        block = int(np.clip(MEDIAN_BUDGET_FLOATS // max(held, 1), 1, dim))
-        for d0 in range(0, dim, block):
-            cols = [f"d{j}" for j in range(d0, min(d0 + block, dim))]
-            token_n, vals = _read_occurrences(out, names, int(group[0]), int(group[-1]), cols)
-            order = np.argsort(token_n, kind="stable")
-            token_n, vals = token_n[order], vals[order]
-            bounds = np.searchsorted(token_n, [*group.tolist(), int(group[-1]) + 1])
-            for i in range(len(group)):
-                result[start + i, d0 : d0 + len(cols)] = np.median(vals[bounds[i] : bounds[i + 1]], axis=0)
-        start = stop
-    return result
-
-
-def _read_occurrences(
-    out: str, names: list[str], lo: int, hi: int, cols: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and the given dimensions of every occurrence of tokens lo..hi, over all shards."""
-    tokens, vals = [], []
-    for name in names:
-        with fs.open_input(fs.join(out, name)) as f:
-            t = pq.read_table(f, columns=["token", *cols], filters=[("token", ">=", lo), ("token", "<=", hi)])
-        tokens.append(t.column("token").to_numpy())
-        vals.append(np.stack([t.column(c).to_numpy() for c in cols], axis=1))
-    return np.concatenate(tokens), np.concatenate(vals)
-
-
-def _write_genes(out: Any, table: pa.Table) -> None:
-    pq.write_table(table, out.path("genes.parquet"))
-    out.publish("genes.parquet")
-
-
 def read_embeddings(out: str) -> pa.Table:
     """All cell-level shards of a finished embed output, in corpus order."""
     from rankformer.classify.common import finished_output
@@ -416,80 +340,3 @@ def _cell_shards(out: str, names: list[str]) -> pa.Table:
         with fs.open_input(fs.join(out, name)) as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables)
-
-
-UMAP_CELLS = 20_000  # cells the UMAP is fitted on at most: a seeded sample (class means use every cell)
-
-
-def _plot_data(cfg: EmbedConfig, names: list[str]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, int]:
-    """Streamed over the output shards, two columns at a time: the UMAP sample's vectors and labels,
-    every class's mean vector and cell count, and the number of cells."""
-    col = cfg.plot_column or ""
-    paths = [fs.join(cfg.out, name) for name in names]
-    sizes = []
-    for path in paths:
-        with fs.open_input(path) as f:
-            sizes.append(pq.ParquetFile(f).metadata.num_rows)
-    total = sum(sizes)
-    pick = np.sort(np.random.default_rng(0).choice(total, min(total, UMAP_CELLS), replace=False))
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    xs, ls = [], []
-    start = 0
-    for path, size in zip(paths, sizes, strict=True):
-        with fs.open_input(path) as f:
-            t = pq.read_table(f, columns=[col, "embedding"])
-        x = rows_of(t.column("embedding"))
-        labels = np.asarray([str(v) for v in t.column(col).to_pylist()])
-        for c in np.unique(labels):
-            m = labels == c
-            sums[c] = sums.get(c, 0.0) + x[m].sum(0, dtype=np.float64)
-            counts[c] = counts.get(c, 0) + int(m.sum())
-        here = pick[(pick >= start) & (pick < start + size)] - start
-        xs.append(x[here])
-        ls.append(labels[here])
-        start += size
-    classes = sorted(sums)
-    vecs = np.stack([sums[c] / counts[c] for c in classes]).astype(np.float32)
-    means = pd.DataFrame(vecs, columns=[f"d{i}" for i in range(vecs.shape[1])])
-    means.insert(0, "n_cells", [counts[c] for c in classes])
-    means.insert(0, col, classes)
-    return np.concatenate(xs), np.concatenate(ls), means, total
-
-
-def _plots(cfg: EmbedConfig, out: Any, names: list[str]) -> int:
-    """UMAP of (a seeded sample of at most UMAP_CELLS) cell embeddings coloured by ``plot_column``;
-    heatmap of every class's mean over all cells, also written as class_means.parquet/.csv. Returns
-    the UMAP's cell count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, labels, means, total = _plot_data(cfg, names)
-    classes = means[cfg.plot_column].tolist()
-    if len(x) >= 10:
-        import umap
-
-        xy = umap.UMAP(n_neighbors=min(15, len(x) - 1), random_state=0).fit_transform(x)
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        for c in classes:
-            m = labels == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=4, label=c)
-        sample = f", {len(x):,} of {total:,} cells" if len(x) < total else ""
-        ax.set(title=f"UMAP of cell embeddings ({cfg.layer} layer{sample})", xticks=[], yticks=[])
-        ax.legend(fontsize=7, markerscale=3, loc="best")
-        fig.tight_layout()
-        fig.savefig(out.path("umap.png"), dpi=120)
-        plt.close(fig)
-        out.publish("umap.png")
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(classes) + 1.5))
-    ax.imshow(means.iloc[:, 2:].to_numpy(), aspect="auto", cmap="RdBu_r")
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set(xlabel="embedding dimension", title=f"mean embedding per {cfg.plot_column}")
-    fig.tight_layout()
-    fig.savefig(out.path("class_means.png"), dpi=120)
-    plt.close(fig)
-    out.publish("class_means.png")
-    out.write_table("class_means", means)
-    return len(x) if len(x) >= 10 else 0

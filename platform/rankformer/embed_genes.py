@@ -1,0 +1,92 @@
+"""`rankformer embed --level gene`: the merge of the actors' per-shard partial sums into each gene's
+mean state, or its exact per-dimension median over every occurrence (read a group of genes and
+dimensions at a time, within a memory budget)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rankformer.embed import OCC_STEM, rows_of, vectors
+from rankformer.io import fs
+
+MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
+
+
+def merge_genes(out: str, shards: list[str], vocab: Any, median: bool = False) -> pa.Table:
+    """Per-gene mean (or exact median, per dimension) over every occurrence in every shard."""
+    sums = counts = None
+    for s in shards:
+        with fs.open_input(fs.join(out, s)) as f:
+            part = pq.read_table(f)
+        tokens = part.column("token").to_numpy().astype(np.int64)
+        if sums is None:
+            dim = part.schema.field("sum").type.list_size
+            sums, counts = np.zeros((vocab.n_tokens, dim)), np.zeros(vocab.n_tokens, np.int64)
+        assert counts is not None
+        if len(tokens):
+            sums[tokens] += rows_of(part.column("sum"))
+            counts[tokens] += part.column("n").to_numpy()
+    assert sums is not None and counts is not None
+    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+    tokens = np.asarray([t for t in np.flatnonzero(counts) if t in gene_of], dtype=np.int64)
+    if median:
+        values = _medians(out, [OCC_STEM + s for s in shards], tokens, counts, sums.shape[1])
+    else:
+        values = sums[tokens] / counts[tokens, None]
+    values = values.astype(np.float32)
+    ids = [gene_of[t] for t in tokens.tolist()]
+    return pa.table(
+        {
+            "gene_id": ids,
+            "symbol": [vocab.gene_names.get(g, "") for g in ids],
+            "n_occurrences": pa.array(counts[tokens], pa.int64()),
+            "embedding": vectors(values),
+        }
+    )
+
+
+def _medians(out: str, names: list[str], tokens: np.ndarray, counts: np.ndarray, dim: int) -> np.ndarray:
+    """Exact per-dimension medians of each token's occurrences, holding at most about
+    MEDIAN_BUDGET_FLOATS values: tokens go in groups whose occurrences fit, and each group in
+    blocks of dimensions (a gene that occurs in every cell needs one float per cell per dimension)."""
+    result = np.zeros((len(tokens), dim))
+    start = 0
+    while start < len(tokens):
+        stop, held = start + 1, int(counts[tokens[start]])
+        while stop < len(tokens) and held + counts[tokens[stop]] <= MEDIAN_BUDGET_FLOATS // dim:
+            held += int(counts[tokens[stop]])
+            stop += 1
+        group = tokens[start:stop]
+        block = int(np.clip(MEDIAN_BUDGET_FLOATS // max(held, 1), 1, dim))
+        for d0 in range(0, dim, block):
+            cols = [f"d{j}" for j in range(d0, min(d0 + block, dim))]
+            token_n, vals = _read_occurrences(out, names, int(group[0]), int(group[-1]), cols)
+            order = np.argsort(token_n, kind="stable")
+            token_n, vals = token_n[order], vals[order]
+            bounds = np.searchsorted(token_n, [*group.tolist(), int(group[-1]) + 1])
+            for i in range(len(group)):
+                result[start + i, d0 : d0 + len(cols)] = np.median(vals[bounds[i] : bounds[i + 1]], axis=0)
+        start = stop
+    return result
+
+
+def _read_occurrences(
+    out: str, names: list[str], lo: int, hi: int, cols: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and the given dimensions of every occurrence of tokens lo..hi, over all shards."""
+    tokens, vals = [], []
+    for name in names:
+        with fs.open_input(fs.join(out, name)) as f:
+            t = pq.read_table(f, columns=["token", *cols], filters=[("token", ">=", lo), ("token", "<=", hi)])
+        tokens.append(t.column("token").to_numpy())
+        vals.append(np.stack([t.column(c).to_numpy() for c in cols], axis=1))
+    return np.concatenate(tokens), np.concatenate(vals)
+
+
+def write_genes(out: Any, table: pa.Table) -> None:
+    pq.write_table(table, out.path("genes.parquet"))
+    out.publish("genes.parquet")
