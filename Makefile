@@ -29,7 +29,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "uv>=0.4"
-	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)"
+	$(UV) pip install -q --compile-bytecode --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)"
 	$(UV) pip install -q --compile-bytecode --python $(PY) $(TORCH_SOURCE) "torch==$(TORCH_VERSION)" -e ".[dev,bench]"
 	@touch $@
 
