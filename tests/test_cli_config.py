@@ -131,6 +131,27 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-2000:]
     assert got.stderr.count("uses vocabulary") == 5
+    # with a model of the corpus's vocabulary: fine-tuning's labels and label columns, still no torch
+    from rankformer.api import corpus_vocab
+
+    same = corpus_vocab(corpus)
+    matching = str(tmp_path / "matching")
+    bert = BertForMaskedLM._from_config(bert_config(preset("tiny"), same))
+    save_model_dir(bert, same, {"layout": "v2", "task": "masked-lm"}, matching)
+    (tmp_path / "a.txt").write_text("NOT_A_GENE\n")
+    (tmp_path / "b.txt").write_text(f"{same.gene_ids[0]}\n")
+    labels = ["--labels", f"a={tmp_path / 'a.txt'}", "--labels", f"b={tmp_path / 'b.txt'}"]
+    where = ["--model", matching, "--corpus", corpus, "--out", str(tmp_path / "o")]
+    code = (
+        "import sys\nfrom rankformer.cli import main\n"
+        f"assert main(['finetune', 'genes', *{labels!r}, *{where!r}]) == 2\n"
+        f"assert main(['finetune', 'cells', '--label-column', 'x', *{where!r}]) == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "too few labelled genes in the vocabulary: {'a': 0} (each class" in got.stderr
+    assert "the column 'x' is not in corpus" in got.stderr
     cfg_path = tmp_path / "model" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     assert inspect_model(local).config.num_hidden_layers == cfg["num_hidden_layers"]

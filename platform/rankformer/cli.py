@@ -182,7 +182,15 @@ def _model_and_corpus_door(cfg: Any) -> None:
     from rankformer.tracking import resolve_uri
 
     track = getattr(cfg, "track", None)
-    check_model_and_corpus(model, corpus, resolve_uri(getattr(track or cfg, "tracking_uri", None)))
+    info, _ = check_model_and_corpus(model, corpus, resolve_uri(getattr(track or cfg, "tracking_uri", None)))
+    if isinstance(cfg, FinetuneGenesConfig):  # the labels against the model's vocabulary
+        from rankformer.classify.labels import vocabulary_labels
+
+        vocabulary_labels(cfg, info.vocab)
+    elif isinstance(cfg, FinetuneCellsConfig):  # the label and group columns in the corpus
+        from rankformer.classify.data import cell_label_columns
+
+        cell_label_columns(cfg)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

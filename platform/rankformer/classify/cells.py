@@ -20,7 +20,7 @@ import torch
 from rankformer import schema, tracking
 from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
-from rankformer.classify.data import Cells, check_columns, corpus_columns, load_cells, parse_where
+from rankformer.classify.data import Cells, cell_label_columns, load_cells, parse_where
 from rankformer.classify.genes import logreg
 from rankformer.errors import InputError
 from rankformer.train.config import FinetuneCellsConfig
@@ -115,8 +115,7 @@ class CellJob(PretrainedOnCorpus):
 
     def __init__(self, cfg: FinetuneCellsConfig) -> None:
         self.cfg = cfg
-        cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
-        check_columns(cfg.corpus, corpus_columns(cfg.corpus), cols, "the")  # before the model loads
+        cols = cell_label_columns(cfg)  # before the model loads
         super().__init__(cfg)
         cells = load_cells(
             cfg.corpus,

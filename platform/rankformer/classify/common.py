@@ -68,13 +68,21 @@ def check_model_and_corpus(
 
 
 def open_model_and_corpus(
-    model_uri: str, corpus: str, tracking_uri: str, head: Any = None, layer: str | None = None
+    model_uri: str,
+    corpus: str,
+    tracking_uri: str,
+    head: Any = None,
+    layer: str | None = None,
+    before_load: Callable[[ModelInfo], None] | None = None,
 ) -> tuple[LoadedModel, dict[str, Any]]:
     """The model (checked against the corpus's vocabulary and layout, and ``layer`` against its
-    depth) and the corpus manifest."""
+    depth) and the corpus manifest; ``before_load`` gets the model's metadata before the weights
+    load."""
     from rankformer.loader import load_model
 
-    _, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri, layer)
+    info, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri, layer)
+    if before_load is not None:
+        before_load(info)
     kwargs = {"head": head} if head is not None else {}
     want = manifest["vocab_hash"]
     return load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=want, **kwargs), manifest
@@ -97,11 +105,15 @@ class PretrainedOnCorpus:
         tracking.check_reachable(self.uri)
         self.frozen_layer: str | None = cfg.layer if cfg.frozen_baseline else None
         self.pre, self.manifest = open_model_and_corpus(
-            cfg.model, cfg.corpus, self.uri, layer=self.frozen_layer
+            cfg.model, cfg.corpus, self.uri, layer=self.frozen_layer, before_load=self.before_load
         )
         self.vocab = self.pre.vocab
         self.pad, self.gene_lo = token_layout(self.vocab)
         self.max_tokens = int(cfg.batch.max_tokens)
+
+    def before_load(self, info: ModelInfo) -> None:
+        """A job's own checks against the model's metadata (vocabulary, config), run before the
+        weights load; none by default."""
 
     def frozen_states(self, ids: list[np.ndarray]) -> tuple[Any, np.ndarray]:
         """The frozen baseline's features from the pretrained model, on CPU: per-gene sums of the

@@ -127,3 +127,11 @@ def cells_with_tokens(cells: Sequence[np.ndarray], tokens: np.ndarray) -> np.nda
     lookup = np.zeros(int(max(tokens.max(), max((c.max(initial=0) for c in cells), default=0))) + 1, bool)
     lookup[tokens] = True
     return np.asarray([i for i, c in enumerate(cells) if lookup[c].any()], dtype=np.int64)
+
+
+def cell_label_columns(cfg: Any) -> list[str]:
+    """A cell-classification job's label column and group column (if any), checked present in its
+    corpus (from the schema alone, before any weights load)."""
+    cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
+    check_columns(cfg.corpus, corpus_columns(cfg.corpus), cols, "the")
+    return cols

@@ -21,10 +21,11 @@ from rankformer import tracking
 from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
-from rankformer.classify.labels import GeneLabels, check_enough, describe, map_labels, read_label_sets
+from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
 from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.errors import InputError
 from rankformer.infer import GeneSums, batches, logits_of
+from rankformer.model.store import ModelInfo
 from rankformer.train.config import FinetuneGenesConfig
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
@@ -60,10 +61,9 @@ class GeneJob(PretrainedOnCorpus):
 
     def __init__(self, cfg: FinetuneGenesConfig) -> None:
         self.cfg = cfg
-        sets = read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column)  # before the model loads
         super().__init__(cfg)
         manifest = self.manifest
-        labels = map_labels(sets, self.vocab)
+        labels = self.vocabulary_labels
         self.cells: Cells = load_cells(
             cfg.corpus,
             parse_where(cfg.cells_where),
@@ -75,7 +75,6 @@ class GeneJob(PretrainedOnCorpus):
         self.occurrences = counts
         in_corpus = counts[labels.tokens] > 0
         self.not_in_corpus = [g for g, ok in zip(labels.gene_ids, in_corpus, strict=True) if not ok]
-        check_enough(labels, 1, "in the vocabulary")
         self.labels = labels.subset(in_corpus)
         check_enough(self.labels, cfg.folds, "in the selected cells")
         self.classes = self.labels.classes
@@ -88,6 +87,10 @@ class GeneJob(PretrainedOnCorpus):
         self.work = scratch_dir(cfg.out)
         self.lengths = np.asarray([len(c) for c in self.cells.ids])
         self.tuned: dict[str, Any] | None = None  # the best Tune trial's settings, once searched
+
+    def before_load(self, info: ModelInfo) -> None:
+        """The labels, read and mapped onto the model's vocabulary before its weights load."""
+        self.vocabulary_labels = vocabulary_labels(self.cfg, info.vocab)
 
     # --- one training ------------------------------------------------------------------------
     def spec(

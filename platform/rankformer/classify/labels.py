@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -186,6 +187,15 @@ def check_enough(labels: GeneLabels, folds: int, what: str) -> None:
             f"too few labelled genes {what}: {few} (each class needs at least {folds}, one per "
             f"fold; all classes: {counts}). Add genes, lower --folds, or check the ids"
         )
+
+
+def vocabulary_labels(cfg: Any, vocab: GeneVocab) -> GeneLabels:
+    """A gene-classification job's labels (``cfg.labels``, its gene and label columns) read and
+    mapped onto ``vocab``, each class holding at least one gene of it: what can be checked from
+    the model's vocabulary alone, before any weights load."""
+    labels = map_labels(read_label_sets(cfg.labels, cfg.gene_column, cfg.label_column), vocab)
+    check_enough(labels, 1, "in the vocabulary")
+    return labels
 
 
 def describe(labels: GeneLabels) -> str:
