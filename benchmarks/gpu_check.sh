@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one short run on a lent GPU machine (python3 there holds torch,
-# transformers, pyarrow, pandas, scipy and pytest; these paths need no Ray, MLflow or anndata):
+# The checks that need a GPU, as one short run on a lent GPU machine (its stock python3 holds torch,
+# transformers, pyarrow, pandas, scipy, h5py, numba and pytest; these paths need no Ray, MLflow,
+# anndata, s3fs or pydantic, which tests/test_repo.py checks with those blocked):
 #   the `gpu` tests (bf16 pretraining learns; GPU perturbation and embeddings equal the CPU's),
 #   the perturbation benchmark's GPU variants, and the pretraining MFU benchmark.
 # Records go to $OUT/results (bring them back into benchmarks/results/ and run report.py).

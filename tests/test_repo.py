@@ -111,3 +111,40 @@ def test_serve_build_accepts_the_application(tmp_path):
     assert set(deployments) == {"RankformerServer"}
     assert deployments["RankformerServer"]["user_config"]["model"] == "models:/m@current"
     assert deployments["RankformerServer"]["autoscaling_config"]["max_replicas"] == 2
+
+
+def test_the_gpu_check_needs_nothing_the_gpu_image_lacks(tmp_path):
+    """`benchmarks/gpu_check.sh` runs on the lent GPU machines' stock Python (torch, transformers,
+    pyarrow, pandas, scipy, h5py, numba, pytest; no Ray, MLflow, anndata, s3fs or pydantic): its
+    benchmarks import, and an in-process perturbation and embedding run, with those blocked."""
+    code = f"""
+import importlib.abc, sys
+BLOCK = {{"ray", "mlflow", "anndata", "s3fs", "umap", "boto3", "pydantic", "fastapi", "tdigest"}}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError("the GPU image lacks " + name)
+sys.meta_path.insert(0, Blocker())
+sys.path[:0] = ["{REPO / "tests"}", "{REPO / "benchmarks"}"]
+import numpy as np
+import bench_perturb, bench_pretrain_gpu  # noqa: F401
+from transformers import BertForMaskedLM
+from pretrain_helpers import write_corpus
+from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.model.presets import bert_config, preset
+from rankformer.model.store import save_model_dir
+from rankformer.perturb import PerturbConfig, read_results, run_perturb
+from rankformer.vocab import GeneVocab
+cells = [np.asarray([2, *range(4 + k, 12 + k), 3]) for k in range(6)]
+corpus = write_corpus("{tmp_path}/c", cells, 20, carry={{"state": ["A", "B"] * 3}})
+vocab = GeneVocab.load("{tmp_path}/c_vocab.json")
+save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab,
+               {{"task": "masked-lm", "layout": "v2", "max_length": 64}}, "{tmp_path}/m")
+common = dict(model="{tmp_path}/m", corpus=corpus, in_process=True)
+run_perturb(PerturbConfig(**common, out="{tmp_path}/p", mode="all", state_column="state", goal_state="A"))
+run_embed(EmbedConfig(**common, out="{tmp_path}/e"))
+print(read_results("{tmp_path}/p").num_rows, read_embeddings("{tmp_path}/e").num_rows)
+"""
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.split()[-2:] == ["48", "6"]  # every gene of each of the 6 cells deleted; 6 cells
