@@ -85,6 +85,7 @@ def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
     without that copy (older ones) falls back to its config's path, else a named error."""
     import shutil
 
+    import rankformer
     from rankformer.api import corpus_vocab
     from rankformer.corpus.inspect import explain_cell
     from rankformer.train.config import PretrainConfig
@@ -98,6 +99,7 @@ def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
     given.unlink()
     manifest = json.loads((moved / "manifest.json").read_text())
     assert corpus_vocab(str(moved)).content_hash == manifest["vocab_hash"]
+    assert rankformer.corpus_vocab is corpus_vocab  # the top-level API
     track = {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}
     cfg = PretrainConfig(corpus=str(moved), out=str(tmp_path / "model"), track=track)
     assert plan(cfg).vocab.content_hash == manifest["vocab_hash"]

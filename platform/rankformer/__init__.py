@@ -1,7 +1,7 @@
 """rankformer: single-cell foundation models of the Geneformer kind, at corpus scale on Ray.
 
 The Python API (imported on first use, so ``import rankformer`` stays instant):
-``tokenize_anndata``, ``read_corpus``, ``GeneVocab``; ``load_model`` (a :class:`Model` for
+``tokenize_anndata``, ``read_corpus``, ``corpus_vocab``, ``GeneVocab``; ``load_model`` (a :class:`Model` for
 in-memory embeddings and perturbation) and ``load_classifier`` (predictions of a fine-tuned
 classifier).
 """
@@ -13,6 +13,7 @@ __all__ = [
     "Classifier",
     "GeneVocab",
     "Model",
+    "corpus_vocab",
     "load_classifier",
     "load_model",
     "read_corpus",
@@ -21,7 +22,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("tokenize_anndata", "read_corpus"):
+    if name in ("tokenize_anndata", "read_corpus", "corpus_vocab"):
         from rankformer import api
 
         return getattr(api, name)
