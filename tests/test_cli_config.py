@@ -159,3 +159,23 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="config.json has no pad_token_id, num_hidden_layers; write"):
         inspect_model(local)
+
+
+def test_training_and_inference_precision_names_are_both_accepted():
+    """Training names its mixed precision fp32/bf16, inference its weights' dtype float32/bfloat16/
+    float16: each takes the other's spelling (kept under its own), and refuses the rest by name."""
+    from rankformer.infer_config import PerturbConfig
+    from rankformer.train.config import FinetuneCellsConfig, PretrainConfig
+
+    job = {"model": "m", "corpus": "c", "out": "o", "mode": "all"}
+    assert PerturbConfig(**job, precision="bf16").precision == "bfloat16"
+    assert PerturbConfig(**job, precision="fp32").precision == "float32"
+    with pytest.raises(InputError, match="precision float16 needs --use-gpu"):
+        PerturbConfig(**job, precision="fp16")
+    assert PretrainConfig(corpus="c", out="o", precision="bfloat16").precision == "bf16"
+    assert (
+        FinetuneCellsConfig(model="m", corpus="c", out="o", label_column="y", precision="float32").precision
+        == "fp32"
+    )
+    with pytest.raises(InputError, match="precision 'float16' must be auto, bf16 or fp32"):
+        PretrainConfig(corpus="c", out="o", precision="float16")

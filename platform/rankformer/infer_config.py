@@ -42,12 +42,18 @@ def pick_layer(layer: str | int, n_layers: int) -> int:
     return i % (n_layers + 1)
 
 
-def check_precision(precision: str, use_gpu: bool) -> None:
-    """The `precision` option of the inference jobs and the endpoints."""
+PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as training spells them
+
+
+def check_precision(precision: str, use_gpu: bool) -> str:
+    """The `precision` option of the inference jobs and the endpoints, by its name (training's
+    fp32/bf16/fp16 spellings accepted)."""
+    precision = PRECISION_ALIASES.get(precision, precision)
     if precision not in PRECISION_NAMES:
         raise InputError(f"precision {precision!r} must be one of {list(PRECISION_NAMES)}")
     if precision == "float16" and not use_gpu:
         raise InputError("precision float16 needs --use-gpu; on CPU use bfloat16 (or float32)")
+    return precision
 
 
 def check_perturbation(kind: str, mode: str, genes: list[str], missing: str, shift: float) -> list[str]:
@@ -105,7 +111,7 @@ class ActorPoolJob(ModelOnCorpus):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_precision(self.precision, self.use_gpu)
+        self.precision = check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
 
 

@@ -64,7 +64,7 @@ class Model(_TakesCells):
         from rankformer import tracking
         from rankformer.perturb import Perturber
 
-        check_precision(precision, use_gpu)
+        precision = check_precision(precision, use_gpu)
         check_layer(str(layer))
         self.uri = uri
         self._w = Perturber.on_demand(

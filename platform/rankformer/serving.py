@@ -57,7 +57,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         from rankformer.infer_config import check_layer, check_precision
 
-        check_precision(self.precision, self.use_gpu)
+        self.precision = check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
 
 

@@ -110,8 +110,15 @@ class PretrainConfig:
             raise InputError("max_steps, log_every and checkpoint_every must be >= 1")
         if not 0.0 < self.mask_prob < 1.0:
             raise InputError(f"mask_prob {self.mask_prob} must be within (0, 1)")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        self.precision = check_training_precision(self.precision)
+
+
+def check_training_precision(precision: str) -> str:
+    """Training's mixed precision by its name (the inference jobs' float32/bfloat16 accepted)."""
+    precision = {"float32": "fp32", "bfloat16": "bf16"}.get(precision, precision)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise InputError(f"precision {precision!r} must be auto, bf16 or fp32")
+    return precision
 
 
 def _nested(cls: type, value: Any) -> Any:
@@ -205,8 +212,7 @@ class FinetuneCommon:
             raise InputError("epochs must be > 0 and max_steps >= 1")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise InputError("log_every and checkpoint_every must be >= 1")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        self.precision = check_training_precision(self.precision)
         check_layer(self.layer)
 
 
