@@ -122,5 +122,6 @@ def test_stats(job_corpus, tmp_path, capsys):
     assert stats["cells"] == 2000 and stats["tokens"] == int(lengths.sum())
     assert stats["length"]["median"] == float(np.median(lengths))
     assert (tmp_path / "len.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stats["vocab"]["kept"]  # the corpus holds its own vocab.json
     assert cli(["corpus", "stats", job_corpus, "--json", "--plot", str(tmp_path / "b.png")]) == 0
     assert json.loads(capsys.readouterr().out)["shards"] == 3

@@ -322,7 +322,8 @@ def _corpus_command(args: argparse.Namespace) -> int:
         )
     cfg = stats["config"]
     print(
-        f"vocabulary {stats['vocab']['path']} ({stats['vocab']['hash'][:19]}); layout {cfg['layout']}, "
+        f"vocabulary {stats['vocab']['path']} ({stats['vocab']['hash'][:19]}"
+        f"{', a copy kept in the corpus' if stats['vocab']['kept'] else ''}); layout {cfg['layout']}, "
         f"counts {cfg['read'].get('counts', 'X')}, carried {cfg['carry'] or 'none'}"
     )
     print(f"length histogram -> {stats['plot']}")

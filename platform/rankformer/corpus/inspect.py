@@ -20,6 +20,7 @@ from rankformer.config import ReadOptions
 from rankformer.corpus.cells import cell_totals, column_tokens
 from rankformer.corpus.kernels import ranking_values
 from rankformer.errors import InputError
+from rankformer.io import fs
 from rankformer.io.sources import open_source
 from rankformer.vocab import GeneVocab
 
@@ -154,7 +155,11 @@ def corpus_stats(out: str, plot: str | None = None) -> dict[str, Any]:
             for f in manifest["files"]
         },
         "cells_in": manifest["totals"]["cells_in"],
-        "vocab": {"path": cfg["vocab"], "hash": manifest["vocab_hash"]},
+        "vocab": {
+            "path": cfg["vocab"],  # as given to `tokenize`
+            "hash": manifest["vocab_hash"],
+            "kept": fs.exists(fs.join(out, schema.CORPUS_VOCAB)),  # its copy in the corpus folder
+        },
         "config": {k: cfg[k] for k in ("layout", "max_length", "carry")} | {"read": cfg["read"]},
         "shards": len(manifest["shards"]),
     }
