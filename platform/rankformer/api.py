@@ -105,14 +105,14 @@ def corpus_vocab(out: str, manifest: dict[str, Any] | None = None) -> GeneVocab:
     """The vocabulary corpus ``out`` was tokenized with: the copy in its folder, else (a corpus
     made before the copy was kept) the file its config names; checked against its manifest."""
     manifest = manifest or corpus_manifest(out)
-    kept = fs.join(out, schema.CORPUS_VOCAB)
-    given = str(manifest["config"]["vocab"])
-    uri = kept if fs.exists(kept) else given
-    if uri == given and not fs.exists(given):
-        raise InputError(
-            f"corpus {out} holds no {schema.CORPUS_VOCAB} and the vocabulary it was tokenized with, "
-            f"{given}, is not found from here; pass that vocabulary (--vocab) or tokenize again"
-        )
+    uri = fs.join(out, schema.CORPUS_VOCAB)
+    if not fs.exists(uri):
+        uri = str(manifest["config"]["vocab"])
+        if not fs.exists(uri):
+            raise InputError(
+                f"corpus {out} holds no {schema.CORPUS_VOCAB} and the vocabulary it was tokenized with, "
+                f"{uri}, is not found from here; pass that vocabulary (--vocab) or tokenize again"
+            )
     return GeneVocab.load(uri, expect_hash=manifest["vocab_hash"])
 
 
