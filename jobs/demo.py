@@ -182,7 +182,7 @@ def classify_genes(corpus: str, vocab: str, out: str) -> None:
         "--max-tokens",
         "8192",
         "--lr",
-        "0.001",
+        "0.02",  # only the head trains (every layer and the embeddings frozen): a probe's rate
         "--freeze-layers",
         "2",
         "--freeze-embeddings",

@@ -224,6 +224,88 @@ def _slot_arrays(targets: np.ndarray, n_genes: int) -> dict[str, np.ndarray]:
     return {"slot_a": slot_a, "slot_b": slot_b}
 
 
+class _Passes:
+    """The passes of one median search over the shards: what every task reads, and the largest
+    worker memory seen."""
+
+    def __init__(
+        self,
+        cfg: VocabBuildConfig,
+        n_genes: int,
+        col_genes: list[np.ndarray],
+        shards: list[Shard],
+        runner: Runner,
+    ) -> None:
+        self.cfg, self.runner, self.n_genes, self.peak_mb = cfg, runner, n_genes, 0.0
+        read = json.dumps(to_dict(cfg.read))
+        self.base = [
+            {
+                "file_index": s.file_index,
+                "uri": s.uri,
+                "start": s.start,
+                "stop": s.stop,
+                "n_genes": n_genes,
+                "n_bins": cfg.histogram_bins,
+                "read": read,
+            }
+            for s in shards
+        ]
+        self.files = {f"col_gene_{i}": c for i, c in enumerate(col_genes)}
+
+    def _run(self, fn: Any, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        parts = _run_pass(fn, self.base, {**self.files, **arrays}, self.cfg, self.runner)
+        self.peak_mb = max([self.peak_mb, *(float(p["rss_mb"]) for p in parts)])
+        return parts
+
+    def histogram(self, arrays: dict[str, np.ndarray], n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """Summed (n_slots, n_bins) counts and each gene's largest value."""
+        nb = self.cfg.histogram_bins
+        hist, gmax = np.zeros(n_slots * nb, np.int64), np.zeros(self.n_genes)
+        for part in self._run(histogram_shard, arrays):
+            np.add.at(hist, part["code"], part["count"])
+            np.maximum(gmax, part["gmax"], out=gmax)
+        return hist.reshape(n_slots, nb), gmax
+
+    def first(self) -> tuple[MedianSearch, np.ndarray]:
+        """Pass 1: one log-binned histogram per gene serves both of its targets."""
+        g, nb = self.n_genes, self.cfg.histogram_bins
+        edges = global_edges(nb)
+        arrays: dict[str, np.ndarray] = {
+            "slot_a": np.arange(g, dtype=np.int32),
+            "slot_b": np.full(g, -1, np.int32),
+            "lo": np.zeros(g),
+            "hi": np.full(g, np.inf),
+            "edges": edges,
+        }
+        hist, gmax = self.histogram(arrays, g)
+        search = MedianSearch(hist.sum(axis=1))
+        live = np.flatnonzero(search.live)
+        search.absorb_histogram(live, hist[live % g], np.broadcast_to(edges, (len(live), nb + 1)))
+        return search, gmax
+
+    def refine(self, search: MedianSearch, targets: np.ndarray) -> None:
+        """Narrow each target's interval ~n_bins-fold with a linear histogram inside it."""
+        lo, hi = search.lo[targets], search.hi[targets]
+        arrays = {**_slot_arrays(targets, self.n_genes), "lo": lo, "hi": hi, "edges": np.empty(0)}
+        hist, _ = self.histogram(arrays, len(targets))
+        search.absorb_histogram(targets, hist, linear_edges(lo, hi, self.cfg.histogram_bins))
+
+    def collect(self, search: MedianSearch, targets: np.ndarray) -> None:
+        """Gather the few values left inside each target's interval and pick the rank exactly."""
+        arrays = {
+            **_slot_arrays(targets, self.n_genes),
+            "lo": search.lo[targets],
+            "hi": search.hi[targets],
+            "edges": np.empty(0),
+        }
+        parts = self._run(collect_shard, arrays)
+        slots = np.concatenate([p["slot"] for p in parts])
+        values = np.concatenate([p["value"] for p in parts])
+        order = np.argsort(slots, kind="stable")
+        cuts = np.searchsorted(slots[order], np.arange(1, len(targets)))
+        search.absorb_collected(targets, np.split(values[order], cuts))
+
+
 def compute_medians(
     cfg: VocabBuildConfig,
     n_genes: int,
@@ -232,54 +314,12 @@ def compute_medians(
     runner: Runner = map_shards,
 ) -> MedianResult:
     """Exact median and nonzero count per gene, in a few passes over the shards."""
-    g, nb = n_genes, cfg.histogram_bins
-    base = [
-        {
-            "file_index": s.file_index,
-            "uri": s.uri,
-            "start": s.start,
-            "stop": s.stop,
-            "n_genes": g,
-            "n_bins": nb,
-            "read": json.dumps(to_dict(cfg.read)),
-        }
-        for s in shards
-    ]
-    files = {f"col_gene_{i}": c for i, c in enumerate(col_genes)}
-    peak = [0.0]
-
-    def histogram(arrays: dict[str, np.ndarray], n_slots: int) -> tuple[np.ndarray, np.ndarray]:
-        hist, gmax = np.zeros(n_slots * nb, np.int64), np.zeros(g)
-        for part in _run_pass(histogram_shard, base, {**files, **arrays}, cfg, runner):
-            np.add.at(hist, part["code"], part["count"])
-            np.maximum(gmax, part["gmax"], out=gmax)
-            peak[0] = max(peak[0], float(part["rss_mb"]))
-        return hist.reshape(n_slots, nb), gmax
-
-    # pass 1: one log-binned histogram per gene serves both of its targets
-    edges = global_edges(nb)
-    genes = np.arange(g)
-    hist, gmax = histogram(
-        {
-            "slot_a": genes.astype(np.int32),
-            "slot_b": np.full(g, -1, np.int32),
-            "lo": np.zeros(g),
-            "hi": np.full(g, np.inf),
-            "edges": edges,
-        },
-        g,
-    )
-    search = MedianSearch(hist.sum(axis=1))
-    live = np.flatnonzero(search.live)
-    search.absorb_histogram(live, hist[live % g], np.broadcast_to(edges, (len(live), nb + 1)))
+    run = _Passes(cfg, n_genes, col_genes, shards, runner)
+    search, gmax = run.first()
     passes = 1
     refine, collect = search.pending(cfg.collect_limit, gmax)
     while len(refine):
-        lo, hi = search.lo[refine], search.hi[refine]
-        hist, _ = histogram(
-            {**_slot_arrays(refine, g), "lo": lo, "hi": hi, "edges": np.empty(0)}, len(refine)
-        )
-        search.absorb_histogram(refine, hist, linear_edges(lo, hi, nb))
+        run.refine(search, refine)
         passes += 1
         refine, collect = search.pending(cfg.collect_limit, gmax)
         if passes > MAX_PASSES:  # each pass shrinks an interval ~n_bins-fold: float64 needs < 10
@@ -288,22 +328,9 @@ def compute_medians(
                 "ranks left); please report this with the corpus shape"
             )
     if len(collect):
-        arrays = {
-            **files,
-            **_slot_arrays(collect, g),
-            "lo": search.lo[collect],
-            "hi": search.hi[collect],
-            "edges": np.empty(0),
-        }
-        parts = _run_pass(collect_shard, base, arrays, cfg, runner)
-        peak[0] = max([peak[0], *(float(p["rss_mb"]) for p in parts)])
-        slots = np.concatenate([p["slot"] for p in parts])
-        values = np.concatenate([p["value"] for p in parts])
-        order = np.argsort(slots, kind="stable")
-        cuts = np.searchsorted(slots[order], np.arange(1, len(collect)))
-        search.absorb_collected(collect, np.split(values[order], cuts))
+        run.collect(search, collect)
         passes += 1
-    return MedianResult(search.medians(), search.n, passes, peak[0])
+    return MedianResult(search.medians(), search.n, passes, run.peak_mb)
 
 
 def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneVocab:
