@@ -246,9 +246,6 @@ def stats_table(
     stratum (on local disk, 12 bytes a row, once they pass ``rows_in_memory``); the second runs
     the test on consecutive strata of at most ``rows_in_memory`` rows (or one larger stratum)
     at a time. The test's sums add up over disjoint strata, so the result does not depend on it."""
-    from scipy import stats as st
-    from scipy.stats import norm
-
     _check_options(rank_window, rows_in_memory)
     shifts = [c for c in names if c.startswith("shift_")]
     if goal_state and f"shift_{goal_state}" not in shifts:
@@ -259,20 +256,42 @@ def stats_table(
     with tempfile.TemporaryDirectory(prefix="rankformer-stats-") as folder:
         spill = _Spill(rows_in_memory, folder)
         sums, index, per_stratum = _first_pass(parts, floats, goal_state, rank_window, spill)
-        n_keys = len(index)
-        if not n_keys:
+        if not index:
             raise InputError(f"{source} holds no perturbation rows")
-        sums.add(rows=np.zeros(n_keys))
-        eff_n = sums["effect_n"]
+        sums.add(rows=np.zeros(len(index)))
         with np.errstate(invalid="ignore", divide="ignore"):
-            eff_mean = sums["effect"] / eff_n
-        test = _Sums(["t", "v", "tested", "null", "weight", "ss"])
-        test.add(ss=np.zeros(n_keys))
-        for lo, hi in buckets(per_stratum, rows_in_memory):
-            strata, codes, x = spill.between(lo, hi)
-            test.add(**van_elteren_sums(codes, strata, x, n_keys))
-            test.add(ss=np.bincount(codes, (x - eff_mean[codes]) ** 2, minlength=n_keys))
+            eff_mean = sums["effect"] / sums["effect_n"]
+        test = _second_pass(spill, per_stratum, eff_mean, rows_in_memory)
+    res = _table(sums, test, list(index), symbols or {}, shifts)
+    res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
+    res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
+    return res
+
+
+def _second_pass(spill: _Spill, per_stratum: np.ndarray, eff_mean: np.ndarray, rows_in_memory: int) -> _Sums:
+    """The rank-sum test's sums and each key's squared deviations, over consecutive strata of at
+    most ``rows_in_memory`` rows (or one larger stratum) at a time."""
+    n_keys = len(eff_mean)
+    test = _Sums(["t", "v", "tested", "null", "weight", "ss"])
+    test.add(ss=np.zeros(n_keys))
+    for lo, hi in buckets(per_stratum, rows_in_memory):
+        strata, codes, x = spill.between(lo, hi)
+        test.add(**van_elteren_sums(codes, strata, x, n_keys))
+        test.add(ss=np.bincount(codes, (x - eff_mean[codes]) ** 2, minlength=n_keys))
+    return test
+
+
+def _table(
+    sums: _Sums, test: _Sums, keys: list[str], symbols: dict[str, str], shifts: list[str]
+) -> pd.DataFrame:
+    """One row per key: means, the effect's 95% t interval, the test's p value and its null's mean
+    effect (NaN where untested), and Benjamini-Hochberg FDR over the tested keys."""
+    from scipy import stats as st
+    from scipy.stats import norm
+
+    eff_n = sums["effect_n"]
     with np.errstate(invalid="ignore", divide="ignore"):
+        eff_mean = sums["effect"] / eff_n
         sd = np.sqrt(test["ss"] / (eff_n - 1))
         half = np.where(eff_n > 1, st.t.ppf(0.975, np.maximum(eff_n - 1, 1)) * sd / np.sqrt(eff_n), np.nan)
         v, tested = test["v"], test["tested"] > 0
@@ -282,11 +301,10 @@ def stats_table(
         def mean(c: str) -> np.ndarray:
             return np.asarray(sums[c] / sums[f"{c}_n"])
 
-        keys = list(index)
         res = pd.DataFrame(
             {
                 "perturbed": keys,
-                "symbol": symbols_of(symbols or {}, keys),
+                "symbol": symbols_of(symbols, keys),
                 "n_cells": sums["rows"].astype(np.int64),
                 "effect_mean": eff_mean,
                 "effect_ci_low": eff_mean - half,
@@ -303,8 +321,6 @@ def stats_table(
     if ok.any():
         res.loc[ok, "fdr"] = st.false_discovery_control(res.loc[ok, "p_value"].to_numpy(), method="bh")
     res["significant"] = res["fdr"] < 0.05
-    res = res.sort_values("effect_mean", ascending=False, kind="stable").reset_index(drop=True)
-    res.attrs["effect"] = f"shift toward {goal_state}" if goal_state else "1 - cell_cosine"
     return res
 
 
