@@ -207,26 +207,50 @@ def _tune(job: CellJob, parent: str) -> dict[str, Any]:
 
 
 def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
+    cfg = job.cfg
+    tuned = _tune(job, parent) if cfg.tune.trials else None
+    model = _train(job, parent, tuned)
+    prob = cell_probs(model, job.cells.ids, job.pad, cfg.batch.max_tokens)
+    report = _report(job, prob, sizes, tuned)
+    _write_predictions(job, prob, report)
+    version = _save(job, model, parent, report)
+    tracking.log_metrics(job.uri, parent, _flat(report), 0)
+    job.output.log_to(job.uri, parent)
+    job.output.finish({"test_macro_f1": report["test_macro_f1"], "model_version": version})
+    frozen = report.get("frozen_embeddings", {}).get("test_macro_f1")
+    print(
+        f"test macro F1 {report['test_macro_f1']:.3f}, accuracy {report['test_accuracy']:.3f}"
+        + (f"; frozen-embedding logistic regression macro F1 {frozen:.3f}" if frozen is not None else "")
+        + f" -> {cfg.out}"
+    )
+    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
+
+
+def _train(job: CellJob, parent: str, tuned: dict[str, Any] | None) -> torch.nn.Module:
+    """The classifier trained on the train split (with the search's best settings, if any), as a
+    child MLflow run."""
     from rankformer.classify.tune import apply
 
-    cfg, out, classes = job.cfg, job.output, job.classes
-    tuned = _tune(job, parent) if cfg.tune.trials else None
+    cfg = job.cfg
     train_run = tracking.start_run(
         job.uri, cfg.track.experiment, "train", {"job": JOB, "mlflow.parentRunId": parent}
     )
     spec = job.spec(train_run)
     if tuned:
         spec = apply(spec, tuned["best"]["params"])
+    rows = job.rows("train")
     model = train_classifier(
-        spec,
-        [job.cells.ids[i] for i in job.rows("train")],
-        job.y[job.rows("train")],
-        cfg.scale,
-        job.work,
-        "train",
+        spec, [job.cells.ids[i] for i in rows], job.y[rows], cfg.scale, job.work, "train"
     )
     tracking.end_run(job.uri, train_run)
-    prob = cell_probs(model, job.cells.ids, job.pad, cfg.batch.max_tokens)
+    return model
+
+
+def _report(
+    job: CellJob, prob: np.ndarray, sizes: dict[str, int], tuned: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Validation and test scores, and the frozen-embedding baseline's test scores."""
+    classes = job.classes
     report: dict[str, Any] = {"classes": classes, "split_sizes": sizes, "dropped_unlabelled": job.dropped}
     if tuned:
         report["tune"] = tuned
@@ -235,13 +259,18 @@ def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
         if len(rows):
             s = metrics.scores(job.y[rows], prob[rows], classes)
             report.update({f"{part[:4] if part == 'test' else 'val'}_{k}": v for k, v in s.items()})
-    frozen_prob = None
-    if cfg.frozen_baseline:
+    if job.cfg.frozen_baseline:
         _, emb = job.frozen_states(job.cells.ids)
         tr, te = job.rows("train"), job.rows("test")
-        frozen_prob = logreg(emb[tr], job.y[tr], emb, len(classes), cfg.seed)
+        frozen_prob = logreg(emb[tr], job.y[tr], emb, len(classes), job.cfg.seed)
         fs_ = metrics.scores(job.y[te], frozen_prob[te], classes)
         report["frozen_embeddings"] = {f"test_{k}": v for k, v in fs_.items()}
+    return report
+
+
+def _write_predictions(job: CellJob, prob: np.ndarray, report: dict[str, Any]) -> None:
+    """cell_predictions, metrics.json and the test split's ROC curves and confusion matrix."""
+    out, classes = job.output, job.classes
     table = pd.DataFrame(
         {
             schema.CELL_ID: job.cells.column(schema.CELL_ID)
@@ -264,17 +293,6 @@ def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
     out.publish("roc_curves.png")
     metrics.plot_confusion(report["test_confusion"], classes, "test split", out.path("confusion.png"))
     out.publish("confusion.png")
-    version = _save(job, model, parent, report)
-    tracking.log_metrics(job.uri, parent, _flat(report), 0)
-    out.log_to(job.uri, parent)
-    out.finish({"test_macro_f1": report["test_macro_f1"], "model_version": version})
-    frozen = report.get("frozen_embeddings", {}).get("test_macro_f1")
-    print(
-        f"test macro F1 {report['test_macro_f1']:.3f}, accuracy {report['test_accuracy']:.3f}"
-        + (f"; frozen-embedding logistic regression macro F1 {frozen:.3f}" if frozen is not None else "")
-        + f" -> {cfg.out}"
-    )
-    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
 
 
 def _save(job: CellJob, model: torch.nn.Module, parent: str, report: dict[str, Any]) -> str | None:

@@ -273,16 +273,26 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     out.finish(
         {"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version}
     )
-    pos = f"prob_{classes[job.positive]}"
+    _print_summary(job, report, table)
+    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
+
+
+def _print_summary(job: GeneJob, report: dict[str, Any], table: pd.DataFrame) -> None:
+    """The cross-validated scores beside the baselines, then the top unseen genes of each model."""
+    pos = f"prob_{job.classes[job.positive]}"
     print(
-        f"cross-validated by gene ({cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} "
+        f"cross-validated by gene ({job.cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} "
         f"± {report['roc_auc_sd']:.3f}"
         + (
             f"; frozen-embedding logistic regression {report['frozen_embeddings']['roc_auc_mean']:.3f}"
             if "frozen_embeddings" in report
             else ""
         )
-        + (f"; shuffled labels {report['shuffled_control_roc_auc_mean']:.3f}" if controls else "")
+        + (
+            f"; shuffled labels {report['shuffled_control_roc_auc_mean']:.3f}"
+            if "shuffled_control_roc_auc_mean" in report
+            else ""
+        )
     )
     unseen = table[~table["in_training"] & (table["n_occurrences"] >= 10)]
     for col, who in ((pos, "fine-tuned"), (f"frozen_{pos}", "frozen-embedding baseline")):
@@ -294,8 +304,7 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
                 f"  {r['gene_id']}  {r['symbol'] or '-':<12} {r[col]:.3f}  "
                 f"({int(r['n_occurrences'])} occurrences)"
             )
-    print(f"-> {cfg.out}")
-    return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
+    print(f"-> {job.cfg.out}")
 
 
 def prediction_table(job: GeneJob, model: torch.nn.Module) -> pd.DataFrame:

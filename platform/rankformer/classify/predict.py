@@ -45,20 +45,7 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
         cfg.seed,
     )
     out = JobOutput(cfg.out, f"predict-{what}", cfg)
-    pad, gene_lo = token_layout(loaded.vocab)
-    if what == "genes":
-        table = gene_predictions(model, cells.ids, pad, gene_lo, loaded, classes, cfg.max_tokens)
-    else:
-        names = cells.table.column_names
-        table = cell_predictions(
-            model,
-            cells.ids,
-            cells.column(schema.CELL_ID) if schema.CELL_ID in names else None,
-            cells.column(extra[0]) if extra and extra[0] in names else None,
-            pad,
-            classes,
-            cfg.max_tokens,
-        )
+    table = _predictions(what, model, cells, extra, loaded, classes, cfg.max_tokens)
     out.write_table(f"{'gene' if what == 'genes' else 'cell'}_predictions", table)
     version = None
     if cfg.model.startswith("models:/"):
@@ -79,6 +66,26 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
         + f" -> {cfg.out}"
     )
     return summary
+
+
+def _predictions(
+    what: str, model: Any, cells: Any, extra: list[str], loaded: Any, classes: list[str], max_tokens: int
+) -> pd.DataFrame:
+    """The prediction table: per gene over the cells' occurrences, or per cell (with its label
+    column when the corpus carries it)."""
+    pad, gene_lo = token_layout(loaded.vocab)
+    if what == "genes":
+        return gene_predictions(model, cells.ids, pad, gene_lo, loaded, classes, max_tokens)
+    names = cells.table.column_names
+    return cell_predictions(
+        model,
+        cells.ids,
+        cells.column(schema.CELL_ID) if schema.CELL_ID in names else None,
+        cells.column(extra[0]) if extra and extra[0] in names else None,
+        pad,
+        classes,
+        max_tokens,
+    )
 
 
 def gene_predictions(

@@ -181,7 +181,18 @@ def search(
         ),
         run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(local_dir(storage)), verbose=0),
     )
-    grid = tuner.fit()
+    trials = _record_trials(tuner.fit(), list(space), mlflow)
+    best = max(trials, key=lambda t: t[METRIC])
+    uri, _, parent = mlflow
+    tracking.log_metrics(uri, parent, {f"best_trial_{METRIC}": best[METRIC]}, 0)
+    for k, v in best["params"].items():
+        tracking.set_tag(uri, parent, f"best_trial.{k}", str(v))
+    return {"best": best, "trials": trials}
+
+
+def _record_trials(grid: Any, names: list[str], mlflow: tuple[str, str, str]) -> list[dict[str, Any]]:
+    """Each trial that reported a score: its settings, best score and steps run, also logged as a
+    child MLflow run of the search's run."""
     uri, experiment, parent = mlflow
     trials: list[dict[str, Any]] = []
     for i in range(len(grid)):
@@ -194,7 +205,7 @@ def search(
             else float(r.metrics[METRIC])
         )
         steps = int(r.metrics.get("step", 0))
-        params = {k: (r.config or {})[k] for k in space}
+        params = {k: (r.config or {})[k] for k in names}
         trials.append({"params": params, METRIC: score, "steps": steps})
         run = tracking.start_run(uri, experiment, f"trial-{i}", {"mlflow.parentRunId": parent, "job": "tune"})
         tracking.log_params(uri, run, params)
@@ -202,8 +213,4 @@ def search(
         tracking.end_run(uri, run)
     if not trials:
         raise RuntimeError("no Tune trial reported a validation score; see the Ray logs")
-    best = max(trials, key=lambda t: t[METRIC])
-    tracking.log_metrics(uri, parent, {f"best_trial_{METRIC}": best[METRIC]}, 0)
-    for k, v in best["params"].items():
-        tracking.set_tag(uri, parent, f"best_trial.{k}", str(v))
-    return {"best": best, "trials": trials}
+    return trials
