@@ -27,17 +27,7 @@ from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, Pr
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rankformer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    vocab = sub.add_parser("vocab", help="build or import a gene vocabulary").add_subparsers(
-        dest="vocab_command", required=True
-    )
-    b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
-    add_config_arguments(b, VocabBuildConfig, positional=("inputs",))
-    g = vocab.add_parser("import-geneformer", help="import Geneformer's pickled dictionaries")
-    g.add_argument("--token-dictionary", required=True, help="token_dictionary_*.pkl")
-    g.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
-    g.add_argument("--mapping-dictionary", help="ensembl_mapping_dict_*.pkl (aliases)")
-    g.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
-    g.add_argument("--out", required=True, help="vocabulary JSON to write")
+    _vocab_parsers(sub)
     t = sub.add_parser("tokenize", help="rank-value encode INPUT files into a Parquet corpus")
     add_config_arguments(t, TokenizeConfig, positional=("inputs",), skip=("carry",))
     t.add_argument(
@@ -46,6 +36,45 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OBS[:NAME]",
         help="obs column to carry into the corpus, optionally renamed; repeatable",
     )
+    _corpus_parsers(sub)
+    _training_parsers(sub)
+    add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
+    add_config_arguments(
+        sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
+    )
+    _perturb_stats_parser(sub)
+    from rankformer.serving import ServeConfig
+
+    add_config_arguments(
+        sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
+    )
+    _model_parsers(sub)
+    return p
+
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def _dictionary_flags(p: argparse.ArgumentParser, of: str) -> None:
+    """Geneformer's pickled dictionaries, as both import commands take them."""
+    p.add_argument("--token-dictionary", required=True, help=f"token_dictionary_*.pkl{of}")
+    p.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
+    p.add_argument("--mapping-dictionary", help="ensembl_mapping_dict_*.pkl (aliases)")
+    p.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
+
+
+def _vocab_parsers(sub: Subparsers) -> None:
+    vocab = sub.add_parser("vocab", help="build or import a gene vocabulary").add_subparsers(
+        dest="vocab_command", required=True
+    )
+    b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
+    add_config_arguments(b, VocabBuildConfig, positional=("inputs",))
+    g = vocab.add_parser("import-geneformer", help="import Geneformer's pickled dictionaries")
+    _dictionary_flags(g, "")
+    g.add_argument("--out", required=True, help="vocabulary JSON to write")
+
+
+def _corpus_parsers(sub: Subparsers) -> None:
     c = sub.add_parser("corpus", help="look inside a finished corpus").add_subparsers(
         dest="corpus_command", required=True
     )
@@ -59,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("out", help="corpus folder (local or s3://)")
     st.add_argument("--plot", help="length histogram PNG to write (default: <corpus name>_lengths.png)")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
+def _training_parsers(sub: Subparsers) -> None:
+    """pretrain, finetune genes|cells and predict genes|cells."""
     pre = sub.add_parser("pretrain", help="masked-gene pretraining on Ray Train, tracked in MLflow")
     add_config_arguments(pre, PretrainConfig)
     fine = sub.add_parser("finetune", help="fine-tune a classifier on Ray Train").add_subparsers(
@@ -75,10 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(
             pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
         )
-    add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
-    add_config_arguments(
-        sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
-    )
+
+
+def _perturb_stats_parser(sub: Subparsers) -> None:
     ps = sub.add_parser("perturb-stats", help="`perturb stats OUT`: per-gene effects, null test, FDR")
     ps.add_argument("out", help="output folder of `rankformer perturb`")
     ps.add_argument("--goal-state", help="rank by the shift toward this state (default: 1 - cell_cosine)")
@@ -94,24 +126,18 @@ def _parser() -> argparse.ArgumentParser:
         help="rows the test holds at once (about 120 B each; default 2,000,000); the rest wait on local "
         "disk (12 B each)",
     )
-    from rankformer.serving import ServeConfig
 
-    add_config_arguments(
-        sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
-    )
+
+def _model_parsers(sub: Subparsers) -> None:
     mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
     imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
     imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
-    imp.add_argument("--token-dictionary", required=True, help="token_dictionary_*.pkl of the model")
-    imp.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
-    imp.add_argument("--mapping-dictionary", help="ensembl_mapping_dict_*.pkl (aliases)")
-    imp.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
+    _dictionary_flags(imp, " of the model")
     imp.add_argument("--out", required=True, help="rankformer model folder to write")
     imp.add_argument("--registered-model", help="also register it in MLflow under this name")
     imp.add_argument("--alias", default="current", help="registry alias (default current)")
     imp.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else sqlite)")
     imp.add_argument("--experiment", default="rankformer", help="MLflow experiment of the import run")
-    return p
 
 
 def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
