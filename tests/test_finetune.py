@@ -22,8 +22,8 @@ from rankformer.classify.labels import map_labels, read_label_sets
 from rankformer.classify.predict import PredictConfig, run_predict
 from rankformer.errors import InputError
 from rankformer.synth import gene_ids, programme_cells
+from rankformer.train.classifier import build_classifier
 from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, HeadOptions
-from rankformer.train.finetune import build_classifier
 from rankformer.vocab import GeneVocab
 
 N_SHARED, PER_TYPE, TYPES = 20, 40, 3

@@ -264,7 +264,7 @@ class Classifier(_TakesCells):
         from rankformer.loader import load_model as load
         from rankformer.loader import model_meta
         from rankformer.model.store import max_length_of
-        from rankformer.train.finetune import classifier_class
+        from rankformer.train.classifier import classifier_class
 
         resolved = tracking.resolve_uri(tracking_uri)
         meta = model_meta(uri, resolved)

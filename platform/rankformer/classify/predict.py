@@ -28,7 +28,7 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
             f"model {cfg.model} is a {meta.get('task')!r} model, not {TASKS[what]!r}; predict with a "
             f"model from `rankformer finetune {what}`"
         )
-    from rankformer.train.finetune import classifier_class  # torch: after the checks above
+    from rankformer.train.classifier import classifier_class  # torch: after the checks above
 
     head = classifier_class("token" if what == "genes" else "sequence", meta.get("head_class"))
     loaded, manifest = open_model_and_corpus(cfg.model, cfg.corpus, uri, head=head)
