@@ -180,10 +180,11 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
     import pyarrow.parquet as pq
 
     import rankformer.perturb as perturb
+    import rankformer.perturb_rows as perturb_rows
 
     _delete_every_gene(world, tmp_path / "whole", per_gene=True)
     monkeypatch.setattr(perturb, "WINDOW_CELLS", 5)
-    monkeypatch.setattr(perturb, "FLUSH_ROWS", 37)
+    monkeypatch.setattr(perturb_rows, "FLUSH_ROWS", 37)
     _delete_every_gene(world, tmp_path / "pieces", per_gene=True)
     for per_gene in (False, True):
         a = read_results(str(tmp_path / "whole"), per_gene=per_gene).to_pandas()

@@ -147,7 +147,8 @@ class Model(_TakesCells):
         of ``states``); with ``per_gene`` also the per-gene table. Options as `rankformer perturb`
         (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, and names in
         ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
-        from rankformer.perturb import rows_table, targets_of
+        from rankformer.perturb import targets_of
+        from rankformer.perturb_rows import rows_table
 
         listed = check_perturbation(kind, mode, list(genes), missing, shift)
         targets, anchor_token, not_found = targets_of(self.vocab, listed, anchor, mode, missing)

@@ -36,6 +36,7 @@ from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
 from rankformer.model.perturbations import delete_each, perturb
+from rankformer.perturb_rows import RowWriter
 from rankformer.perturb_states import STATES_FILE, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 
@@ -306,68 +307,6 @@ class Perturber(Embedder):
 
 
 WINDOW_CELLS = 256  # cells scored before their rows are written
-FLUSH_ROWS = 65_536  # rows per Parquet row group
-
-
-class RowWriter:
-    """Rows of one output file (per-cell scores, or the per-gene table when ``states`` is None)
-    streamed to Parquet in row groups; the file appears whole when the block ends without error.
-    A writer without a name (no per-gene table asked for) takes rows and writes nothing."""
-
-    def __init__(self, out: str, name: str | None, states: list[str] | None) -> None:
-        self.uri = fs.join(out, name) if name else None
-        self.states = states
-        self.buffer: list[dict[str, Any]] = []
-        self.n = 0
-
-    def __enter__(self) -> RowWriter:
-        if self.uri:
-            self._file_cm = fs.open_output_atomic(self.uri)
-            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), rows_table([], self.states).schema)
-        return self
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        self.n += len(rows)
-        if self.uri:
-            self.buffer += rows
-            if len(self.buffer) >= FLUSH_ROWS:
-                self._flush()
-
-    def _flush(self) -> None:
-        self._writer.write_table(rows_table(self.buffer, self.states))
-        self.buffer = []
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.uri:
-            return
-        try:
-            if exc[0] is None and self.buffer:
-                self._flush()
-            self._writer.close()
-        finally:
-            self._file_cm.__exit__(*exc)
-
-
-def rows_table(rows: list[dict[str, Any]], states: list[str] | None) -> pa.Table:
-    if states is not None:
-        cols: dict[str, Any] = {
-            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
-            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
-            "rank": pa.array([r["rank"] for r in rows], pa.int32()),
-            "cell_cosine": pa.array([r["cell_cosine"] for r in rows], pa.float64()),
-            "gene_mean_cosine": pa.array([r["gene_mean_cosine"] for r in rows], pa.float64()),
-        }
-        for s in states:
-            cols[f"shift_{s}"] = pa.array([r[f"shift_{s}"] for r in rows], pa.float64())
-        return pa.table(cols)
-    return pa.table(
-        {
-            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
-            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
-            "affected_gene": pa.array([r["affected_gene"] for r in rows], pa.string()),
-            "cosine": pa.array([r["cosine"] for r in rows], pa.float64()),
-        }
-    )
 
 
 def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
