@@ -65,6 +65,8 @@ def test_tokenize_anndata_checks_like_the_job(geneformer_v2_vocab):
         rankformer.tokenize_anndata(adata, geneformer_v2_vocab, carry=["donor"])
     with pytest.raises(InputError, match="no such layer"):
         rankformer.tokenize_anndata(adata, geneformer_v2_vocab, counts="layers/counts")
+    with pytest.raises(InputError, match=r"'gene_symbol' not found; columns are: .*Pass gene_id_column="):
+        rankformer.tokenize_anndata(adata, geneformer_v2_vocab, gene_id_column="gene_symbol")
     adata.X = adata.X.astype(np.float32) / 3
     with pytest.raises(InputError, match="non-integer count"):
         rankformer.tokenize_anndata(adata, geneformer_v2_vocab)

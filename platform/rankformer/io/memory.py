@@ -72,6 +72,12 @@ class MemorySource(CellSource):
         ids, self.id_note = gene_ids_from_index(self, index, list(var.columns))
         return ids
 
+    def missing_gene_column(self, available: list[str]) -> InputError:
+        return InputError(
+            f"AnnData var: gene-id column {self.gene_id_column!r} not found; columns are: {available}. "
+            "Pass gene_id_column= with one of them ('index' for the var names), or gene_ids=[...]."
+        )
+
     def integer_alternatives(self) -> list[str]:
         return []
 
