@@ -141,7 +141,7 @@ class PerturbConfig(ActorPoolJob):
 
     kind: str = "delete"  # delete, overexpress, inhibit or activate
     genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
-    mode: str = "each"  # each listed gene alone, all listed together, or every gene of each cell (all)
+    mode: str = "each"  # each (every listed gene alone), together (all listed at once), or all (every gene)
     anchor: str | None = None  # perturb this gene together with each other one
     shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
     missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
