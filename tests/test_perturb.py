@@ -184,8 +184,14 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
 
     _delete_every_gene(world, tmp_path / "whole", per_gene=True)
     monkeypatch.setattr(perturb, "WINDOW_CELLS", 5)
+    monkeypatch.setattr(perturb, "WINDOW_TOKENS", 60)
     monkeypatch.setattr(perturb_rows, "FLUSH_ROWS", 37)
-    _delete_every_gene(world, tmp_path / "pieces", per_gene=True)
+    added: list[int] = []  # per-gene tables reach the writer batch by batch, not a cell at a time
+    add_table = perturb_rows.RowWriter.add_table
+    monkeypatch.setattr(
+        perturb_rows.RowWriter, "add_table", lambda w, t: (added.append(t.num_rows), add_table(w, t))
+    )
+    summary = _delete_every_gene(world, tmp_path / "pieces", per_gene=True, max_tokens=120)
     for per_gene in (False, True):
         a = read_results(str(tmp_path / "whole"), per_gene=per_gene).to_pandas()
         b = read_results(str(tmp_path / "pieces"), per_gene=per_gene).to_pandas()
@@ -196,6 +202,16 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
             else:
                 assert a[col].map(str).tolist() == b[col].map(str).tolist()
     assert pq.ParquetFile(tmp_path / "pieces" / "part-000000.parquet").num_row_groups > 3
+    per_gene_parts = len(added) - summary["cells_this_run"]  # the rest: one row table per cell
+    assert per_gene_parts > 2 * summary["cells_this_run"] and max(added) <= 120
+
+
+def test_windows_bound_cells_and_tokens():
+    from rankformer.perturb import windows
+
+    assert list(windows([10] * 7, 3, 1000)) == [(0, 3), (3, 6), (6, 7)]
+    assert list(windows([10, 10, 10, 50, 10], 10, 30)) == [(0, 3), (3, 4), (4, 5)]  # a long cell alone
+    assert list(windows([], 3, 30)) == []
 
 
 def test_deleting_planted_markers_moves_cells_toward_the_other_state(world, tmp_path):

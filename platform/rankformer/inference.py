@@ -169,14 +169,13 @@ class Model(_TakesCells):
             states={k: v.tolist() for k, v in chosen.items()},
         )
         rows: list[dict[str, Any]] = []
-        gene_rows: list[dict[str, Any]] = []
-        for cell_rows, cell_genes in self._w.scored(arrays, ids):
+        gene_parts = [rows_table([], None)]
+        for cell_rows in self._w.scored(arrays, ids, gene_parts.append):
             rows += cell_rows
-            gene_rows += cell_genes
         out = rows_table(rows, list(chosen)).to_pandas()
         out.attrs["genes_not_in_vocabulary"] = not_found
         if per_gene:
-            return out, rows_table(gene_rows, None).to_pandas()
+            return out, pa.concat_tables(gene_parts).to_pandas()
         return out
 
     def perturb_stats(

@@ -13,8 +13,9 @@ Per (cell, perturbation) row, with states at ``--layer``:
 Each cell's original forward pass runs once; its variants go through together in length-budgeted
 batches (a deletion is one token shorter: no padding to a global maximum). Corpus shards are spread
 over a pool of Ray actors, each writing its output shard as it finishes; a rerun skips finished
-shards. Memory is bounded by one shard's cells and one cell's variants. Statistics over the output:
-`rankformer.perturb_stats`.
+shards. Memory is bounded by one shard's token lists, a window of originals' states and one batch of
+variants: rows stream out in row groups, per-gene rows (up to length^2 a cell) batch by batch.
+Statistics over the output: `rankformer.perturb_stats`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
 from rankformer.model.perturbations import delete_each, perturb
-from rankformer.perturb_rows import RowWriter
+from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table
 from rankformer.perturb_states import STATES_FILE, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 
@@ -87,21 +88,22 @@ class Perturber(Embedder):
         return [[g] for g in pool]
 
     def score_cell(
-        self, cell: np.ndarray, h0: torch.Tensor, cell_id: str
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """One cell's rows and per-gene rows: its variants in length-budgeted batches, scored
-        against the original's states ``h0`` (one cell, its own length)."""
+        self, cell: np.ndarray, h0: torch.Tensor, cell_id: str, genes_out: GeneSink | None = None
+    ) -> list[dict[str, Any]]:
+        """One cell's rows: its variants in length-budgeted batches, scored against the original's
+        states ``h0`` (one cell, its own length). With per-gene scores asked for, each batch's
+        per-gene table goes to ``genes_out`` as it is computed (a cell has up to length^2 of them)."""
         from rankformer.model.batching import budget_batches
 
         combos = self.variants(cell)
         seqs = self._sequences(cell, combos, cell_id)
         orig = self._original(cell, h0, cell_id)
         rows: list[dict[str, Any]] = []
-        per_gene: list[dict[str, Any]] = []
+        sink = genes_out if self.spec["per_gene"] else None
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
         for idx in budget_batches(lengths, self.spec["max_tokens"], 256) if len(seqs) else []:
-            self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, per_gene)
-        return rows, per_gene
+            self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, sink)
+        return rows
 
     def _sequences(self, cell: np.ndarray, combos: list[list[int]], cell_id: str) -> list[np.ndarray]:
         """Each perturbation's token sequence; an error naming one that would leave no gene."""
@@ -155,10 +157,10 @@ class Perturber(Embedder):
         seqs: list[np.ndarray],
         combos: list[list[int]],
         rows: list[dict[str, Any]],
-        per_gene: list[dict[str, Any]],
+        genes_out: GeneSink | None,
     ) -> None:
-        """One forward pass over a batch of a cell's variants; their rows appended to ``rows``
-        (and ``per_gene``)."""
+        """One forward pass over a batch of a cell's variants; their rows appended to ``rows``,
+        their per-gene table given to ``genes_out``."""
         import torch
 
         from rankformer.infer import Batch, hidden_states, mean_pool
@@ -177,11 +179,11 @@ class Perturber(Embedder):
         gene_cos = torch.where(common.to(dev), _cos(h1, orig.h0[p0.to(dev).clamp(min=0)]), 0.0)
         n_common = common.sum(1)
         mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
-        gene_cos = gene_cos.cpu() if self.spec["per_gene"] else gene_cos
+        perturbed = [self.names(c) for c in combos]
         for j, combo in enumerate(combos):
             row = {
                 schema.CELL_ID: orig.cell_id,
-                "perturbed": self.names(combo),
+                "perturbed": perturbed[j],
                 "rank": min((orig.rank[g] for g in combo if g in orig.rank), default=-1),
                 "cell_cosine": cell_cos[j],
                 "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
@@ -189,18 +191,36 @@ class Perturber(Embedder):
             if shifts is not None:
                 row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts[j], strict=True)})
             rows.append(row)
-            if self.spec["per_gene"]:
-                where = torch.nonzero(common[j]).flatten()
-                where = where[torch.argsort(p0[j, where])]  # in the original cell's order
-                per_gene += [
-                    {
-                        schema.CELL_ID: orig.cell_id,
-                        "perturbed": row["perturbed"],
-                        "affected_gene": self.gene_of[g],
-                        "cosine": c,
-                    }
-                    for g, c in zip(ids[j, where].tolist(), gene_cos[j, where].tolist(), strict=True)
-                ]
+        if genes_out is not None:
+            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0, common, gene_cos))
+
+    def _gene_rows(
+        self,
+        cell_id: str,
+        perturbed: list[list[str]],
+        ids: torch.Tensor,
+        p0: torch.Tensor,
+        common: torch.Tensor,
+        gene_cos: torch.Tensor,
+    ) -> pa.Table:
+        """A batch's per-gene rows, built column-wise: each variant's affected genes in the
+        original cell's order."""
+        import torch
+
+        j, at = (t.numpy() for t in torch.nonzero(common, as_tuple=True))
+        order = np.lexsort((p0.numpy()[j, at], j))
+        j, at = j[order], at[order]
+        cos = gene_cos.cpu().numpy()[j, at].astype(np.float64)
+        return gene_rows_table(cell_id, perturbed, j, self.gene_id_array().take(ids.numpy()[j, at]), cos)
+
+    def gene_id_array(self) -> pa.Array:
+        """Gene id by token id (empty for the special tokens), for column-wise lookups."""
+        if getattr(self, "_gene_ids", None) is None:
+            ids = [""] * (max(self.gene_of) + 1)
+            for t, g in self.gene_of.items():
+                ids[t] = g
+            self._gene_ids = pa.array(ids, pa.string())
+        return self._gene_ids
 
     def _matched(
         self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
@@ -274,21 +294,24 @@ class Perturber(Embedder):
         }
 
     def scored(
-        self, cells: list[np.ndarray], ids: list[str]
-    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
-        """Each cell's rows and per-gene rows, in input order; the originals run in batches of a
-        window of cells (memory: one window's rows at most)."""
+        self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Each cell's rows, in input order (per-gene tables to ``genes_out``, in the same order).
+        The originals run in length-grouped batches over a window of cells and wait for their
+        turn (memory: one window's original states, one batch of a cell's variants)."""
         from rankformer.infer import batches, hidden_states
 
-        for lo in range(0, len(cells), WINDOW_CELLS):
-            window = cells[lo : lo + WINDOW_CELLS]
-            done: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        lengths = [len(c) for c in cells]
+        for lo, hi in windows(lengths, WINDOW_CELLS, WINDOW_TOKENS):
+            window = cells[lo:hi]
+            originals: list[Any] = [None] * len(window)
             for b in batches(window, self.pad, self.spec["max_tokens"]):  # each original runs once
                 h = hidden_states(self.model, b, self.layer, self.device)
                 for j, i in enumerate(b.index.tolist()):
-                    done[i] = self.score_cell(window[i], h[j, : len(window[i])], ids[lo + i])
+                    originals[i] = h[j, : len(window[i])]
             for i in range(len(window)):
-                yield done[i]
+                h0, originals[i] = originals[i], None
+                yield self.score_cell(window[i], h0, ids[lo + i], genes_out)
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
@@ -300,13 +323,26 @@ class Perturber(Embedder):
             RowWriter(spec["out"], task["name"], spec["state_names"]) as rows,
             RowWriter(spec["out"], genes_name, None) as per_gene,
         ):
-            for cell_rows, gene_rows in self.scored(cells, ids):  # in corpus order
+            for cell_rows in self.scored(cells, ids, per_gene.add_table):  # in corpus order
                 rows.add(cell_rows)
-                per_gene.add(gene_rows)
         return pickle.dumps({"cells": len(cells), "rows": rows.n})
 
 
-WINDOW_CELLS = 256  # cells scored before their rows are written
+WINDOW_CELLS = 256  # at most this many cells' originals run before their variants
+WINDOW_TOKENS = 65_536  # ... and at most this many tokens of them (one cell, if longer)
+
+
+def windows(lengths: list[int], max_cells: int, max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [lo, hi) runs of cells, each at most ``max_cells`` cells and ``max_tokens``
+    tokens (a longer cell alone)."""
+    lo, n = 0, len(lengths)
+    while lo < n:
+        hi, tokens = lo + 1, lengths[lo]
+        while hi < n and hi - lo < max_cells and tokens + lengths[hi] <= max_tokens:
+            tokens += lengths[hi]
+            hi += 1
+        yield lo, hi
+        lo = hi
 
 
 def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
@@ -390,8 +426,10 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
     shards, pending = shard_tasks(cfg.out, files, sample)
     make = functools.partial(_make_perturber, spec)
-    for _ in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
-        pass  # each actor wrote its shard's rows
+    done = {"cells": 0, "rows": 0}  # each actor wrote its shard's rows; these are its counts
+    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
+        counts = pickle.loads(payload)
+        done = {k: done[k] + int(counts[k]) for k in done}
     out.files += shards + (["genes-" + s for s in shards] if cfg.per_gene else [])
     summary: dict[str, Any] = {
         "model": cfg.model,
@@ -405,13 +443,15 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         "genes_not_in_vocabulary": missing,
         "shards": shards,
         "shards_done_before": len(shards) - len(pending),
+        "cells_this_run": done["cells"],
+        "rows_this_run": done["rows"],
         **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
     out.finish(summary)
     print(
-        f"perturbed ({cfg.kind}, {cfg.mode}) cells of {len(shards)} shards "
-        f"({summary['shards_done_before']} already done); {len(missing)} genes not in the vocabulary "
-        f"-> {cfg.out}"
+        f"perturbed ({cfg.kind}, {cfg.mode}) {done['cells']:,} cells into {done['rows']:,} rows in "
+        f"{len(pending)} shards ({summary['shards_done_before']} of {len(shards)} done before); "
+        f"{len(missing)} genes not in the vocabulary -> {cfg.out}"
     )
     return summary
 

@@ -8,6 +8,7 @@ import math
 from typing import Any, Literal, Self
 
 import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rankformer import schema
@@ -231,13 +232,16 @@ class ModelCore:
             h0 = hidden_states(
                 w.model, Batch(np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids)), layer, w.device
             )
-        rows, per_gene = w.score_cell(cell, h0[0], "request")
+        gene_parts: list[pa.Table] = []
+        rows = w.score_cell(cell, h0[0], "request", gene_parts.append)
+        cosines: dict[tuple[str, ...], dict[str, float]] = {}
+        for part in gene_parts:
+            for g in part.select(["perturbed", "affected_gene", "cosine"]).to_pylist():
+                cosines.setdefault(tuple(g["perturbed"]), {})[g["affected_gene"]] = g["cosine"]
         for r in rows:
             r.pop(schema.CELL_ID, None)
             if req.per_gene:
-                r["gene_cosines"] = {
-                    g["affected_gene"]: g["cosine"] for g in per_gene if g["perturbed"] == r["perturbed"]
-                }
+                r["gene_cosines"] = cosines.get(tuple(r["perturbed"]), {})
         return {"results": rows, "unknown_genes": unknown}
 
 
