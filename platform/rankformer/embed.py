@@ -275,8 +275,10 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     shards, pending = shard_tasks(cfg.out, files, sample)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     make = functools.partial(_make_embedder, spec)
-    for _ in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0):
-        pass  # each actor wrote its shard
+    cells = sum(  # each actor wrote its shard and says how many cells it held
+        int(pickle.loads(p)["cells"])
+        for p in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0)
+    )
     summary: dict[str, Any] = {
         "model": cfg.model,
         "vocab_hash": info.vocab.content_hash,
@@ -287,6 +289,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         "dim": int(info.config.hidden_size),
         "shards": shards,
         "shards_done_before": len(shards) - len(pending),
+        "cells_this_run": cells,
         **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
     if cfg.level == "gene":
@@ -304,10 +307,11 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     if cfg.experiment:
         _track(cfg, uri, out.stage, summary)
     out.finish(summary)
-    done_what = (
-        f"{summary.get('genes', 0):,} genes" if cfg.level == "gene" else f"cells of {len(shards)} shards"
+    genes = f", {summary['genes']:,} genes in all" if cfg.level == "gene" else ""
+    print(
+        f"embedded {cells:,} cells in {len(pending)} shards ({summary['shards_done_before']} of "
+        f"{len(shards)} done before){genes} -> {cfg.out}"
     )
-    print(f"embedded {done_what} ({summary['shards_done_before']} shards already done) -> {cfg.out}")
     return summary
 
 
