@@ -33,39 +33,11 @@ def import_geneformer_model(
     from rankformer.io.geneformer import import_geneformer
     from rankformer.model.store import check_model_output, quiet, save_model_dir
 
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise InputError(
-            f"{model_dir} holds no config.json: give a Hugging Face checkpoint folder (config.json and "
-            "model.safetensors or pytorch_model.bin)"
-        )
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("model_type") != "bert":
-        raise InputError(
-            f"{config_path}: model_type {config.get('model_type')!r}; Geneformer models are BERT"
-        )
+    config_path, config = _checkpoint_config(model_dir)
     vocab = import_geneformer(
         token_dictionary, gene_median_dictionary, mapping_dictionary, gene_name_dictionary
     )
-    layout = "v2" if vocab.has_v2_specials else "v1"
-    if int(config["vocab_size"]) != vocab.n_tokens:
-        raise InputError(
-            f"{config_path}: vocab_size {config['vocab_size']} but {token_dictionary} has {vocab.n_tokens} "
-            "tokens; pass the token dictionary this model was trained with (V1: gc30M, V2: gc104M)"
-        )
-    pad = vocab.specials[schema.PAD]
-    if int(config.get("pad_token_id", pad)) != pad:
-        raise InputError(
-            f"{config_path}: pad_token_id {config.get('pad_token_id')} but the dictionary's pad is {pad}"
-        )
-    positions = int(config["max_position_embeddings"])
-    max_length = min(LAYOUT_MAX_LENGTH[layout], positions)
-    if positions < LAYOUT_MAX_LENGTH[layout]:
-        print(
-            f"note: {model_dir} has {positions} positions, fewer than the {layout} layout's "
-            f"{LAYOUT_MAX_LENGTH[layout]}; tokenize corpora for it with --max-length {positions}"
-        )
+    layout, max_length, positions = _check_fit(config_path, config, vocab, token_dictionary)
     check_model_output(out, allow_model=True)
     quiet()
     model = BertForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
@@ -83,6 +55,48 @@ def import_geneformer_model(
     }
     save_model_dir(model, vocab, meta, out)
     return {**meta, "vocab_hash": vocab.content_hash, "n_tokens": vocab.n_tokens, "positions": positions}
+
+
+def _checkpoint_config(model_dir: str) -> tuple[str, dict[str, Any]]:
+    """The checkpoint's config.json (path and contents), which must be a BERT's."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise InputError(
+            f"{model_dir} holds no config.json: give a Hugging Face checkpoint folder (config.json and "
+            "model.safetensors or pytorch_model.bin)"
+        )
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("model_type") != "bert":
+        raise InputError(
+            f"{config_path}: model_type {config.get('model_type')!r}; Geneformer models are BERT"
+        )
+    return config_path, config
+
+
+def _check_fit(
+    config_path: str, config: dict[str, Any], vocab: Any, token_dictionary: str
+) -> tuple[str, int, int]:
+    """(layout, max_length, positions) of a checkpoint whose vocabulary size and pad id match the
+    dictionary's; a checkpoint with fewer positions than its layout's length is noted."""
+    layout = "v2" if vocab.has_v2_specials else "v1"
+    if int(config["vocab_size"]) != vocab.n_tokens:
+        raise InputError(
+            f"{config_path}: vocab_size {config['vocab_size']} but {token_dictionary} has {vocab.n_tokens} "
+            "tokens; pass the token dictionary this model was trained with (V1: gc30M, V2: gc104M)"
+        )
+    pad = vocab.specials[schema.PAD]
+    if int(config.get("pad_token_id", pad)) != pad:
+        raise InputError(
+            f"{config_path}: pad_token_id {config.get('pad_token_id')} but the dictionary's pad is {pad}"
+        )
+    positions = int(config["max_position_embeddings"])
+    if positions < LAYOUT_MAX_LENGTH[layout]:
+        print(
+            f"note: {os.path.dirname(config_path)} has {positions} positions, fewer than the {layout} "
+            f"layout's {LAYOUT_MAX_LENGTH[layout]}; tokenize corpora for it with --max-length {positions}"
+        )
+    return layout, min(LAYOUT_MAX_LENGTH[layout], positions), positions
 
 
 def register_import(out: str, tracking_uri: str | None, name: str, alias: str, experiment: str) -> str:
