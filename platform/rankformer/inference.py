@@ -198,17 +198,8 @@ def token_cells(
     the model's vocabulary and length."""
     from rankformer.classify.data import token_lists
 
+    _refuse_counts(cells)
     table = None
-    if hasattr(cells, "obs") and hasattr(cells, "var"):
-        raise InputError(
-            "cells: an AnnData holds counts, not this model's tokens; tokenize it first: "
-            "cells = model.tokenize(adata) (counts='raw' for counts in .raw, carry=[...] for obs columns)"
-        )
-    if (isinstance(cells, np.ndarray) and cells.ndim == 2) or hasattr(cells, "tocsr"):
-        raise InputError(
-            "cells: a 2-D array or sparse matrix reads as counts, not token ids; tokenize it first: "
-            "model.tokenize(matrix, gene_ids=[...]); token id lists go as a list of 1-D lists or arrays"
-        )
     if isinstance(cells, pd.DataFrame):
         cells = pa.Table.from_pandas(cells, preserve_index=False)
     if isinstance(cells, pa.Table):
@@ -227,6 +218,26 @@ def token_cells(
     else:
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         ids = [str(i) for i in range(len(arrays))]
+    _check_tokens(arrays, ids, vocab, max_length)
+    return arrays, ids, table
+
+
+def _refuse_counts(cells: Any) -> None:
+    """An AnnData or a counts matrix would otherwise read as token ids."""
+    if hasattr(cells, "obs") and hasattr(cells, "var"):
+        raise InputError(
+            "cells: an AnnData holds counts, not this model's tokens; tokenize it first: "
+            "cells = model.tokenize(adata) (counts='raw' for counts in .raw, carry=[...] for obs columns)"
+        )
+    if (isinstance(cells, np.ndarray) and cells.ndim == 2) or hasattr(cells, "tocsr"):
+        raise InputError(
+            "cells: a 2-D array or sparse matrix reads as counts, not token ids; tokenize it first: "
+            "model.tokenize(matrix, gene_ids=[...]); token id lists go as a list of 1-D lists or arrays"
+        )
+
+
+def _check_tokens(arrays: list[np.ndarray], ids: list[str], vocab: Any, max_length: int) -> None:
+    """Every cell a non-empty list of the model's token ids, without pad or mask, within its length."""
     n_tokens = vocab.n_tokens
     never = [vocab.specials[k] for k in (schema.PAD, schema.MASK) if k in vocab.specials]
     for i, a in enumerate(arrays):
@@ -245,7 +256,6 @@ def token_cells(
                 f"cells: cell {ids[i]} has {len(a)} tokens, more than the model's {max_length}; "
                 f"tokenize with max_length={max_length}"
             )
-    return arrays, ids, table
 
 
 TASKS = {"gene-classification": "genes", "cell-classification": "cells"}
