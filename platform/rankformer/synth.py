@@ -100,67 +100,68 @@ def write_h5ad(
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
-        x = f.create_group("X")
-        x.attrs.update(
-            {
-                "encoding-type": "csr_matrix",
-                "encoding-version": "0.1.0",
-                "shape": np.asarray([spec.n_cells, spec.n_genes]),
-            }
-        )
-        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
-        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
-        indptr = np.zeros(spec.n_cells + 1, np.int64)
-        n_counts = np.zeros(spec.n_cells, np.int64)
-        types = np.zeros(spec.n_cells, np.int64)
-        for start in range(0, spec.n_cells, chunk_rows):
-            stop = min(start + chunk_rows, spec.n_cells)
-            c, t = counts_chunk(spec, start, stop)
-            lo = data.shape[0]
-            data.resize((lo + c.nnz,))
-            indices.resize((lo + c.nnz,))
-            data[lo:] = c.data
-            indices[lo:] = c.indices
-            indptr[start + 1 : stop + 1] = lo + c.indptr[1:]
-            n_counts[start:stop] = np.asarray(c.sum(axis=1)).ravel()
-            types[start:stop] = t
-        # scipy (and so anndata) wants indices and indptr of one dtype unless nnz needs int64
-        x.create_dataset("indptr", data=indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64))
-        obs = f.create_group("obs")
+        n_counts, types = _write_x(f, spec, chunk_rows)
         columns = {"cell_type": np.asarray([f"type{t}" for t in types], dtype=object)}
         if with_n_counts:
             columns["n_counts"] = n_counts
         columns.update(obs_extra or {})
-        obs.attrs.update(
-            {
-                "_index": "_index",
-                "column-order": np.asarray(list(columns), dtype=object),
-                "encoding-type": "dataframe",
-                "encoding-version": "0.2.0",
-            }
-        )
-        _string_dataset(obs, "_index", np.asarray([f"cell{i}" for i in range(spec.n_cells)]))
-        for name, values in columns.items():
-            if values.dtype == object:
-                _string_dataset(obs, name, values)
-            else:
-                obs.create_dataset(name, data=values).attrs.update(
-                    {"encoding-type": "array", "encoding-version": "0.2.0"}
-                )
-        var = f.create_group("var")
-        var.attrs.update(
-            {
-                "_index": "_index",
-                "column-order": np.asarray(["ensembl_id"], dtype=object),
-                "encoding-type": "dataframe",
-                "encoding-version": "0.2.0",
-            }
-        )
-        ids = gene_ids(spec.n_genes)
-        _string_dataset(var, "_index", np.asarray([f"GENE{i}" for i in range(spec.n_genes)]))
-        _string_dataset(var, "ensembl_id", ids)
+        _write_frame(f, "obs", np.asarray([f"cell{i}" for i in range(spec.n_cells)]), columns)
+        index = np.asarray([f"GENE{i}" for i in range(spec.n_genes)])
+        _write_frame(f, "var", index, {"ensembl_id": gene_ids(spec.n_genes)})
         for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             f.create_group(name).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+
+
+def _write_x(f: h5py.File, spec: SynthSpec, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """X as CSR, chunk by chunk; returns each cell's total count and type."""
+    x = f.create_group("X")
+    x.attrs.update(
+        {
+            "encoding-type": "csr_matrix",
+            "encoding-version": "0.1.0",
+            "shape": np.asarray([spec.n_cells, spec.n_genes]),
+        }
+    )
+    data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
+    indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
+    indptr = np.zeros(spec.n_cells + 1, np.int64)
+    n_counts = np.zeros(spec.n_cells, np.int64)
+    types = np.zeros(spec.n_cells, np.int64)
+    for start in range(0, spec.n_cells, chunk_rows):
+        stop = min(start + chunk_rows, spec.n_cells)
+        c, t = counts_chunk(spec, start, stop)
+        lo = data.shape[0]
+        data.resize((lo + c.nnz,))
+        indices.resize((lo + c.nnz,))
+        data[lo:] = c.data
+        indices[lo:] = c.indices
+        indptr[start + 1 : stop + 1] = lo + c.indptr[1:]
+        n_counts[start:stop] = np.asarray(c.sum(axis=1)).ravel()
+        types[start:stop] = t
+    # scipy (and so anndata) wants indices and indptr of one dtype unless nnz needs int64
+    x.create_dataset("indptr", data=indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64))
+    return n_counts, types
+
+
+def _write_frame(f: h5py.File, name: str, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    """An obs or var data frame in anndata's encoding: string or numeric columns."""
+    group = f.create_group(name)
+    group.attrs.update(
+        {
+            "_index": "_index",
+            "column-order": np.asarray(list(columns), dtype=object),
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+        }
+    )
+    _string_dataset(group, "_index", index)
+    for col, values in columns.items():
+        if values.dtype == object:
+            _string_dataset(group, col, values)
+        else:
+            group.create_dataset(col, data=values).attrs.update(
+                {"encoding-type": "array", "encoding-version": "0.2.0"}
+            )
 
 
 def write_loom(path: str, x: sp.csr_matrix, ids: np.ndarray, cell_ids: np.ndarray) -> None:
