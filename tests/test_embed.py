@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import BertForMaskedLM
@@ -119,15 +120,27 @@ def test_gene_median_in_bounded_pieces_equals_all_at_once(world, tmp_path, monke
             level="gene",
             gene_stat="median",
             in_process=True,
+            max_tokens=400,  # several batches a shard
         )
         run_embed(cfg)
         return read_embeddings(str(out)).to_pandas()
 
     whole = medians(tmp_path / "whole")
     monkeypatch.setattr(embed_genes, "MEDIAN_BUDGET_FLOATS", budget)
+    # and each shard's occurrences spilled to disk every few batches, in 7 token ranges
+    monkeypatch.setattr(embed_genes, "SPILL_FLOATS", 3_000)
+    monkeypatch.setattr(embed_genes, "SPILL_RANGES", 7)
+    spills = []
+    spill = embed_genes.OccurrenceSpill._spill
+    monkeypatch.setattr(embed_genes.OccurrenceSpill, "_spill", lambda o: (spills.append(o.held), spill(o)))
     pieces = medians(tmp_path / "pieces")
     assert pieces.gene_id.tolist() == whole.gene_id.tolist() and len(whole) > 50
     np.testing.assert_array_equal(np.stack(pieces.embedding), np.stack(whole.embedding))
+    assert sum(h > 0 for h in spills) > 6  # spilled during the shards, not only at their ends
+    for name in sorted(os.listdir(tmp_path / "whole")):
+        if name.startswith("occurrences-"):  # the same rows in the same order
+            a, b = (pq.read_table(tmp_path / d / name) for d in ("whole", "pieces"))
+            assert a.num_rows > 0 and a.equals(b)
 
 
 def test_gene_median_with_shards_left_empty_by_the_selection(world, tmp_path):

@@ -21,7 +21,7 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
 from rankformer.errors import InputError
 from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
+
+if TYPE_CHECKING:
+    from rankformer.embed_genes import OccurrenceSpill
 
 SHARD_STEM = "part-"
 OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
@@ -80,7 +83,11 @@ class Embedder:
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
         vecs = np.zeros((len(cells), dim), dtype=np.float32)
-        self.occurrences: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, states) for medians
+        self.occurrences: OccurrenceSpill | None = None
+        if genes is not None and self.spec.get("gene_stat") == "median":
+            from rankformer.embed_genes import OccurrenceSpill
+
+            self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
         for b in batches(cells, self.pad, self.spec["max_tokens"]):
             # pooled on the device: a cell's vector comes back, not its states
             h = hidden_states(self.model, b, self.layer, self.device)
@@ -88,8 +95,8 @@ class Embedder:
             if genes is not None:
                 states = h[keep.to(h.device)].cpu()  # the gene tokens' states, in ids[keep] order
                 genes.add_flat(b.ids[keep], states)
-                if self.spec.get("gene_stat") == "median":
-                    self.occurrences.append((b.ids[keep].numpy(), states.numpy()))
+                if self.occurrences is not None:
+                    self.occurrences.add(b.ids[keep].numpy(), states.numpy())
             elif self.spec["pooling"] == "cls":
                 vecs[b.index] = h[:, 0].cpu().numpy()
             else:
@@ -103,9 +110,8 @@ class Embedder:
         vecs, genes = self.embed(cells)
         target = fs.join(spec["out"], task["name"])
         if genes is not None:
-            if spec.get("gene_stat") == "median":  # before the partial sums: they mark the shard done
-                occ = _occurrences(self.occurrences, int(self.model.config.hidden_size))
-                _write_parquet(fs.join(spec["out"], OCC_STEM + task["name"]), occ, row_group_size=1 << 16)
+            if self.occurrences is not None:  # before the partial sums: they mark the shard done
+                self.occurrences.write(fs.join(spec["out"], OCC_STEM + task["name"]))
             seen = genes.seen()
             sums = genes.sums[seen].numpy()
             part = pa.table(
@@ -138,18 +144,6 @@ def _write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size)
     fs.write_bytes_atomic(uri, buf.getvalue())
-
-
-def _occurrences(chunks: list[tuple[np.ndarray, np.ndarray]], dim: int) -> pa.Table:
-    """Every (token, state) of a shard, sorted by token, one float32 column per dimension (the
-    median merge reads a few dimensions of a few genes at a time; row groups let it skip the rest).
-    A shard with no selected cell still gets every column."""
-    tokens = np.concatenate([t for t, _ in chunks]) if chunks else np.zeros(0, np.int64)
-    states = np.concatenate([s for _, s in chunks]) if chunks else np.zeros((0, dim), np.float32)
-    order = np.argsort(tokens, kind="stable")
-    cols = {"token": pa.array(tokens[order], pa.int32())}
-    cols |= {f"d{j}": pa.array(states[order, j], pa.float32()) for j in range(dim)}
-    return pa.table(cols)
 
 
 def _read_shard(

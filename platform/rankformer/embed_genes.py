@@ -1,9 +1,12 @@
 """`rankformer embed --level gene`: the merge of the actors' per-shard partial sums into each gene's
 mean state, or its exact per-dimension median over every occurrence (read a group of genes and
-dimensions at a time, within a memory budget)."""
+dimensions at a time, within a memory budget); and, for the median, each shard's occurrences
+written sorted by gene in bounded memory (:class:`OccurrenceSpill`)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,63 @@ from rankformer.embed import OCC_STEM, rows_of, vectors
 from rankformer.io import fs
 
 MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
+SPILL_FLOATS = 1 << 25  # state values an actor holds before spilling them to local disk (128 MB)
+SPILL_RANGES = 256  # token ranges a shard's occurrences are spilled into, then sorted one at a time
+
+
+class OccurrenceSpill:
+    """Every (token, state) occurrence of a shard, kept in arrival order per token and written to
+    Parquet sorted by token, one float32 column per dimension (the median merge reads a few
+    dimensions of a few genes at a time; row groups let it skip the rest). Memory stays bounded
+    whatever the shard's size: occurrences are spilled to local disk by token range once they
+    pass ``SPILL_FLOATS`` values, and each range is sorted on its own at the end."""
+
+    def __init__(self, n_tokens: int, dim: int) -> None:
+        self.dim, self.width = dim, max(1, -(-n_tokens // SPILL_RANGES))
+        self._dir = tempfile.TemporaryDirectory(prefix="rankformer-occurrences-")
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.held = 0
+        self.pieces: dict[int, list[str]] = {}
+
+    def add(self, tokens: np.ndarray, states: np.ndarray) -> None:
+        self.pending.append((tokens.astype(np.int32), states.astype(np.float32, copy=False)))
+        self.held += states.size
+        if self.held >= SPILL_FLOATS:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self.pending:
+            return
+        tokens = np.concatenate([t for t, _ in self.pending])
+        states = np.concatenate([s for _, s in self.pending])
+        self.pending, self.held = [], 0
+        ranges = tokens // self.width
+        order = np.argsort(ranges, kind="stable")  # arrival order kept within each range
+        cuts = np.flatnonzero(np.diff(ranges[order])) + 1
+        for part in np.split(order, cuts):
+            r = int(ranges[part[0]])
+            path = os.path.join(self._dir.name, f"{r}-{len(self.pieces.get(r, []))}.npz")
+            np.savez(path, tokens=tokens[part], states=states[part])
+            self.pieces.setdefault(r, []).append(path)
+
+    def write(self, uri: str) -> None:
+        """The shard's occurrences, sorted by token (stable), to ``uri`` atomically."""
+        schema = pa.schema([("token", pa.int32())] + [(f"d{j}", pa.float32()) for j in range(self.dim)])
+        self._spill()
+        try:
+            with fs.open_output_atomic(uri) as f, pq.ParquetWriter(f, schema) as writer:
+                for r in sorted(self.pieces):
+                    loaded = [np.load(p) for p in self.pieces[r]]
+                    tokens = np.concatenate([z["tokens"] for z in loaded])
+                    states = np.concatenate([z["states"] for z in loaded])
+                    order = np.argsort(tokens, kind="stable")
+                    cols = {"token": pa.array(tokens[order], pa.int32())}
+                    cols |= {f"d{j}": pa.array(states[order, j]) for j in range(self.dim)}
+                    writer.write_table(pa.table(cols, schema=schema), row_group_size=1 << 16)
+                if not self.pieces:  # a shard with no selected cell still gets every column
+                    writer.write_table(schema.empty_table())
+        finally:
+            self._dir.cleanup()
 
 
 def merge_genes(out: str, shards: list[str], vocab: Any, median: bool = False) -> pa.Table:
