@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from rankformer.io import fs
 MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)
 SPILL_FLOATS = 1 << 25  # state values an actor holds before spilling them to local disk (128 MB)
 SPILL_RANGES = 256  # token ranges a shard's occurrences are spilled into, then sorted one at a time
+OCC_ROW_GROUP = 1 << 16  # occurrence rows per row group: the merge reads only the groups it needs
 
 
 class OccurrenceSpill:
@@ -69,7 +71,7 @@ class OccurrenceSpill:
                     order = np.argsort(tokens, kind="stable")
                     cols = {"token": pa.array(tokens[order], pa.int32())}
                     cols |= {f"d{j}": pa.array(states[order, j]) for j in range(self.dim)}
-                    writer.write_table(pa.table(cols, schema=schema), row_group_size=1 << 16)
+                    writer.write_table(pa.table(cols, schema=schema), row_group_size=OCC_ROW_GROUP)
                 if not self.pieces:  # a shard with no selected cell still gets every column
                     writer.write_table(schema.empty_table())
         finally:
@@ -125,8 +127,6 @@ def _medians(out: str, names: list[str], tokens: np.ndarray, counts: np.ndarray,
         for d0 in range(0, dim, block):
             cols = [f"d{j}" for j in range(d0, min(d0 + block, dim))]
             token_n, vals = _read_occurrences(out, names, int(group[0]), int(group[-1]), cols)
-            order = np.argsort(token_n, kind="stable")
-            token_n, vals = token_n[order], vals[order]
             bounds = np.searchsorted(token_n, [*group.tolist(), int(group[-1]) + 1])
             for i in range(len(group)):
                 result[start + i, d0 : d0 + len(cols)] = np.median(vals[bounds[i] : bounds[i + 1]], axis=0)
@@ -137,14 +137,46 @@ def _medians(out: str, names: list[str], tokens: np.ndarray, counts: np.ndarray,
 def _read_occurrences(
     out: str, names: list[str], lo: int, hi: int, cols: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and the given dimensions of every occurrence of tokens lo..hi, over all shards."""
-    tokens, vals = [], []
-    for name in names:
-        with fs.open_input(fs.join(out, name)) as f:
-            t = pq.read_table(f, columns=["token", *cols], filters=[("token", ">=", lo), ("token", "<=", hi)])
-        tokens.append(t.column("token").to_numpy())
-        vals.append(np.stack([t.column(c).to_numpy() for c in cols], axis=1))
-    return np.concatenate(tokens), np.concatenate(vals)
+    """Tokens and the given dimensions of every occurrence of tokens lo..hi over all shards, sorted
+    by token (stable). The tokens are read first; then the values go straight to their sorted rows
+    of one array, a row group at a time (memory: that array and one row group)."""
+    tokens = [
+        np.concatenate([t for t, _ in _token_groups(out, name, lo, hi, [])] or [_NO_TOKENS]) for name in names
+    ]
+    flat = np.concatenate(tokens)
+    order = np.argsort(flat, kind="stable")
+    dest = np.empty(len(flat), np.int64)
+    dest[order] = np.arange(len(flat))
+    vals = np.empty((len(flat), len(cols)), np.float32)
+    at = 0
+    for name, t in zip(names, tokens, strict=True):
+        if len(t):
+            for rows, part in _token_groups(out, name, lo, hi, cols):
+                for j, c in enumerate(cols):
+                    vals[dest[at : at + len(rows)], j] = part.column(c).to_numpy()
+                at += len(rows)
+    return flat[order], vals
+
+
+_NO_TOKENS = np.zeros(0, np.int32)
+
+
+def _token_groups(
+    out: str, name: str, lo: int, hi: int, cols: list[str]
+) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """Row group by row group of a (token-sorted) occurrence file: the tokens lo..hi and those rows
+    of ``cols``; groups whose token range misses lo..hi are skipped unread."""
+    with fs.open_input(fs.join(out, name)) as f:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.metadata.num_row_groups):
+            stats = pf.metadata.row_group(i).column(0).statistics
+            if stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi):
+                continue
+            group = pf.read_row_group(i, columns=["token", *cols])
+            t = group.column("token").to_numpy()
+            keep = (t >= lo) & (t <= hi)
+            if keep.any():
+                yield t[keep], group.filter(pa.array(keep)).select(cols)
 
 
 def write_genes(out: Any, table: pa.Table) -> None:
