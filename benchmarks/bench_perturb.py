@@ -12,17 +12,20 @@
   also runs in bfloat16 (`--precision bfloat16`; this CPU has AVX-512 BF16), recorded with
   `precision` in the config and checked to 1e-2.
 * With CUDA: the same comparison on the GPU (float32, bfloat16, float16), longer cells.
-* Embedding cells/s on a pool of 1 and 2 Ray actors.
+* Embedding cells/s on a pool of 1 and 2 Ray actors; the gene-level median's peak memory, with a
+  shard's occurrences spilled by token range, against holding and sorting them all in memory.
 
 Records: `perturb` perturbed_cells_per_s, peak_memory_mb (CPU: growth of the process's resident
 memory during the run; CUDA: torch's peak allocation), ratio_vs_reference_method,
 ratio_vs_plain_encoder_loop;
-`embed` cells_per_s, scaling_efficiency_2_workers.
+`embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
+median_memory_ratio_vs_hold_all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -266,6 +269,45 @@ def embed_bench(work: Path, n_cells: int) -> None:
     )
 
 
+def _median_job(model: str, corpus: str, out: str, hold_all: bool) -> float:
+    """One gene-level median embedding in this (fresh) process; its resident memory growth in MB.
+    ``hold_all``: the plain way, every occurrence of a shard held in memory and sorted at once."""
+    from rankformer import embed_genes
+    from rankformer.embed import EmbedConfig, run_embed
+
+    if hold_all:
+        embed_genes.SPILL_FLOATS, embed_genes.SPILL_RANGES = 1 << 62, 1
+    with rss_growth() as grown:
+        cfg = EmbedConfig(model=model, corpus=corpus, out=out, level="gene", gene_stat="median")
+        run_embed(dataclasses.replace(cfg, in_process=True))
+    return grown["mb"]
+
+
+def median_bench(work: Path, n_cells: int, median_genes: int) -> None:
+    """Peak memory of `embed --level gene --gene-stat median` over one shard with a
+    `geneformer-v1`-sized model: occurrences spilled by token range (ours) against the plain way,
+    each in a fresh process; the medians are checked equal."""
+    import multiprocessing as mp
+
+    import pyarrow.parquet as pq
+
+    data = cells(n_cells, median_genes, seed=2)
+    corpus = write_corpus(str(work / "corpus_median"), data, N_GENES, shards=1)
+    model = model_dir(work, "geneformer-v1", corpus)
+    peaks = {}
+    for method, hold_all in (("rankformer", False), ("hold-all-in-memory", True)):
+        with mp.get_context("spawn").Pool(1) as pool:
+            peaks[method] = pool.apply(_median_job, (model, corpus, str(work / method), hold_all))
+    a, b = (pq.read_table(work / m / "genes.parquet") for m in peaks)
+    assert a.equals(b), "the two ways gave different medians"
+    tokens = int(sum(len(c) for c in data))
+    conf = {"preset": "geneformer-v1", "device": "cpu", "cells": n_cells, "occurrences": tokens, "dim": 256}
+    for method, mb in peaks.items():
+        record("embed", "median_peak_memory_mb", mb, "MB", {**conf, "method": method})
+    ratio = peaks["hold-all-in-memory"] / peaks["rankformer"]
+    record("embed", "median_memory_ratio_vs_hold_all", ratio, "x", conf)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=64, help="cells per perturbation run (half are perturbed)")
@@ -273,6 +315,7 @@ def main() -> None:
     p.add_argument("--forward-batch-size", type=int, default=100)
     p.add_argument("--gpu-cells", type=int, default=8, help="cells per GPU perturbation run")
     p.add_argument("--gpu-median-genes", type=int, default=500)
+    p.add_argument("--median-cells", type=int, default=400, help="cells of the gene-median memory run")
     p.add_argument("--skip-embed", action="store_true", help="perturbation only (e.g. on the GPU machine)")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU variants (the CPU ones ran here)")
     args = p.parse_args()
@@ -301,6 +344,7 @@ def main() -> None:
         print("GPU variants skipped: no CUDA device")
     if not args.skip_embed:
         embed_bench(work, 2000)
+        median_bench(work, args.median_cells, 1000)
 
 
 if __name__ == "__main__":
