@@ -291,8 +291,9 @@ def median_bench(work: Path, n_cells: int, median_genes: int) -> None:
 
     import pyarrow.parquet as pq
 
-    data = cells(n_cells, median_genes, seed=2)
-    corpus = write_corpus(str(work / "corpus_median"), data, N_GENES, shards=1)
+    n_genes = 4 * N_GENES  # room for cells of up to 2,046 genes
+    data = cells(n_cells, median_genes, seed=2, n_genes=n_genes)
+    corpus = write_corpus(str(work / "corpus_median"), data, n_genes, shards=1)
     model = model_dir(work, "geneformer-v1", corpus)
     peaks = {}
     for method, hold_all in (("rankformer", False), ("hold-all-in-memory", True)):
