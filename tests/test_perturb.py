@@ -179,12 +179,12 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
     """Scored a few cells at a time and written a few rows at a time: the same rows, same order."""
     import pyarrow.parquet as pq
 
-    import rankformer.perturb as perturb
     import rankformer.perturb_rows as perturb_rows
+    import rankformer.perturber as perturber
 
     _delete_every_gene(world, tmp_path / "whole", per_gene=True)
-    monkeypatch.setattr(perturb, "WINDOW_CELLS", 5)
-    monkeypatch.setattr(perturb, "WINDOW_TOKENS", 60)
+    monkeypatch.setattr(perturber, "WINDOW_CELLS", 5)
+    monkeypatch.setattr(perturber, "WINDOW_TOKENS", 60)
     monkeypatch.setattr(perturb_rows, "FLUSH_ROWS", 37)
     added: list[int] = []  # per-gene tables reach the writer batch by batch, not a cell at a time
     add_table = perturb_rows.RowWriter.add_table
@@ -207,7 +207,7 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
 
 
 def test_windows_bound_cells_and_tokens():
-    from rankformer.perturb import windows
+    from rankformer.perturber import windows
 
     assert list(windows([10] * 7, 3, 1000)) == [(0, 3), (3, 6), (6, 7)]
     assert list(windows([10, 10, 10, 50, 10], 10, 30)) == [(0, 3), (3, 4), (4, 5)]  # a long cell alone

@@ -62,7 +62,7 @@ class Model(_TakesCells):
         tracking_uri: str | None = None,
     ) -> None:
         from rankformer import tracking
-        from rankformer.perturb import Perturber
+        from rankformer.perturber import Perturber
 
         precision = check_precision(precision, use_gpu)
         check_layer(str(layer))

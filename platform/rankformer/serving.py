@@ -6,7 +6,7 @@ model (``models:/NAME@ALIAS``, a path or ``s3://``) with its vocabulary. (A sepa
 deployment in front of a model deployment doubles the Serve overhead per request, which on CPU
 costs more than the `tiny` model's forward pass.) Raw counts are tokenized by the corpus pipeline's own code
 (:func:`rankformer.api.tokenize_anndata`); embeddings and perturbation scores come from the batch
-jobs' own code (:class:`rankformer.perturb.Perturber`), so they equal the jobs' to float precision.
+jobs' own code (:class:`rankformer.perturber.Perturber`), so they equal the jobs' to float precision.
 ``/v1/embed`` requests are batched dynamically (``@serve.batch``) and their cells regrouped by
 length. Updating the deployment's ``user_config`` (e.g. bumping ``revision`` after moving the
 registry alias) reloads the model in the running replicas, which answer with the old model until

@@ -139,7 +139,7 @@ class ModelCore:
     ) -> None:
         from rankformer import tracking
         from rankformer.classify.labels import symbol_index
-        from rankformer.perturb import Perturber
+        from rankformer.perturber import Perturber
 
         self.uri = tracking.resolve_uri(tracking_uri)
         self.model_uri = model_uri

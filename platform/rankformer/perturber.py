@@ -1,0 +1,328 @@
+"""The perturbation actor: one model, the cells of one corpus shard per call, each cell's variants
+scored against its original (the scores are described in :mod:`rankformer.perturb`).
+
+Each cell's original forward pass runs once; its variants go through together in length-budgeted
+batches (a deletion is one token shorter: no padding to a global maximum). Memory is bounded by one
+shard's token lists, a window of originals' states and one batch of variants: rows stream out in
+row groups, per-gene rows (up to length^2 a cell) batch by batch.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from rankformer import schema
+from rankformer.classify.data import token_lists
+from rankformer.embed import Embedder, _read_shard
+from rankformer.errors import InputError
+from rankformer.model.perturbations import delete_each, perturb
+from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@dataclass
+class _Original:
+    """A cell before perturbation: its states and mean-pooled embedding, where each gene stood
+    (``lut``: token -> position, -1 if absent), each gene's rank, and the states' embeddings
+    (``s_mat``) with the original's cosines to them."""
+
+    cell_id: str
+    h0: torch.Tensor
+    v0: torch.Tensor
+    lut: np.ndarray
+    rank: dict[int, int]
+    s_names: list[str]
+    s_mat: torch.Tensor | None
+    s_cos0: torch.Tensor | None
+
+
+class Perturber(Embedder):
+    """One model per actor: perturbs every cell of one corpus shard per call."""
+
+    def variants(self, cell: np.ndarray) -> list[list[int]]:
+        spec = self.spec
+        listed: list[int] = spec["targets"]
+        genes = [t for t in cell.tolist() if t >= self.gene_lo]
+        present = set(genes)
+        pool = genes if spec["mode"] == "all" else listed
+        if spec["kind"] != "overexpress":
+            pool = [g for g in pool if g in present]
+        anchor = spec["anchor"]
+        if anchor is not None:
+            if spec["kind"] != "overexpress" and anchor not in present:
+                return []
+            return [[anchor, g] for g in pool if g != anchor]
+        if spec["mode"] == "together":
+            return [pool] if pool else []
+        return [[g] for g in pool]
+
+    def score_cell(
+        self, cell: np.ndarray, h0: torch.Tensor, cell_id: str, genes_out: GeneSink | None = None
+    ) -> list[dict[str, Any]]:
+        """One cell's rows: its variants in length-budgeted batches, scored against the original's
+        states ``h0`` (one cell, its own length). With per-gene scores asked for, each batch's
+        per-gene table goes to ``genes_out`` as it is computed (a cell has up to length^2 of them)."""
+        from rankformer.model.batching import budget_batches
+
+        combos = self.variants(cell)
+        seqs = self._sequences(cell, combos, cell_id)
+        orig = self._original(cell, h0, cell_id)
+        rows: list[dict[str, Any]] = []
+        sink = genes_out if self.spec["per_gene"] else None
+        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        for idx in budget_batches(lengths, self.spec["max_tokens"], 256) if len(seqs) else []:
+            self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, sink)
+        return rows
+
+    def _sequences(self, cell: np.ndarray, combos: list[list[int]], cell_id: str) -> list[np.ndarray]:
+        """Each perturbation's token sequence; an error naming one that would leave no gene."""
+        spec = self.spec
+        if (
+            spec["kind"] == "delete"
+            and all(len(c) == 1 for c in combos)
+            and len(cell) <= spec["max_length"]
+            and len(np.unique(cell)) == len(cell)
+        ):
+            seqs = delete_each(cell, [c[0] for c in combos])  # every gene alone: the common case
+        else:
+            shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
+            seqs = [
+                perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos
+            ]
+        for c, s in zip(combos, seqs, strict=True):
+            if not (s >= self.gene_lo).any():
+                raise InputError(
+                    f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
+                    "out (--cells-where) or perturb fewer genes"
+                )
+        return seqs
+
+    def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> _Original:
+        """What every variant of the cell is scored against."""
+        import torch
+
+        from rankformer.infer import mean_pool
+
+        dev = self.device  # scores are computed where the states are; only the scores come back
+        h0 = h0.to(dev)
+        v0 = mean_pool(h0[None], torch.as_tensor(cell >= self.gene_lo, device=dev)[None])[0]
+        # where each gene token stood in the original cell (-1: not there); variants' states are
+        # matched to the original's by gene with one gather per batch
+        at = np.flatnonzero(cell >= self.gene_lo)
+        lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
+        lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
+        rank = {g: r for r, g in reversed(list(enumerate(cell[at].tolist())))}
+        states = self.spec["states"]
+        s_mat = s_cos0 = None
+        if states:
+            s_mat = torch.tensor(np.asarray(list(states.values())), dtype=torch.float32, device=dev)
+            s_cos0 = _cos(v0[None], s_mat)
+        return _Original(cell_id, h0, v0, lut, rank, list(states), s_mat, s_cos0)
+
+    def _score_batch(
+        self,
+        orig: _Original,
+        idx: np.ndarray,
+        seqs: list[np.ndarray],
+        combos: list[list[int]],
+        rows: list[dict[str, Any]],
+        genes_out: GeneSink | None,
+    ) -> None:
+        """One forward pass over a batch of a cell's variants; their rows appended to ``rows``,
+        their per-gene table given to ``genes_out``."""
+        import torch
+
+        from rankformer.infer import Batch, hidden_states, mean_pool
+        from rankformer.model.batching import pad_batch
+
+        dev = self.device
+        ids, attn = pad_batch(seqs, self.pad)
+        h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device)
+        v1 = mean_pool(h1, (ids >= self.gene_lo).to(dev))
+        cell_cos = _cos(orig.v0[None], v1).tolist()
+        shifts = None
+        if orig.s_mat is not None and orig.s_cos0 is not None:
+            shifts = (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).tolist()
+        p0, common = self._matched(ids, combos, orig.lut)
+        # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
+        gene_cos = torch.where(common.to(dev), _cos(h1, orig.h0[p0.to(dev).clamp(min=0)]), 0.0)
+        n_common = common.sum(1)
+        mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
+        perturbed = [self.names(c) for c in combos]
+        for j, combo in enumerate(combos):
+            row = {
+                schema.CELL_ID: orig.cell_id,
+                "perturbed": perturbed[j],
+                "rank": min((orig.rank[g] for g in combo if g in orig.rank), default=-1),
+                "cell_cosine": cell_cos[j],
+                "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
+            }
+            if shifts is not None:
+                row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts[j], strict=True)})
+            rows.append(row)
+        if genes_out is not None:
+            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0, common, gene_cos))
+
+    def _gene_rows(
+        self,
+        cell_id: str,
+        perturbed: list[list[str]],
+        ids: torch.Tensor,
+        p0: torch.Tensor,
+        common: torch.Tensor,
+        gene_cos: torch.Tensor,
+    ) -> pa.Table:
+        """A batch's per-gene rows, built column-wise: each variant's affected genes in the
+        original cell's order."""
+        import torch
+
+        j, at = (t.numpy() for t in torch.nonzero(common, as_tuple=True))
+        order = np.lexsort((p0.numpy()[j, at], j))
+        j, at = j[order], at[order]
+        cos = gene_cos.cpu().numpy()[j, at].astype(np.float64)
+        return gene_rows_table(cell_id, perturbed, j, self.gene_id_array().take(ids.numpy()[j, at]), cos)
+
+    def gene_id_array(self) -> pa.Array:
+        """Gene id by token id (empty for the special tokens), for column-wise lookups."""
+        if getattr(self, "_gene_ids", None) is None:
+            ids = [""] * (max(self.gene_of) + 1)
+            for t, g in self.gene_of.items():
+                ids[t] = g
+            self._gene_ids = pa.array(ids, pa.string())
+        return self._gene_ids
+
+    def _matched(
+        self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of variants: each position's position in the original cell (-1 if none),
+        and whether it holds a gene present in both that was not itself perturbed."""
+        import torch
+
+        p0 = torch.from_numpy(lut[ids.numpy()])
+        width = max(len(m) for m in moved)
+        mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)
+        hit = (ids[:, :, None] == mv[:, None, :]).any(-1)
+        return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
+
+    def names(self, tokens: list[int]) -> list[str]:
+        return [self.gene_of[t] for t in tokens]
+
+    @classmethod
+    def on_demand(
+        cls,
+        model: str,
+        tracking_uri: str,
+        use_gpu: bool,
+        precision: str,
+        layer: str,
+        max_tokens: int = 16_384,
+    ) -> Perturber:
+        """One loaded model for cells given per call (the endpoint, the in-memory API): it embeds
+        with mean pooling and perturbs as :meth:`configure` says."""
+        return cls(
+            {
+                "model": model,
+                "tracking_uri": tracking_uri,
+                "use_gpu": use_gpu,
+                "precision": precision,
+                "layer": layer,
+                "level": "cell",
+                "pooling": "mean",
+                "gene_stat": "mean",
+                "max_tokens": max_tokens,
+                "states": {},
+                "state_names": [],
+                "per_gene": False,
+            }
+        )
+
+    def configure(
+        self,
+        *,
+        kind: str,
+        mode: str,
+        targets: list[int],
+        anchor: int | None,
+        shift: float,
+        per_gene: bool,
+        states: dict[str, Any],
+    ) -> None:
+        """What the next cells are perturbed with (the job sets it once; the endpoint and the
+        in-memory API per call)."""
+        self.spec = {
+            **self.spec,
+            "kind": kind,
+            "mode": mode,
+            "targets": targets,
+            "anchor": anchor,
+            "shift": shift,
+            "per_gene": per_gene,
+            "max_length": self.max_length,
+            "states": states,
+            "state_names": list(states),
+        }
+
+    def scored(
+        self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Each cell's rows, in input order (per-gene tables to ``genes_out``, in the same order).
+        The originals run in length-grouped batches over a window of cells and wait for their
+        turn (memory: one window's original states, one batch of a cell's variants)."""
+        from rankformer.infer import batches, hidden_states
+
+        lengths = [len(c) for c in cells]
+        for lo, hi in windows(lengths, WINDOW_CELLS, WINDOW_TOKENS):
+            window = cells[lo:hi]
+            originals: list[Any] = [None] * len(window)
+            for b in batches(window, self.pad, self.spec["max_tokens"]):  # each original runs once
+                h = hidden_states(self.model, b, self.layer, self.device)
+                for j, i in enumerate(b.index.tolist()):
+                    originals[i] = h[j, : len(window[i])]
+            for i in range(len(window)):
+                h0, originals[i] = originals[i], None
+                yield self.score_cell(window[i], h0, ids[lo + i], genes_out)
+
+    def __call__(self, task: dict[str, Any]) -> bytes:
+        spec = self.spec
+        table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
+        cells = token_lists(table)
+        ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
+        genes_name = "genes-" + task["name"] if spec["per_gene"] else None
+        with (
+            RowWriter(spec["out"], task["name"], spec["state_names"]) as rows,
+            RowWriter(spec["out"], genes_name, None) as per_gene,
+        ):
+            for cell_rows in self.scored(cells, ids, per_gene.add_table):  # in corpus order
+                rows.add(cell_rows)
+        return pickle.dumps({"cells": len(cells), "rows": rows.n})
+
+
+WINDOW_CELLS = 256  # at most this many cells' originals run before their variants
+WINDOW_TOKENS = 65_536  # ... and at most this many tokens of them (one cell, if longer)
+
+
+def windows(lengths: list[int], max_cells: int, max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [lo, hi) runs of cells, each at most ``max_cells`` cells and ``max_tokens``
+    tokens (a longer cell alone)."""
+    lo, n = 0, len(lengths)
+    while lo < n:
+        hi, tokens = lo + 1, lengths[lo]
+        while hi < n and hi - lo < max_cells and tokens + lengths[hi] <= max_tokens:
+            tokens += lengths[hi]
+            hi += 1
+        yield lo, hi
+        lo = hi
