@@ -58,6 +58,15 @@ class OccurrenceSpill:
             np.savez(path, tokens=tokens[part], states=states[part])
             self.pieces.setdefault(r, []).append(path)
 
+    def _load(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Range ``r``'s occurrences in arrival order (each piece's file closed once read)."""
+        tokens, states = [], []
+        for path in self.pieces[r]:
+            with np.load(path) as z:
+                tokens.append(z["tokens"])
+                states.append(z["states"])
+        return np.concatenate(tokens), np.concatenate(states)
+
     def write(self, uri: str) -> None:
         """The shard's occurrences, sorted by token (stable), to ``uri`` atomically."""
         schema = pa.schema([("token", pa.int32())] + [(f"d{j}", pa.float32()) for j in range(self.dim)])
@@ -65,9 +74,7 @@ class OccurrenceSpill:
         try:
             with fs.open_output_atomic(uri) as f, pq.ParquetWriter(f, schema) as writer:
                 for r in sorted(self.pieces):
-                    loaded = [np.load(p) for p in self.pieces[r]]
-                    tokens = np.concatenate([z["tokens"] for z in loaded])
-                    states = np.concatenate([z["states"] for z in loaded])
+                    tokens, states = self._load(r)
                     order = np.argsort(tokens, kind="stable")
                     cols = {"token": pa.array(tokens[order], pa.int32())}
                     cols |= {f"d{j}": pa.array(states[order, j]) for j in range(self.dim)}
