@@ -140,9 +140,9 @@ def rows_of(column: pa.ChunkedArray) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
-def _write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
+def _write_parquet(uri: str, table: pa.Table) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_size)
+    pq.write_table(table, buf)
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 

@@ -9,6 +9,7 @@ row groups, per-gene rows (up to length^2 a cell) batch by batch.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,16 +195,15 @@ class Perturber(Embedder):
         order = np.lexsort((p0.numpy()[j, at], j))
         j, at = j[order], at[order]
         cos = gene_cos.cpu().numpy()[j, at].astype(np.float64)
-        return gene_rows_table(cell_id, perturbed, j, self.gene_id_array().take(ids.numpy()[j, at]), cos)
+        return gene_rows_table(cell_id, perturbed, j, self.gene_id_array.take(ids.numpy()[j, at]), cos)
 
+    @functools.cached_property
     def gene_id_array(self) -> pa.Array:
         """Gene id by token id (empty for the special tokens), for column-wise lookups."""
-        if getattr(self, "_gene_ids", None) is None:
-            ids = [""] * (max(self.gene_of) + 1)
-            for t, g in self.gene_of.items():
-                ids[t] = g
-            self._gene_ids = pa.array(ids, pa.string())
-        return self._gene_ids
+        ids = [""] * (max(self.gene_of) + 1)
+        for t, g in self.gene_of.items():
+            ids[t] = g
+        return pa.array(ids, pa.string())
 
     def _matched(
         self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
