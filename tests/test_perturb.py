@@ -296,7 +296,7 @@ def test_bfloat16_scores_stay_close_to_float32(world, tmp_path):
     assert not np.array_equal(a.shift_B, b.shift_B)  # it did run in bfloat16
 
 
-def test_bad_input(world, tmp_path, monkeypatch):
+def test_bad_input(world, tmp_path, monkeypatch, capsys):
     import gc
     import shutil
     import tempfile
@@ -314,6 +314,7 @@ def test_bad_input(world, tmp_path, monkeypatch):
 
     summary = run(genes=[f"{world.ids[0]},NOT_A_GENE"])  # a comma-separated list is a list
     assert summary["genes_not_in_vocabulary"] == ["NOT_A_GENE"]
+    assert "not in the vocabulary, skipped: NOT_A_GENE (manifest" in capsys.readouterr().out
     with pytest.raises(InputError, match="NOT_A_GENE"):
         run(genes=[world.ids[0], "NOT_A_GENE"], missing="error")
     with pytest.raises(InputError, match="without genes"):

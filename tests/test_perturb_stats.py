@@ -204,6 +204,8 @@ def test_bad_input_is_named(tmp_path, capsys):
         perturb_stats(str(tmp_path / "out"), goal_state="C")
     assert cli(["perturb", "stats", str(tmp_path / "out"), "--goal-state", "C"]) == 2
     assert "no shift toward 'C'" in capsys.readouterr().err
+    assert cli(["perturb", "stats", str(tmp_path / "out"), "--goal-state", "B"]) == 0  # one gene per rank
+    assert "10 untested: no other gene was perturbed at their ranks" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "manifest.json").write_text(
         json.dumps({"job": "perturb", "files": [], "shards": []})

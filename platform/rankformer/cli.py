@@ -260,7 +260,16 @@ def _perturb_stats(args: argparse.Namespace) -> None:
         ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory,
     )
     print(res.head(20).to_string(index=False))
-    print(f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05 -> {args.out}/stats.csv")
+    untested = int(res.p_value.isna().sum())
+    note = (
+        f"; {untested:,} untested: no other gene was perturbed at their ranks (perturb more genes, "
+        "e.g. --mode all, or widen the strata with --rank-window N)"
+        if untested
+        else ""
+    )
+    print(
+        f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05{note} -> {args.out}/stats.csv"
+    )
 
 
 def _import_model(args: argparse.Namespace) -> None:

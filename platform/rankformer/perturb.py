@@ -141,10 +141,18 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     out.finish(summary)
     print(
         f"perturbed ({cfg.kind}, {cfg.mode}) {done['cells']:,} cells into {done['rows']:,} rows in "
-        f"{len(pending)} shards ({summary['shards_done_before']} of {len(shards)} done before); "
-        f"{len(missing)} genes not in the vocabulary -> {cfg.out}"
+        f"{len(pending)} shards ({summary['shards_done_before']} of {len(shards)} done before)"
+        f"{_not_in_vocab(missing)} -> {cfg.out}"
     )
     return summary
+
+
+def _not_in_vocab(missing: list[str]) -> str:
+    """The run line's note on listed genes the vocabulary lacks (all are in the manifest)."""
+    if not missing:
+        return ""
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5:,} more" if len(missing) > 5 else "")
+    return f"; not in the vocabulary, skipped: {shown} (manifest: genes_not_in_vocabulary)"
 
 
 def read_results(out: str, per_gene: bool = False) -> pa.Table:
