@@ -343,6 +343,10 @@ def test_label_shapes(tmp_path, world):
     (tmp_path / "b.txt").write_text("\n".join(ids[20:23]))
     labels = map_labels(read_label_sets([f"a={tmp_path}/a.txt", f"b={tmp_path}/b.txt"]), vocab)
     assert labels.unmapped == {"a": ["NOT_A_GENE"]} and labels.counts() == {"a": 3, "b": 3}
+    with pytest.raises(FileNotFoundError, match=r"--labels b=.*nowhere.txt: gene list .* not found"):
+        read_label_sets([f"a={tmp_path}/a.txt", f"b={tmp_path}/nowhere.txt"])
+    with pytest.raises(FileNotFoundError, match=r"--labels: label file .*nowhere.csv not found"):
+        read_label_sets([str(tmp_path / "nowhere.csv")])
 
 
 def test_bad_input_is_named_before_training(world, tmp_path):

@@ -57,7 +57,7 @@ class GeneLabels:
 
 def _read_table(uri: str) -> pd.DataFrame:
     if not fs.exists(uri):
-        raise FileNotFoundError(f"label file {uri} not found")
+        raise FileNotFoundError(f"--labels: label file {uri} not found; give a CSV, TSV or Parquet table")
     lower = uri.lower()
     with fs.open_input(uri) as f:
         if lower.endswith(".parquet"):
@@ -66,9 +66,9 @@ def _read_table(uri: str) -> pd.DataFrame:
         return pd.read_csv(f, sep=sep, dtype=str, keep_default_na=False)
 
 
-def _read_list(uri: str) -> list[str]:
+def _read_list(uri: str, name: str) -> list[str]:
     if not fs.exists(uri):
-        raise FileNotFoundError(f"gene list {uri} not found")
+        raise FileNotFoundError(f"--labels {name}={uri}: gene list {uri} not found")
     text = fs.read_bytes(uri).decode()
     return [line.split(",")[0].split("\t")[0].strip() for line in text.splitlines() if line.strip()]
 
@@ -96,7 +96,7 @@ def read_label_sets(
             name, path = s.split("=", 1)
             if name in sets:
                 raise InputError(f"--labels names class {name!r} twice")
-            sets[name] = _read_list(path)
+            sets[name] = _read_list(path, name)
         return sets
     if len(specs) != 1:
         raise InputError("--labels takes one table, or one CLASS=FILE list per class")
