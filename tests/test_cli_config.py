@@ -68,6 +68,11 @@ def test_help_comes_from_the_field_docs(capsys):
         _parser().parse_args(["pretrain", "--help"])
     out = capsys.readouterr().out
     assert "peak learning rate (Geneformer V1: 1e-3)" in out and "--max-tokens" in out
+    import rankformer
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"rankformer {rankformer.__version__}"
 
 
 @pytest.mark.mlflow

@@ -25,7 +25,16 @@ from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, Pr
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rankformer", description=__doc__.splitlines()[0])
+    from rankformer import __version__
+
+    p = argparse.ArgumentParser(
+        prog="rankformer",
+        description="Single-cell foundation models of the Geneformer kind, at corpus scale on Ray.",
+        epilog="A typical run: vocab build (or import-geneformer) -> tokenize -> pretrain (or model "
+        "import-geneformer) -> finetune | embed | perturb -> serve. `rankformer COMMAND --help` for "
+        "each; every job command also takes --config FILE.yaml.",
+    )
+    p.add_argument("--version", action="version", version=f"rankformer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _vocab_parsers(sub)
     t = sub.add_parser("tokenize", help="rank-value encode INPUT files into a Parquet corpus")
