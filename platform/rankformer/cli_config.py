@@ -102,8 +102,9 @@ def add_config_arguments(
             raise RuntimeError(f"config field {leaf.dotted} clashes with {seen[name]} as a flag")
         seen[name] = leaf.dotted
         t, _ = _base(leaf.type)
-        # a None default whose help already says what stands in for it is not repeated
-        said = leaf.default is None and "default" in leaf.help
+        # a None default whose help already says what stands in for it ("default ...", "unset: ...")
+        # is not repeated
+        said = leaf.default is None and ("default" in leaf.help or "unset" in leaf.help)
         default = "" if leaf.default is _MISSING or said else f" (default {leaf.default!r})"
         kw: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": leaf.help + default}
         if t is not bool:
