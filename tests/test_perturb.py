@@ -406,7 +406,8 @@ def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
     np.testing.assert_allclose(stats.loc[job_stats.index, "p_value"], job_stats.p_value, rtol=1e-6)
     assert stats.symbol.to_dict() == job_stats.symbol.to_dict()
     marker = world.ids[N_SHARED]
-    rows, genes = model.perturb(a_cells, [f"G{N_SHARED}", "NOPE"], per_gene=True)  # a symbol works
+    with pytest.warns(UserWarning, match="not in the model's vocabulary, skipped: NOPE"):
+        rows, genes = model.perturb(a_cells, [f"G{N_SHARED}", "NOPE"], per_gene=True)  # a symbol works
     assert {tuple(p) for p in rows.perturbed} == {(marker,)}
     assert rows.attrs["genes_not_in_vocabulary"] == ["NOPE"]
     assert set(genes.perturbed.map(tuple)) == {(marker,)} and len(genes) > len(rows)

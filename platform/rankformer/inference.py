@@ -145,7 +145,7 @@ class Model(_TakesCells):
         """One row per (cell, perturbation), the `perturb` job's columns (``cell_id``,
         ``perturbed``, ``rank``, ``cell_cosine``, ``gene_mean_cosine``, ``shift_<state>`` for each
         of ``states``); with ``per_gene`` also the per-gene table. Options as `rankformer perturb`
-        (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, and names in
+        (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, with a warning, and names in
         ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
         from rankformer.perturb import targets_of
         from rankformer.perturb_rows import rows_table
@@ -174,6 +174,15 @@ class Model(_TakesCells):
             rows += cell_rows
         out = rows_table(rows, list(chosen)).to_pandas()
         out.attrs["genes_not_in_vocabulary"] = not_found
+        if not_found:
+            import warnings
+
+            warnings.warn(
+                f"not in the model's vocabulary, skipped: {', '.join(not_found[:10])}"
+                + (f" and {len(not_found) - 10} more" if len(not_found) > 10 else "")
+                + ' (all in rows.attrs["genes_not_in_vocabulary"]; missing="error" refuses them)',
+                stacklevel=2,
+            )
         if per_gene:
             return out, pa.concat_tables(gene_parts).to_pandas()
         return out
