@@ -104,7 +104,7 @@ def add_config_arguments(
         t, _ = _base(leaf.type)
         # a None default whose help already says what stands in for it ("default ...", "unset: ...")
         # is not repeated
-        said = leaf.default is None and ("default" in leaf.help or "unset" in leaf.help)
+        said = leaf.default in (None, []) and ("default" in leaf.help or "unset" in leaf.help)
         default = "" if leaf.default is _MISSING or said else f" (default {leaf.default!r})"
         kw: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": leaf.help + default}
         if t is not bool:
