@@ -19,6 +19,7 @@ from transformers import BertForMaskedLM
 from conftest import _free_port
 from pretrain_helpers import write_corpus
 from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.errors import InputError
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
 from rankformer.perturb import PerturbConfig, read_results, run_perturb
@@ -66,6 +67,7 @@ def app(tmp_path_factory, ray_cluster):
         port=port,
         api_key_file=str(d / "key"),
         max_cells_per_request=8,
+        max_perturbations_per_request=4,
         max_body_bytes=200_000,
         min_replicas=1,
         max_replicas=1,
@@ -208,6 +210,26 @@ def test_malformed_oversized_nan_and_unauthorised(app):
     assert post(app, "/v1/embed", {"cells": [{"tokens": [2, 5, 3]}]}, key="wrong").status_code == 401
     r = post(app, "/v1/perturb", {"cell": {"tokens": [2, 5, 3]}, "genes": ["ENSG00000000002"]})
     assert r.status_code == 422 and "without genes" in r.text
+    five = list(gene_ids(N_GENES)[app.cells[0][1:6] - 4])  # five genes of the cell
+    r = post(
+        app, "/v1/perturb", {"cell": {"tokens": app.cells[0].tolist()}, "genes": five, "together": False}
+    )
+    assert r.status_code == 422 and "5 perturbations (each gene alone) is over the limit of 4" in r.text
+    r = post(app, "/v1/perturb", {"cell": {"tokens": app.cells[0].tolist()}, "genes": five})
+    assert r.status_code == 200 and set(r.json()["results"][0]["perturbed"]) == set(five)  # together: one
+
+
+def test_bad_serve_numbers_are_named_before_ray_starts():
+    from rankformer.serving import ServeConfig
+
+    with pytest.raises(
+        InputError, match=r"--max-replicas 0 must be >= 1; .*--min-replicas 2 must be <= --max"
+    ):
+        ServeConfig(model="m", min_replicas=2, max_replicas=0)
+    with pytest.raises(InputError, match=r"--max-perturbations-per-request 0 must be >= 1"):
+        ServeConfig(model="m", max_perturbations_per_request=0)
+    with pytest.raises(InputError, match=r"--target-ongoing-requests 0 must be > 0; --port 70000"):
+        ServeConfig(model="m", target_ongoing_requests=0, port=70000)
 
 
 def test_reload_after_moving_the_alias_fails_no_request(app):

@@ -21,6 +21,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rankformer.errors import InputError
 from rankformer.serving_core import EmbedRequest, ModelCore, PerturbRequest, embed_requests, prepare_cell
 
 API_KEY_HEADER = "x-api-key"
@@ -37,6 +38,7 @@ class ServeConfig:
     port: int = 8000  # HTTP port
     api_key_file: str | None = None  # file holding the API key (else RANKFORMER_API_KEY; none: open)
     max_cells_per_request: int = 64  # cells one request may carry
+    max_perturbations_per_request: int = 256  # genes perturbed each alone per request (more: the perturb job)
     max_body_bytes: int = 4_000_000  # larger request bodies are refused (413)
     max_ongoing_requests: int = 64  # requests one replica takes at once (the rest queue in the proxy)
     max_batch_size: int = 16  # requests batched into one forward pass at most
@@ -59,6 +61,39 @@ class ServeConfig:
 
         self.precision = check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Limits and autoscaling numbers, named before Ray starts (Serve would reject them in its
+        controller after a minute of retries)."""
+        at_least = {
+            "max_cells_per_request": 1,
+            "max_perturbations_per_request": 1,
+            "max_body_bytes": 1,
+            "max_ongoing_requests": 1,
+            "max_batch_size": 1,
+            "max_tokens": 1,
+            "max_replicas": 1,
+            "min_replicas": 0,
+            "port": 0,
+            "revision": 0,
+            "batch_wait_timeout_s": 0,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+        }
+        bad = [
+            f"--{k.replace('_', '-')} {value} must be >= {lo}"
+            for k, lo in at_least.items()
+            if (value := getattr(self, k)) < lo
+        ]
+        if self.target_ongoing_requests <= 0:
+            bad.append(f"--target-ongoing-requests {self.target_ongoing_requests} must be > 0")
+        if self.port > 65535:
+            bad.append(f"--port {self.port} must be <= 65535")
+        if self.min_replicas > self.max_replicas:
+            bad.append(f"--min-replicas {self.min_replicas} must be <= --max-replicas {self.max_replicas}")
+        if bad:
+            raise InputError("; ".join(bad))
 
 
 def read_api_key(cfg: ServeConfig) -> str | None:
@@ -199,6 +234,14 @@ def build_app(cfg: ServeConfig) -> Any:
 
         @api.post("/v1/perturb")
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
+            n = 1 if req.together else len(set(req.genes))
+            if n > cfg.max_perturbations_per_request:
+                raise HTTPException(
+                    422,
+                    f"genes: {n} perturbations (each gene alone) is over the limit of "
+                    f"{cfg.max_perturbations_per_request} per request; send them in several requests, "
+                    "or run the batch job `rankformer perturb` over a corpus",
+                )
             core = self._core()
             try:
                 prepared = prepare_cell(req.cell, core.vocab, core.layout, core.max_length, core.vocab_names)
