@@ -332,6 +332,10 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys):
         PerturbConfig(model="m", corpus="c", out="o", mode="all", precision="float64")
     with pytest.raises(InputError, match="layer 'top'"):
         PerturbConfig(model="m", corpus="c", out="o", mode="all", layer="top")
+    with pytest.raises(InputError, match="num_workers 0 must be >= 1"):
+        PerturbConfig(model="m", corpus="c", out="o", mode="all", num_workers=0)
+    with pytest.raises(InputError, match="max_tokens 0 must be >= 1"):
+        PerturbConfig(model="m", corpus="c", out="o", mode="all", max_tokens=0)
     with pytest.raises(InputError, match="layer 99 is outside this model's hidden_states"):
         run(mode="all", layer="99")
     manifest = json.loads((tmp_path / "o0" / "manifest.json").read_text())

@@ -91,6 +91,8 @@ class ModelOnCorpus:
             raise InputError(
                 f"limit_cells {self.limit_cells} must be >= 1 (or left out: every selected cell)"
             )
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens {self.max_tokens} must be >= 1 (a longer cell runs alone)")
 
 
 @dataclass
@@ -113,6 +115,8 @@ class ActorPoolJob(ModelOnCorpus):
         super().__post_init__()
         self.precision = check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
+        if self.num_workers < 1:
+            raise InputError(f"num_workers {self.num_workers} must be >= 1")
 
 
 @dataclass
