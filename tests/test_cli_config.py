@@ -156,7 +156,7 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-2000:]
     assert "too few labelled genes in the vocabulary: {'a': 0} (each class" in got.stderr
-    assert "the column 'x' is not in corpus" in got.stderr
+    assert "--label-column 'x': no such column in corpus" in got.stderr
     cfg_path = tmp_path / "model" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     assert inspect_model(local).config.num_hidden_layers == cfg["num_hidden_layers"]

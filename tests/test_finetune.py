@@ -370,9 +370,11 @@ def test_bad_input_is_named_before_training(world, tmp_path):
     pd.DataFrame({"gene": ids[:10], "kind": ["a", "b"] * 5}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(InputError, match="label column 'label_col' is missing"):
         genes(labels=[str(tmp_path / "t.csv")], label_column="label_col", gene_column="gene")
-    with pytest.raises(InputError, match="not in corpus .* --carry tissue"):
+    with pytest.raises(
+        InputError, match="--label-column 'tissue': no such column in corpus .* --carry tissue"
+    ):
         run_finetune_cells(_cells_cfg(world, tmp_path / "c1", label_column="tissue"))
-    with pytest.raises(InputError, match="not in corpus"):
+    with pytest.raises(InputError, match="--group-column 'batch': no such column in corpus"):
         run_finetune_cells(_cells_cfg(world, tmp_path / "c2", group_column="batch"))
     with pytest.raises(InputError, match="one group"):
         run_finetune_cells(_cells_cfg(world, tmp_path / "c3", cells_where=["donor=d1"], group_column="donor"))

@@ -321,6 +321,8 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys):
         run(genes=list(world.ids), mode="together")
     with pytest.raises(InputError, match="no cell of state"):
         run(mode="all", state_column="state", goal_state="C")
+    with pytest.raises(InputError, match="--state-column 'cond': no such column in corpus"):
+        run(mode="all", state_column="cond", goal_state="B")
     foreign = write_corpus(str(tmp_path / "foreign"), [np.arange(2, 12, dtype=np.int32)] * 10, 7)
     with pytest.raises(InputError, match="vocabulary"):
         run(genes=[world.ids[0]], corpus=foreign)

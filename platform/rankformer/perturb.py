@@ -65,8 +65,10 @@ def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) 
     from rankformer.classify.data import check_columns, corpus_columns, parse_where
 
     where = parse_where(cfg.cells_where)
+    names = corpus_columns(cfg.corpus)
+    check_columns(cfg.corpus, names, list(where), "--cells-where")
     state = [cfg.state_column] if cfg.state_column else []
-    check_columns(cfg.corpus, corpus_columns(cfg.corpus), [*where, *state], "the")
+    check_columns(cfg.corpus, names, state, "--state-column")
     if cfg.start_state and cfg.state_column:
         where[cfg.state_column] = [cfg.start_state]
     return {

@@ -65,7 +65,7 @@ def check_columns(corpus: str, available: Sequence[str], wanted: Sequence[str], 
         if col not in available:
             carried = [c for c in available if c not in (schema.INPUT_IDS, schema.LENGTH)]
             raise InputError(
-                f"{what} column {col!r} is not in corpus {corpus} (its columns: {carried}); tokenize "
+                f"{what} {col!r}: no such column in corpus {corpus} (its columns: {carried}); tokenize "
                 f"with --carry {col} to keep that obs column"
             )
 
@@ -98,7 +98,7 @@ def load_cells(
     names = list(dataset.schema.names)
     where = dict(where or {})
     check_columns(corpus, names, list(where), "--cells-where")
-    check_columns(corpus, names, list(columns), "the")
+    check_columns(corpus, names, list(columns), "column")
     expr = None
     for col, values in where.items():
         cond = pc.field(col).cast(pa.string()).isin(pa.array([str(v) for v in values]))
@@ -132,6 +132,8 @@ def cells_with_tokens(cells: Sequence[np.ndarray], tokens: np.ndarray) -> np.nda
 def cell_label_columns(cfg: Any) -> list[str]:
     """A cell-classification job's label column and group column (if any), checked present in its
     corpus (from the schema alone, before any weights load)."""
-    cols = [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
-    check_columns(cfg.corpus, corpus_columns(cfg.corpus), cols, "the")
-    return cols
+    names = corpus_columns(cfg.corpus)
+    check_columns(cfg.corpus, names, [cfg.label_column], "--label-column")
+    if cfg.group_column:
+        check_columns(cfg.corpus, names, [cfg.group_column], "--group-column")
+    return [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
