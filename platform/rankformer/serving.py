@@ -164,6 +164,74 @@ def _autoscaling(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+class _Replica:
+    """The model side of a replica: the loaded model, (re)loading it, one perturbation at a time."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.core: ModelCore | None = None
+        self.loaded: tuple[str, int] | None = None
+        self.perturbing = threading.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load (or reload) the model named in ``user_config``. The new model loads in a thread
+        while requests go on being answered by the old one, then replaces it."""
+        cfg = self.cfg
+        uri = str(user_config.get("model") or cfg.model)
+        want = (uri, int(user_config.get("revision", 0)))
+        if want == self.loaded:
+            return
+        self.core = await asyncio.to_thread(
+            ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer, cfg.precision
+        )
+        self.loaded = want
+
+    def _core(self) -> ModelCore:
+        from fastapi import HTTPException
+
+        if self.core is None:
+            raise HTTPException(503, "the model is loading")
+        return self.core
+
+    def _check_embed(self, req: EmbedRequest) -> None:
+        from fastapi import HTTPException
+
+        limit = self.cfg.max_cells_per_request
+        if len(req.cells) > limit:
+            raise HTTPException(
+                422, f"cells: {len(req.cells)} cells is over the limit of {limit} per request"
+            )
+        self._core()  # 503 while the first model loads
+
+    async def _perturb_request(self, req: PerturbRequest) -> dict[str, Any]:
+        from fastapi import HTTPException
+
+        n, limit = 1 if req.together else len(set(req.genes)), self.cfg.max_perturbations_per_request
+        if n > limit:
+            raise HTTPException(
+                422,
+                f"genes: {n} perturbations (each gene alone) is over the limit of {limit} per request; "
+                "send them in several requests, or run the batch job `rankformer perturb` over a corpus",
+            )
+        core = self._core()
+        try:
+            prepared = prepare_cell(req.cell, core.vocab, core.layout, core.max_length, core.vocab_names)
+            result = await asyncio.to_thread(self._perturb, core, prepared.tokens, req)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        unknown = {"count": len(prepared.unknown_genes), "genes": prepared.unknown_genes[:50]}
+        return {
+            "cell_id": prepared.cell_id,
+            "truncated": prepared.truncated,
+            "unknown_cell_genes": unknown,
+            **result,
+        }
+
+    def _perturb(self, core: ModelCore, tokens: list[int], req: PerturbRequest) -> dict[str, Any]:
+        with self.perturbing:  # one perturbation at a time: it sets the worker's options
+            return core.perturb(tokens, req.genes, req, core.layer_index(None))
+
+
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application: one deployment, the FastAPI ingress and the model."""
     from fastapi import HTTPException
@@ -183,28 +251,9 @@ def build_app(cfg: ServeConfig) -> Any:
         health_check_period_s=2,
     )
     @serve.ingress(api)
-    class Server:
+    class Server(_Replica):
         def __init__(self) -> None:
-            self.core: ModelCore | None = None
-            self.loaded: tuple[str, int] | None = None
-            self.perturbing = threading.Lock()
-
-        async def reconfigure(self, user_config: dict[str, Any]) -> None:
-            """Load (or reload) the model named in ``user_config``. The new model loads in a
-            thread while requests go on being answered by the old one, then replaces it."""
-            uri = str(user_config.get("model") or cfg.model)
-            want = (uri, int(user_config.get("revision", 0)))
-            if want == self.loaded:
-                return
-            self.core = await asyncio.to_thread(
-                ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer, cfg.precision
-            )
-            self.loaded = want
-
-        def _core(self) -> ModelCore:
-            if self.core is None:
-                raise HTTPException(503, "the model is loading")
-            return self.core
+            super().__init__(cfg)
 
         @api.get("/healthz")
         async def healthz(self) -> dict[str, str]:
@@ -216,13 +265,7 @@ def build_app(cfg: ServeConfig) -> Any:
 
         @api.post("/v1/embed")
         async def embed(self, req: EmbedRequest) -> dict[str, Any]:
-            if len(req.cells) > cfg.max_cells_per_request:
-                raise HTTPException(
-                    422,
-                    f"cells: {len(req.cells)} cells is over the limit of {cfg.max_cells_per_request} "
-                    "per request",
-                )
-            self._core()  # 503 while the first model loads
+            self._check_embed(req)
             result = await self._embed_batch(req)
             if "error" in result:
                 raise HTTPException(422, result["error"])
@@ -234,33 +277,7 @@ def build_app(cfg: ServeConfig) -> Any:
 
         @api.post("/v1/perturb")
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
-            n = 1 if req.together else len(set(req.genes))
-            if n > cfg.max_perturbations_per_request:
-                raise HTTPException(
-                    422,
-                    f"genes: {n} perturbations (each gene alone) is over the limit of "
-                    f"{cfg.max_perturbations_per_request} per request; send them in several requests, "
-                    "or run the batch job `rankformer perturb` over a corpus",
-                )
-            core = self._core()
-            try:
-                prepared = prepare_cell(req.cell, core.vocab, core.layout, core.max_length, core.vocab_names)
-                result = await asyncio.to_thread(self._perturb, core, prepared.tokens, req)
-            except ValueError as exc:
-                raise HTTPException(422, str(exc)) from exc
-            return {
-                "cell_id": prepared.cell_id,
-                "truncated": prepared.truncated,
-                "unknown_cell_genes": {
-                    "count": len(prepared.unknown_genes),
-                    "genes": prepared.unknown_genes[:50],
-                },
-                **result,
-            }
-
-        def _perturb(self, core: ModelCore, tokens: list[int], req: PerturbRequest) -> dict[str, Any]:
-            with self.perturbing:  # one perturbation at a time: it sets the worker's options
-                return core.perturb(tokens, req.genes, req, core.layer_index(None))
+            return await self._perturb_request(req)
 
     return Server.bind()  # type: ignore[attr-defined]
 
