@@ -173,29 +173,43 @@ def rank_rows(  # type: ignore[no-untyped-def]
         if m == 0:
             out_len[r] = 0
             continue
-        n = n_counts[r]
-        if reciprocal:
-            for i in range(m):
-                q = cnt[i] * n
-                q = q * target[0]
-                val[i] = np.float64(q) * median_by_token[tok[i]]
-        else:
-            for i in range(m):
-                q = cnt[i] / n
-                q = q * target[0]
-                val[i] = np.float64(q) / median_by_token[tok[i]]
+        _scale(cnt, m, n_counts[r], target, median_by_token, tok, reciprocal, val)
         _rank_tokens(val, tok, m, shift, keys, tmp, counts, val_by_tok, ranked)
-        start = pos
-        if prefix >= 0:
-            out_ids[pos] = prefix
-            pos += 1
-        for i in range(min(m, max_genes)):
-            out_ids[pos] = ranked[i]
-            pos += 1
-        if suffix >= 0:
-            out_ids[pos] = suffix
-            pos += 1
-        out_len[r] = pos - start
+        end = _emit(ranked, min(m, max_genes), prefix, suffix, out_ids, pos)
+        out_len[r] = end - pos
+        pos = end
+    return pos
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _scale(cnt, m, n, target, median_by_token, tok, reciprocal, val):  # type: ignore[no-untyped-def]
+    """``val[:m]``: each gathered count over the cell's total, times the target sum, over the
+    gene's median (or times the reciprocals, see :func:`rank_rows`)."""
+    if reciprocal:
+        for i in range(m):
+            q = cnt[i] * n
+            q = q * target[0]
+            val[i] = np.float64(q) * median_by_token[tok[i]]
+    else:
+        for i in range(m):
+            q = cnt[i] / n
+            q = q * target[0]
+            val[i] = np.float64(q) / median_by_token[tok[i]]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _emit(ranked, k, prefix, suffix, out_ids, pos):  # type: ignore[no-untyped-def]
+    """Write ``prefix``, the first ``k`` ranked tokens and ``suffix`` (each -1: none) at ``pos``;
+    returns the position after them."""
+    if prefix >= 0:
+        out_ids[pos] = prefix
+        pos += 1
+    for i in range(k):
+        out_ids[pos] = ranked[i]
+        pos += 1
+    if suffix >= 0:
+        out_ids[pos] = suffix
+        pos += 1
     return pos
 
 
