@@ -175,14 +175,7 @@ class Model(_TakesCells):
         out = rows_table(rows, list(chosen)).to_pandas()
         out.attrs["genes_not_in_vocabulary"] = not_found
         if not_found:
-            import warnings
-
-            warnings.warn(
-                f"not in the model's vocabulary, skipped: {', '.join(not_found[:10])}"
-                + (f" and {len(not_found) - 10} more" if len(not_found) > 10 else "")
-                + ' (all in rows.attrs["genes_not_in_vocabulary"]; missing="error" refuses them)',
-                stacklevel=2,
-            )
+            _warn_skipped(not_found)
         if per_gene:
             return out, pa.concat_tables(gene_parts).to_pandas()
         return out
@@ -197,6 +190,17 @@ class Model(_TakesCells):
         return stats_table(
             [table], table.column_names, goal_state, "the rows", rank_window, self.vocab.gene_names
         )
+
+
+def _warn_skipped(not_found: list[str]) -> None:
+    import warnings
+
+    warnings.warn(
+        f"not in the model's vocabulary, skipped: {', '.join(not_found[:10])}"
+        + (f" and {len(not_found) - 10} more" if len(not_found) > 10 else "")
+        + ' (all in rows.attrs["genes_not_in_vocabulary"]; missing="error" refuses them)',
+        stacklevel=3,
+    )
 
 
 def token_cells(
