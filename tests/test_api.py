@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -108,6 +109,24 @@ def test_show_explains_the_stored_order(job_corpus, capsys):
     out = capsys.readouterr().out
     assert f"cell {cell}" in out and "<cls> at position 0" in out and "ranking_value" in out
     assert cli(["corpus", "show", job_corpus, "--cell", "no-such-cell"]) == 2
+
+
+def test_show_finds_an_input_given_by_a_relative_path_from_elsewhere(
+    tmp_path, monkeypatch, geneformer_v2_vocab
+):
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(FILE, tmp_path / "data" / "cells.h5ad")
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = TokenizeConfig(inputs=["cells.h5ad"], vocab=geneformer_v2_vocab, out=str(tmp_path / "c"))
+    run_tokenize(cfg, runner=serial_shards)
+    monkeypatch.chdir(tmp_path)  # cells.h5ad is not here
+    assert len(explain_cell(str(tmp_path / "c"), row=0)) > 0
+    (tmp_path / "data" / "cells.h5ad").unlink()
+    where = re.escape(f"tokenize ran in ({tmp_path / 'data'})")
+    with pytest.raises(InputError, match=f"input cells.h5ad not found: .* {where}"):
+        explain_cell(str(tmp_path / "c"), row=0)
 
 
 def test_show_marks_truncation(tmp_path, geneformer_v2_vocab):

@@ -47,6 +47,20 @@ def find_row(out: str, cell: str | None = None, row: int | None = None) -> dict[
     return dict(found.slice(0, 1).to_pylist()[0])
 
 
+def _source_path(recorded: str, manifest: dict[str, Any]) -> str:
+    """The cell's input file: as recorded, or a relative path under the directory tokenize ran in."""
+    if fs.is_remote(recorded) or os.path.isabs(recorded) or fs.exists(recorded):
+        return recorded
+    base = manifest.get("working_dir")
+    if base and fs.exists(os.path.join(base, recorded)):
+        return os.path.join(base, recorded)
+    raise InputError(
+        f"input {recorded} not found: the corpus names it relative to the directory tokenize ran in "
+        f"({base or 'not recorded by this older corpus'}); run `corpus show` from there, or put the "
+        "file back at that path"
+    )
+
+
 def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> pd.DataFrame:
     """Every expressed vocabulary gene of the cell in rank order, with how its value came about."""
     from rankformer.api import corpus_vocab
@@ -57,7 +71,9 @@ def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> p
     vocab = corpus_vocab(out, manifest)
     read = ReadOptions(**cfg["read"])
     r = int(rec[schema.SOURCE_ROW])
-    with open_source(rec[schema.SOURCE_FILE], read.gene_id_column, read.counts) as src:
+    with open_source(
+        _source_path(rec[schema.SOURCE_FILE], manifest), read.gene_id_column, read.counts
+    ) as src:
         x = src.read_counts(r, r + 1)
         n = cell_totals(src, r, r + 1, x)[0]
         col_token = column_tokens(vocab, list(src.gene_ids), read)

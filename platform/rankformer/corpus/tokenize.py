@@ -8,6 +8,7 @@ finished shards and the manifest is rebuilt from what is on disk.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Iterator
@@ -311,6 +312,7 @@ def _write_manifest(
         "vocab_hash": vocab.content_hash,
         "fingerprint": fingerprint,
         "config": to_dict(cfg),
+        "working_dir": os.getcwd(),  # where relative input paths were read from (`corpus show`)
         "files": files,
         "shards": [
             {
