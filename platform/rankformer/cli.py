@@ -22,6 +22,7 @@ from rankformer.config import TokenizeConfig, VocabBuildConfig
 from rankformer.errors import InputError
 from rankformer.infer_config import EmbedConfig, PerturbConfig, PredictConfig
 from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
+from rankformer.words import counted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -355,7 +356,8 @@ def _corpus_command(args: argparse.Namespace) -> int:
     q = stats["length"]
     print(
         f"{stats['cells']:,} cells ({stats['cells_in']:,} read), {stats['tokens']:,} tokens in "
-        f"{stats['shards']} shards\nlength: mean {q['mean']:.0f}, min {q['min']:.0f}, p5 {q['p5']:.0f}, "
+        f"{counted(stats['shards'], 'shard')}\nlength: mean {q['mean']:.0f}, min {q['min']:.0f}, "
+        f"p5 {q['p5']:.0f}, "
         f"median {q['median']:.0f}, p95 {q['p95']:.0f}, max {q['max']:.0f}; {stats['at_max_length']:,} "
         f"cells at max_length {stats['config']['max_length']}"
     )

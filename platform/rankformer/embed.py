@@ -33,6 +33,7 @@ from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
 from rankformer.errors import InputError
 from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
+from rankformer.words import counted
 
 if TYPE_CHECKING:
     from rankformer.embed_genes import OccurrenceSpill
@@ -303,7 +304,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     out.finish(summary)
     genes = f", {summary['genes']:,} genes in all" if cfg.level == "gene" else ""
     print(
-        f"embedded {cells:,} cells in {len(pending)} shards ({summary['shards_done_before']} of "
+        f"embedded {cells:,} cells in {counted(len(pending), 'shard')} ({summary['shards_done_before']} of "
         f"{len(shards)} done before){genes} -> {cfg.out}"
     )
     return summary

@@ -34,6 +34,7 @@ from rankformer.io import fs
 from rankformer.perturb_states import STATES_FILE, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 from rankformer.perturber import Perturber
+from rankformer.words import counted
 
 
 def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
@@ -143,7 +144,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     out.finish(summary)
     print(
         f"perturbed ({cfg.kind}, {cfg.mode}) {done['cells']:,} cells into {done['rows']:,} rows in "
-        f"{len(pending)} shards ({summary['shards_done_before']} of {len(shards)} done before)"
+        f"{counted(len(pending), 'shard')} ({summary['shards_done_before']} of {len(shards)} done before)"
         f"{_not_in_vocab(missing)} -> {cfg.out}"
     )
     return summary

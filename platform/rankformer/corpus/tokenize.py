@@ -41,6 +41,7 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.sources import CellSource, open_source
 from rankformer.vocab import GeneVocab, guess_id_kind
+from rankformer.words import counted
 
 _VOCAB_CACHE: dict[str, GeneVocab] = {}
 
@@ -284,7 +285,7 @@ def run_tokenize(cfg: TokenizeConfig, runner: Runner = map_shards) -> dict[str, 
     print(
         f"tokenized {totals['cells_out']:,} of {totals['cells_in']:,} cells "
         f"({totals['dropped_no_genes']:,} without vocabulary genes, {totals['dropped_filter']:,} "
-        f"filtered) into {len(shards)} shards ({len(shards) - len(pending)} already done) at "
+        f"filtered) into {counted(len(shards), 'shard')} ({len(shards) - len(pending)} already done) at "
         f"{cfg.out} in {time.perf_counter() - t0:.1f}s"
     )
     # returned, not written: how this run went (the manifest on disk stays deterministic)
@@ -312,7 +313,6 @@ def _write_manifest(
         "vocab_hash": vocab.content_hash,
         "fingerprint": fingerprint,
         "config": to_dict(cfg),
-        "working_dir": os.getcwd(),  # where relative input paths were read from (`corpus show`)
         "files": files,
         "shards": [
             {
@@ -326,6 +326,8 @@ def _write_manifest(
         ],
         "totals": {k: sum(f[k] for f in files) for k in keys},
     }
+    if any(not (fs.is_remote(u) or os.path.isabs(u)) for u in cfg.inputs):
+        manifest["working_dir"] = os.getcwd()  # what the relative input paths mean (`corpus show`)
     body = json.dumps(manifest, indent=1, sort_keys=True).encode()
     fs.write_bytes_atomic(fs.join(cfg.out, schema.CORPUS_MANIFEST), body)
     return manifest
