@@ -1,5 +1,7 @@
 """Every input format gives the same corpus as the same cells in .h5ad."""
 
+import anndata as ad
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,6 +58,33 @@ def test_format_matches_h5ad(cells, fmt, tmp_path):
     assert ids == ref_ids and len(ids) == N_CELLS
     assert cell_ids == [f"c{i}" for i in range(N_CELLS)]
     assert ref_cells[0] == "c0"
+
+
+@pytest.mark.parametrize("fmt", ["loom", "10x-h5", "10x-h5 v2", "mtx.gz folder", "mtx file"])
+def test_vocab_build_keeps_the_symbols_a_file_names_its_genes_by(cells, fmt, tmp_path):
+    """Loom's Gene attribute, 10x feature names: each vocabulary gene's symbol (the tables of
+    later stages show it); a file naming genes one way only gives none."""
+    from rankformer.config import VocabBuildConfig
+    from rankformer.corpus.medians import run_vocab_build
+
+    paths, _ = cells
+    ids = gene_ids(N_GENES)
+    vocab = run_vocab_build(
+        VocabBuildConfig(inputs=[paths[fmt]], out=str(tmp_path / "v.json")), runner=serial_shards
+    )
+    assert vocab.gene_names and vocab.gene_names == {g: f"SYM{list(ids).index(g)}" for g in vocab.gene_ids}
+    x, _ = counts_chunk(SynthSpec(n_cells=N_CELLS, n_genes=N_GENES, genes_per_cell=15, seed=9), 0, N_CELLS)
+    by_index = str(tmp_path / "ids_as_index.h5ad")
+    ad.AnnData(X=x, var=pd.DataFrame(index=list(ids))).write_h5ad(by_index)
+    numbered = write_anndata(str(tmp_path / "numbered.h5ad"), x, list(ids))  # var names "0", "1", ...
+    h5 = ad.read_h5ad(numbered)
+    h5.var_names = [str(i) for i in range(N_GENES)]
+    h5.write_h5ad(numbered)
+    for path in (by_index, numbered):
+        plain = run_vocab_build(
+            VocabBuildConfig(inputs=[path], out=str(tmp_path / "p.json")), runner=serial_shards
+        )
+        assert plain.gene_names == {} and list(plain.gene_ids) == list(vocab.gene_ids), path
 
 
 def test_symbol_input_maps_through_a_gene_table_at_tokenize(cells, tmp_path):

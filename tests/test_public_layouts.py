@@ -99,3 +99,20 @@ def test_explicit_gene_column_overrides_the_index(files, geneformer_v2_vocab, tm
     assert len(out["input_ids"]) == N_CELLS
     with pytest.raises(InputError, match=r"gene-id column 'gene_ids' not found"):
         _tokenize(files["raw"], geneformer_v2_vocab, tmp_path / "x", counts="raw", gene_id_column="gene_ids")
+
+
+def test_vocab_build_keeps_the_files_gene_symbols(files, tmp_path):
+    """CELLxGENE's `feature_name` (Ensembl ids as the var index) and scanpy's symbol var names
+    (ids in a column) both give each vocabulary gene its symbol."""
+    from rankformer.config import VocabBuildConfig
+    from rankformer.corpus.medians import run_vocab_build
+
+    var = ad.read_h5ad(files["raw"]).raw.var
+    want = dict(zip(var.index, var["feature_name"].astype(str), strict=True))
+    read = ReadOptions(counts="raw")
+    cxg = run_vocab_build(
+        VocabBuildConfig([files["raw"]], str(tmp_path / "a.json"), read=read), serial_shards
+    )
+    plain = run_vocab_build(VocabBuildConfig([files["plain"]], str(tmp_path / "b.json")), serial_shards)
+    assert len(cxg.gene_ids) > 1000 and cxg.gene_names == {g: want[g] for g in cxg.gene_ids}
+    assert plain.gene_names == cxg.gene_names

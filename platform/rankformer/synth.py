@@ -169,6 +169,7 @@ def write_loom(path: str, x: sp.csr_matrix, ids: np.ndarray, cell_ids: np.ndarra
         f.create_dataset("matrix", data=x.T.toarray(), chunks=True)
         rows = f.create_group("row_attrs")
         rows.create_dataset("ensembl_id", data=np.asarray(ids, dtype="S"))
+        rows.create_dataset("Gene", data=np.asarray([f"SYM{i}" for i in range(len(ids))], dtype="S"))
         cols = f.create_group("col_attrs")
         cols.create_dataset("CellID", data=np.asarray(cell_ids, dtype="S"))
         f.create_group("layers")

@@ -46,6 +46,7 @@ class FileInfo:
     obs_columns: list[str]
     sample_counts: np.ndarray  # per gene, summed over the first chunk's cells (coverage report)
     id_note: str = ""  # where the gene ids came from, when not the named column
+    gene_symbols: list[str] | None = None  # per column, when the file names its genes by symbol too
 
 
 def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
@@ -69,7 +70,10 @@ def inspect_source(src: CellSource, read: ReadOptions, file_index: int = 0) -> F
     first = Shard(file_index, src.uri, 0, 0, min(src.n_cells, read.chunk_rows))
     chunk = next(iter_chunks(src, first, read))
     sample = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
-    return FileInfo(src.uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample, src.id_note)
+    symbols = None if src.gene_symbols is None else ["" if g is None else str(g) for g in src.gene_symbols]
+    return FileInfo(
+        src.uri, src.fmt, src.n_cells, src.n_genes, ids, src.obs_columns(), sample, src.id_note, symbols
+    )
 
 
 _TABLES: dict[str, dict[str, str]] = {}

@@ -30,6 +30,10 @@ DIVIDE = "divide"
 RECIPROCAL = "reciprocal"
 
 
+# var / row columns that hold gene symbols (CELLxGENE: feature_name; scanpy's 10x reader: gene_symbols)
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names")
+
+
 def looks_like_ensembl(values: np.ndarray) -> bool:
     sample = [str(v).strip().upper() for v in values[:2000] if v is not None]
     return bool(sample) and sum(bool(ENSEMBL_ID_RE.match(v)) for v in sample) > 0.5 * len(sample)
@@ -49,6 +53,7 @@ class CellSource(ABC):
         self.gene_ids: np.ndarray = np.empty(0, dtype=object)
         self.arithmetic = DIVIDE  # how the reference normalises this storage kind
         self.id_note = ""  # said in the coverage line when ids come from somewhere unexpected
+        self.gene_symbols: np.ndarray | None = None  # per column, when the file names genes by symbol too
         if counts not in self.matrices and not (counts.startswith("layers/") and "layers/*" in self.matrices):
             raise InputError(
                 f"{uri}: --counts {counts!r} does not apply to {self.fmt or 'this'} files; "
@@ -241,7 +246,14 @@ class H5adSource(_Hdf5Source):
         var_index = self._index_name(var)
         columns = [k for k in var if k != var_index]
         col = self.gene_id_column
+        named = next((c for c in SYMBOL_COLUMNS if c in columns and c != col), None)
+        if named is not None:
+            self.gene_symbols = _read_elem_slice(var[named], 0, n_vars)
         if col in columns:
+            if named is None:  # ids in a column: the var names are often the symbols (scanpy's default)
+                index = _read_elem_slice(var[var_index], 0, n_vars)
+                numbered = all(str(v).isdigit() for v in index[:100])  # AnnData's default names
+                self.gene_symbols = None if numbered or looks_like_ensembl(index) else index
             return _read_elem_slice(var[col], 0, n_vars)
         ids, self.id_note = gene_ids_from_index(self, _read_elem_slice(var[var_index], 0, n_vars), columns)
         return ids
@@ -294,6 +306,8 @@ class LoomSource(_Hdf5Source):
         if gene_id_column not in rows:
             raise self.missing_gene_column(sorted(rows))
         self.gene_ids = _decode(rows[gene_id_column][:])
+        if gene_id_column != "Gene" and "Gene" in rows:  # loompy's convention: Gene = symbol
+            self.gene_symbols = _decode(rows["Gene"][:])
         if len(self.gene_ids) != n_genes:
             raise InputError(
                 f"{uri}: row_attrs/{gene_id_column} has {len(self.gene_ids)} entries for {n_genes} genes"

@@ -47,6 +47,7 @@ class TenxH5Source(_Hdf5Source):
             raise self.missing_gene_column(["id", "name"])
         self._g = g
         self.gene_ids = _decode(ids[which][:])
+        self.gene_symbols = _decode(ids["name"][:]) if which == "id" else None
         self.n_cells = int(g["shape"][1])
 
     def obs_columns(self) -> list[str]:
@@ -101,6 +102,8 @@ class TenxMtxSource(CellSource):
         rows = [ln.split("\t") for ln in _read_text_maybe_gz(feats).decode().splitlines() if ln]
         col = 0 if which == "id" or any(len(r) < 2 for r in rows) else 1
         self.gene_ids = np.asarray([r[col] for r in rows], dtype=object)
+        if col == 0 and all(len(r) > 1 for r in rows):
+            self.gene_symbols = np.asarray([r[1] for r in rows], dtype=object)
         self._barcodes = np.asarray(_read_text_maybe_gz(codes).decode().split(), dtype=object)
         try:
             genes_by_cells = scipy.io.mmread(io.BytesIO(_read_text_maybe_gz(mtx)))
