@@ -204,6 +204,12 @@ def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, 
         run_embed(
             EmbedConfig(model=world.model, corpus=world.corpus, out=str(out), layer="last", in_process=True)
         )
+    # a folder a failed run claimed but wrote nothing to is taken over by a run with other options
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    (claimed / "job.json").write_text('{"job": "embed-cell", "fingerprint": "another run"}')
+    run_embed(EmbedConfig(model=world.model, corpus=world.corpus, out=str(claimed), in_process=True))
+    assert read_embeddings(str(claimed)).equals(first)
 
 
 def test_plots_and_tracking(world, tmp_path, monkeypatch):

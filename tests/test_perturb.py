@@ -319,8 +319,12 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys):
         run(genes=[world.ids[0], "NOT_A_GENE"], missing="error")
     with pytest.raises(InputError, match="without genes"):
         run(genes=list(world.ids), mode="together")
-    with pytest.raises(InputError, match="no cell of state"):
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(
+        InputError, match=r"no cell of state\(s\) \['C'\] in column 'state'; its states \(cells\): '"
+    ):
         run(mode="all", state_column="state", goal_state="C")
+    assert set(os.listdir(tmp_path)) == before  # refused before the output folder is claimed
     with pytest.raises(InputError, match="--state-column 'cond': no such column in corpus"):
         run(mode="all", state_column="cond", goal_state="B")
     foreign = write_corpus(str(tmp_path / "foreign"), [np.arange(2, 12, dtype=np.int32)] * 10, 7)

@@ -31,7 +31,7 @@ from rankformer.embed import sample_note, sample_rows, shard_tasks
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
-from rankformer.perturb_states import STATES_FILE, gpus_of, state_embeddings
+from rankformer.perturb_states import STATES_FILE, check_states, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 from rankformer.perturber import Perturber
 from rankformer.words import counted
@@ -106,16 +106,19 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     spec = _job_spec(cfg, uri, info, {"targets": listed, "anchor": anchor})
     placement = ("num_workers", "ray_address", "in_process", "use_gpu")
     what = {k: v for k, v in asdict(cfg).items() if k not in placement}
-    out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
-    named = info.vocab.gene_names
-    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
-    if symbols:  # for the statistics' tables (the rows name genes by id)
-        out.write_json(SYMBOLS_FILE, symbols)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    if cfg.state_column:
+        wanted = [cfg.start_state, cfg.goal_state, *cfg.alt_states]
+        check_states(files, cfg.state_column, [s for s in dict.fromkeys(wanted) if s])
+    out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     states = state_embeddings(cfg, spec, files, opts)
     if states:
         out.write_json(STATES_FILE, states)
+    named = info.vocab.gene_names
+    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
+    if symbols:  # for the statistics' tables (the rows name genes by id)
+        out.write_json(SYMBOLS_FILE, symbols)
     spec |= {"states": states, "state_names": list(states)}
     sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
     shards, pending = shard_tasks(cfg.out, files, sample)

@@ -75,6 +75,28 @@ def state_sample(
     return list(split_by_shard(chosen, [len(a) for a in per_shard]))
 
 
+def check_states(files: list[str], column: str, wanted: list[str]) -> None:
+    """Every wanted state has cells in ``column``, else a named error listing the states there
+    (read before any model loads: only that column, shard by shard, in threads)."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    def counts(uri: str) -> Counter[str]:
+        col = _read_shard(uri, [column], {}).column(column)
+        vc = pc.value_counts(pc.cast(col, pa.string()).combine_chunks())
+        return Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+
+    with ThreadPoolExecutor(16) as pool:
+        present: Counter[str] = sum(pool.map(counts, files), Counter())
+    empty = [s for s in wanted if not present.get(s)]
+    if empty:
+        there = ", ".join(f"{k!r} ({n:,})" for k, n in present.most_common(20))
+        more = f" and {len(present) - 20:,} more" if len(present) > 20 else ""
+        raise InputError(
+            f"no cell of state(s) {empty} in column {column!r}; its states (cells): {there}{more}"
+        )
+
+
 def state_embeddings(
     cfg: PerturbConfig, spec: dict[str, Any], files: list[str], opts: Any
 ) -> dict[str, list[float]]:

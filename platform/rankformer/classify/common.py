@@ -171,7 +171,8 @@ class JobOutput:
                     f"output {self.out} holds the output of `{claim.get('job')}`, not `{self.job}`; choose "
                     "a new --out folder"
                 )
-            if claim.get("fingerprint") != self.fingerprint and not self.keep_on_change:
+            produced = [n for n in present if n != JOB_FILE]  # only the claim: a run that wrote nothing
+            if claim.get("fingerprint") != self.fingerprint and not self.keep_on_change and produced:
                 raise InputError(
                     f"output {self.out} holds `{self.job}` output made with other options; choose a new "
                     "--out folder, or delete that one to start over"
