@@ -189,6 +189,12 @@ def test_a_seeded_sample_of_the_selected_cells(world, tmp_path):
     assert read_embeddings(str(tmp_path / "all")).to_pandas().cell_id.tolist() == full.index.tolist()
     with pytest.raises(InputError, match="limit_cells 0 must be >= 1"):
         EmbedConfig(**common, out="x", limit_cells=0)
+    no_match = {**common, "cells_where": ["cell_type=T cells"], "out": str(tmp_path / "none")}
+    with pytest.raises(
+        InputError, match=r"matches --cells-where cell_type in \['T cells'\]; the values there: cell_type: 't"
+    ):
+        run_embed(EmbedConfig(**no_match))
+    assert not (tmp_path / "none").exists()  # refused before the output folder is claimed
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_options(world, tmp_path, capsys):

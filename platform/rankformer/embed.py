@@ -19,6 +19,7 @@ import functools
 import io
 import os
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -174,17 +175,38 @@ def sample_rows(
     manifest order. Only the shards' footers (or their ``where`` columns) are read, in threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if limit is None:
+    if limit is None and not where:
         return [None] * len(files), -1
     with ThreadPoolExecutor(16) as pool:
         counts = np.asarray(list(pool.map(lambda f: _selected_in(f, where), files)), dtype=np.int64)
     total = int(counts.sum())
     if total == 0:
         cond = " and ".join(f"{k} in {v}" for k, v in where.items())
-        raise InputError(f"no cell of the corpus matches {cond}; check the values")
-    if limit >= total:
+        present = "; ".join(f"{k}: {listed_counts(column_values(files, k))}" for k in where)
+        raise InputError(f"no cell of the corpus matches --cells-where {cond}; the values there: {present}")
+    if limit is None or limit >= total:
         return [None] * len(files), total
     return list(split_by_shard(seeded_sample(total, limit, seed), counts.tolist())), total
+
+
+def column_values(files: list[str], column: str) -> Counter[str]:
+    """How many cells hold each value of a carried column (read alone, shard by shard, in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def counts(uri: str) -> Counter[str]:
+        vc = pc.value_counts(
+            pc.cast(_read_shard(uri, [column], {}).column(column), pa.string()).combine_chunks()
+        )
+        return Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(counts, files), Counter())
+
+
+def listed_counts(values: Counter[str], most: int = 20) -> str:
+    """``'A' (1,004), 'B' (280)`` for the commonest values, and how many more there are."""
+    shown = ", ".join(f"{k!r} ({n:,})" for k, n in values.most_common(most))
+    return shown + (f" and {len(values) - most:,} more" if len(values) > most else "")
 
 
 def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
@@ -264,9 +286,9 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     spec = _embed_spec(cfg, uri, info)
     what = {k: v for k, v in asdict(cfg).items() if k in _EMBED_WHAT}
-    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
     sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
+    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     shards, pending = shard_tasks(cfg.out, files, sample)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     make = functools.partial(_make_embedder, spec)

@@ -110,6 +110,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     if cfg.state_column:
         wanted = [cfg.start_state, cfg.goal_state, *cfg.alt_states]
         check_states(files, cfg.state_column, [s for s in dict.fromkeys(wanted) if s])
+    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     states = state_embeddings(cfg, spec, files, opts)
@@ -120,7 +121,6 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     if symbols:  # for the statistics' tables (the rows name genes by id)
         out.write_json(SYMBOLS_FILE, symbols)
     spec |= {"states": states, "state_names": list(states)}
-    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
     shards, pending = shard_tasks(cfg.out, files, sample)
     make = functools.partial(_make_perturber, spec)
     done = {"cells": 0, "rows": 0}  # each actor wrote its shard's rows; these are its counts

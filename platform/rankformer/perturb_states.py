@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from rankformer import schema
 from rankformer.classify.data import split_by_shard, token_lists
-from rankformer.embed import Embedder, _read_shard
+from rankformer.embed import Embedder, _read_shard, column_values, listed_counts
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
@@ -77,23 +77,12 @@ def state_sample(
 
 def check_states(files: list[str], column: str, wanted: list[str]) -> None:
     """Every wanted state has cells in ``column``, else a named error listing the states there
-    (read before any model loads: only that column, shard by shard, in threads)."""
-    from collections import Counter
-    from concurrent.futures import ThreadPoolExecutor
-
-    def counts(uri: str) -> Counter[str]:
-        col = _read_shard(uri, [column], {}).column(column)
-        vc = pc.value_counts(pc.cast(col, pa.string()).combine_chunks())
-        return Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
-
-    with ThreadPoolExecutor(16) as pool:
-        present: Counter[str] = sum(pool.map(counts, files), Counter())
+    (read before any model loads: only that column)."""
+    present = column_values(files, column)
     empty = [s for s in wanted if not present.get(s)]
     if empty:
-        there = ", ".join(f"{k!r} ({n:,})" for k, n in present.most_common(20))
-        more = f" and {len(present) - 20:,} more" if len(present) > 20 else ""
         raise InputError(
-            f"no cell of state(s) {empty} in column {column!r}; its states (cells): {there}{more}"
+            f"no cell of state(s) {empty} in column {column!r}; its states (cells): {listed_counts(present)}"
         )
 
 
