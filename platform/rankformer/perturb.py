@@ -93,6 +93,14 @@ def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) 
     }
 
 
+def _selection(cfg: PerturbConfig, files: list[str], where: dict[str, list[str]]) -> tuple[list[Any], int]:
+    """The states checked present, then :func:`sample_rows` (both before any model loads)."""
+    if cfg.state_column:
+        wanted = [cfg.start_state, cfg.goal_state, *cfg.alt_states]
+        check_states(files, cfg.state_column, [s for s in dict.fromkeys(wanted) if s])
+    return sample_rows(files, where, cfg.limit_cells, cfg.seed)
+
+
 def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer import tracking
     from rankformer.classify.common import JobOutput, check_model_and_corpus
@@ -107,19 +115,15 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     placement = ("num_workers", "ray_address", "in_process", "use_gpu")
     what = {k: v for k, v in asdict(cfg).items() if k not in placement}
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    if cfg.state_column:
-        wanted = [cfg.start_state, cfg.goal_state, *cfg.alt_states]
-        check_states(files, cfg.state_column, [s for s in dict.fromkeys(wanted) if s])
-    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
+    sample, selected = _selection(cfg, files, spec["where"])
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     states = state_embeddings(cfg, spec, files, opts)
     if states:
         out.write_json(STATES_FILE, states)
     named = info.vocab.gene_names
-    symbols = {g: named[g] for g in info.vocab.gene_ids if named.get(g)}
-    if symbols:  # for the statistics' tables (the rows name genes by id)
-        out.write_json(SYMBOLS_FILE, symbols)
+    if named:  # for the statistics' tables (the rows name genes by id)
+        out.write_json(SYMBOLS_FILE, {g: named[g] for g in info.vocab.gene_ids if named.get(g)})
     spec |= {"states": states, "state_names": list(states)}
     shards, pending = shard_tasks(cfg.out, files, sample)
     make = functools.partial(_make_perturber, spec)
