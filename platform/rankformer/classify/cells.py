@@ -167,9 +167,14 @@ class CellJob(PretrainedOnCorpus):
 def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:
     job = CellJob(cfg)
     sizes = {p: int((job.split == p).sum()) for p in SPLITS}
+    how = f" by {cfg.group_column}" if cfg.group_column else " (stratified at random)"
+    if cfg.group_column and cfg.validation_fraction > 0 and not sizes["validation"]:
+        how += (
+            " (too few groups for a validation split: two or more are kept to train on; no per-epoch scoring)"
+        )
     print(
         f"cell classification: {len(job.cells):,} cells of {len(job.classes)} classes {job.classes}; "
-        f"split {sizes}" + (f" by {cfg.group_column}" if cfg.group_column else " (stratified at random)")
+        f"split {sizes}{how}"
     )
     return in_parent_run(JOB, cfg, job.uri, job.vocab.content_hash, lambda parent: _run(job, parent, sizes))
 
