@@ -189,6 +189,10 @@ def test_a_seeded_sample_of_the_selected_cells(world, tmp_path):
     assert read_embeddings(str(tmp_path / "all")).to_pandas().cell_id.tolist() == full.index.tolist()
     with pytest.raises(InputError, match="limit_cells 0 must be >= 1"):
         EmbedConfig(**common, out="x", limit_cells=0)
+    with pytest.raises(InputError, match="cell-level options; drop them with --level gene"):
+        EmbedConfig(**common, out="x", level="gene", pooling="cls")
+    with pytest.raises(InputError, match="gene-level option; add --level gene"):
+        EmbedConfig(**common, out="x", gene_stat="median")
     no_match = {**common, "cells_where": ["cell_type=T cells"], "out": str(tmp_path / "none")}
     with pytest.raises(
         InputError, match=r"matches --cells-where cell_type in \['T cells'\]; the values there: cell_type: 't"

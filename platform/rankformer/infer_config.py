@@ -137,6 +137,13 @@ class EmbedConfig(ActorPoolJob):
             raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
         if self.pooling not in ("mean", "cls"):
             raise InputError(f"pooling {self.pooling!r} must be mean or cls")
+        # options of the other level would be silently ignored
+        if self.level == "gene" and (self.pooling != "mean" or self.plot_column):
+            raise InputError(
+                "--pooling and --plot-column are cell-level options; drop them with --level gene"
+            )
+        if self.level == "cell" and self.gene_stat != "mean":
+            raise InputError("--gene-stat is a gene-level option; add --level gene")
 
 
 @dataclass
