@@ -48,7 +48,7 @@ def app(tmp_path_factory, ray_cluster):
 
     d = tmp_path_factory.mktemp("serve")
     cells, _, _ = programme_cells(40, 2, 30, 20, 40, seed=5)
-    corpus = write_corpus(str(d / "corpus"), cells, N_GENES, shards=2)
+    corpus = write_corpus(str(d / "corpus"), cells, N_GENES, shards=2, symbols=True)  # gene i is G<i>
     vocab = GeneVocab.load(json.loads((d / "corpus" / "manifest.json").read_text())["config"]["vocab"])
     uri = f"sqlite:///{d}/mlflow.db"
     versions = []
@@ -135,6 +135,12 @@ def test_counts_and_ranked_genes_are_tokenized_like_the_corpus(app):
     c = post(app, "/v1/embed", {"cells": [{"genes": ranked, "cell_id": "r"}], "gene_vectors": True}).json()
     np.testing.assert_allclose(c["cells"][0]["embedding"], b["embedding"], atol=1e-6)
     assert set(c["cells"][0]["gene_vectors"]) == set(ranked)
+    by_symbol = {f"G{i}": counts[str(g)] for i, g in enumerate(ids[:30])}  # symbols the vocabulary names
+    d = post(app, "/v1/embed", {"cells": [{"counts": by_symbol, "n_counts": float(x.sum())}]}).json()[
+        "cells"
+    ][0]
+    assert d["n_tokens"] == len(cell_tokens) and d["unknown_genes"]["count"] == 0
+    np.testing.assert_allclose(d["embedding"], b["embedding"], atol=1e-6)
 
 
 def test_perturb_equals_the_batch_job(app, tmp_path):
@@ -190,6 +196,25 @@ def test_a_model_that_cannot_serve_is_refused_at_the_door(app, capsys):
     err = capsys.readouterr().err
     assert "nowhere not found" in err and "not in the registry" in err
     assert "layer 40 is outside this model's hidden_states" in err
+    assert set(serve.status().applications) == apps
+
+
+def test_a_running_serve_is_not_silently_overridden(app):
+    """Serve keeps its first HTTP address (and only logs that a new one is ignored), and a
+    declarative deploy removes the applications it does not name: both are refused, unchanged."""
+    from ray import serve
+
+    from rankformer.serving import ServeConfig, run_serve
+
+    apps = set(serve.status().applications)
+    other_port = ServeConfig(**{**app.cfg.__dict__, "port": app.cfg.port + 1})
+    with pytest.raises(
+        InputError, match=f"already runs on this Ray cluster at http://127.0.0.1:{app.cfg.port}"
+    ):
+        run_serve(other_port, block=False)
+    other_name = ServeConfig(**{**app.cfg.__dict__, "name": "second"})
+    with pytest.raises(InputError, match=r"runs application\(s\) \['"):
+        run_serve(other_name, block=False)
     assert set(serve.status().applications) == apps
 
 

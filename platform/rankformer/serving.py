@@ -22,9 +22,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rankformer.errors import InputError
-from rankformer.serving_core import EmbedRequest, ModelCore, PerturbRequest, embed_requests, prepare_cell
+from rankformer.serving_core import (
+    EmbedRequest,
+    Guard,
+    ModelCore,
+    PerturbRequest,
+    embed_requests,
+    prepare_cell,
+)
 
-API_KEY_HEADER = "x-api-key"
 DEPLOYMENT = "RankformerServer"
 
 
@@ -104,31 +110,6 @@ def read_api_key(cfg: ServeConfig) -> str | None:
             raise ValueError(f"api key file {cfg.api_key_file} is empty")
         return key
     return os.environ.get("RANKFORMER_API_KEY") or None
-
-
-class Guard:
-    """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware costs far more per request):
-    401 without the API key on /v1/ paths when one is set, 413 for bodies over the limit."""
-
-    def __init__(self, app: Any, key: str | None, max_body_bytes: int) -> None:
-        self.app, self.key, self.max_body_bytes = app, key, max_body_bytes
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            from fastapi.responses import JSONResponse
-
-            headers = dict(scope["headers"])
-            given = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1")
-            if self.key is not None and scope["path"].startswith("/v1/") and given != self.key:
-                detail = f"missing or wrong API key (header {API_KEY_HEADER})"
-                await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
-                return
-            size = headers.get(b"content-length", b"").decode("latin-1")
-            if size.isdigit() and int(size) > self.max_body_bytes:
-                detail = f"request body of {size} bytes is over the limit of {self.max_body_bytes}"
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _fastapi(cfg: ServeConfig) -> Any:
@@ -317,10 +298,10 @@ def serve_document(apps: list[tuple[ServeConfig, str]]) -> dict[str, Any]:
     }
 
 
-def deploy(apps: list[tuple[ServeConfig, str]]) -> None:
+def deploy(apps: list[tuple[ServeConfig, str]], keep_others: bool = False) -> None:
     """Check each application's model, join or start Ray, apply a Serve config for these
-    applications (declarative, like `serve deploy`: applications left out are removed) and wait
-    until they run."""
+    applications (declarative, like `serve deploy`: applications left out are removed, unless
+    ``keep_others`` refuses that) and wait until they run."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
@@ -336,10 +317,33 @@ def deploy(apps: list[tuple[ServeConfig, str]]) -> None:
         global_logging_config=doc["logging_config"],
         proxy_location="HeadOnly",
     )
+    _check_running(client, apps, keep_others)
     try:
         client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
     except TimeoutError as exc:
         raise RuntimeError(f"the Serve application did not start: {_why_not_running(apps)}") from exc
+
+
+def _check_running(client: Any, apps: list[tuple[ServeConfig, str]], keep_others: bool) -> None:
+    """What a Serve instance already running on this cluster would silently override: its HTTP
+    address cannot change while it runs (Serve keeps the old one and only logs a warning), and a
+    declarative deploy removes the applications it does not name."""
+    from ray import serve
+
+    first = apps[0][0]
+    http = client.http_config
+    if (http.host, http.port) != (first.host, first.port):
+        raise InputError(
+            f"Serve already runs on this Ray cluster at http://{http.host}:{http.port}, and its address "
+            f"cannot change while it runs: use --host {http.host} --port {http.port}, or stop it first "
+            "(`serve shutdown`, or end the `rankformer serve` that started it)"
+        )
+    others = sorted(set(serve.status().applications) - {c.name for c, _ in apps})
+    if keep_others and others:
+        raise InputError(
+            f"Serve on this Ray cluster runs application(s) {others}, which this deploy would remove; "
+            "give --name one of them to replace it, or stop it first (`serve shutdown`)"
+        )
 
 
 def check_model(cfg: ServeConfig) -> None:
@@ -374,7 +378,7 @@ def run_serve(cfg: ServeConfig, block: bool = True) -> str:
     the registry alias); other changes replace the replicas."""
     from ray import serve
 
-    deploy([(cfg, "/")])
+    deploy([(cfg, "/")], keep_others=True)
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {cfg.model} at {url} (docs {url}/docs)", flush=True)
     if block:

@@ -1,7 +1,7 @@
 """What a serving replica holds and does, apart from Ray Serve: the request models (pydantic:
 every bad input a 4xx naming the field), a request cell as tokens (:func:`prepare_cell`, through
-the corpus pipeline's tokenizer), and :class:`ModelCore`, the model with the batch jobs' own
-embedding and perturbation code."""
+the corpus pipeline's tokenizer), :class:`ModelCore`, the model with the batch jobs' own
+embedding and perturbation code, and :class:`Guard`, the API-key and body-size middleware."""
 
 # No `from __future__ import annotations`: FastAPI must see the request models' fields as classes.
 import math
@@ -108,10 +108,14 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
     import pandas as pd
 
     total = cell.n_counts if cell.n_counts is not None else float(values.sum())
+    # each gene by its vocabulary id: a symbol known only from the vocabulary's names maps here
+    known = mapped >= 0
+    as_ids = np.asarray(ids, dtype=object)
+    as_ids[known] = vocab.gene_id_by_token[mapped[known]]
     adata = ad.AnnData(
         X=sp.csr_matrix(values[None, :]),
         obs=pd.DataFrame({schema.N_COUNTS: [total]}, index=["0"]),
-        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: ids}, index=[str(i) for i in range(len(ids))]),
+        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: as_ids}, index=[str(i) for i in range(len(ids))]),
     )
     table = tokenize_anndata(
         adata,
@@ -285,3 +289,31 @@ def embed_requests(core: ModelCore, requests: list[EmbedRequest]) -> list[dict[s
                 "unknown_genes": {"count": len(p.unknown_genes), "genes": p.unknown_genes[:50]},
             }
     return out
+
+
+API_KEY_HEADER = "x-api-key"
+
+
+class Guard:
+    """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware costs far more per request):
+    401 without the API key on /v1/ paths when one is set, 413 for bodies over the limit."""
+
+    def __init__(self, app: Any, key: str | None, max_body_bytes: int) -> None:
+        self.app, self.key, self.max_body_bytes = app, key, max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from fastapi.responses import JSONResponse
+
+            headers = dict(scope["headers"])
+            given = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1")
+            if self.key is not None and scope["path"].startswith("/v1/") and given != self.key:
+                detail = f"missing or wrong API key (header {API_KEY_HEADER})"
+                await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+                return
+            size = headers.get(b"content-length", b"").decode("latin-1")
+            if size.isdigit() and int(size) > self.max_body_bytes:
+                detail = f"request body of {size} bytes is over the limit of {self.max_body_bytes}"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -70,6 +70,13 @@ class GeneVocab:
             )
         return self.specials[name]
 
+    @functools.cached_property
+    def gene_id_by_token(self) -> np.ndarray:
+        """Object array indexed by token id: the gene id (None at special tokens)."""
+        out = np.full(self.n_tokens, None, dtype=object)
+        out[self.token_ids] = np.asarray(self.gene_ids, dtype=object)
+        return out
+
     def median_by_token(self) -> np.ndarray:
         """Dense float64 array indexed by token id (NaN at special tokens)."""
         out = np.full(self.n_tokens, np.nan)
