@@ -109,6 +109,13 @@ def test_symbol_input_maps_through_a_gene_table_at_tokenize(cells, tmp_path):
     with pytest.raises(InputError, match="tokenized with vocabulary sha256:"):
         corpus_files(str(tmp_path / "sym"), vocab_hash="sha256:other")
     assert np.all(np.asarray(got["length"]) > 0)
+    # no table, but a vocabulary that knows the symbols as its genes' names: the same tokens
+    named = str(tmp_path / "named.json")
+    names = dict(zip(ids, symbols, strict=True))
+    build_vocab(list(ids), [1.0 + i / 10 for i in range(N_GENES)], gene_names=names).save(named)
+    cfg = TokenizeConfig(inputs=[sym_path], vocab=named, out=str(tmp_path / "by_name"))
+    run_tokenize(cfg, runner=serial_shards)
+    assert pq.read_table(corpus_files(str(tmp_path / "by_name"))).to_pydict()["input_ids"] == ref_ids
 
 
 def test_allow_normalized_warns(cells, tmp_path, capsys):

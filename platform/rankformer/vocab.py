@@ -83,17 +83,28 @@ class GeneVocab:
         out[self.token_ids] = self.medians
         return out
 
+    @functools.cached_property
+    def symbol_index(self) -> dict[str, str]:
+        """Upper-case symbol -> gene id from ``gene_names`` (a symbol two genes share is left out)."""
+        seen: dict[str, set[str]] = {}
+        for gid, sym in self.gene_names.items():
+            seen.setdefault(normalize_gene_id(sym), set()).add(gid)
+        return {s: next(iter(g)) for s, g in seen.items() if len(g) == 1}
+
     def map_gene_ids(
-        self, raw_ids: Sequence[object], extra_aliases: Mapping[str, str] | None = None
+        self, raw_ids: Sequence[object], extra_aliases: Mapping[str, str] | None = None, names: bool = False
     ) -> np.ndarray:
         """Token id for each input gene id, or -1 where it maps to no vocabulary gene.
 
         Ids are upper-cased and looked up in ``extra_aliases`` (a user's symbol table), then in
-        the vocabulary's alias table; an id that is itself a vocabulary gene maps to itself.
-        Several input ids may map to one token: callers sum their counts.
+        the vocabulary's alias table; an id that is itself a vocabulary gene maps to itself. With
+        ``names``, an id that maps to no gene by then is looked up among the vocabulary's own
+        symbols (:attr:`symbol_index`). Several input ids may map to one token: callers sum their
+        counts.
         """
         token_of = dict(zip(self.gene_ids, self.token_ids.tolist(), strict=True))
         extra = extra_aliases or {}
+        symbols = self.symbol_index if names else {}
         out = np.full(len(raw_ids), -1, dtype=np.int32)
         for i, raw in enumerate(raw_ids):
             key = normalize_gene_id(raw)
@@ -101,7 +112,7 @@ class GeneVocab:
                 continue
             key = extra.get(key, key)
             gene = self.aliases.get(key, key)
-            out[i] = token_of.get(gene, -1)
+            out[i] = token_of.get(gene, token_of.get(symbols.get(key, ""), -1))
         return out
 
     # --- hashing and persistence --------------------------------------------------------------

@@ -23,7 +23,7 @@ import pandas as pd
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.vocab import GeneVocab, normalize_gene_id
+from rankformer.vocab import GeneVocab
 
 GENE_COLUMNS = ("gene", "gene_id", "ensembl_id", "symbol", "gene_symbol", "gene_name")
 LABEL_COLUMNS = ("label", "class", "y")
@@ -138,10 +138,7 @@ def _sets_from_table(
 
 def symbol_index(vocab: GeneVocab) -> dict[str, str]:
     """Upper-case symbol -> gene id from the vocabulary's names (symbols shared by genes left out)."""
-    seen: dict[str, set[str]] = {}
-    for gid, sym in vocab.gene_names.items():
-        seen.setdefault(normalize_gene_id(sym), set()).add(gid)
-    return {s: next(iter(g)) for s, g in seen.items() if len(g) == 1}
+    return vocab.symbol_index
 
 
 def map_labels(sets: Mapping[str, Sequence[str]], vocab: GeneVocab) -> GeneLabels:

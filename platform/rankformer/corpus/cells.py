@@ -81,13 +81,13 @@ _TABLES: dict[str, dict[str, str]] = {}
 
 def column_tokens(vocab: GeneVocab, gene_ids: Sequence[object], read: ReadOptions) -> np.ndarray:
     """Token id of each input column (-1: not in the vocabulary), through the user's gene table
-    when one is given (read once per process)."""
+    when one is given (read once per process), else the vocabulary's aliases, else its symbols."""
     extra: dict[str, str] = {}
     if read.gene_table:
         if read.gene_table not in _TABLES:
             _TABLES[read.gene_table] = read_gene_table(read.gene_table)[0]
         extra = _TABLES[read.gene_table]
-    return vocab.map_gene_ids(gene_ids, extra)
+    return vocab.map_gene_ids(gene_ids, extra, names=True)
 
 
 def warn_if_normalized(read: ReadOptions) -> None:
