@@ -156,3 +156,14 @@ def test_import_refuses_mismatched_median_dictionary(shared, tmp_path):
             str(g / "token_dictionary_gc30M.pkl"),
             str(tmp_path / "m.pkl") if (tmp_path / "m.pkl").write_bytes(pickle.dumps({"<pad>": 0})) else "",
         )
+
+
+def test_symbols_map_through_the_names_only_where_no_alias_table_holds_symbols():
+    names = {"ENSG00000000001": "A", "ENSG00000000002": "B", "ENSG00000000003": "B", "ENSG00000000004": "C"}
+    ids = list(names)
+    plain = build_vocab(ids, [1.0] * 4, gene_names=names)
+    assert plain.map_gene_ids(["a", "B", "C", "ENSG00000000004"], names=True).tolist() == [4, -1, 7, 7]
+    assert plain.map_gene_ids(["A"]).tolist() == [-1]  # only when asked (the tokenizer asks)
+    # a gene table's aliases decide: "C" was ambiguous there (not an alias), so it stays unmapped
+    tabled = build_vocab(ids, [1.0] * 4, aliases={"A": ids[0]}, gene_names=names)
+    assert tabled.map_gene_ids(["A", "C"], names=True).tolist() == [4, -1]

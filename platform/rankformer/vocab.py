@@ -91,6 +91,11 @@ class GeneVocab:
             seen.setdefault(normalize_gene_id(sym), set()).add(gid)
         return {s: next(iter(g)) for s, g in seen.items() if len(g) == 1}
 
+    @functools.cached_property
+    def has_symbol_aliases(self) -> bool:
+        """Whether the alias table maps symbols (not only other Ensembl ids)."""
+        return any(not re.match(r"^ENS[A-Z]*G\d", a) for a in self.aliases)
+
     def map_gene_ids(
         self, raw_ids: Sequence[object], extra_aliases: Mapping[str, str] | None = None, names: bool = False
     ) -> np.ndarray:
@@ -99,12 +104,13 @@ class GeneVocab:
         Ids are upper-cased and looked up in ``extra_aliases`` (a user's symbol table), then in
         the vocabulary's alias table; an id that is itself a vocabulary gene maps to itself. With
         ``names``, an id that maps to no gene by then is looked up among the vocabulary's own
-        symbols (:attr:`symbol_index`). Several input ids may map to one token: callers sum their
-        counts.
+        symbols (:attr:`symbol_index`), unless its alias table already holds symbols (a gene
+        table's or Geneformer's: it decides, ambiguous symbols left out). Several input ids may map
+        to one token: callers sum their counts.
         """
         token_of = dict(zip(self.gene_ids, self.token_ids.tolist(), strict=True))
         extra = extra_aliases or {}
-        symbols = self.symbol_index if names else {}
+        symbols = self.symbol_index if names and not self.has_symbol_aliases else {}
         out = np.full(len(raw_ids), -1, dtype=np.int32)
         for i, raw in enumerate(raw_ids):
             key = normalize_gene_id(raw)
