@@ -78,10 +78,6 @@ class Prepared(BaseModel):
 
 def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: dict[str, str]) -> Prepared:
     """Token ids of a request cell, with the genes that are not in the vocabulary reported."""
-    import scipy.sparse as sp
-
-    from rankformer.api import tokenize_anndata
-
     cls, eos = vocab.specials.get(schema.CLS), vocab.specials.get(schema.EOS)
     specials = 2 if layout == "v2" else 0
     if cell.tokens is not None:
@@ -104,18 +100,32 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
         toks = ([cls] if specials else []) + body[:limit] + ([eos] if specials else [])
         return Prepared(cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=len(body) > limit)
     values = np.asarray([cell.counts[g] for g in ids], dtype=np.float64)  # type: ignore[index]
-    import anndata as ad
-    import pandas as pd
-
     total = cell.n_counts if cell.n_counts is not None else float(values.sum())
     # each gene by its vocabulary id: a symbol known only from the vocabulary's names maps here
     known = mapped >= 0
     as_ids = np.asarray(ids, dtype=object)
     as_ids[known] = vocab.gene_id_by_token[mapped[known]]
+    toks = _counts_tokens(values, as_ids, total, vocab, layout, max_length)
+    expressed = int(sum(1 for g, t, v in zip(ids, mapped.tolist(), values, strict=True) if t >= 0 and v > 0))
+    return Prepared(
+        cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=expressed > len(toks) - specials
+    )
+
+
+def _counts_tokens(
+    values: np.ndarray, ids: np.ndarray, total: float, vocab: Any, layout: str, max_length: int
+) -> list[int]:
+    """One cell's raw counts through the corpus pipeline's own tokenizer."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from rankformer.api import tokenize_anndata
+
     adata = ad.AnnData(
         X=sp.csr_matrix(values[None, :]),
         obs=pd.DataFrame({schema.N_COUNTS: [total]}, index=["0"]),
-        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: as_ids}, index=[str(i) for i in range(len(ids))]),
+        var=pd.DataFrame({schema.DEFAULT_GENE_ID_COLUMN: ids}, index=[str(i) for i in range(len(ids))]),
     )
     table = tokenize_anndata(
         adata,
@@ -128,11 +138,7 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
     )
     if table.num_rows == 0:
         raise ValueError("no expressed gene of the cell is in the model's vocabulary")
-    toks = [int(t) for t in table.column(schema.INPUT_IDS)[0].as_py()]
-    expressed = int(sum(1 for g, t, v in zip(ids, mapped.tolist(), values, strict=True) if t >= 0 and v > 0))
-    return Prepared(
-        cell_id=cell.cell_id, tokens=toks, unknown_genes=unknown, truncated=expressed > len(toks) - specials
-    )
+    return [int(t) for t in table.column(schema.INPUT_IDS)[0].as_py()]
 
 
 class ModelCore:

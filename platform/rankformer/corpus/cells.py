@@ -58,6 +58,17 @@ def inspect_inputs(inputs: list[str], read: ReadOptions) -> list[FileInfo]:
     return infos
 
 
+def input_symbols(infos: list[FileInfo], resolved: list[list[str | None]]) -> dict[str, str]:
+    """Gene id -> symbol from the inputs that name their genes both ways (the first file's
+    symbol for an id wins)."""
+    names: dict[str, str] = {}
+    for info, res in zip(infos, resolved, strict=True):
+        for gid, sym in zip(res, info.gene_symbols or [], strict=False):
+            if gid is not None and sym.strip() and sym != gid:
+                names.setdefault(gid, sym.strip())
+    return names
+
+
 def inspect_source(src: CellSource, read: ReadOptions, file_index: int = 0) -> FileInfo:
     """Gene ids, obs columns and the first chunk of one source, with every check a worker makes
     run on that chunk, so most mistakes stop here."""

@@ -30,8 +30,8 @@ import numpy as np
 from rankformer.cluster import Runner, map_shards
 from rankformer.config import ReadOptions, VocabBuildConfig, to_dict
 from rankformer.corpus.cells import (
-    FileInfo,
     Shard,
+    input_symbols,
     inspect_inputs,
     iter_chunks,
     plan_shards,
@@ -340,17 +340,6 @@ def compute_medians(
     return MedianResult(search.medians(), search.n, passes, run.peak_mb)
 
 
-def _input_symbols(infos: list[FileInfo], resolved: list[list[str | None]]) -> dict[str, str]:
-    """Gene id -> symbol from the inputs that name their genes both ways (the first file's
-    symbol for an id wins)."""
-    names: dict[str, str] = {}
-    for info, res in zip(infos, resolved, strict=True):
-        for gid, sym in zip(res, info.gene_symbols or [], strict=False):
-            if gid is not None and sym.strip() and sym != gid:
-                names.setdefault(gid, sym.strip())
-    return names
-
-
 def run_vocab_build(cfg: VocabBuildConfig, runner: Runner = map_shards) -> GeneVocab:
     """Exact medians over the corpus -> the vocabulary, saved to ``cfg.out``."""
     return build_vocab_with_stats(cfg, runner)[0]
@@ -375,7 +364,7 @@ def build_vocab_with_stats(
                 f"gene ids; they look like {guess_id_kind(info.gene_ids)}"
             )
     genes = sorted({r for res in resolved for r in res if r is not None})
-    names = {**_input_symbols(infos, resolved), **names}  # a gene table's symbols win
+    names = {**input_symbols(infos, resolved), **names}  # a gene table's symbols win
     index = {gid: i for i, gid in enumerate(genes)}
     col_genes = [np.asarray([-1 if r is None else index[r] for r in res], np.int32) for res in resolved]
     shards = plan_shards(infos, cfg.read.rows_per_shard)
