@@ -116,3 +116,33 @@ def test_vocab_build_keeps_the_files_gene_symbols(files, tmp_path):
     plain = run_vocab_build(VocabBuildConfig([files["plain"]], str(tmp_path / "b.json")), serial_shards)
     assert len(cxg.gene_ids) > 1000 and cxg.gene_names == {g: want[g] for g in cxg.gene_ids}
     assert plain.gene_names == cxg.gene_names
+
+
+def test_symbols_tokenize_like_ensembl_ids_through_geneformer_v1_names(files, shared, tmp_path):
+    """Geneformer V1's mapping holds no symbols; with its gene-name dictionary imported, the same
+    real cells named by symbol (the var names) give the tokens they give by Ensembl id."""
+    from rankformer.io.geneformer import import_geneformer
+
+    g = shared / "reference" / "geneformer"
+    vocab = import_geneformer(
+        *(str(g / f"{name}_gc30M.pkl") for name in ("token_dictionary", "gene_median_dictionary")),
+        str(g / "ensembl_mapping_dict_gc30M.pkl"),
+        str(g / "gene_name_id_dict_gc30M.pkl"),
+    )
+    assert not vocab.has_symbol_aliases
+    path = str(tmp_path / "v1.json")
+    vocab.save(path)
+
+    def tokens(out, column):
+        cfg = TokenizeConfig(
+            inputs=[files["plain"]],
+            vocab=path,
+            out=str(tmp_path / out),
+            layout="v1",
+            read=ReadOptions(gene_id_column=column),
+        )
+        run_tokenize(cfg, runner=serial_shards)
+        return pq.read_table(corpus_files(str(tmp_path / out))).column("input_ids").to_pylist()
+
+    by_id = tokens("by_id", "ensembl_id")
+    assert len(by_id) == N_CELLS and tokens("by_symbol", "index") == by_id
