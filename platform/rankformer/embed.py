@@ -34,7 +34,7 @@ from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
 from rankformer.errors import InputError
 from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
-from rankformer.words import counted
+from rankformer.words import counted, listed
 
 if TYPE_CHECKING:
     from rankformer.embed_genes import OccurrenceSpill
@@ -205,8 +205,7 @@ def column_values(files: list[str], column: str) -> Counter[str]:
 
 def listed_counts(values: Counter[str], most: int = 20) -> str:
     """``'A' (1,004), 'B' (280)`` for the commonest values, and how many more there are."""
-    shown = ", ".join(f"{k!r} ({n:,})" for k, n in values.most_common(most))
-    return shown + (f" and {len(values) - most:,} more" if len(values) > most else "")
+    return listed([f"{k!r} ({n:,})" for k, n in values.most_common()], most)
 
 
 def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:

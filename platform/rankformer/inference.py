@@ -195,10 +195,11 @@ class Model(_TakesCells):
 def _warn_skipped(not_found: list[str]) -> None:
     import warnings
 
+    from rankformer.words import listed
+
     warnings.warn(
-        f"not in the model's vocabulary, skipped: {', '.join(not_found[:10])}"
-        + (f" and {len(not_found) - 10} more" if len(not_found) > 10 else "")
-        + ' (all in rows.attrs["genes_not_in_vocabulary"]; missing="error" refuses them)',
+        f"not in the model's vocabulary, skipped: {listed(not_found, 10)}"
+        ' (all in rows.attrs["genes_not_in_vocabulary"]; missing="error" refuses them)',
         stacklevel=3,
     )
 

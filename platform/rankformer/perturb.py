@@ -34,7 +34,7 @@ from rankformer.io import fs
 from rankformer.perturb_states import STATES_FILE, check_states, gpus_of, state_embeddings
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 from rankformer.perturber import Perturber
-from rankformer.words import counted
+from rankformer.words import counted, listed
 
 
 def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
@@ -161,8 +161,7 @@ def _not_in_vocab(missing: list[str]) -> str:
     """The run line's note on listed genes the vocabulary lacks (all are in the manifest)."""
     if not missing:
         return ""
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5:,} more" if len(missing) > 5 else "")
-    return f"; not in the vocabulary, skipped: {shown} (manifest: genes_not_in_vocabulary)"
+    return f"; not in the vocabulary, skipped: {listed(missing, 5)} (manifest: genes_not_in_vocabulary)"
 
 
 def read_results(out: str, per_gene: bool = False) -> pa.Table:
