@@ -31,7 +31,7 @@ from rankformer.embed import sample_note, sample_rows, shard_tasks
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
-from rankformer.perturb_states import STATES_FILE, check_states, gpus_of, state_embeddings
+from rankformer.perturb_states import STATES_FILE, check_states, gpus_of, state_embeddings, wanted_states
 from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
 from rankformer.perturber import Perturber
 from rankformer.words import counted, listed
@@ -96,8 +96,7 @@ def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) 
 def _selection(cfg: PerturbConfig, files: list[str], where: dict[str, list[str]]) -> tuple[list[Any], int]:
     """The states checked present, then :func:`sample_rows` (both before any model loads)."""
     if cfg.state_column:
-        wanted = [cfg.start_state, cfg.goal_state, *cfg.alt_states]
-        check_states(files, cfg.state_column, [s for s in dict.fromkeys(wanted) if s])
+        check_states(files, cfg.state_column, wanted_states(cfg))
     return sample_rows(files, where, cfg.limit_cells, cfg.seed)
 
 

@@ -75,6 +75,11 @@ def state_sample(
     return list(split_by_shard(chosen, [len(a) for a in per_shard]))
 
 
+def wanted_states(cfg: PerturbConfig) -> list[str]:
+    """The start, goal and alternative states, each once, in that order."""
+    return [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
+
+
 def check_states(files: list[str], column: str, wanted: list[str]) -> None:
     """Every wanted state has cells in ``column``, else a named error listing the states there
     (read before any model loads: only that column)."""
@@ -101,7 +106,7 @@ def state_embeddings(
     if fs.exists(kept):  # the folder's job fingerprint matched: same model, corpus and states
         doc: dict[str, list[float]] = json.loads(fs.read_bytes(kept))
         return doc
-    wanted = [s for s in dict.fromkeys([cfg.start_state, cfg.goal_state, *cfg.alt_states]) if s]
+    wanted = wanted_states(cfg)
     sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}
     sample = state_sample(files, cfg.state_column, wanted, cfg.state_cells, cfg.seed)
     tasks = [

@@ -199,11 +199,8 @@ class Perturber(Embedder):
 
     @functools.cached_property
     def gene_id_array(self) -> pa.Array:
-        """Gene id by token id (empty for the special tokens), for column-wise lookups."""
-        ids = [""] * (max(self.gene_of) + 1)
-        for t, g in self.gene_of.items():
-            ids[t] = g
-        return pa.array(ids, pa.string())
+        """Gene id by token id (null at the special tokens), for column-wise lookups."""
+        return pa.array(self.vocab.gene_id_by_token, pa.string())
 
     def _matched(
         self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
