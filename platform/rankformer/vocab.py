@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 V1_SPECIALS: dict[str, int] = {schema.PAD: 0, schema.MASK: 1}
 V2_SPECIALS: dict[str, int] = {schema.PAD: 0, schema.MASK: 1, schema.CLS: 2, schema.EOS: 3}
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+ENSEMBL_PREFIX = r"^ENS[A-Z]*G\d"  # looks like an Ensembl gene id (any species), loosely
 
 
 def normalize_gene_id(raw: object) -> str:
@@ -94,7 +95,7 @@ class GeneVocab:
     @functools.cached_property
     def has_symbol_aliases(self) -> bool:
         """Whether the alias table maps symbols (not only other Ensembl ids)."""
-        return any(not re.match(r"^ENS[A-Z]*G\d", a) for a in self.aliases)
+        return any(not re.match(ENSEMBL_PREFIX, a) for a in self.aliases)
 
     def map_gene_ids(
         self, raw_ids: Sequence[object], extra_aliases: Mapping[str, str] | None = None, names: bool = False
@@ -285,7 +286,7 @@ def read_gene_table(uri: str) -> tuple[dict[str, str], dict[str, str]]:
         raise VocabError(
             f"{uri}: a gene table needs two columns (Ensembl id, symbol); found {table.shape[1]}"
         )
-    id_col = int(table.iloc[:, 1].str.match(r"^ENS[A-Z]*G\d").mean() > 0.5)
+    id_col = int(table.iloc[:, 1].str.match(ENSEMBL_PREFIX).mean() > 0.5)
     return aliases_from_table(table.iloc[:, 1 - id_col], table.iloc[:, id_col])
 
 
