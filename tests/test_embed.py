@@ -391,3 +391,20 @@ def test_in_memory_model_tokenizes_cells_for_itself(world):
     with pytest.raises(InputError, match="max_length come from the model"):
         model.tokenize(adata, max_length=10)
     assert model.embed(pa.table({"input_ids": [c.tolist() for c in world.cells[:2]]})).shape[0] == 2
+
+
+def test_device_settings_and_default_token_budgets():
+    """On CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each new batch
+    shape); unless given, a forward batch holds more tokens on a GPU than on the CPU."""
+    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, token_budget
+    from rankformer.model.device import settle
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert settle("cpu").type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()
+        assert settle("cuda:0").type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+    assert token_budget(None, False) == CPU_MAX_TOKENS < token_budget(None, True) == GPU_MAX_TOKENS
+    assert token_budget(100, True) == 100

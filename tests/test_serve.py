@@ -69,6 +69,7 @@ def app(tmp_path_factory, ray_cluster):
         max_cells_per_request=8,
         max_perturbations_per_request=4,
         max_body_bytes=200_000,
+        max_tokens=4096,
         min_replicas=1,
         max_replicas=1,
     )
@@ -103,6 +104,8 @@ def test_model_info(app):
     info = requests.get(f"{app.url}/v1/model", headers={"x-api-key": KEY}, timeout=30).json()
     assert info["name"] == "serve-test" and info["alias"] == "current" and info["version"] == app.versions[0]
     assert info["vocab_hash"] == app.vocab.content_hash and info["layout"] == "v2"
+    # how the replica runs: --max-tokens reaches it (it was checked, then left out)
+    assert (info["device"], info["precision"], info["max_tokens"]) == ("cpu", "float32", 4096)
     assert requests.get(f"{app.url}/openapi.json", timeout=30).ok
 
 

@@ -47,19 +47,21 @@ class Embedder:
     """One model, loaded once; embeds one corpus shard per call."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import torch
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
         from rankformer.infer import up_to
+        from rankformer.infer_config import token_budget
         from rankformer.loader import load_model
+        from rankformer.model.device import pick_device
         from rankformer.model.store import max_length_of
 
         self.spec = spec
         os.environ["HF_HUB_OFFLINE"] = "1"
         hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
         loaded = load_model(spec["model"], head=BertModel, tracking_uri=spec["tracking_uri"])
-        self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(spec["use_gpu"])
+        self.max_tokens = token_budget(spec.get("max_tokens"), self.device.type == "cuda")
         model: Any = loaded.model
         self.model = model.to(self.device).eval()
         precision = spec.get("precision", "float32")
@@ -90,7 +92,7 @@ class Embedder:
             from rankformer.embed_genes import OccurrenceSpill
 
             self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
-        for b in batches(cells, self.pad, self.spec["max_tokens"]):
+        for b in batches(cells, self.pad, self.max_tokens):
             # pooled on the device: a cell's vector comes back, not its states
             h = hidden_states(self.model, b, self.layer, self.device)
             keep = b.ids >= self.gene_lo

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.errors import InputError
-from rankformer.infer_config import check_layer, check_perturbation, check_precision
+from rankformer.infer_config import check_layer, check_perturbation, check_precision, token_budget
 
 
 class _TakesCells:
@@ -58,7 +58,7 @@ class Model(_TakesCells):
         layer: str | int = "penultimate",
         use_gpu: bool = False,
         precision: str = "float32",
-        max_tokens: int = 16_384,
+        max_tokens: int | None = None,
         tracking_uri: str | None = None,
     ) -> None:
         from rankformer import tracking
@@ -280,13 +280,17 @@ class Classifier(_TakesCells):
     tables `rankformer predict` writes, for the given cells."""
 
     def __init__(
-        self, uri: str, *, use_gpu: bool = False, max_tokens: int = 16_384, tracking_uri: str | None = None
+        self,
+        uri: str,
+        *,
+        use_gpu: bool = False,
+        max_tokens: int | None = None,
+        tracking_uri: str | None = None,
     ) -> None:
-        import torch
-
         from rankformer import tracking
         from rankformer.loader import load_model as load
         from rankformer.loader import model_meta
+        from rankformer.model.device import pick_device
         from rankformer.model.store import max_length_of
         from rankformer.train.classifier import classifier_class
 
@@ -301,7 +305,7 @@ class Classifier(_TakesCells):
         self.kind = TASKS[meta["task"]]
         head = classifier_class("token" if self.kind == "genes" else "sequence", meta.get("head_class"))
         self._loaded = load(uri, head=head, tracking_uri=resolved)
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        device = pick_device(use_gpu)
         model: Any = self._loaded.model
         self._model = model.to(device).eval()
         self.vocab = self._loaded.vocab
@@ -310,7 +314,7 @@ class Classifier(_TakesCells):
         self.label_column = meta.get("label_column")
         config: Any = self._model.config
         self.max_length = max_length_of(meta, config)
-        self.max_tokens = max_tokens
+        self.max_tokens = token_budget(max_tokens, device.type == "cuda")
 
     def __repr__(self) -> str:
         return f"Classifier({self.uri!r}, {self.kind}, classes={self.classes})"

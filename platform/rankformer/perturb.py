@@ -111,7 +111,8 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
     spec = _job_spec(cfg, uri, info, {"targets": listed, "anchor": anchor})
-    placement = ("num_workers", "ray_address", "in_process", "use_gpu")
+    # where and in what batches it runs, not what it computes
+    placement = ("num_workers", "ray_address", "in_process", "use_gpu", "max_tokens")
     what = {k: v for k, v in asdict(cfg).items() if k not in placement}
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
     sample, selected = _selection(cfg, files, spec["where"])

@@ -38,13 +38,13 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Original:
     """A cell before perturbation: its states and mean-pooled embedding, where each gene stood
-    (``lut``: token -> position, -1 if absent), each gene's rank, and the states' embeddings
-    (``s_mat``) with the original's cosines to them."""
+    (``lut``: token -> position, -1 if absent; on the model's device), each gene's rank, and the
+    states' embeddings (``s_mat``) with the original's cosines to them."""
 
     cell_id: str
     h0: torch.Tensor
     v0: torch.Tensor
-    lut: np.ndarray
+    lut: torch.Tensor
     rank: dict[int, int]
     s_names: list[str]
     s_mat: torch.Tensor | None
@@ -85,7 +85,7 @@ class Perturber(Embedder):
         rows: list[dict[str, Any]] = []
         sink = genes_out if self.spec["per_gene"] else None
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
-        for idx in budget_batches(lengths, self.spec["max_tokens"], 256) if len(seqs) else []:
+        for idx in budget_batches(lengths, self.max_tokens, 256) if len(seqs) else []:
             self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, sink)
         return rows
 
@@ -126,13 +126,14 @@ class Perturber(Embedder):
         at = np.flatnonzero(cell >= self.gene_lo)
         lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
+        lut_dev = torch.from_numpy(lut).to(dev)
         rank = {g: r for r, g in reversed(list(enumerate(cell[at].tolist())))}
         states = self.spec["states"]
         s_mat = s_cos0 = None
         if states:
             s_mat = torch.tensor(np.asarray(list(states.values())), dtype=torch.float32, device=dev)
             s_cos0 = _cos(v0[None], s_mat)
-        return _Original(cell_id, h0, v0, lut, rank, list(states), s_mat, s_cos0)
+        return _Original(cell_id, h0, v0, lut_dev, rank, list(states), s_mat, s_cos0)
 
     def _score_batch(
         self,
@@ -144,7 +145,8 @@ class Perturber(Embedder):
         genes_out: GeneSink | None,
     ) -> None:
         """One forward pass over a batch of a cell's variants; their rows appended to ``rows``,
-        their per-gene table given to ``genes_out``."""
+        their per-gene table given to ``genes_out``. The scores are computed where the states are
+        and come back in one copy (on a GPU, the host waits once per batch)."""
         import torch
 
         from rankformer.infer import Batch, hidden_states, mean_pool
@@ -152,31 +154,31 @@ class Perturber(Embedder):
 
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
-        h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, self.device)
-        v1 = mean_pool(h1, (ids >= self.gene_lo).to(dev))
-        cell_cos = _cos(orig.v0[None], v1).tolist()
-        shifts = None
-        if orig.s_mat is not None and orig.s_cos0 is not None:
-            shifts = (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).tolist()
-        p0, common = self._matched(ids, combos, orig.lut)
+        h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, dev)
+        ids_dev = ids.to(dev)
+        v1 = mean_pool(h1, ids_dev >= self.gene_lo)
+        p0, common = self._matched(ids_dev, combos, orig.lut)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
-        gene_cos = torch.where(common.to(dev), _cos(h1, orig.h0[p0.to(dev).clamp(min=0)]), 0.0)
+        gene_cos = torch.where(common, _cos(h1, orig.h0[p0.clamp(min=0)]), 0.0)
         n_common = common.sum(1)
-        mean_cos = (gene_cos.sum(1) / n_common.to(dev).clamp(min=1)).tolist()
+        scores = [_cos(orig.v0[None], v1), gene_cos.sum(1) / n_common.clamp(min=1), n_common.float()]
+        if orig.s_mat is not None and orig.s_cos0 is not None:
+            scores += (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).unbind(1)
+        table = torch.stack(scores, 1).cpu().tolist()  # (B, 3 + states)
         perturbed = [self.names(c) for c in combos]
         for j, combo in enumerate(combos):
+            cell_cos, mean_cos, matched, *shifts = table[j]
             row = {
                 schema.CELL_ID: orig.cell_id,
                 "perturbed": perturbed[j],
                 "rank": min((orig.rank[g] for g in combo if g in orig.rank), default=-1),
-                "cell_cosine": cell_cos[j],
-                "gene_mean_cosine": mean_cos[j] if n_common[j] > 0 else float("nan"),
+                "cell_cosine": cell_cos,
+                "gene_mean_cosine": mean_cos if matched > 0 else float("nan"),
             }
-            if shifts is not None:
-                row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts[j], strict=True)})
+            row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts, strict=True)})
             rows.append(row)
         if genes_out is not None:
-            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0, common, gene_cos))
+            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0.cpu(), common.cpu(), gene_cos))
 
     def _gene_rows(
         self,
@@ -203,16 +205,17 @@ class Perturber(Embedder):
         return pa.array(self.vocab.gene_id_by_token, pa.string())
 
     def _matched(
-        self, ids: torch.Tensor, moved: list[list[int]], lut: np.ndarray
+        self, ids: torch.Tensor, moved: list[list[int]], lut: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a batch of variants: each position's position in the original cell (-1 if none),
-        and whether it holds a gene present in both that was not itself perturbed."""
+        """For a batch of variants (``ids`` where ``lut`` is): each position's position in the
+        original cell (-1 if none), and whether it holds a gene present in both that was not itself
+        perturbed."""
         import torch
 
-        p0 = torch.from_numpy(lut[ids.numpy()])
+        p0 = lut[ids]
         width = max(len(m) for m in moved)
         mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)
-        hit = (ids[:, :, None] == mv[:, None, :]).any(-1)
+        hit = (ids[:, :, None] == mv.to(ids.device)[:, None, :]).any(-1)
         return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:
@@ -226,7 +229,7 @@ class Perturber(Embedder):
         use_gpu: bool,
         precision: str,
         layer: str,
-        max_tokens: int = 16_384,
+        max_tokens: int | None = None,
     ) -> Perturber:
         """One loaded model for cells given per call (the endpoint, the in-memory API): it embeds
         with mean pooling and perturbs as :meth:`configure` says."""
@@ -285,7 +288,7 @@ class Perturber(Embedder):
         for lo, hi in windows(lengths, WINDOW_CELLS, WINDOW_TOKENS):
             window = cells[lo:hi]
             originals: list[Any] = [None] * len(window)
-            for b in batches(window, self.pad, self.spec["max_tokens"]):  # each original runs once
+            for b in batches(window, self.pad, self.max_tokens):  # each original runs once
                 h = hidden_states(self.model, b, self.layer, self.device)
                 for j, i in enumerate(b.index.tolist()):
                     originals[i] = h[j, : len(window[i])]

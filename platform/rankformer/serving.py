@@ -49,7 +49,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # requests one replica takes at once (the rest queue in the proxy)
     max_batch_size: int = 16  # requests batched into one forward pass at most
     batch_wait_timeout_s: float = 0.0  # how long a batch waits to fill (0: it takes what is queued)
-    max_tokens: int = 16_384  # tokens per forward batch (cells x longest)
+    max_tokens: int | None = None  # tokens per forward pass (cells x longest); unset: 16,384, on a GPU 65,536
     min_replicas: int = 1  # autoscaling: fewest model replicas
     max_replicas: int = 2  # autoscaling: most model replicas
     target_ongoing_requests: float = 4.0  # autoscaling: requests per replica it aims at
@@ -90,7 +90,7 @@ class ServeConfig:
         bad = [
             f"--{k.replace('_', '-')} {value} must be >= {lo}"
             for k, lo in at_least.items()
-            if (value := getattr(self, k)) < lo
+            if (value := getattr(self, k)) is not None and value < lo
         ]
         if self.target_ongoing_requests <= 0:
             bad.append(f"--target-ongoing-requests {self.target_ongoing_requests} must be > 0")
@@ -163,7 +163,7 @@ class _Replica:
         if want == self.loaded:
             return
         self.core = await asyncio.to_thread(
-            ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer, cfg.precision
+            ModelCore, uri, cfg.tracking_uri, cfg.use_gpu, cfg.layer, cfg.precision, cfg.max_tokens
         )
         self.loaded = want
 

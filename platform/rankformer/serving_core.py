@@ -145,7 +145,13 @@ class ModelCore:
     """The model, its vocabulary, and the batch jobs' embedding and perturbation code."""
 
     def __init__(
-        self, model_uri: str, tracking_uri: str | None, use_gpu: bool, layer: str, precision: str = "float32"
+        self,
+        model_uri: str,
+        tracking_uri: str | None,
+        use_gpu: bool,
+        layer: str,
+        precision: str = "float32",
+        max_tokens: int | None = None,
     ) -> None:
         from rankformer import tracking
         from rankformer.classify.labels import symbol_index
@@ -158,7 +164,7 @@ class ModelCore:
             v = tracking.model_version_info(self.uri, model_uri)
             self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
         # keep every layer ("last"): requests choose theirs
-        self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last")
+        self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last", max_tokens)
         self.layout = str(self.worker.meta["layout"])
         self.vocab = self.worker.vocab
         self.vocab_names = symbol_index(self.vocab)
@@ -174,6 +180,9 @@ class ModelCore:
                 "max_length": self.max_length,
                 "layers": int(self.worker.model.config.num_hidden_layers),
                 "hidden_size": int(self.worker.model.config.hidden_size),
+                "device": self.worker.device.type,
+                "precision": precision,
+                "max_tokens": self.worker.max_tokens,
             }
         )
 
@@ -202,7 +211,7 @@ class ModelCore:
         out: list[dict[str, Any]] = [{} for _ in cells]
         arrays = [np.asarray(c, dtype=np.int64) for c in cells]
         with torch.no_grad():
-            for b in batches(arrays, w.pad, w.spec["max_tokens"]):
+            for b in batches(arrays, w.pad, w.max_tokens):
                 h = hidden_states(self.view(layer), b, layer, w.device)
                 keep = (b.ids >= w.gene_lo).to(h.device)
                 vec = (h[:, 0] if pooling == "cls" else mean_pool(h, keep)).cpu()  # pooled on the device

@@ -13,7 +13,7 @@ from rankformer import schema, tracking
 from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
 from rankformer.classify.data import corpus_columns, load_cells, parse_where
 from rankformer.errors import InputError
-from rankformer.infer_config import PredictConfig
+from rankformer.infer_config import PredictConfig, token_budget
 
 TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
 
@@ -45,7 +45,8 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
         cfg.seed,
     )
     out = JobOutput(cfg.out, f"predict-{what}", cfg)
-    table = _predictions(what, model, cells, extra, loaded, classes, cfg.max_tokens)
+    budget = token_budget(cfg.max_tokens, False)  # predictions run on the CPU
+    table = _predictions(what, model, cells, extra, loaded, classes, budget)
     out.write_table(f"{'gene' if what == 'genes' else 'cell'}_predictions", table)
     version = None
     if cfg.model.startswith("models:/"):

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from rankformer.model.device import settle
+
 
 class LocalContext:
     rank = 0
@@ -21,7 +23,7 @@ class LocalContext:
         device: str | None = None,
         tracking: dict[str, str] | None = None,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = settle(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.root = checkpoint_root
         self.tracking = tracking  # {"uri", "run_id"}: metrics also go to that MLflow run
         self.history: list[dict[str, float]] = []

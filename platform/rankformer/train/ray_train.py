@@ -12,6 +12,7 @@ import torch
 
 from rankformer.cluster import ensure_ray, user_error_inside
 from rankformer.config import ClusterOptions
+from rankformer.model.device import settle
 from rankformer.train.config import ScaleOptions
 
 FAULT_ENV = "RANKFORMER_FAULT_INJECT"
@@ -27,7 +28,7 @@ class RayContext:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.node = ctx.get_node_rank() if hasattr(ctx, "get_node_rank") else 0
-        self.device = ray.train.torch.get_device()
+        self.device = settle(ray.train.torch.get_device())
         self.tracking = tracking if self.rank == 0 else None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
