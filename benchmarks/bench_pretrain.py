@@ -57,7 +57,12 @@ def _cfg(corpus: str, preset: str, steps: int, max_tokens: int) -> PretrainConfi
     )
 
 
-def ours(corpus: str, preset: str, steps: int, max_tokens: int, device: str = "cpu") -> dict[str, float]:
+def ours(
+    corpus: str, preset: str, steps: int, max_tokens: int, device: str = "cpu", cudnn_attention: bool = False
+) -> dict[str, float]:
+    """Our loop's tokens/s (and MFU where the device's peak is known), the first step left out.
+    ``cudnn_attention``: with SDPA's cuDNN backend allowed again (the loop's device settings leave
+    it out), to measure what that setting is worth."""
     from rankformer.api import corpus_files
     from rankformer.train.pretrain import flops_per_token, peak_flops
 
@@ -66,6 +71,8 @@ def ours(corpus: str, preset: str, steps: int, max_tokens: int, device: str = "c
     task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0)
     cfg.log_every = 1  # the first step pays one-off costs: measure the rest
     ctx = LocalContext(None, device)
+    if cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(True)
     model = build_model(cfg, vocab, None)
     extra = {"flops_per_token": flops_per_token(model, 700.0)}
     peak = peak_flops(ctx.device)
