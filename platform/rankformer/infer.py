@@ -53,7 +53,7 @@ def n_layers(model: torch.nn.Module) -> int:
 def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.device) -> torch.Tensor:
     # no padding in the batch (e.g. one cell's deletions): no mask, and the attention kernel's
     # unmasked path, which is faster and gives the same states
-    attn = None if bool(b.attn.all()) else b.attn.to(device)
+    attn = None if bool(b.attn.numpy().all()) else b.attn.to(device)
     out = encoder(model)(input_ids=b.ids.to(device), attention_mask=attn, output_hidden_states=True)
     return out.hidden_states[layer].float()
 

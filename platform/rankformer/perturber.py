@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,18 @@ class _Original:
     s_cos0: torch.Tensor | None
 
 
+@dataclass
+class _Launched:
+    """A batch of a cell's variants on its way: the scores (on the host once ``done`` is reached;
+    None: already there), and for per-gene rows the batch's ids, matches and cosines."""
+
+    orig: _Original
+    combos: list[list[int]]
+    table: torch.Tensor
+    done: Any
+    genes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
 class Perturber(Embedder):
     """One model per actor: perturbs every cell of one corpus shard per call."""
 
@@ -77,17 +90,21 @@ class Perturber(Embedder):
         """One cell's rows: its variants in length-budgeted batches, scored against the original's
         states ``h0`` (one cell, its own length). With per-gene scores asked for, each batch's
         per-gene table goes to ``genes_out`` as it is computed (a cell has up to length^2 of them)."""
+        rows: list[dict[str, Any]] = []
+        for batch in self._launch_cell(cell, h0, cell_id):
+            self._finish(batch, rows, genes_out)
+        return rows
+
+    def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[_Launched]:
+        """A cell's variant batches, each launched as the caller asks for the next."""
         from rankformer.model.batching import budget_batches
 
         combos = self.variants(cell)
         seqs = self._sequences(cell, combos, cell_id)
         orig = self._original(cell, h0, cell_id)
-        rows: list[dict[str, Any]] = []
-        sink = genes_out if self.spec["per_gene"] else None
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
         for idx in budget_batches(lengths, self.max_tokens, 256) if len(seqs) else []:
-            self._score_batch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], rows, sink)
-        return rows
+            yield self._launch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx])
 
     def _sequences(self, cell: np.ndarray, combos: list[list[int]], cell_id: str) -> list[np.ndarray]:
         """Each perturbation's token sequence; an error naming one that would leave no gene."""
@@ -135,18 +152,11 @@ class Perturber(Embedder):
             s_cos0 = _cos(v0[None], s_mat)
         return _Original(cell_id, h0, v0, lut_dev, rank, list(states), s_mat, s_cos0)
 
-    def _score_batch(
-        self,
-        orig: _Original,
-        idx: np.ndarray,
-        seqs: list[np.ndarray],
-        combos: list[list[int]],
-        rows: list[dict[str, Any]],
-        genes_out: GeneSink | None,
-    ) -> None:
-        """One forward pass over a batch of a cell's variants; their rows appended to ``rows``,
-        their per-gene table given to ``genes_out``. The scores are computed where the states are
-        and come back in one copy (on a GPU, the host waits once per batch)."""
+    def _launch(
+        self, orig: _Original, idx: np.ndarray, seqs: list[np.ndarray], combos: list[list[int]]
+    ) -> _Launched:
+        """One forward pass over a batch of a cell's variants and their scores, computed where the
+        states are; on a GPU this only queues the work, and the scores' copy to the host."""
         import torch
 
         from rankformer.infer import Batch, hidden_states, mean_pool
@@ -155,7 +165,7 @@ class Perturber(Embedder):
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
         h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, dev)
-        ids_dev = ids.to(dev)
+        ids_dev = ids.to(dev, non_blocking=True)
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         p0, common = self._matched(ids_dev, combos, orig.lut)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
@@ -164,7 +174,23 @@ class Perturber(Embedder):
         scores = [_cos(orig.v0[None], v1), gene_cos.sum(1) / n_common.clamp(min=1), n_common.float()]
         if orig.s_mat is not None and orig.s_cos0 is not None:
             scores += (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).unbind(1)
-        table = torch.stack(scores, 1).cpu().tolist()  # (B, 3 + states)
+        table = torch.stack(scores, 1)  # (B, 3 + states)
+        done = None
+        if table.is_cuda:  # into pinned memory without waiting; finished when `done` is reached
+            host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            table = host.copy_(table, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        genes = (ids, p0, common, gene_cos) if self.spec["per_gene"] else None
+        return _Launched(orig, combos, table, done, genes)
+
+    def _finish(self, batch: _Launched, rows: list[dict[str, Any]], genes_out: GeneSink | None) -> None:
+        """A launched batch's rows appended to ``rows`` (after its scores reach the host), its
+        per-gene table given to ``genes_out``."""
+        if batch.done is not None:
+            batch.done.synchronize()
+        orig, combos = batch.orig, batch.combos
+        table = batch.table.tolist()
         perturbed = [self.names(c) for c in combos]
         for j, combo in enumerate(combos):
             cell_cos, mean_cos, matched, *shifts = table[j]
@@ -177,7 +203,8 @@ class Perturber(Embedder):
             }
             row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts, strict=True)})
             rows.append(row)
-        if genes_out is not None:
+        if batch.genes is not None and genes_out is not None:
+            ids, p0, common, gene_cos = batch.genes
             genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0.cpu(), common.cpu(), gene_cos))
 
     def _gene_rows(
@@ -281,8 +308,22 @@ class Perturber(Embedder):
     ) -> Iterator[list[dict[str, Any]]]:
         """Each cell's rows, in input order (per-gene tables to ``genes_out``, in the same order).
         The originals run in length-grouped batches over a window of cells and wait for their
-        turn (memory: one window's original states, one batch of a cell's variants)."""
+        turn (memory: one window's original states, two batches of variants). Each batch is
+        finished while the next one runs: on a GPU the host prepares and reads batches while the
+        device computes, instead of the two taking turns."""
         from rankformer.infer import batches, hidden_states
+
+        # launched batches, oldest first, each with its cell's rows; None marks the end of a cell
+        queue: deque[tuple[_Launched | None, list[dict[str, Any]]]] = deque()
+
+        def finish(keep: int) -> Iterator[list[dict[str, Any]]]:
+            """Finish batches until ``keep`` remain launched; each cell's rows once complete."""
+            while queue and (queue[0][0] is None or sum(b is not None for b, _ in queue) > keep):
+                batch, rows = queue.popleft()
+                if batch is None:
+                    yield rows
+                else:
+                    self._finish(batch, rows, genes_out)
 
         lengths = [len(c) for c in cells]
         for lo, hi in windows(lengths, WINDOW_CELLS, WINDOW_TOKENS):
@@ -294,7 +335,13 @@ class Perturber(Embedder):
                     originals[i] = h[j, : len(window[i])]
             for i in range(len(window)):
                 h0, originals[i] = originals[i], None
-                yield self.score_cell(window[i], h0, ids[lo + i], genes_out)
+                rows: list[dict[str, Any]] = []
+                for batch in self._launch_cell(window[i], h0, ids[lo + i]):
+                    queue.append((batch, rows))
+                    yield from finish(1)
+                queue.append((None, rows))
+                yield from finish(1)
+        yield from finish(0)
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec

@@ -69,8 +69,8 @@ def pad_batch(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, t
     ids = np.full((len(cells), width), pad_id, dtype=np.int64)
     for i, c in enumerate(cells):
         ids[i, : len(c)] = c
-    ids_bt = torch.from_numpy(ids)
-    return ids_bt, (ids_bt != pad_id).long()
+    # the mask in numpy: torch's CPU kernels cost ~0.5 ms here, each batch, on a many-core host
+    return torch.from_numpy(ids), torch.from_numpy((ids != pad_id).astype(np.int64))
 
 
 def padding_fraction(cells: Sequence[np.ndarray]) -> float:
