@@ -54,8 +54,11 @@ def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.de
     # no padding in the batch (e.g. one cell's deletions): no mask, and the attention kernel's
     # unmasked path, which is faster and gives the same states
     attn = None if bool(b.attn.numpy().all()) else b.attn.to(device)
-    out = encoder(model)(input_ids=b.ids.to(device), attention_mask=attn, output_hidden_states=True)
-    return out.hidden_states[layer].float()
+    body: Any = encoder(model)
+    ids = b.ids.to(device)
+    if 1 <= layer == len(body.encoder.layer):  # the top layer (of a view from up_to): the output
+        return body(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (no layer kept)
+    return body(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[layer].float()
 
 
 def up_to(model: torch.nn.Module, layer: int) -> torch.nn.Module:
