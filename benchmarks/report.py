@@ -13,8 +13,9 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
-IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head", "precision")
-DEFAULTS = {"precision": "float32"}  # what a record written before the key existed measured
+IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head", "precision", "device", "attention")
+# what a record written before the key existed measured
+DEFAULTS = {"precision": "float32", "device": "cpu"}
 
 
 def _key(rec: dict) -> str:
