@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rankformer import tracking
+from rankformer.model.device import settle
 from rankformer.train.config import TuneOptions
 
 METRIC = "val_score"
@@ -30,7 +31,7 @@ class TuneContext:
     world = 1
 
     def __init__(self, device: str) -> None:
-        self.device = torch.device(device)
+        self.device = settle(device)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
