@@ -2,9 +2,10 @@
 scored against its original (the scores are described in :mod:`rankformer.perturb`).
 
 Each cell's original forward pass runs once; its variants go through together in length-budgeted
-batches (a deletion is one token shorter: no padding to a global maximum). Memory is bounded by one
-shard's token lists, a window of originals' states and one batch of variants: rows stream out in
-row groups, per-gene rows (up to length^2 a cell) batch by batch.
+batches (a deletion is one token shorter: no padding to a global maximum), each batch read back
+while the next one runs. Memory is bounded by one shard's token lists, a window of originals'
+states and two batches of variants: rows stream out in row groups, per-gene rows (up to length^2 a
+cell) batch by batch.
 """
 
 from __future__ import annotations
