@@ -3,6 +3,7 @@ pass whatever the batching; shards are resumable; the actor pool gives the same 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -315,6 +316,19 @@ def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="for a cluster without GPUs")
+def test_use_gpu_on_a_ray_cluster_without_gpus(ray_cluster, capsys):
+    """A job asking for GPUs on a cluster with none would wait forever: an error where the job
+    started Ray itself on this machine, a warning on a cluster it joined (an autoscaler may add
+    GPU nodes)."""
+    from rankformer.cluster import _check_gpus
+
+    with pytest.raises(InputError, match="--use-gpu: Ray found no GPU on this machine"):
+        _check_gpus(started_here=True)
+    _check_gpus(started_here=False)
+    assert "the job waits until a GPU node joins" in capsys.readouterr().err
+
+
 def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
     """rankformer.load_model(...).embed / .embed_genes on cells in memory: the embed job's vectors
     for the same cells (cell ids kept from a table, input order kept); bad cells named."""
@@ -393,18 +407,23 @@ def test_in_memory_model_tokenizes_cells_for_itself(world):
     assert model.embed(pa.table({"input_ids": [c.tolist() for c in world.cells[:2]]})).shape[0] == 2
 
 
-def test_device_settings_and_default_token_budgets():
-    """On CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each new batch
-    shape); unless given, a forward batch holds more tokens on a GPU than on the CPU."""
+def test_device_settings_and_default_token_budgets(world, tmp_path):
+    """A GPU asked for where torch sees none is an error naming the fix (it used to run on the CPU
+    without a word); on CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each
+    new batch shape), which tests/test_gpu.py checks; unless given, a forward batch holds more
+    tokens on a GPU than on the CPU."""
     from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, token_budget
     from rankformer.model.device import settle
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        assert settle("cpu").type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()
-        assert settle("cuda:0").type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(was)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    assert settle("cpu").type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(was)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--use-gpu: this process sees no CUDA device"):
+            settle("cuda:0")
+        with pytest.raises(InputError, match="--use-gpu: .* or leave --use-gpu out"):
+            cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(tmp_path / "e"), use_gpu=True)
+            run_embed(dataclasses.replace(cfg, in_process=True))
     assert token_budget(None, False) == CPU_MAX_TOKENS < token_budget(None, True) == GPU_MAX_TOKENS
     assert token_budget(100, True) == 100

@@ -95,3 +95,4 @@ def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
         run_embed(EmbedConfig(**common, out=str(tmp_path / f"e_{name}"), use_gpu=gpu))
         vecs[name] = np.stack(read_embeddings(str(tmp_path / f"e_{name}")).column("embedding").to_pylist())
     np.testing.assert_allclose(vecs["gpu"], vecs["cpu"], atol=1e-4)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # no cuDNN plan for every new batch shape

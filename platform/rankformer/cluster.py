@@ -22,23 +22,43 @@ def ray_connected() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def ensure_ray(opts: ClusterOptions) -> None:
+def ensure_ray(opts: ClusterOptions, gpus: bool = False) -> None:
     """Join ``opts.ray_address`` or RAY_ADDRESS, else a Ray instance already running on this
     machine, else start a local one without the dashboard (a local run needs none, and it costs
-    seconds to start)."""
+    seconds to start). ``gpus``: the job asks for GPUs (see :func:`_check_gpus`)."""
     import ray
 
-    if ray.is_initialized():
+    started = False
+    if not ray.is_initialized():
+        address = cluster_address(opts) or _running_local_instance()
+        if address is not None:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+            started = True
+    if gpus:
+        _check_gpus(started)
+
+
+def _check_gpus(started_here: bool) -> None:
+    """A job asking for GPUs on a Ray cluster without one would wait for one forever: an error
+    where this job started Ray itself (it has this machine's GPUs, and nothing adds more), else a
+    warning (an autoscaler adds GPU nodes when asked)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
         return
-    address = cluster_address(opts) or _running_local_instance()
-    if address is not None:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-        return
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
+    if started_here:
+        from rankformer.errors import InputError
+
+        raise InputError(
+            "--use-gpu: Ray found no GPU on this machine; run on a GPU machine or join a cluster "
+            "with GPU nodes (--ray-address or RAY_ADDRESS), or leave --use-gpu out"
+        )
+    print(
+        "warning: --use-gpu, but the Ray cluster has no GPU now: the job waits until a GPU node "
+        "joins (an autoscaler adds them on demand)",
+        file=sys.stderr,
     )
 
 
@@ -142,7 +162,7 @@ def map_shards_actors(
         return
     import numpy as np
 
-    ensure_ray(opts)
+    ensure_ray(opts, gpus=gpus_per_actor > 0)
     items = _task_items(tasks)
 
     class _Actor:

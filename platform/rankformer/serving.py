@@ -310,7 +310,7 @@ def deploy(apps: list[tuple[ServeConfig, str]], keep_others: bool = False) -> No
 
     for cfg, _ in apps:
         check_model(cfg)  # before a cluster starts
-    ensure_ray(ClusterOptions())
+    ensure_ray(ClusterOptions(), gpus=any(cfg.use_gpu for cfg, _ in apps))
     doc = serve_document(apps)
     client = serve_start(
         http_options=doc["http_options"],

@@ -153,7 +153,7 @@ def search(
     from rankformer.config import ClusterOptions
     from rankformer.train.finetune import local_dir
 
-    ensure_ray(ClusterOptions())
+    ensure_ray(ClusterOptions(), gpus=use_gpu)
     space = {
         "lr": tune.loguniform(*opts.tune_lr),
         "warmup_fraction": tune.uniform(*opts.tune_warmup_fraction),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from rankformer.errors import InputError
+
 
 def pick_device(use_gpu: bool) -> torch.device:
-    """A GPU when asked for and present, else the CPU; settled (see :func:`settle`)."""
-    return settle(torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
+    """The GPU when asked for (an error naming the fix if this process has none), else the CPU;
+    settled (see :func:`settle`)."""
+    return settle("cuda" if use_gpu else "cpu")
 
 
 def settle(device: torch.device | str) -> torch.device:
@@ -21,5 +24,15 @@ def settle(device: torch.device | str) -> torch.device:
     """
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(no_gpu_message())
         torch.backends.cuda.enable_cudnn_sdp(False)
     return device
+
+
+def no_gpu_message() -> str:
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    return (
+        f"--use-gpu: this process sees no CUDA device (torch {torch.__version__}, {build}); run it "
+        "where a GPU and the CUDA build of torch are installed, or leave --use-gpu out"
+    )

@@ -128,7 +128,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(ClusterOptions(ray_address=scale.ray_address))
+    ensure_ray(ClusterOptions(ray_address=scale.ray_address), gpus=scale.use_gpu)
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
     storage = checkpoint_storage(scale, os.path.abspath("ray_results"))
     trainer = TorchTrainer(
