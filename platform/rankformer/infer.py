@@ -56,7 +56,8 @@ def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.de
     attn = None if bool(b.attn.numpy().all()) else b.attn.to(device)
     body: Any = encoder(model)
     ids = b.ids.to(device)
-    if 1 <= layer == len(body.encoder.layer):  # the top layer (of a view from up_to): the output
+    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    if layers is not None and 1 <= layer == len(layers):  # the top layer (a view from up_to): the output
         return body(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (no layer kept)
     return body(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[layer].float()
 
