@@ -45,9 +45,7 @@ def targets_of(
     vocab: Any, genes: list[str], anchor: str | None, mode: str, missing: str
 ) -> tuple[list[int], int | None, list[str]]:
     """(the listed genes' tokens, the anchor's token, the names not in the vocabulary)."""
-    from rankformer.classify.labels import symbol_index
-
-    names = symbol_index(vocab)
+    names = vocab.symbol_index
     asked = list(genes) + ([anchor] if anchor else [])
     tokens = vocab.map_gene_ids(asked, extra_aliases=names).tolist()
     not_found = [g for g, t in zip(asked, tokens, strict=True) if t < 0]

@@ -154,7 +154,6 @@ class ModelCore:
         max_tokens: int | None = None,
     ) -> None:
         from rankformer import tracking
-        from rankformer.classify.labels import symbol_index
         from rankformer.perturber import Perturber
 
         self.uri = tracking.resolve_uri(tracking_uri)
@@ -167,7 +166,7 @@ class ModelCore:
         self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last", max_tokens)
         self.layout = str(self.worker.meta["layout"])
         self.vocab = self.worker.vocab
-        self.vocab_names = symbol_index(self.vocab)
+        self.vocab_names = self.vocab.symbol_index
         self.max_length = self.worker.max_length
         self.default_layer = layer
         self.layer_index(None)  # a default layer this model lacks stops the replica here, named

@@ -136,18 +136,13 @@ def _sets_from_table(
     return sets
 
 
-def symbol_index(vocab: GeneVocab) -> dict[str, str]:
-    """Upper-case symbol -> gene id from the vocabulary's names (symbols shared by genes left out)."""
-    return vocab.symbol_index
-
-
 def map_labels(sets: Mapping[str, Sequence[str]], vocab: GeneVocab) -> GeneLabels:
     """Map label sets onto vocabulary tokens; a gene in two classes is an error."""
     if len(sets) < 2:
         raise InputError(
             f"gene classification needs two or more classes; the labels hold {sorted(sets) or 'none'}"
         )
-    names = symbol_index(vocab)
+    names = vocab.symbol_index
     gene_of_token = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
     classes = list(sets)
     owner: dict[int, int] = {}
