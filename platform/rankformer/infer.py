@@ -26,7 +26,7 @@ def gene_mask(ids: torch.Tensor, gene_lo: int) -> torch.Tensor:
 @dataclass
 class Batch:
     index: np.ndarray  # positions of these cells in the caller's list
-    ids: torch.Tensor  # (B, L) on CPU
+    ids: torch.Tensor  # (B, L) on CPU, or already on the model's device
     attn: torch.Tensor  # (B, L) on CPU
 
 

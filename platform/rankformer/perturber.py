@@ -165,8 +165,8 @@ class Perturber(Embedder):
 
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
-        h1 = hidden_states(self.model, Batch(idx, ids, attn), self.layer, dev)
-        ids_dev = ids.to(dev, non_blocking=True)
+        ids_dev = ids.to(dev, non_blocking=True)  # once: the forward pass and the scores use it
+        h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         p0, common = self._matched(ids_dev, combos, orig.lut)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
