@@ -83,6 +83,16 @@ def test_map_gene_ids_uses_aliases_case_and_versions():
     assert got.tolist() == [4, 5, 6, -1, -1, -1]
 
 
+def test_token_lookups_both_ways():
+    v = _vocab()
+    assert v.token_by_gene_id == {"ENSG00000000001": 4, "ENSG00000000002": 5, "ENSG00000000003": 6}
+    assert v.gene_id_by_token[[6, 4]].tolist() == ["ENSG00000000003", "ENSG00000000001"]
+    assert v.gene_id_by_token[0] is None  # a special token
+    # specials, negatives and ids past the vocabulary are dropped; the order is kept
+    assert v.gene_tokens_in(np.array([6, 0, 9, -1, 4, 5, 3])).tolist() == [6, 4, 5]
+    assert v.gene_tokens_in(np.array([], dtype=np.int64)).tolist() == []
+
+
 def test_bad_medians_are_refused():
     with pytest.raises(VocabError, match="median"):
         build_vocab(["ENSG00000000001"], [0.0])

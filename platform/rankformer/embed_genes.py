@@ -100,14 +100,13 @@ def merge_genes(out: str, shards: list[str], vocab: Any, median: bool = False) -
             sums[tokens] += rows_of(part.column("sum"))
             counts[tokens] += part.column("n").to_numpy()
     assert sums is not None and counts is not None
-    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
-    tokens = np.asarray([t for t in np.flatnonzero(counts) if t in gene_of], dtype=np.int64)
+    tokens = vocab.gene_tokens_in(np.flatnonzero(counts))
     if median:
         values = _medians(out, [OCC_STEM + s for s in shards], tokens, counts, sums.shape[1])
     else:
         values = sums[tokens] / counts[tokens, None]
     values = values.astype(np.float32)
-    ids = [gene_of[t] for t in tokens.tolist()]
+    ids = vocab.gene_id_by_token[tokens].tolist()
     return pa.table(
         {
             "gene_id": ids,

@@ -105,9 +105,8 @@ class Model(_TakesCells):
         arrays, _ = self._cells(cells)
         self._w.spec = {**self._w.spec, "level": "gene", "gene_stat": "mean"}
         _, sums = self._w.embed(arrays)
-        gene_of = self._w.gene_of
-        tokens = np.asarray([t for t in sums.seen().tolist() if t in gene_of], dtype=np.int64)
-        ids = [gene_of[t] for t in tokens.tolist()]
+        tokens = self.vocab.gene_tokens_in(sums.seen())
+        ids = self.vocab.gene_id_by_token[tokens].tolist()
         return pd.DataFrame(
             {
                 "gene_id": ids,

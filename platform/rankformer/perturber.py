@@ -247,7 +247,7 @@ class Perturber(Embedder):
         return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:
-        return [self.gene_of[t] for t in tokens]
+        return self.gene_of[tokens].tolist()
 
     @classmethod
     def on_demand(

@@ -72,11 +72,25 @@ class GeneVocab:
         return self.specials[name]
 
     @functools.cached_property
+    def token_by_gene_id(self) -> dict[str, int]:
+        """Gene id -> token id (built once: request paths map genes on every call)."""
+        return dict(zip(self.gene_ids, self.token_ids.tolist(), strict=True))
+
+    @functools.cached_property
     def gene_id_by_token(self) -> np.ndarray:
         """Object array indexed by token id: the gene id (None at special tokens)."""
         out = np.full(self.n_tokens, None, dtype=object)
         out[self.token_ids] = np.asarray(self.gene_ids, dtype=object)
         return out
+
+    def gene_tokens_in(self, tokens: np.ndarray) -> np.ndarray:
+        """The entries of ``tokens`` that are gene tokens (specials and ids past the vocabulary
+        dropped), in their order."""
+        t = np.asarray(tokens, dtype=np.int64)
+        t = t[(t >= 0) & (t < self.n_tokens)]
+        is_gene = np.zeros(self.n_tokens, dtype=bool)
+        is_gene[self.token_ids] = True
+        return t[is_gene[t]]
 
     def median_by_token(self) -> np.ndarray:
         """Dense float64 array indexed by token id (NaN at special tokens)."""
@@ -109,7 +123,7 @@ class GeneVocab:
         table's or Geneformer's: it decides, ambiguous symbols left out). Several input ids may map
         to one token: callers sum their counts.
         """
-        token_of = dict(zip(self.gene_ids, self.token_ids.tolist(), strict=True))
+        token_of = self.token_by_gene_id
         extra = extra_aliases or {}
         symbols = self.symbol_index if names and not self.has_symbol_aliases else {}
         out = np.full(len(raw_ids), -1, dtype=np.int32)

@@ -320,8 +320,7 @@ def gene_table(
     seen = sums.seen()
     seen = seen[seen >= gene_lo]
     prob = sums.means(seen)
-    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
-    ids = [gene_of[t] for t in seen.tolist()]
+    ids = vocab.gene_id_by_token[seen].tolist()
     df = pd.DataFrame(
         {
             "gene_id": ids,

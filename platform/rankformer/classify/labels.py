@@ -143,7 +143,7 @@ def map_labels(sets: Mapping[str, Sequence[str]], vocab: GeneVocab) -> GeneLabel
             f"gene classification needs two or more classes; the labels hold {sorted(sets) or 'none'}"
         )
     names = vocab.symbol_index
-    gene_of_token = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+    gene_of_token = vocab.gene_id_by_token
     classes = list(sets)
     owner: dict[int, int] = {}
     unmapped: dict[str, list[str]] = {}

@@ -88,8 +88,7 @@ def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> p
     median = vocab.median_by_token()[uniq]
     value = ranking_values(summed, n, median, arithmetic)
     order = np.lexsort((uniq, -value))
-    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
-    ids = [gene_of[int(t)] for t in uniq[order]]
+    ids = vocab.gene_id_by_token[uniq[order]].tolist()
     table = pd.DataFrame(
         {
             "rank": np.arange(1, len(order) + 1),
