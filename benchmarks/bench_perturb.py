@@ -17,7 +17,10 @@
 
 Records: `perturb` perturbed_cells_per_s, peak_memory_mb (CPU: growth of the process's resident
 memory during the run; CUDA: torch's peak allocation), ratio_vs_reference_method,
-ratio_vs_plain_encoder_loop;
+ratio_vs_plain_encoder_loop; gflops_per_s of each method (its arithmetic, counted from the shapes,
+over its time) and of a plain matmul at the model's feed-forward shape (`plain-matmul`: what the
+device gives dense arithmetic at that precision, in the same run); arithmetic_ratio_vs_reference_method
+(how much of the ratio is less arithmetic: the rest is arithmetic done faster);
 `embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
 median_memory_ratio_vs_hold_all.
 """
@@ -30,9 +33,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +72,63 @@ def model_dir(work: Path, preset_name: str, corpus: str) -> str:
     out = str(work / f"model_{preset_name}")
     save_model_dir(model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 2048}, out)
     return out
+
+
+def forward_flops(config: Any, lengths: Iterable[int], layers: int, head: bool) -> float:
+    """Arithmetic (2 per multiply-add) of BERT forward passes, one sequence per entry of
+    ``lengths`` (a padded batch: its padded length once per row): per layer the four attention
+    projections, the two feed-forward matmuls, the attention scores and their weighted sum; with
+    ``head``, the masked-LM prediction head (a dense layer, then the projection onto the
+    vocabulary) at every position. Layer norms, activations and lookups are left out (a few % at
+    these sizes)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    n = np.fromiter(lengths, dtype=np.float64)
+    total = layers * float((2 * n * (4 * h * h + 2 * h * i) + 4 * n * n * h).sum())
+    if head:
+        total += float((2 * n * (h * h + h * v)).sum())
+    return total
+
+
+def arithmetic(config: Any, data: list[np.ndarray], states: list[str], batch: int) -> dict[str, float]:
+    """What each method computes for the run, counted from its shapes. The reference pads each
+    minibatch to its longest cell and runs every layer (and, as it loads a pretrained model, the
+    prediction head); ours runs the layers up to the penultimate one over each state's cells and,
+    for each perturbed cell, its original and its variants, padding not counted (its batches group
+    cells by length, and a cell's deletions are all one length)."""
+    layers = config.num_hidden_layers
+    padded = []
+    for s in sorted(set(states)):
+        members = [len(c) for c, st in zip(data, states, strict=True) if st == s]
+        for i in range(0, len(members), batch):
+            padded += [max(members[i : i + batch])] * len(members[i : i + batch])
+    perturbed = [len(c) for c, st in zip(data, states, strict=True) if st == "A"]
+    per_cell = [n for k in perturbed for n in [k] + [k - 1] * (k - 2)]  # the original, each deletion
+    ours = [len(c) for c in data] + per_cell
+    return {
+        "reference": forward_flops(config, padded + per_cell, layers, head=True),
+        "plain-encoder-loop": forward_flops(config, padded + per_cell, layers, head=False),
+        "rankformer": forward_flops(config, ours, layers - 1, head=False),
+    }
+
+
+def matmul_rate(config: Any, dtype: torch.dtype, device: str, tokens: int = 16_384) -> float:
+    """GFLOP/s of a plain matmul at the model's feed-forward shape (a batch of ``tokens`` positions
+    times the hidden-to-intermediate weight) on this device and dtype: what the hardware gives the
+    bulk of the arithmetic, measured in the same run."""
+    x = torch.randn(tokens, config.hidden_size, device=device, dtype=dtype)
+    w = torch.randn(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
+    reps, best = 5, float("inf")
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            y = x @ w
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del y
+    return 2 * tokens * config.hidden_size * config.intermediate_size * reps / best / 1e9
 
 
 @torch.no_grad()
@@ -173,6 +234,7 @@ def perturb_bench(
     """The reference method (float32, as the reference runs) and the plain encoder loop once, then
     ours at each precision; all on a vocabulary the size of Geneformer V1's (the prediction head the
     reference runs scales with it)."""
+    from rankformer.infer import PRECISIONS
     from rankformer.perturb import PerturbConfig, read_results, run_perturb
 
     data = cells(n_cells, median, n_genes=V1_GENES)
@@ -187,6 +249,10 @@ def perturb_bench(
             x = torch.randn(256, 256, device=device, dtype=dtype)
             torch.nn.functional.scaled_dot_product_attention(x[None, None], x[None, None], x[None, None])
             (x @ x).sum().item()
+    from transformers import AutoConfig
+
+    bert = AutoConfig.from_pretrained(model)
+    flops = arithmetic(bert, data, states, batch)
     baselines = {}  # method -> (seconds, peak MB, first row)
     for method, with_head in (("reference", True), ("plain-encoder-loop", False)):
         with measured(device) as m:
@@ -235,6 +301,14 @@ def perturb_bench(
         for method, (sec, mb) in runs.items():
             record("perturb", "perturbed_cells_per_s", perturbed / sec, "cells/s", {**conf, "method": method})
             record("perturb", "peak_memory_mb", mb, "MB", {**conf, "method": method})
+            rate = flops[method] / sec / 1e9
+            record("perturb", "gflops_per_s", rate, "GFLOP/s", {**conf, "method": method})
+        rate = matmul_rate(bert, PRECISIONS[precision], device)
+        record("perturb", "gflops_per_s", rate, "GFLOP/s", {**conf, "method": "plain-matmul"})
+        if precision == "float32":  # the same counts at every precision
+            fixed = {k: v for k, v in conf.items() if k != "precision"}
+            ratio = flops["reference"] / flops["rankformer"]
+            record("perturb", "arithmetic_ratio_vs_reference_method", ratio, "x", fixed)
         ref_s, plain_s = baselines["reference"][0], baselines["plain-encoder-loop"][0]
         record("perturb", "ratio_vs_reference_method", ref_s / ours_s, "x", conf)
         record("perturb", "ratio_vs_plain_encoder_loop", plain_s / ours_s, "x", conf)
