@@ -218,7 +218,7 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
     try:
         table = pq.read_table(corpus_files(corpus)).slice(0, 3).to_pylist()
         vocab = GeneVocab.load(vocab_path)
-        gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+        gene_of = vocab.gene_id_by_token
         body = {"cells": [{"cell_id": r["cell_id"], "tokens": r["input_ids"]} for r in table]}
         answer = requests.post(f"{url}/v1/embed", json=body, timeout=120).json()
         for c in answer["cells"]:
@@ -244,7 +244,7 @@ def show(vocab_path: str, corpus: str) -> None:
     with open(os.path.join(corpus, "manifest.json")) as f:
         manifest = json.load(f)
     table = pq.read_table(corpus_files(corpus))
-    gene_of = dict(zip(vocab.token_ids.tolist(), vocab.gene_ids, strict=True))
+    gene_of = vocab.gene_id_by_token
     first = table.slice(0, 1).to_pylist()[0]
     top = [vocab.gene_names.get(gene_of[t], gene_of[t]) for t in first["input_ids"][1:11]]
     lengths = np.asarray(table["length"])
