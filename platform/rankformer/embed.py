@@ -76,7 +76,6 @@ class Embedder:
         self.max_length = max_length_of(loaded.meta, loaded.model.config)
         self.cls = loaded.vocab.specials.get(schema.CLS)
         self.eos = loaded.vocab.specials.get(schema.EOS)
-        self.gene_of = loaded.vocab.gene_id_by_token  # token id -> gene id (None at specials)
         self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))
         self.model = up_to(self.model, self.layer)
 

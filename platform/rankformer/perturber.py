@@ -247,7 +247,7 @@ class Perturber(Embedder):
         return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:
-        return self.gene_of[tokens].tolist()
+        return self.vocab.gene_id_by_token[tokens].tolist()
 
     @classmethod
     def on_demand(

@@ -219,7 +219,8 @@ class ModelCore:
                     out[i]["embedding"] = vec[j].tolist()
                     if gene_vectors:
                         pos = np.flatnonzero(arrays[i] >= w.gene_lo)
-                        out[i]["gene_vectors"] = {w.gene_of[int(arrays[i][p])]: h[j, p].tolist() for p in pos}
+                        genes, vectors = w.vocab.gene_id_by_token[arrays[i][pos]], h[j, pos].tolist()
+                        out[i]["gene_vectors"] = dict(zip(genes, vectors, strict=True))
         return out
 
     def perturb(self, tokens: list[int], genes: list[str], req: PerturbRequest, layer: int) -> dict[str, Any]:
