@@ -35,17 +35,13 @@ def test_bf16_pretraining_on_gpu(tmp_path):
     assert 0 < ctx.history[-1]["mfu"] < 1
 
 
-def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
-    """`--use-gpu` computes what the CPU computes (float32 to 1e-4); bfloat16 on the GPU stays
-    within rounding of it. One GPU run cuts each cell's variants into several batches (each
-    finished on the host while the next runs on the device) and writes the per-gene table."""
+def _tiny_model_and_corpus(tmp_path):
+    """(24 cells of 10-40 genes, a corpus of them with a `state` column, a `tiny` model folder)."""
     import numpy as np
     from transformers import BertForMaskedLM
 
-    from rankformer.embed import EmbedConfig, read_embeddings, run_embed
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.perturb import PerturbConfig, read_results, run_perturb
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 40, 24)
@@ -57,6 +53,19 @@ def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
     model = str(tmp_path / "m")
     meta = {"task": "masked-lm", "layout": "v2", "max_length": 64}
     save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab, meta, model)
+    return cells, corpus, model
+
+
+def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
+    """`--use-gpu` computes what the CPU computes (float32 to 1e-4); bfloat16 on the GPU stays
+    within rounding of it. One GPU run cuts each cell's variants into several batches (each
+    finished on the host while the next runs on the device) and writes the per-gene table."""
+    import numpy as np
+
+    from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+    from rankformer.perturb import PerturbConfig, read_results, run_perturb
+
+    _, corpus, model = _tiny_model_and_corpus(tmp_path)
     common = {"model": model, "corpus": corpus, "in_process": True}
     perturbed, per_gene = {}, {}
     runs = (
@@ -96,3 +105,40 @@ def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
         vecs[name] = np.stack(read_embeddings(str(tmp_path / f"e_{name}")).column("embedding").to_pylist())
     np.testing.assert_allclose(vecs["gpu"], vecs["cpu"], atol=1e-4)
     assert not torch.backends.cuda.cudnn_sdp_enabled()  # no cuDNN plan for every new batch shape
+
+
+def test_queued_batches_leave_the_host_free(tmp_path):
+    """Perturbation and embedding queue each batch on the GPU without our code making the host wait
+    for the device (a blocking copy to it, `.cpu()`, `.item()`, a boolean mask...), so the host
+    prepares and finishes batches while the device computes. CUDA's sync debug mode reports every
+    implicit synchronisation; none may come from rankformer's lines. (Waiting on a batch's event,
+    once its results are needed, is explicit and not reported.)"""
+    import warnings
+
+    import numpy as np
+
+    from rankformer.perturber import Perturber
+
+    cells, _, model = _tiny_model_and_corpus(tmp_path)
+    p = Perturber.on_demand(model, f"sqlite:///{tmp_path}/m.db", True, "float32", "penultimate", 100)
+    states = {"A": np.random.default_rng(1).normal(size=int(p.model.config.hidden_size)).tolist()}
+    p.configure(kind="delete", mode="all", targets=[], anchor=None, shift=0.1, per_gene=True, states=states)
+    ids = [f"c{i}" for i in range(len(cells))]
+    tables: list = []
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rows = [r for cell_rows in p.scored(cells, ids, tables.append) for r in cell_rows]
+            vecs, _ = p.embed(cells)
+            p.spec["level"] = "gene"
+            _, genes = p.embed(cells)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+    ours = [f"{f}:{n}" for f, n in syncs if "rankformer" in f]
+    assert not ours, f"implicit synchronisations in our code: {ours} (all: {syncs})"
+    assert len(rows) == sum(len(c) - 2 for c in cells)  # every gene of every cell deleted
+    assert sum(t.num_rows for t in tables) > 0 and vecs.shape == (len(cells), int(p.model.config.hidden_size))
+    assert int(genes.counts.sum()) == sum(len(c) - 2 for c in cells)

@@ -81,7 +81,10 @@ class Embedder:
 
     def embed(self, cells: list[np.ndarray]) -> tuple[np.ndarray, Any]:
         """(cell vectors in input order, GeneSums over all occurrences)."""
-        from rankformer.infer import GeneSums, batches, hidden_states, mean_pool
+        import torch
+
+        from rankformer.infer import Batch, GeneSums, batches, hidden_states, mean_pool
+        from rankformer.model.device import to_device, to_host_queued
 
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
@@ -91,19 +94,45 @@ class Embedder:
             from rankformer.embed_genes import OccurrenceSpill
 
             self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
-        for b in batches(cells, self.pad, self.max_tokens):
-            # pooled on the device: a cell's vector comes back, not its states
+
+        def launch(b: Batch) -> tuple[Batch, torch.Tensor, Any]:
+            """The batch's forward pass and what comes back of it, queued: on a GPU the host goes
+            on to the next batch while this one runs (see :mod:`rankformer.model.device`)."""
             h = hidden_states(self.model, b, self.layer, self.device)
             keep = b.ids >= self.gene_lo
-            if genes is not None:
-                states = h[keep.to(h.device)].cpu()  # the gene tokens' states, in ids[keep] order
-                genes.add_flat(b.ids[keep], states)
-                if self.occurrences is not None:
-                    self.occurrences.add(b.ids[keep].numpy(), states.numpy())
+            if genes is not None:  # the gene tokens' states, in ids[keep] order
+                at = to_device(torch.from_numpy(np.flatnonzero(keep.numpy())), h.device)
+                out = h.reshape(-1, h.shape[-1]).index_select(0, at)
             elif self.spec["pooling"] == "cls":
-                vecs[b.index] = h[:, 0].cpu().numpy()
+                out = h[:, 0]
+            else:  # pooled on the device: a cell's vector comes back, not its states
+                out = mean_pool(h, to_device(keep, h.device))
+            out = to_host_queued(out)
+            done = None
+            if h.is_cuda:
+                done = torch.cuda.Event()
+                done.record()
+            return b, out, done
+
+        def finish(b: Batch, out: torch.Tensor, done: Any) -> None:
+            if done is not None:
+                done.synchronize()
+            if genes is not None:
+                keep = b.ids >= self.gene_lo
+                genes.add_flat(b.ids[keep], out)
+                if self.occurrences is not None:
+                    self.occurrences.add(b.ids[keep].numpy(), out.numpy())
             else:
-                vecs[b.index] = mean_pool(h, keep.to(h.device)).cpu().numpy()
+                vecs[b.index] = out.numpy()
+
+        queued = None
+        for b in batches(cells, self.pad, self.max_tokens):
+            launched = launch(b)
+            if queued is not None:
+                finish(*queued)
+            queued = launched
+        if queued is not None:
+            finish(*queued)
         return vecs, genes
 
     def __call__(self, task: dict[str, Any]) -> bytes:

@@ -53,9 +53,11 @@ def n_layers(model: torch.nn.Module) -> int:
 def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.device) -> torch.Tensor:
     # no padding in the batch (e.g. one cell's deletions): no mask, and the attention kernel's
     # unmasked path, which is faster and gives the same states
-    attn = None if bool(b.attn.numpy().all()) else b.attn.to(device)
+    from rankformer.model.device import to_device
+
+    attn = None if bool(b.attn.numpy().all()) else to_device(b.attn, device)
     body: Any = encoder(model)
-    ids = b.ids.to(device)
+    ids = to_device(b.ids, device)  # (the host does not wait for the device's queued work)
     layers = getattr(getattr(body, "encoder", None), "layer", None)
     if layers is not None and 1 <= layer == len(layers):  # the top layer (a view from up_to): the output
         return body(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (no layer kept)

@@ -55,8 +55,8 @@ class _Original:
 
 @dataclass
 class _Launched:
-    """A batch of a cell's variants on its way: the scores (on the host once ``done`` is reached;
-    None: already there), and for per-gene rows the batch's ids, matches and cosines."""
+    """A batch of a cell's variants on its way: the scores and, for per-gene rows, the batch's ids,
+    matches and cosines, all on the host once ``done`` is reached (None: already there)."""
 
     orig: _Original
     combos: list[list[int]]
@@ -135,21 +135,22 @@ class Perturber(Embedder):
         import torch
 
         from rankformer.infer import mean_pool
+        from rankformer.model.device import to_device
 
         dev = self.device  # scores are computed where the states are; only the scores come back
-        h0 = h0.to(dev)
-        v0 = mean_pool(h0[None], torch.as_tensor(cell >= self.gene_lo, device=dev)[None])[0]
+        h0 = h0.to(dev)  # (already there when the original ran on the device)
+        v0 = mean_pool(h0[None], to_device(torch.from_numpy(cell >= self.gene_lo), dev)[None])[0]
         # where each gene token stood in the original cell (-1: not there); variants' states are
         # matched to the original's by gene with one gather per batch
         at = np.flatnonzero(cell >= self.gene_lo)
         lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
-        lut_dev = torch.from_numpy(lut).to(dev)
+        lut_dev = to_device(torch.from_numpy(lut), dev)
         rank = {g: r for r, g in reversed(list(enumerate(cell[at].tolist())))}
         states = self.spec["states"]
         s_mat = s_cos0 = None
         if states:
-            s_mat = torch.tensor(np.asarray(list(states.values())), dtype=torch.float32, device=dev)
+            s_mat = to_device(torch.from_numpy(np.asarray(list(states.values()), dtype=np.float32)), dev)
             s_cos0 = _cos(v0[None], s_mat)
         return _Original(cell_id, h0, v0, lut_dev, rank, list(states), s_mat, s_cos0)
 
@@ -162,10 +163,11 @@ class Perturber(Embedder):
 
         from rankformer.infer import Batch, hidden_states, mean_pool
         from rankformer.model.batching import pad_batch
+        from rankformer.model.device import to_device, to_host_queued
 
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
-        ids_dev = ids.to(dev, non_blocking=True)  # once: the forward pass and the scores use it
+        ids_dev = to_device(ids, dev)  # once: the forward pass and the scores use it
         h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         p0, common = self._matched(ids_dev, combos, orig.lut)
@@ -175,14 +177,16 @@ class Perturber(Embedder):
         scores = [_cos(orig.v0[None], v1), gene_cos.sum(1) / n_common.clamp(min=1), n_common.float()]
         if orig.s_mat is not None and orig.s_cos0 is not None:
             scores += (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).unbind(1)
-        table = torch.stack(scores, 1)  # (B, 3 + states)
+        # what comes back is queued for the host (pinned memory, on a GPU), ready once `done` is
+        # reached: nothing here makes the host wait for the device
+        table = to_host_queued(torch.stack(scores, 1))  # (B, 3 + states)
+        genes = None
+        if self.spec["per_gene"]:
+            genes = (ids, to_host_queued(p0), to_host_queued(common), to_host_queued(gene_cos))
         done = None
-        if table.is_cuda:  # into pinned memory without waiting; finished when `done` is reached
-            host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-            table = host.copy_(table, non_blocking=True)
+        if dev.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        genes = (ids, p0, common, gene_cos) if self.spec["per_gene"] else None
         return _Launched(orig, combos, table, done, genes)
 
     def _finish(self, batch: _Launched, rows: list[dict[str, Any]], genes_out: GeneSink | None) -> None:
@@ -206,7 +210,7 @@ class Perturber(Embedder):
             rows.append(row)
         if batch.genes is not None and genes_out is not None:
             ids, p0, common, gene_cos = batch.genes
-            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0.cpu(), common.cpu(), gene_cos))
+            genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0, common, gene_cos))
 
     def _gene_rows(
         self,
@@ -224,7 +228,7 @@ class Perturber(Embedder):
         j, at = (t.numpy() for t in torch.nonzero(common, as_tuple=True))
         order = np.lexsort((p0.numpy()[j, at], j))
         j, at = j[order], at[order]
-        cos = gene_cos.cpu().numpy()[j, at].astype(np.float64)
+        cos = gene_cos.numpy()[j, at].astype(np.float64)
         return gene_rows_table(cell_id, perturbed, j, self.gene_id_array.take(ids.numpy()[j, at]), cos)
 
     @functools.cached_property
@@ -240,10 +244,12 @@ class Perturber(Embedder):
         perturbed."""
         import torch
 
+        from rankformer.model.device import to_device
+
         p0 = lut[ids]
         width = max(len(m) for m in moved)
         mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)
-        hit = (ids[:, :, None] == mv.to(ids.device)[:, None, :]).any(-1)
+        hit = (ids[:, :, None] == to_device(mv, ids.device)[:, None, :]).any(-1)
         return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:

@@ -36,3 +36,22 @@ def no_gpu_message() -> str:
         f"--use-gpu: this process sees no CUDA device (torch {torch.__version__}, {build}); run it "
         "where a GPU and the CUDA build of torch are installed, or leave --use-gpu out"
     )
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``, the host not waiting for the device. A plain copy to a GPU
+    synchronises its stream (the host waits until every queued kernel has run), so one small index
+    table per batch would make the host and the GPU take turns; here it goes through pinned memory,
+    queued (the pinned block is kept until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host_queued(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy into pinned host memory, queued behind the work that computes it: read
+    it only once an event recorded after this call has completed. A host tensor is returned as is."""
+    if not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
