@@ -20,7 +20,8 @@ memory during the run; CUDA: torch's peak allocation), ratio_vs_reference_method
 ratio_vs_plain_encoder_loop; gflops_per_s of each method (its arithmetic, counted from the shapes,
 over its time) and of a plain matmul at the model's feed-forward shape (`plain-matmul`: what the
 device gives dense arithmetic at that precision, in the same run); arithmetic_ratio_vs_reference_method
-(how much of the ratio is less arithmetic: the rest is arithmetic done faster);
+(how much of the ratio is less arithmetic: the rest is arithmetic done faster); on a GPU,
+gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed);
 `embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
 median_memory_ratio_vs_hold_all.
 """
@@ -259,24 +260,28 @@ def perturb_bench(
             row = reference_method(model, data, states, batch, device, with_head)
         baselines[method] = (m["s"], m["mb"], row)
     perturbed = n_cells // 2
+
+    def ours(out: Path, precision: str) -> None:
+        run_perturb(
+            PerturbConfig(
+                model=model,
+                corpus=corpus,
+                out=str(out),
+                mode="all",
+                state_column="state",
+                start_state="A",
+                goal_state="B",
+                alt_states=["A"],
+                precision=precision,
+                use_gpu=device == "cuda",
+                in_process=True,
+            )
+        )
+
     for precision in precisions:
         out = work / f"perturb_{preset_name}_{precision}"
         with measured(device) as m:
-            run_perturb(
-                PerturbConfig(
-                    model=model,
-                    corpus=corpus,
-                    out=str(out),
-                    mode="all",
-                    state_column="state",
-                    start_state="A",
-                    goal_state="B",
-                    alt_states=["A"],
-                    precision=precision,
-                    use_gpu=device == "cuda",
-                    in_process=True,
-                )
-            )
+            ours(out, precision)
         ours_s = m["s"]
         first = read_results(str(out)).to_pandas().iloc[0]
         tol = 1e-4 if precision == "float32" else 1e-2  # the same numbers (else: to the rounding)
@@ -312,6 +317,25 @@ def perturb_bench(
         ref_s, plain_s = baselines["reference"][0], baselines["plain-encoder-loop"][0]
         record("perturb", "ratio_vs_reference_method", ref_s / ours_s, "x", conf)
         record("perturb", "ratio_vs_plain_encoder_loop", plain_s / ours_s, "x", conf)
+        if device == "cuda":  # how much of the job's time the GPU computes (the rest: the host)
+            busy = gpu_busy_fraction(ours, work / f"profiled_{preset_name}_{precision}", precision)
+            record("perturb", "gpu_busy_fraction", busy, "fraction", {**conf, "method": "rankformer"})
+
+
+def gpu_busy_fraction(run: Any, *args: Any) -> float:
+    """The share of ``run(*args)``'s wall time in which the GPU ran kernels or copies (their durations
+    summed; one stream), under the profiler (which slows the host a little: a lower bound). Near 1:
+    the job is bound by the GPU; well below: by the host launching its work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(*args)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return busy_us / 1e6 / wall
 
 
 def embed_bench(work: Path, n_cells: int) -> None:
