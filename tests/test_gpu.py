@@ -108,19 +108,29 @@ def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
 
 
 def test_queued_batches_leave_the_host_free(tmp_path):
-    """Perturbation and embedding queue each batch on the GPU without our code making the host wait
-    for the device (a blocking copy to it, `.cpu()`, `.item()`, a boolean mask...), so the host
-    prepares and finishes batches while the device computes. CUDA's sync debug mode reports every
-    implicit synchronisation; none may come from rankformer's lines. (Waiting on a batch's event,
-    once its results are needed, is explicit and not reported.)"""
+    """Perturbation, embedding and the classifiers' predictions queue each batch on the GPU without
+    our code making the host wait for the device (a blocking copy to it, `.cpu()`, `.item()`, a
+    boolean mask...), so the host prepares and finishes batches while the device computes. CUDA's
+    sync debug mode reports every implicit synchronisation; none may come from rankformer's lines.
+    (Waiting on a batch's event, once its results are needed, is explicit and not reported.)"""
+    import os
     import warnings
 
     import numpy as np
+    from transformers import BertForSequenceClassification, BertForTokenClassification
 
+    import rankformer
+    from rankformer.classify.genes import token_probs
+    from rankformer.model.presets import bert_config, preset
     from rankformer.perturber import Perturber
+    from rankformer.train.finetune import cell_probs
 
     cells, _, model = _tiny_model_and_corpus(tmp_path)
     p = Perturber.on_demand(model, f"sqlite:///{tmp_path}/m.db", True, "float32", "penultimate", 100)
+    config = bert_config(preset("tiny"), p.vocab)
+    config.num_labels = 3
+    kinds = (BertForSequenceClassification, BertForTokenClassification)
+    heads = [kind(config).cuda().eval() for kind in kinds]
     states = {"A": np.random.default_rng(1).normal(size=int(p.model.config.hidden_size)).tolist()}
     p.configure(kind="delete", mode="all", targets=[], anchor=None, shift=0.1, per_gene=True, states=states)
     ids = [f"c{i}" for i in range(len(cells))]
@@ -134,11 +144,15 @@ def test_queued_batches_leave_the_host_free(tmp_path):
             vecs, _ = p.embed(cells)
             p.spec["level"] = "gene"
             _, genes = p.embed(cells)
+            probs = cell_probs(heads[0], cells, p.pad, 100)  # the classifiers' predictions
+            sums = token_probs(heads[1], cells, p.pad, p.gene_lo, 100)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
-    ours = [f"{f}:{n}" for f, n in syncs if "rankformer" in f]
+    package = os.path.dirname(rankformer.__file__)
+    ours = [f"{f}:{n}" for f, n in syncs if os.path.abspath(f).startswith(package)]
     assert not ours, f"implicit synchronisations in our code: {ours} (all: {syncs})"
     assert len(rows) == sum(len(c) - 2 for c in cells)  # every gene of every cell deleted
     assert sum(t.num_rows for t in tables) > 0 and vecs.shape == (len(cells), int(p.model.config.hidden_size))
-    assert int(genes.counts.sum()) == sum(len(c) - 2 for c in cells)
+    assert int(genes.counts.sum()) == int(sums.counts.sum()) == sum(len(c) - 2 for c in cells)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

@@ -83,8 +83,8 @@ class Embedder:
         """(cell vectors in input order, GeneSums over all occurrences)."""
         import torch
 
-        from rankformer.infer import Batch, GeneSums, batches, hidden_states, mean_pool
-        from rankformer.model.device import to_device, to_host_queued
+        from rankformer.infer import Batch, GeneSums, batches, hidden_states, mean_pool, one_ahead
+        from rankformer.model.device import to_device
 
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
@@ -95,44 +95,28 @@ class Embedder:
 
             self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
 
-        def launch(b: Batch) -> tuple[Batch, torch.Tensor, Any]:
-            """The batch's forward pass and what comes back of it, queued: on a GPU the host goes
-            on to the next batch while this one runs (see :mod:`rankformer.model.device`)."""
+        def launch(b: Batch) -> torch.Tensor:
+            """What comes back of the batch: its gene tokens' states (in ids[keep] order), or its
+            cells' vectors (pooled on the device, not their states)."""
             h = hidden_states(self.model, b, self.layer, self.device)
             keep = b.ids >= self.gene_lo
-            if genes is not None:  # the gene tokens' states, in ids[keep] order
+            if genes is not None:  # by flat position: a boolean mask on the device waits for it
                 at = to_device(torch.from_numpy(np.flatnonzero(keep.numpy())), h.device)
-                out = h.reshape(-1, h.shape[-1]).index_select(0, at)
-            elif self.spec["pooling"] == "cls":
-                out = h[:, 0]
-            else:  # pooled on the device: a cell's vector comes back, not its states
-                out = mean_pool(h, to_device(keep, h.device))
-            out = to_host_queued(out)
-            done = None
-            if h.is_cuda:
-                done = torch.cuda.Event()
-                done.record()
-            return b, out, done
+                return h.reshape(-1, h.shape[-1]).index_select(0, at)
+            if self.spec["pooling"] == "cls":
+                return h[:, 0]
+            return mean_pool(h, to_device(keep, h.device))
 
-        def finish(b: Batch, out: torch.Tensor, done: Any) -> None:
-            if done is not None:
-                done.synchronize()
-            if genes is not None:
-                keep = b.ids >= self.gene_lo
-                genes.add_flat(b.ids[keep], out)
-                if self.occurrences is not None:
-                    self.occurrences.add(b.ids[keep].numpy(), out.numpy())
-            else:
+        def finish(b: Batch, out: torch.Tensor) -> None:
+            if genes is None:
                 vecs[b.index] = out.numpy()
+                return
+            keep = b.ids >= self.gene_lo
+            genes.add_flat(b.ids[keep], out)
+            if self.occurrences is not None:
+                self.occurrences.add(b.ids[keep].numpy(), out.numpy())
 
-        queued = None
-        for b in batches(cells, self.pad, self.max_tokens):
-            launched = launch(b)
-            if queued is not None:
-                finish(*queued)
-            queued = launched
-        if queued is not None:
-            finish(*queued)
+        one_ahead(batches(cells, self.pad, self.max_tokens), launch, finish)
         return vecs, genes
 
     def __call__(self, task: dict[str, Any]) -> bytes:

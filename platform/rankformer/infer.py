@@ -5,7 +5,7 @@ probabilities. Fine-tuning evaluation, predictions, embeddings and perturbation 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,45 @@ def batches(
     for idx in budget_batches(lengths, max_tokens, max_cells):
         ids, attn = pad_batch([cells[i] for i in idx], pad)
         yield Batch(idx, ids, attn)
+
+
+def one_ahead(
+    items: Iterable[Batch],
+    launch: Callable[[Batch], torch.Tensor],
+    finish: Callable[[Batch, torch.Tensor], None],
+) -> None:
+    """``finish(b, launch(b))`` for every batch, one batch apart: each batch's ``launch`` (its forward
+    pass and what comes back of it, on the model's device) is queued before the previous batch is
+    finished. On a GPU the result is copied back into pinned memory behind its kernels and
+    ``finish`` waits for that batch alone, so the host reads one batch and prepares the next while
+    the device computes (see :mod:`rankformer.model.device`); on CPU it is the plain loop."""
+    from rankformer.model.device import to_host_queued
+
+    def done(b: Batch, host: torch.Tensor, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        finish(b, host)
+
+    pending = None
+    for b in items:
+        out = launch(b)
+        event = None
+        host = to_host_queued(out)
+        if out.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        if pending is not None:
+            done(*pending)
+        pending = (b, host, event)
+    if pending is not None:
+        done(*pending)
+
+
+def on_device(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ids and attention mask on ``device``, the host not waiting for the device."""
+    from rankformer.model.device import to_device
+
+    return to_device(b.ids, device), to_device(b.attn, device)
 
 
 def encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,9 +185,11 @@ def gene_and_cell_states(
     dim = int(config.hidden_size)
     genes = GeneSums(int(config.vocab_size), dim)
     cell_vecs = np.zeros((len(cells), dim), dtype=np.float32)
-    for b in batches(cells, pad, max_tokens):
-        h = hidden_states(model, b, li, device).cpu()
+
+    def finish(b: Batch, h: torch.Tensor) -> None:
         keep = gene_mask(b.ids, gene_lo)
         genes.add(b.ids, h, keep)
         cell_vecs[b.index] = mean_pool(h, keep).numpy()
+
+    one_ahead(batches(cells, pad, max_tokens), lambda b: hidden_states(model, b, li, device), finish)
     return genes, cell_vecs

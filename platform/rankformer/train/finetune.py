@@ -163,14 +163,20 @@ def cell_probs(
     model: torch.nn.Module, cells: Sequence[np.ndarray], pad: int, max_tokens: int = 16_384
 ) -> np.ndarray:
     """Class probabilities of each cell from a sequence classifier, in the order of ``cells``."""
-    from rankformer.infer import batches
+    from rankformer.infer import Batch, batches, on_device, one_ahead
 
     device = next(model.parameters()).device
     config: Any = model.config
     out = np.zeros((len(cells), int(config.num_labels)), dtype=np.float64)
-    for b in batches(cells, pad, max_tokens):
-        logits = logits_of(model(input_ids=b.ids.to(device), attention_mask=b.attn.to(device)))
-        out[b.index] = torch.softmax(logits.float(), -1).cpu().numpy()
+
+    def launch(b: Batch) -> torch.Tensor:
+        ids, attn = on_device(b, device)
+        return torch.softmax(logits_of(model(input_ids=ids, attention_mask=attn)).float(), -1)
+
+    def finish(b: Batch, prob: torch.Tensor) -> None:
+        out[b.index] = prob.numpy()
+
+    one_ahead(batches(cells, pad, max_tokens), launch, finish)
     return out
 
 
