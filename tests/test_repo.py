@@ -135,6 +135,8 @@ from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
 from rankformer.perturb import PerturbConfig, read_results, run_perturb
 from rankformer.vocab import GeneVocab
+from rankformer.classify.genes import token_probs  # noqa: F401  (the GPU sync test's predictions)
+from rankformer.train.finetune import cell_probs  # noqa: F401
 cells = [np.asarray([2, *range(4 + k, 12 + k), 3]) for k in range(6)]
 corpus = write_corpus("{tmp_path}/c", cells, 20, carry={{"state": ["A", "B"] * 3}})
 vocab = GeneVocab.load("{tmp_path}/c_vocab.json")
