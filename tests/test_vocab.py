@@ -93,6 +93,33 @@ def test_token_lookups_both_ways():
     assert v.gene_tokens_in(np.array([], dtype=np.int64)).tolist() == []
 
 
+def test_an_artifacts_vocabulary_is_read_once_per_process(tmp_path):
+    """`load_expected` (model folders, corpora): checked against the artifact's hash on first read,
+    then kept by that hash: the same object again without reading, the file gone or not. A wrong
+    hash is refused and not kept; at most a few vocabularies are kept."""
+    from rankformer import vocab as vocab_module
+
+    v = _vocab()
+    uri = str(tmp_path / "v.json")
+    v.save(uri)
+    vocab_module._BY_HASH.pop(v.content_hash, None)
+    with pytest.raises(VocabError, match="has hash"):
+        vocab_module.load_expected(uri, "sha256:other")
+    assert "sha256:other" not in vocab_module._BY_HASH
+    first = vocab_module.load_expected(uri, v.content_hash)
+    assert first.content_hash == v.content_hash
+    os.remove(uri)
+    assert vocab_module.load_expected(uri, v.content_hash) is first
+    for i in range(vocab_module._BY_HASH_MAX):  # others, read later, push it out
+        other = build_vocab([f"ENSG0000000{i:04d}"], [1.0])
+        other.save(str(tmp_path / f"o{i}.json"))
+        vocab_module.load_expected(str(tmp_path / f"o{i}.json"), other.content_hash)
+    assert len(vocab_module._BY_HASH) == vocab_module._BY_HASH_MAX
+    assert v.content_hash not in vocab_module._BY_HASH
+    with pytest.raises(FileNotFoundError):
+        vocab_module.load_expected(uri, v.content_hash)
+
+
 def test_bad_medians_are_refused():
     with pytest.raises(VocabError, match="median"):
         build_vocab(["ENSG00000000001"], [0.0])

@@ -16,7 +16,7 @@ from rankformer.corpus.tokenize import check_info, corpus_files, encode_source
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.memory import MEMORY_URI, MemorySource
-from rankformer.vocab import GeneVocab
+from rankformer.vocab import GeneVocab, load_expected
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -113,7 +113,7 @@ def corpus_vocab(out: str, manifest: dict[str, Any] | None = None) -> GeneVocab:
                 f"corpus {out} holds no {schema.CORPUS_VOCAB} and the vocabulary it was tokenized with, "
                 f"{uri}, is not found from here; pass that vocabulary (--vocab) or tokenize again"
             )
-    return GeneVocab.load(uri, expect_hash=manifest["vocab_hash"])
+    return load_expected(uri, manifest["vocab_hash"])
 
 
 def arrow_filesystem(uri: str) -> pa.fs.FileSystem | None:

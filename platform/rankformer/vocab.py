@@ -222,6 +222,25 @@ class GeneVocab:
         return vocab
 
 
+_BY_HASH: dict[str, GeneVocab] = {}  # the last few vocabularies this process read, by content hash
+_BY_HASH_MAX = 8
+
+
+def load_expected(uri: str, expect_hash: str) -> GeneVocab:
+    """The vocabulary that an artifact (a model folder, a corpus) says it was made with: read from
+    ``uri`` and checked against ``expect_hash`` once per process, then kept. A job reads its
+    model's vocabulary several times (the door check, then each model it loads), and a 25k-gene
+    one takes ~30 ms to parse and hash. Kept by content hash, so a vocabulary with that hash is the
+    one asked for wherever it was read (a file changed since is not read again in this process)."""
+    vocab = _BY_HASH.get(expect_hash)
+    if vocab is None:
+        vocab = GeneVocab.load(uri, expect_hash=expect_hash)
+        while len(_BY_HASH) >= _BY_HASH_MAX:
+            _BY_HASH.pop(next(iter(_BY_HASH)))
+        _BY_HASH[expect_hash] = vocab
+    return vocab
+
+
 def _check_content(v: GeneVocab) -> None:
     n = len(v.gene_ids)
     if n == 0:

@@ -40,17 +40,8 @@ from rankformer.corpus.kernels import rank_chunk
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.sources import CellSource, open_source
-from rankformer.vocab import GeneVocab, guess_id_kind
+from rankformer.vocab import GeneVocab, guess_id_kind, load_expected
 from rankformer.words import counted
-
-_VOCAB_CACHE: dict[str, GeneVocab] = {}
-
-
-def _vocab(uri: str, expect_hash: str) -> GeneVocab:
-    """Loaded once per worker process and checked against the hash the driver saw."""
-    if expect_hash not in _VOCAB_CACHE:
-        _VOCAB_CACHE[expect_hash] = GeneVocab.load(uri, expect_hash=expect_hash)
-    return _VOCAB_CACHE[expect_hash]
 
 
 @dataclass
@@ -135,7 +126,7 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
     """Tokenize one shard into ``<out>/<shard name>``; return its statistics (JSON)."""
     cfg = TokenizeConfig(**json.loads(task["config"]))
     shard = Shard(task["file_index"], task["uri"], task["shard_index"], task["start"], task["stop"])
-    vocab = _vocab(fs.join(cfg.out, schema.CORPUS_VOCAB), task["vocab_hash"])
+    vocab = load_expected(fs.join(cfg.out, schema.CORPUS_VOCAB), task["vocab_hash"])  # once per worker
     stats: dict[str, Any] = {
         "shard": shard.name,
         "file_index": shard.file_index,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.vocab import GeneVocab
+from rankformer.vocab import GeneVocab, load_expected
 
 if TYPE_CHECKING:  # torch and transformers load only where weights do: drivers check models without them
     import torch
@@ -156,7 +156,7 @@ def read_config(local_dir: str, source: str | None = None) -> SimpleNamespace:
 def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
     """Metadata, vocabulary and config of a local model directory, checked against each other."""
     meta = read_meta(local_dir)
-    vocab = GeneVocab.load(os.path.join(local_dir, VOCAB), expect_hash=meta["vocab_hash"])
+    vocab = load_expected(os.path.join(local_dir, VOCAB), meta["vocab_hash"])
     cfg = read_config(local_dir, source)
     if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
         raise InputError(
