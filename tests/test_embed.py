@@ -427,3 +427,26 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
             run_embed(dataclasses.replace(cfg, in_process=True))
     assert token_budget(None, False) == CPU_MAX_TOKENS < token_budget(None, True) == GPU_MAX_TOKENS
     assert token_budget(100, True) == 100
+
+
+def test_a_jobs_passes_share_one_loaded_model(world):
+    """Inside `sharing_models` (an in-process perturbation's state and perturbation passes),
+    embedders of the same model, device and precision share one loaded copy, each with its own
+    layer; another precision, or outside the block, loads its own."""
+    from rankformer.embed import Embedder, sharing_models
+
+    spec = {"model": world.model, "tracking_uri": "", "use_gpu": False, "layer": "penultimate"}
+    spec |= {"level": "cell", "pooling": "mean"}
+
+    def weights(e: Embedder) -> torch.Tensor:
+        return e.model.embeddings.word_embeddings.weight
+
+    with sharing_models():
+        a, b = Embedder(spec), Embedder({**spec, "layer": "last"})
+        c = Embedder({**spec, "precision": "bfloat16"})
+    d = Embedder(spec)
+    assert weights(a) is weights(b) and len(a.model.encoder.layer) == 2 and len(b.model.encoder.layer) == 3
+    assert weights(c) is not weights(a) and weights(c).dtype == torch.bfloat16
+    assert weights(d) is not weights(a)
+    cells = world.cells[:5]
+    np.testing.assert_allclose(a.embed(cells)[0], d.embed(cells)[0], atol=1e-6)

@@ -15,12 +15,13 @@ shards already written; the manifest comes last.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import pickle
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -43,32 +44,60 @@ SHARD_STEM = "part-"
 OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
 
 
+_SHARED: dict[tuple[Any, ...], tuple[Any, Any]] | None = None  # see sharing_models
+
+
+@contextlib.contextmanager
+def sharing_models() -> Iterator[None]:
+    """Within the block, the embedders this process builds for the same model, device and
+    precision share one loaded copy (an in-process job's passes: the state embeddings, then the
+    perturbations, would each load it). Ray actors, other processes, load their own."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _load(uri: str, tracking_uri: str, device: Any, precision: str) -> tuple[Any, Any]:
+    """(the loaded model, its encoder on ``device`` in ``precision``, in eval mode)."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    from rankformer.loader import load_model
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
+    loaded = load_model(uri, head=BertModel, tracking_uri=tracking_uri)
+    model: Any = loaded.model
+    model = model.to(device).eval()
+    if precision != "float32":  # states come back as float32 for pooling and cosines
+        from rankformer.infer import PRECISIONS
+
+        model = model.to(PRECISIONS[precision])
+    return loaded, model
+
+
 class Embedder:
     """One model, loaded once; embeds one corpus shard per call."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from transformers import BertModel
-        from transformers.utils import logging as hf_logging
-
         from rankformer.infer import up_to
         from rankformer.infer_config import token_budget
-        from rankformer.loader import load_model
         from rankformer.model.device import pick_device
         from rankformer.model.store import max_length_of
 
         self.spec = spec
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
-        loaded = load_model(spec["model"], head=BertModel, tracking_uri=spec["tracking_uri"])
         self.device = pick_device(spec["use_gpu"])
         self.max_tokens = token_budget(spec.get("max_tokens"), self.device.type == "cuda")
-        model: Any = loaded.model
-        self.model = model.to(self.device).eval()
         precision = spec.get("precision", "float32")
-        if precision != "float32":  # states come back as float32 for pooling and cosines
-            from rankformer.infer import PRECISIONS
-
-            self.model = self.model.to(PRECISIONS[precision])
+        key = (spec["model"], spec["tracking_uri"], self.device, precision)
+        shared = _SHARED.get(key) if _SHARED is not None else None
+        loaded, self.model = shared or _load(spec["model"], spec["tracking_uri"], self.device, precision)
+        if _SHARED is not None:
+            _SHARED[key] = (loaded, self.model)
         self.pad = int(loaded.vocab.specials[schema.PAD])
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.vocab = loaded.vocab

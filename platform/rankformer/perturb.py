@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.embed import sample_note, sample_rows, shard_tasks
+from rankformer.embed import sample_note, sample_rows, shard_tasks, sharing_models
 from rankformer.errors import InputError
 from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
@@ -116,19 +116,20 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     sample, selected = _selection(cfg, files, spec["where"])
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
-    states = state_embeddings(cfg, spec, files, opts)
-    if states:
-        out.write_json(STATES_FILE, states)
-    named = info.vocab.gene_names
-    if named:  # for the statistics' tables (the rows name genes by id)
-        out.write_json(SYMBOLS_FILE, {g: named[g] for g in info.vocab.gene_ids if named.get(g)})
-    spec |= {"states": states, "state_names": list(states)}
-    shards, pending = shard_tasks(cfg.out, files, sample)
-    make = functools.partial(_make_perturber, spec)
-    done = {"cells": 0, "rows": 0}  # each actor wrote its shard's rows; these are its counts
-    for payload in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
-        counts = pickle.loads(payload)
-        done = {k: done[k] + int(counts[k]) for k in done}
+    with sharing_models():  # in-process, the two passes use one loaded model
+        states = state_embeddings(cfg, spec, files, opts)
+        if states:
+            out.write_json(STATES_FILE, states)
+        named = info.vocab.gene_names
+        if named:  # for the statistics' tables (the rows name genes by id)
+            out.write_json(SYMBOLS_FILE, {g: named[g] for g in info.vocab.gene_ids if named.get(g)})
+        spec |= {"states": states, "state_names": list(states)}
+        shards, pending = shard_tasks(cfg.out, files, sample)
+        make = functools.partial(_make_perturber, spec)
+        done = {"cells": 0, "rows": 0}  # each actor wrote its shard's rows; these are its counts
+        for payload in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
+            counts = pickle.loads(payload)
+            done = {k: done[k] + int(counts[k]) for k in done}
     out.files += shards + (["genes-" + s for s in shards] if cfg.per_gene else [])
     summary: dict[str, Any] = {
         "model": cfg.model,
