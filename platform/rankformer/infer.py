@@ -71,11 +71,13 @@ def one_ahead(
         done(*pending)
 
 
-def on_device(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's ids and attention mask on ``device``, the host not waiting for the device."""
+def class_probs(model: torch.nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
+    """A classifier's probabilities for the batch (float32, on ``device``; per cell or per token as
+    its head gives them), its inputs copied there without the host waiting for the device."""
     from rankformer.model.device import to_device
 
-    return to_device(b.ids, device), to_device(b.attn, device)
+    out = model(input_ids=to_device(b.ids, device), attention_mask=to_device(b.attn, device))
+    return torch.softmax(logits_of(out).float(), -1)
 
 
 def encoder(model: torch.nn.Module) -> torch.nn.Module:

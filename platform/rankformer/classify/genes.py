@@ -24,7 +24,7 @@ from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse
 from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
 from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.errors import InputError
-from rankformer.infer import Batch, GeneSums, batches, logits_of, on_device, one_ahead
+from rankformer.infer import Batch, GeneSums, batches, class_probs, one_ahead
 from rankformer.model.store import ModelInfo
 from rankformer.train.config import FinetuneGenesConfig
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
@@ -42,13 +42,10 @@ def token_probs(
     config: Any = model.config
     sums = GeneSums(int(config.vocab_size), int(config.num_labels))
 
-    def launch(b: Batch) -> torch.Tensor:
-        ids, attn = on_device(b, device)
-        return torch.softmax(logits_of(model(input_ids=ids, attention_mask=attn)).float(), -1)
+    def finish(b: Batch, prob: torch.Tensor) -> None:
+        sums.add(b.ids, prob, b.ids >= gene_lo)
 
-    one_ahead(
-        batches(cells, pad, max_tokens), launch, lambda b, prob: sums.add(b.ids, prob, b.ids >= gene_lo)
-    )
+    one_ahead(batches(cells, pad, max_tokens), lambda b: class_probs(model, b, device), finish)
     return sums
 
 

@@ -163,20 +163,16 @@ def cell_probs(
     model: torch.nn.Module, cells: Sequence[np.ndarray], pad: int, max_tokens: int = 16_384
 ) -> np.ndarray:
     """Class probabilities of each cell from a sequence classifier, in the order of ``cells``."""
-    from rankformer.infer import Batch, batches, on_device, one_ahead
+    from rankformer.infer import Batch, batches, class_probs, one_ahead
 
     device = next(model.parameters()).device
     config: Any = model.config
     out = np.zeros((len(cells), int(config.num_labels)), dtype=np.float64)
 
-    def launch(b: Batch) -> torch.Tensor:
-        ids, attn = on_device(b, device)
-        return torch.softmax(logits_of(model(input_ids=ids, attention_mask=attn)).float(), -1)
-
     def finish(b: Batch, prob: torch.Tensor) -> None:
         out[b.index] = prob.numpy()
 
-    one_ahead(batches(cells, pad, max_tokens), launch, finish)
+    one_ahead(batches(cells, pad, max_tokens), lambda b: class_probs(model, b, device), finish)
     return out
 
 
