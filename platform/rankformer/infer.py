@@ -49,7 +49,7 @@ def one_ahead(
     finished. On a GPU the result is copied back into pinned memory behind its kernels and
     ``finish`` waits for that batch alone, so the host reads one batch and prepares the next while
     the device computes (see :mod:`rankformer.model.device`); on CPU it is the plain loop."""
-    from rankformer.model.device import to_host_queued
+    from rankformer.model.device import queued_mark, to_host_queued
 
     def done(b: Batch, host: torch.Tensor, event: Any) -> None:
         if event is not None:
@@ -59,11 +59,8 @@ def one_ahead(
     pending = None
     for b in items:
         out = launch(b)
-        event = None
         host = to_host_queued(out)
-        if out.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
+        event = queued_mark(out.device)
         if pending is not None:
             done(*pending)
         pending = (b, host, event)

@@ -163,7 +163,7 @@ class Perturber(Embedder):
 
         from rankformer.infer import Batch, hidden_states, mean_pool
         from rankformer.model.batching import pad_batch
-        from rankformer.model.device import to_device, to_host_queued
+        from rankformer.model.device import queued_mark, to_device, to_host_queued
 
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
@@ -183,11 +183,7 @@ class Perturber(Embedder):
         genes = None
         if self.spec["per_gene"]:
             genes = (ids, to_host_queued(p0), to_host_queued(common), to_host_queued(gene_cos))
-        done = None
-        if dev.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return _Launched(orig, combos, table, done, genes)
+        return _Launched(orig, combos, table, queued_mark(dev), genes)
 
     def _finish(self, batch: _Launched, rows: list[dict[str, Any]], genes_out: GeneSink | None) -> None:
         """A launched batch's rows appended to ``rows`` (after its scores reach the host), its

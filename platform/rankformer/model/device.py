@@ -55,3 +55,14 @@ def to_host_queued(t: torch.Tensor) -> torch.Tensor:
     if not t.is_cuda:
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+def queued_mark(device: torch.device) -> torch.cuda.Event | None:
+    """On a GPU, an event recorded after the work queued so far (``.synchronize()`` waits for that
+    work alone, e.g. a batch and its copies from :func:`to_host_queued`); elsewhere None, the work
+    being done already."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
