@@ -417,6 +417,9 @@ def main() -> None:
     p.add_argument("--median-cells", type=int, default=400, help="cells of the gene-median memory run")
     p.add_argument("--skip-embed", action="store_true", help="perturbation only (e.g. on the GPU machine)")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU variants (the CPU ones ran here)")
+    p.add_argument(
+        "--presets", default="tiny,geneformer-v1", help="comma-separated presets of the CPU perturbation runs"
+    )
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = WORK / "perturb"
@@ -425,6 +428,8 @@ def main() -> None:
     for preset_name, n in (("tiny", args.cells), ("geneformer-v1", max(4, args.cells // 4))):
         if args.gpu_only:
             break
+        if preset_name not in args.presets.split(","):
+            continue
         perturb_bench(
             work, preset_name, n, args.median_genes, args.forward_batch_size, ("float32", "bfloat16")
         )
