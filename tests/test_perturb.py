@@ -16,7 +16,7 @@ from transformers import BertModel
 
 from pretrain_helpers import pretrain_in_process, write_corpus
 from rankformer.errors import InputError
-from rankformer.model.perturbations import delete_each, perturb
+from rankformer.model.perturbations import delete_each, perturb, positions_of
 from rankformer.perturb import PerturbConfig, read_results, run_perturb
 from rankformer.perturb_stats import perturb_stats
 from rankformer.synth import gene_ids
@@ -52,8 +52,56 @@ def test_hand_worked_perturbations(cell, genes, kind, shift, max_len, want):
 def test_deleting_each_gene_at_once_equals_one_by_one(cell):
     cls, eos = (2, 3) if cell[0] == 2 else (None, None)
     genes = [t for t in cell.tolist() if t >= 4][::-1]
-    got = delete_each(cell, genes)
+    got = delete_each(cell, positions_of(cell, genes))
     assert [g.tolist() for g in got] == [perturb(cell, [g], "delete", 6, cls, eos).tolist() for g in genes]
+
+
+def _bert(layers: int) -> BertModel:
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_act="relu",
+    )
+    return BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_the_shared_first_layer_equals_each_deletions_own_forward_pass(layout):
+    """Runs of consecutive deletions through SharedDeletions give each deletion's plain forward
+    pass at every layer, the first and the last position included, in float32 (to 1e-5) and in
+    bfloat16 (no further from float32 than the plain bfloat16 pass)."""
+    from rankformer.model.deletions import SharedDeletions, shareable
+
+    bert = _bert(3)
+    rng = np.random.default_rng(1)
+    genes = rng.choice(np.arange(4, 60), 30, replace=False)
+    cell = np.asarray([2, *genes, 3] if layout == "v2" else genes, dtype=np.int64)
+    runs = [(0, 1), (0, 7), (5, 9), (len(cell) - 3, 3), (len(cell) - 1, 1), (0, len(cell))]
+    for layer in (1, 2, 3):
+        shared = SharedDeletions(bert, torch.from_numpy(cell), layer)
+        for p0, count in runs:
+            ids = torch.as_tensor(np.stack(delete_each(cell, np.arange(p0, p0 + count))))
+            with torch.no_grad():
+                want = bert(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+            torch.testing.assert_close(shared.states(p0, count), want, atol=1e-5, rtol=0)
+    ids = torch.as_tensor(np.stack(delete_each(cell, np.arange(len(cell)))))  # every deletion
+    half = _bert(3).to(torch.bfloat16)
+    with torch.no_grad():
+        exact = bert(input_ids=ids, output_hidden_states=True).hidden_states[3]
+        plain = half(input_ids=ids, output_hidden_states=True).hidden_states[3].float()
+    got = SharedDeletions(half, torch.from_numpy(cell), 3).states(0, len(cell))
+    assert (got - exact).abs().max() <= 1.5 * (plain - exact).abs().max()
+    assert shareable(bert, 2) and not shareable(bert, 0)  # layer 0: the embeddings, nothing to share
+    assert not shareable(bert.train(), 2)
+    with pytest.raises(ValueError, match="positions"):
+        shared.states(len(cell) - 2, 3)
 
 
 N_SHARED, MARKERS = 40, 3
@@ -111,9 +159,20 @@ def _delete_every_gene(world, out, **kw) -> dict:
     )
 
 
-def test_scores_equal_the_plain_per_variant_computation(world, tmp_path):
+def test_scores_equal_the_plain_per_variant_computation(world, tmp_path, monkeypatch):
+    from rankformer.model.deletions import SharedDeletions
+
+    shared_runs = []
+    states_of = SharedDeletions.states
+
+    def counted(self, p0, n):
+        shared_runs.append(n)
+        return states_of(self, p0, n)
+
+    monkeypatch.setattr(SharedDeletions, "states", counted)
     out = tmp_path / "p"
     _delete_every_gene(world, out, per_gene=True, max_tokens=300)
+    assert len(shared_runs) > 12  # several batches a cell, each through the shared first layer
     rows = read_results(str(out)).to_pandas()
     per_gene = read_results(str(out), per_gene=True).to_pandas()
     bert = BertModel.from_pretrained(world.model).eval()

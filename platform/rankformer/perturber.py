@@ -24,11 +24,13 @@ from rankformer import schema
 from rankformer.classify.data import token_lists
 from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
-from rankformer.model.perturbations import delete_each, perturb
+from rankformer.model.perturbations import delete_each, perturb, positions_of
 from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table
 
 if TYPE_CHECKING:
     import torch
+
+    from rankformer.model.deletions import SharedDeletions
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,25 +100,47 @@ class Perturber(Embedder):
 
     def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[_Launched]:
         """A cell's variant batches, each launched as the caller asks for the next."""
+        import torch
+
         from rankformer.model.batching import budget_batches
+        from rankformer.model.deletions import SharedDeletions
+        from rankformer.model.device import to_device
 
         combos = self.variants(cell)
-        seqs = self._sequences(cell, combos, cell_id)
+        seqs, at = self._sequences(cell, combos, cell_id)
         orig = self._original(cell, h0, cell_id)
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        shared = None
         for idx in budget_batches(lengths, self.max_tokens, 256) if len(seqs) else []:
-            yield self._launch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx])
+            run = None  # a run of consecutive single deletions: through the shared first layer
+            if at is not None and self._shares_deletions and bool((np.diff(at[idx]) == 1).all()):
+                if shared is None:
+                    cell_dev = to_device(torch.from_numpy(cell.astype(np.int64)), self.device)
+                    shared = SharedDeletions(self.model, cell_dev, self.layer)
+                run = (shared, int(at[idx[0]]), len(idx))
+            yield self._launch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], run)
 
-    def _sequences(self, cell: np.ndarray, combos: list[list[int]], cell_id: str) -> list[np.ndarray]:
-        """Each perturbation's token sequence; an error naming one that would leave no gene."""
+    @functools.cached_property
+    def _shares_deletions(self) -> bool:
+        from rankformer.model.deletions import shareable
+
+        return shareable(self.model, self.layer)
+
+    def _sequences(
+        self, cell: np.ndarray, combos: list[list[int]], cell_id: str
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Each perturbation's token sequence, and for single deletions the positions deleted; an
+        error naming a perturbation that would leave no gene."""
         spec = self.spec
+        at = None
         if (
             spec["kind"] == "delete"
             and all(len(c) == 1 for c in combos)
             and len(cell) <= spec["max_length"]
             and len(np.unique(cell)) == len(cell)
         ):
-            seqs = delete_each(cell, [c[0] for c in combos])  # every gene alone: the common case
+            at = positions_of(cell, [c[0] for c in combos])
+            seqs = delete_each(cell, at)  # every gene alone: the common case
         else:
             shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
             seqs = [
@@ -128,7 +152,7 @@ class Perturber(Embedder):
                     f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
                     "out (--cells-where) or perturb fewer genes"
                 )
-        return seqs
+        return seqs, at
 
     def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> _Original:
         """What every variant of the cell is scored against."""
@@ -155,10 +179,17 @@ class Perturber(Embedder):
         return _Original(cell_id, h0, v0, lut_dev, rank, list(states), s_mat, s_cos0)
 
     def _launch(
-        self, orig: _Original, idx: np.ndarray, seqs: list[np.ndarray], combos: list[list[int]]
+        self,
+        orig: _Original,
+        idx: np.ndarray,
+        seqs: list[np.ndarray],
+        combos: list[list[int]],
+        run: tuple[SharedDeletions, int, int] | None = None,
     ) -> _Launched:
         """One forward pass over a batch of a cell's variants and their scores, computed where the
-        states are; on a GPU this only queues the work, and the scores' copy to the host."""
+        states are; on a GPU this only queues the work, and the scores' copy to the host. ``run``:
+        the batch deletes consecutive positions (from, count), its states come from the cell's
+        shared first layer."""
         import torch
 
         from rankformer.infer import Batch, hidden_states, mean_pool
@@ -168,7 +199,10 @@ class Perturber(Embedder):
         dev = self.device
         ids, attn = pad_batch(seqs, self.pad)
         ids_dev = to_device(ids, dev)  # once: the forward pass and the scores use it
-        h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
+        if run is not None:
+            h1 = run[0].states(run[1], run[2])
+        else:
+            h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         p0, common = self._matched(ids_dev, combos, orig.lut)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)

@@ -62,10 +62,14 @@ def perturb(
     return np.asarray(out, dtype=np.int64)
 
 
-def delete_each(cell: np.ndarray, genes: Sequence[int]) -> list[np.ndarray]:
-    """``perturb(cell, [g], "delete", ...)`` for each g at once, for a cell whose tokens are unique
-    and hold every g: row i is the cell without ``genes[i]`` (one gather, no per-variant loop)."""
+def positions_of(cell: np.ndarray, genes: Sequence[int]) -> np.ndarray:
+    """Where each of ``genes`` stands in ``cell`` (tokens unique, every gene there)."""
     where = {int(t): i for i, t in enumerate(cell.tolist())}
-    at = np.asarray([where[int(g)] for g in genes], dtype=np.int64)
+    return np.asarray([where[int(g)] for g in genes], dtype=np.int64)
+
+
+def delete_each(cell: np.ndarray, at: np.ndarray) -> list[np.ndarray]:
+    """``perturb(cell, [g], "delete", ...)`` for the gene at each position of ``at`` at once: row i
+    is the cell without position ``at[i]`` (one gather, no per-variant loop)."""
     j = np.arange(len(cell) - 1, dtype=np.int64)
     return list(cell[j[None, :] + (j[None, :] >= at[:, None])])

@@ -1,0 +1,143 @@
+"""A cell's single-gene deletions through the first layer, its work shared between them.
+
+Deleting position ``p`` of a cell of ``n + 1`` tokens leaves ``n``: the tokens before ``p`` where they
+stood, those after it one position earlier. Over all of a cell's deletions the first layer therefore
+sees only ``2n`` distinct input rows: ``o[i]`` (token ``i`` at position ``i``) and ``s[i]`` (token
+``i + 1`` at position ``i``); deletion ``p`` reads ``o[i]`` for ``i < p`` and ``s[i]`` for ``i >= p``.
+Their query, key and value projections are made once per cell, and the first layer's attention of
+every deletion comes from sums over keys split at ``p``:
+
+    num(p, i) = sum_{j < p} e(q_i, k_o[j]) v_o[j] + sum_{j >= p} e(q_i, k_s[j]) v_s[j]
+
+(``e`` the exponentiated score, the same for the normaliser). For a batch of consecutive deletions
+``p0 .. p1-1``, the keys outside the band are one matrix product and those inside it a cumulative
+sum: about ``n^2 d`` multiply-adds a batch instead of ``n^2 d`` a deletion. The layers above see a
+different input in every deletion and run as usual. The arithmetic is the same as the plain
+forward pass's (scores, softmax, weighted sum), in float32, summed in another order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rankformer.infer import encoder
+
+_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output")
+
+
+def shareable(model: torch.nn.Module, layer: int) -> bool:
+    """Whether ``hidden_states[layer]`` of ``model``'s deletions can go through :class:`SharedDeletions`:
+    a Hugging Face BERT encoder in eval mode with absolute positions and at least one layer below
+    ``layer``; anything else runs the plain way."""
+    body: Any = encoder(model)
+    cfg = getattr(body, "config", None)
+    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    if cfg is None or layers is None or layer < 1 or body.training or getattr(cfg, "is_decoder", False):
+        return False
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False
+    if not hasattr(getattr(body, "embeddings", None), "position_embeddings"):
+        return False
+    first = layers[0]
+    for part in (*_LAYER_PARTS, "intermediate", "output"):
+        node: Any = first
+        for name in part.split("."):
+            node = getattr(node, name, None)
+        if node is None:
+            return False
+    return hasattr(first.attention.self, "num_attention_heads")
+
+
+class SharedDeletions:
+    """The deletions of one cell (``cell``: its token ids, on the model's device): states at
+    ``hidden_states[layer]`` of any run of consecutive deletions, the first layer's inputs,
+    projections and scores shared between them."""
+
+    @torch.no_grad()
+    def __init__(self, model: torch.nn.Module, cell: torch.Tensor, layer: int) -> None:
+        body: Any = encoder(model)
+        self.layers = list(body.encoder.layer)[:layer]
+        first = self.layers[0]
+        sa = first.attention.self
+        self.n = n = len(cell) - 1
+        self.heads, self.dh = int(sa.num_attention_heads), int(sa.attention_head_size)
+        ids = torch.stack([cell[:n], cell[1:]]).long()  # o rows, s rows
+        pos = torch.arange(n, device=cell.device)[None].expand(2, -1)
+        self.x = body.embeddings(input_ids=ids, position_ids=pos)  # (2, n, d), the model's dtype
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (2, n, d) -> (2, heads, n, dh), float32
+            return t.view(2, n, self.heads, self.dh).transpose(1, 2).float()
+
+        self.q = split(sa.query(self.x)) * self.dh**-0.5
+        self.k = split(sa.key(self.x))
+        v = split(sa.value(self.x))
+        self.v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normaliser
+
+    @torch.no_grad()
+    def states(self, p0: int, count: int) -> torch.Tensor:
+        """``hidden_states[layer]`` (float32) of the deletions of positions ``p0 .. p0+count-1``,
+        one row each: (count, n, d)."""
+        n, p1 = self.n, p0 + count
+        if not 0 <= p0 < p1 <= n + 1:
+            raise ValueError(f"deletions {p0}..{p1 - 1} are not positions of a {n + 1}-token cell")
+        # deletion p reads o-rows below p and s-rows from p on: o-queries and o-keys below p1-1
+        # serve some deletion of the band, s-queries and s-keys from p0 on
+        ctx_o = self._attend(self.q[0, :, : p1 - 1], p0, p1)  # (count, p1-1, heads, dh)
+        ctx_s = self._attend(self.q[1, :, p0:], p0, p1)  # (count, n-p0, heads, dh)
+        # rows below p0 are o-rows in every deletion of the band, rows from p1-1 on s-rows; between,
+        # row i is an o-row in deletion p if i < p
+        mid = p1 - 1 - p0
+        i = torch.arange(p0, p1 - 1, device=self.x.device)
+        below = (i[None] < torch.arange(p0, p1, device=self.x.device)[:, None])[..., None]  # (count, mid, 1)
+        ctx = torch.cat(
+            [
+                ctx_o[:, :p0],
+                torch.where(below[..., None], ctx_o[:, p0:], ctx_s[:, :mid]),
+                ctx_s[:, mid:],
+            ],
+            1,
+        )
+        x_o, x_s = self.x[0][None].expand(count, -1, -1), self.x[1][None].expand(count, -1, -1)
+        x = torch.cat(
+            [x_o[:, :p0], torch.where(below, x_o[:, p0 : p1 - 1], x_s[:, p0 : p1 - 1]), x_s[:, p1 - 1 :]], 1
+        )
+        first = self.layers[0]
+        a = first.attention.output(ctx.reshape(count, n, -1).to(x.dtype), x)
+        h = first.output(first.intermediate(a), a)
+        for layer in self.layers[1:]:
+            out = layer(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return h.float()
+
+    def _attend(self, q: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
+        """Attention of queries ``q`` (heads, m, dh) in each deletion p0..p1-1: (p1-p0, m, heads, dh)."""
+        n = self.n
+        k_o, v_o = self.k[0, :, : p1 - 1], self.v1[0, :, : p1 - 1]  # o-keys j < p1-1
+        k_s, v_s = self.k[1, :, p0:], self.v1[1, :, p0:]  # s-keys j >= p0
+        s_o, s_s = q @ k_o.transpose(1, 2), q @ k_s.transpose(1, 2)
+        # one shift per query for every deletion of the band (softmax does not depend on it): the
+        # largest score over the keys the band reads, each deletion's own largest among them
+        top = torch.maximum(_amax(s_o), _amax(s_s))
+        e_o, e_s = torch.exp(s_o - top), torch.exp(s_s - top)
+        # below p: the keys before the band, then a running sum through it (o-keys p0 .. p1-2)
+        base = e_o[..., :p0] @ v_o[:, :p0]  # (heads, m, dh+1)
+        run = torch.cumsum(e_o[..., p0:, None] * v_o[:, None, p0:], 2)  # (heads, m, band, dh+1)
+        below = torch.cat([base[:, :, None], base[:, :, None] + run], 2)  # (heads, m, count, dh+1)
+        # from p on: the keys after the band, then a running sum back through it
+        inside = min(p1, n) - p0  # s-keys inside the band: p0 .. min(p1, n)-1
+        tail = e_s[..., inside:] @ v_s[:, inside:]
+        back = torch.cumsum((e_s[..., :inside, None] * v_s[:, None, :inside]).flip(2), 2).flip(2)
+        if inside < p1 - p0:  # the band holds p = n, the last token: no key after it
+            back = torch.cat([back, back.new_zeros(*back.shape[:2], p1 - p0 - inside, back.shape[-1])], 2)
+        total = below + tail[:, :, None] + back
+        ctx = total[..., :-1] / total[..., -1:]
+        return ctx.permute(2, 1, 0, 3)
+
+
+def _amax(s: torch.Tensor) -> torch.Tensor:
+    """Row maxima of scores (heads, m, keys) as (heads, m, 1); -inf where there are no keys."""
+    if s.shape[-1] == 0:
+        return s.new_full((*s.shape[:-1], 1), float("-inf"))
+    return s.amax(-1, keepdim=True)
