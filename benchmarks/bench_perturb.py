@@ -90,12 +90,34 @@ def forward_flops(config: Any, lengths: Iterable[int], layers: int, head: bool) 
     return total
 
 
-def arithmetic(config: Any, data: list[np.ndarray], states: list[str], batch: int) -> dict[str, float]:
+def shared_first_layer_flops(config: Any, k: int, max_tokens: int) -> float:
+    """Arithmetic of the first layer of a ``k``-token cell's deletions (every gene, ``<cls>`` and
+    ``<eos>`` kept) through :class:`rankformer.model.deletions.SharedDeletions`, in our batches: the
+    projections of its 2(k-1) distinct input rows once, per batch the scores of the queries and keys
+    the batch reads and the products over the keys outside its band (the cumulative sums inside the
+    band are left out, like layer norms), and per deletion the output projection and feed-forward."""
+    h, i = config.hidden_size, config.intermediate_size
+    n = k - 1  # a deletion's length
+    total = 2.0 * (2 * n) * 3 * h * h
+    per_batch = max(1, min(256, max_tokens // n))
+    for p0 in range(1, k - 1, per_batch):
+        p1 = min(p0 + per_batch, k - 1)
+        keys = (p1 - 1) + (n - p0)  # o-keys below p1-1, s-keys from p0
+        for rows in (p1 - 1, n - p0):  # o-queries, s-queries
+            total += 2.0 * rows * keys * h + 2.0 * rows * (p0 + max(n - p1, 0)) * h
+        total += (p1 - p0) * 2.0 * n * (h * h + 2 * h * i)
+    return total
+
+
+def arithmetic(
+    config: Any, data: list[np.ndarray], states: list[str], batch: int, max_tokens: int
+) -> dict[str, float]:
     """What each method computes for the run, counted from its shapes. The reference pads each
     minibatch to its longest cell and runs every layer (and, as it loads a pretrained model, the
     prediction head); ours runs the layers up to the penultimate one over each state's cells and,
     for each perturbed cell, its original and its variants, padding not counted (its batches group
-    cells by length, and a cell's deletions are all one length)."""
+    cells by length, and a cell's deletions are all one length), the variants' first layer shared
+    (:func:`shared_first_layer_flops`)."""
     layers = config.num_hidden_layers
     padded = []
     for s in sorted(set(states)):
@@ -104,11 +126,14 @@ def arithmetic(config: Any, data: list[np.ndarray], states: list[str], batch: in
             padded += [max(members[i : i + batch])] * len(members[i : i + batch])
     perturbed = [len(c) for c, st in zip(data, states, strict=True) if st == "A"]
     per_cell = [n for k in perturbed for n in [k] + [k - 1] * (k - 2)]  # the original, each deletion
-    ours = [len(c) for c in data] + per_cell
+    deletions = [k - 1 for k in perturbed for _ in range(k - 2)]
+    ours = forward_flops(config, [len(c) for c in data] + perturbed, layers - 1, head=False)
+    ours += forward_flops(config, deletions, layers - 2, head=False)
+    ours += sum(shared_first_layer_flops(config, k, max_tokens) for k in perturbed)
     return {
         "reference": forward_flops(config, padded + per_cell, layers, head=True),
         "plain-encoder-loop": forward_flops(config, padded + per_cell, layers, head=False),
-        "rankformer": forward_flops(config, ours, layers - 1, head=False),
+        "rankformer": ours,
     }
 
 
@@ -253,7 +278,9 @@ def perturb_bench(
     from transformers import AutoConfig
 
     bert = AutoConfig.from_pretrained(model)
-    flops = arithmetic(bert, data, states, batch)
+    from rankformer.infer_config import token_budget
+
+    flops = arithmetic(bert, data, states, batch, token_budget(None, device == "cuda"))
     baselines = {}  # method -> (seconds, peak MB, first row)
     for method, with_head in (("reference", True), ("plain-encoder-loop", False)):
         with measured(device) as m:
