@@ -24,7 +24,16 @@ import torch
 
 from rankformer.infer import encoder
 
-_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output")
+# what SharedDeletions reads of the first layer (BertLayer's parts)
+_LAYER_PARTS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.self.num_attention_heads",
+    "attention.output",
+    "intermediate",
+    "output",
+)
 
 
 def shareable(model: torch.nn.Module, layer: int) -> bool:
@@ -40,14 +49,13 @@ def shareable(model: torch.nn.Module, layer: int) -> bool:
         return False
     if not hasattr(getattr(body, "embeddings", None), "position_embeddings"):
         return False
-    first = layers[0]
-    for part in (*_LAYER_PARTS, "intermediate", "output"):
-        node: Any = first
+    for part in _LAYER_PARTS:
+        node: Any = layers[0]
         for name in part.split("."):
             node = getattr(node, name, None)
         if node is None:
             return False
-    return hasattr(first.attention.self, "num_attention_heads")
+    return True
 
 
 class SharedDeletions:
