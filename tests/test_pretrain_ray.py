@@ -109,6 +109,35 @@ def test_one_continuous_run_on_two_nodes(trained, mlflow_server):
     assert {"model/config.json", "model/vocab.json", "model/rankformer.json"} <= arts
 
 
+def test_the_same_options_and_seed_train_the_same_model(ray_cluster, tmp_path):
+    """Two runs with the same options on the same cluster, 2 workers: bit-identical weights. Each
+    worker's split of the corpus is handed out in the stream's seeded order; unordered, Ray Data gave
+    each block to whichever split ran short first, so the workers' cells, and the model, changed
+    from run to run."""
+    corpus = write_corpus(str(tmp_path / "corpus"), ordered_cells(240, 120, 3, 30, seed=7), 120, shards=6)
+    weights = []
+    for run in ("a", "b"):
+        cfg = PretrainConfig(
+            corpus=corpus,
+            out=str(tmp_path / run),
+            max_steps=6,
+            log_every=3,
+            checkpoint_every=6,
+            batch={"max_tokens": 512, "max_cells": 16, "megabatch_cells": 64},
+            scale={
+                "num_workers": 2,
+                "cpus_per_worker": 1.0,
+                "placement": "STRICT_SPREAD",
+                "storage_path": str(tmp_path / f"ray_{run}"),
+            },
+            track={"tracking_uri": f"sqlite:///{tmp_path}/mlflow_{run}.db", "experiment": "repeat"},
+        )
+        run_pretrain(cfg)
+        weights.append(BertForMaskedLM.from_pretrained(cfg.out).state_dict())
+    different = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not different, different[:5]
+
+
 def test_registered_model_loads_everywhere_with_the_same_predictions(trained, mlflow_server):
     summary, cfg, _ = trained
     ids = torch.tensor([[2, 10, 40, 77, 5, 3], [2, 99, 1, 14, 3, 0]])
