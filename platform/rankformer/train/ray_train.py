@@ -115,8 +115,8 @@ def checkpoint_storage(scale: ScaleOptions, default: str) -> str:
     return default
 
 
-def ordered_ingest() -> Any:
-    """Ray Data options for the workers' splits: Ray Train's defaults, in order. Unordered, Ray
+def ordered_data_config() -> Any:
+    """How Ray Train splits the datasets between workers: its default options, in order. Unordered, Ray
     Data hands each block to whichever worker's split runs short first, so which cells a worker
     trains on, and so the model, changed from run to run whatever ``--seed`` said (two runs of the
     demo's pretraining, same options: different weights). In order (and so without locality
@@ -126,7 +126,7 @@ def ordered_ingest() -> Any:
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return options
+    return DataConfig(execution_options=options)
 
 
 def fit(
@@ -139,7 +139,7 @@ def fit(
 ) -> Any:
     """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result. ``score``:
     the reported metric (and min or max) by which the best checkpoints are kept."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address), gpus=scale.use_gpu)
@@ -165,7 +165,7 @@ def fit(
             ),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ordered_ingest()),
+        dataset_config=ordered_data_config(),
     )
     try:
         return trainer.fit()
