@@ -361,7 +361,9 @@ def gpu_busy_fraction(run: Any, *args: Any) -> float:
         run(*args)
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+    kernels = prof.key_averages()
+    print(kernels.table(sort_by="self_device_time_total", row_limit=12))  # where the GPU's time went
+    busy_us = sum(e.self_device_time_total for e in kernels)
     return busy_us / 1e6 / wall
 
 
