@@ -236,16 +236,20 @@ def measured(device: str) -> Iterator[dict[str, float]]:
     """Seconds (``["s"]``) and peak memory in MB (``["mb"]``) of the block: on CPU the growth of
     this process's resident memory, on CUDA the most that torch held allocated on the GPU."""
     out: dict[str, float] = {}
-    if device == "cuda":
+    if device == "cuda":  # (no memory-sampling thread here: a host-bound GPU job would share the GIL)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        yield out
+        torch.cuda.synchronize()
+        out["s"] = time.perf_counter() - t
+        out["mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return
     t = time.perf_counter()
     with rss_growth() as rss:
         yield out
-        if device == "cuda":
-            torch.cuda.synchronize()
     out["s"] = time.perf_counter() - t
-    out["mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss["mb"]
+    out["mb"] = rss["mb"]
 
 
 def perturb_bench(

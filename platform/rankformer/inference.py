@@ -147,7 +147,7 @@ class Model(_TakesCells):
         (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, with a warning, and names in
         ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
         from rankformer.perturb import targets_of
-        from rankformer.perturb_rows import rows_table
+        from rankformer.perturb_rows import GENE_SCHEMA, scores_schema
 
         listed = check_perturbation(kind, mode, list(genes), missing, shift)
         targets, anchor_token, not_found = targets_of(self.vocab, listed, anchor, mode, missing)
@@ -167,11 +167,9 @@ class Model(_TakesCells):
             per_gene=per_gene,
             states={k: v.tolist() for k, v in chosen.items()},
         )
-        rows: list[dict[str, Any]] = []
-        gene_parts = [rows_table([], None)]
-        for cell_rows in self._w.scored(arrays, ids, gene_parts.append):
-            rows += cell_rows
-        out = rows_table(rows, list(chosen)).to_pandas()
+        gene_parts = [GENE_SCHEMA.empty_table()]
+        parts = [scores_schema(list(chosen)).empty_table(), *self._w.scored(arrays, ids, gene_parts.append)]
+        out = pa.concat_tables(parts).to_pandas()
         out.attrs["genes_not_in_vocabulary"] = not_found
         if not_found:
             _warn_skipped(not_found)

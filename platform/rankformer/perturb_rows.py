@@ -32,15 +32,9 @@ class RowWriter:
     def __enter__(self) -> RowWriter:
         if self.uri:
             self._file_cm = fs.open_output_atomic(self.uri)
-            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), rows_table([], self.states).schema)
+            schema_ = scores_schema(self.states) if self.states is not None else GENE_SCHEMA
+            self._writer = pq.ParquetWriter(self._file_cm.__enter__(), schema_)
         return self
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        """Rows as dicts of the columns."""
-        if self.uri:
-            self.add_table(rows_table(rows, self.states))
-        else:
-            self.n += len(rows)
 
     def add_table(self, table: pa.Table) -> None:
         """Rows already as a table of this file's schema."""
@@ -66,39 +60,48 @@ class RowWriter:
             self._file_cm.__exit__(*exc)
 
 
-def rows_table(rows: list[dict[str, Any]], states: list[str] | None) -> pa.Table:
-    if states is not None:
-        cols: dict[str, Any] = {
-            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
-            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
-            "rank": pa.array([r["rank"] for r in rows], pa.int32()),
-            "cell_cosine": pa.array([r["cell_cosine"] for r in rows], pa.float64()),
-            "gene_mean_cosine": pa.array([r["gene_mean_cosine"] for r in rows], pa.float64()),
-        }
-        for s in states:
-            cols[f"shift_{s}"] = pa.array([r[f"shift_{s}"] for r in rows], pa.float64())
-        return pa.table(cols)
-    return pa.table(
-        {
-            schema.CELL_ID: pa.array([r[schema.CELL_ID] for r in rows], pa.string()),
-            "perturbed": pa.array([r["perturbed"] for r in rows], pa.list_(pa.string())),
-            "affected_gene": pa.array([r["affected_gene"] for r in rows], pa.string()),
-            "cosine": pa.array([r["cosine"] for r in rows], pa.float64()),
-        }
-    )
+def scores_schema(states: list[str]) -> pa.Schema:
+    """The per-cell scores' columns, a shift per state."""
+    fields = [
+        (schema.CELL_ID, pa.string()),
+        ("perturbed", pa.list_(pa.string())),
+        ("rank", pa.int32()),
+        ("cell_cosine", pa.float64()),
+        ("gene_mean_cosine", pa.float64()),
+    ]
+    return pa.schema(fields + [(f"shift_{s}", pa.float64()) for s in states])
+
+
+GENE_SCHEMA = pa.schema(
+    [
+        (schema.CELL_ID, pa.string()),
+        ("perturbed", pa.list_(pa.string())),
+        ("affected_gene", pa.string()),
+        ("cosine", pa.float64()),
+    ]
+)
+
+
+def scores_table(
+    cell_id: str, perturbed: pa.Array, rank: np.ndarray, scores: np.ndarray, states: list[str]
+) -> pa.Table:
+    """Per-cell scores of a batch of one cell's variants, column-wise: variant k perturbed the genes
+    ``perturbed[k]``, the best-ranked of them at ``rank[k]``; ``scores[k]`` holds its cell cosine,
+    mean gene cosine, genes matched (none: the mean is NaN) and each state's shift."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mean = np.where(scores[:, 2] > 0, scores[:, 1], np.nan)
+    cols = [pa.repeat(pa.scalar(cell_id, pa.string()), len(rank)), perturbed, pa.array(rank, pa.int32())]
+    cols += [pa.array(scores[:, 0]), pa.array(mean)] + [
+        pa.array(scores[:, 3 + k]) for k in range(len(states))
+    ]
+    return pa.Table.from_arrays(cols, schema=scores_schema(states))
 
 
 def gene_rows_table(
-    cell_id: str, perturbed: list[list[str]], variant: np.ndarray, affected: pa.Array, cosine: np.ndarray
+    cell_id: str, perturbed: pa.Array, variant: np.ndarray, affected: pa.Array, cosine: np.ndarray
 ) -> pa.Table:
     """Per-gene rows of one cell, column-wise: row k is variant ``variant[k]`` (an index into
     ``perturbed``), its affected gene ``affected[k]`` and that gene's cosine."""
-    take = pa.array(variant, pa.int32())
-    return pa.table(
-        {
-            schema.CELL_ID: pa.array([cell_id], pa.string()).take(pa.array(np.zeros(len(variant), np.int32))),
-            "perturbed": pa.array(perturbed, pa.list_(pa.string())).take(take),
-            "affected_gene": affected,
-            "cosine": pa.array(cosine, pa.float64()),
-        }
-    )
+    cell = pa.repeat(pa.scalar(cell_id, pa.string()), len(variant))
+    cols = [cell, perturbed.take(pa.array(variant, pa.int32())), affected, pa.array(cosine, pa.float64())]
+    return pa.Table.from_arrays(cols, schema=GENE_SCHEMA)

@@ -25,7 +25,7 @@ from rankformer.classify.data import token_lists
 from rankformer.embed import Embedder, _read_shard
 from rankformer.errors import InputError
 from rankformer.model.perturbations import delete_each, perturb, positions_of
-from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table
+from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table, scores_schema, scores_table
 
 if TYPE_CHECKING:
     import torch
@@ -42,14 +42,15 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Original:
     """A cell before perturbation: its states and mean-pooled embedding, where each gene stood
-    (``lut``: token -> position, -1 if absent; on the model's device), each gene's rank, and the
-    states' embeddings (``s_mat``) with the original's cosines to them."""
+    (``lut``: token -> position, -1 if absent; on the model's device), each gene's rank (``rank``:
+    token -> rank among the cell's genes, -1 if absent), and the states' embeddings (``s_mat``)
+    with the original's cosines to them."""
 
     cell_id: str
     h0: torch.Tensor
     v0: torch.Tensor
     lut: torch.Tensor
-    rank: dict[int, int]
+    rank: np.ndarray
     s_names: list[str]
     s_mat: torch.Tensor | None
     s_cos0: torch.Tensor | None
@@ -89,14 +90,18 @@ class Perturber(Embedder):
 
     def score_cell(
         self, cell: np.ndarray, h0: torch.Tensor, cell_id: str, genes_out: GeneSink | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> pa.Table:
         """One cell's rows: its variants in length-budgeted batches, scored against the original's
         states ``h0`` (one cell, its own length). With per-gene scores asked for, each batch's
         per-gene table goes to ``genes_out`` as it is computed (a cell has up to length^2 of them)."""
-        rows: list[dict[str, Any]] = []
+        parts: list[pa.Table] = []
         for batch in self._launch_cell(cell, h0, cell_id):
-            self._finish(batch, rows, genes_out)
-        return rows
+            self._finish(batch, parts, genes_out)
+        return self._rows(parts)
+
+    def _rows(self, parts: list[pa.Table]) -> pa.Table:
+        """A cell's rows from its batches' tables (none: an empty table of the columns)."""
+        return pa.concat_tables(parts) if parts else scores_schema(self.spec["state_names"]).empty_table()
 
     def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[_Launched]:
         """A cell's variant batches, each launched as the caller asks for the next."""
@@ -109,7 +114,7 @@ class Perturber(Embedder):
         combos = self.variants(cell)
         seqs, at = self._sequences(cell, combos, cell_id)
         orig = self._original(cell, h0, cell_id)
-        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        lengths = np.asarray([len(s) for s in seqs] if at is None else [seqs.shape[1]] * len(seqs), np.int64)
         shared = None
         for idx in budget_batches(lengths, self.max_tokens, 256) if len(seqs) else []:
             run = None  # a run of consecutive single deletions: through the shared first layer
@@ -118,7 +123,8 @@ class Perturber(Embedder):
                     cell_dev = to_device(torch.from_numpy(cell.astype(np.int64)), self.device)
                     shared = SharedDeletions(self.model, cell_dev, self.layer)
                 run = (shared, int(at[idx[0]]), len(idx))
-            yield self._launch(orig, idx, [seqs[i] for i in idx], [combos[i] for i in idx], run)
+            batch = seqs[idx] if at is not None else [seqs[i] for i in idx]
+            yield self._launch(orig, idx, batch, [combos[i] for i in idx], run)
 
     @functools.cached_property
     def _shares_deletions(self) -> bool:
@@ -128,9 +134,10 @@ class Perturber(Embedder):
 
     def _sequences(
         self, cell: np.ndarray, combos: list[list[int]], cell_id: str
-    ) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Each perturbation's token sequence, and for single deletions the positions deleted; an
-        error naming a perturbation that would leave no gene."""
+    ) -> tuple[Any, np.ndarray | None]:
+        """Each perturbation's token sequence, and for single deletions the positions deleted (the
+        sequences then one array, a row each); an error naming a perturbation that would leave no
+        gene."""
         spec = self.spec
         at = None
         if (
@@ -140,18 +147,20 @@ class Perturber(Embedder):
             and len(np.unique(cell)) == len(cell)
         ):
             at = positions_of(cell, [c[0] for c in combos])
-            seqs = delete_each(cell, at)  # every gene alone: the common case
+            seqs: Any = delete_each(cell, at)  # every gene alone: the common case
+            left = (seqs >= self.gene_lo).any(1)
         else:
             shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
             seqs = [
                 perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos
             ]
-        for c, s in zip(combos, seqs, strict=True):
-            if not (s >= self.gene_lo).any():
-                raise InputError(
-                    f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
-                    "out (--cells-where) or perturb fewer genes"
-                )
+            left = np.asarray([(s >= self.gene_lo).any() for s in seqs], dtype=bool)
+        if not left.all():
+            c = combos[int(np.argmin(left))]
+            raise InputError(
+                f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
+                "out (--cells-where) or perturb fewer genes"
+            )
         return seqs, at
 
     def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> _Original:
@@ -170,7 +179,8 @@ class Perturber(Embedder):
         lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
         lut_dev = to_device(torch.from_numpy(lut), dev)
-        rank = {g: r for r, g in reversed(list(enumerate(cell[at].tolist())))}
+        rank = np.full(len(lut), -1, dtype=np.int64)
+        rank[cell[at[::-1]]] = np.arange(len(at) - 1, -1, -1)  # (first occurrence wins here too)
         states = self.spec["states"]
         s_mat = s_cos0 = None
         if states:
@@ -182,7 +192,7 @@ class Perturber(Embedder):
         self,
         orig: _Original,
         idx: np.ndarray,
-        seqs: list[np.ndarray],
+        seqs: list[np.ndarray] | np.ndarray,
         combos: list[list[int]],
         run: tuple[SharedDeletions, int, int] | None = None,
     ) -> _Launched:
@@ -219,25 +229,20 @@ class Perturber(Embedder):
             genes = (ids, to_host_queued(p0), to_host_queued(common), to_host_queued(gene_cos))
         return _Launched(orig, combos, table, queued_mark(dev), genes)
 
-    def _finish(self, batch: _Launched, rows: list[dict[str, Any]], genes_out: GeneSink | None) -> None:
-        """A launched batch's rows appended to ``rows`` (after its scores reach the host), its
-        per-gene table given to ``genes_out``."""
+    def _finish(self, batch: _Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:
+        """A launched batch's rows appended to ``parts`` as a table (after its scores reach the
+        host), its per-gene table given to ``genes_out``."""
         if batch.done is not None:
             batch.done.synchronize()
-        orig, combos = batch.orig, batch.combos
-        table = batch.table.tolist()
-        perturbed = [self.names(c) for c in combos]
-        for j, combo in enumerate(combos):
-            cell_cos, mean_cos, matched, *shifts = table[j]
-            row = {
-                schema.CELL_ID: orig.cell_id,
-                "perturbed": perturbed[j],
-                "rank": min((orig.rank[g] for g in combo if g in orig.rank), default=-1),
-                "cell_cosine": cell_cos,
-                "gene_mean_cosine": mean_cos if matched > 0 else float("nan"),
-            }
-            row.update({f"shift_{k}": d for k, d in zip(orig.s_names, shifts, strict=True)})
-            rows.append(row)
+        orig, moved = batch.orig, _padded(batch.combos)
+        names = self.gene_id_array.take(pa.array(moved[moved >= 0]))  # each variant's genes, in order
+        perturbed = pa.ListArray.from_arrays(
+            pa.array(np.r_[0, np.cumsum((moved >= 0).sum(1))], pa.int32()), names
+        )
+        ranks = np.where(moved >= 0, orig.rank[moved.clip(min=0)], -1)
+        best = np.where(ranks >= 0, ranks, np.iinfo(np.int64).max).min(1)  # the best-ranked gene present
+        rank = np.where(best < np.iinfo(np.int64).max, best, -1)
+        parts.append(scores_table(orig.cell_id, perturbed, rank, batch.table.float().numpy(), orig.s_names))
         if batch.genes is not None and genes_out is not None:
             ids, p0, common, gene_cos = batch.genes
             genes_out(self._gene_rows(orig.cell_id, perturbed, ids, p0, common, gene_cos))
@@ -245,7 +250,7 @@ class Perturber(Embedder):
     def _gene_rows(
         self,
         cell_id: str,
-        perturbed: list[list[str]],
+        perturbed: pa.Array,
         ids: torch.Tensor,
         p0: torch.Tensor,
         common: torch.Tensor,
@@ -277,10 +282,12 @@ class Perturber(Embedder):
         from rankformer.model.device import to_device
 
         p0 = lut[ids]
-        width = max(len(m) for m in moved)
-        mv = torch.tensor([m + [-1] * (width - len(m)) for m in moved], dtype=torch.int64)
+        common = (p0 >= 0) & (ids >= self.gene_lo)
+        if self.spec["kind"] == "delete":  # a deleted gene is in none of the variant's positions
+            return p0, common
+        mv = torch.from_numpy(_padded(moved))
         hit = (ids[:, :, None] == to_device(mv, ids.device)[:, None, :]).any(-1)
-        return p0, (p0 >= 0) & (ids >= self.gene_lo) & ~hit
+        return p0, common & ~hit
 
     def names(self, tokens: list[int]) -> list[str]:
         return self.vocab.gene_id_by_token[tokens].tolist()
@@ -342,7 +349,7 @@ class Perturber(Embedder):
 
     def scored(
         self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None = None
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Iterator[pa.Table]:
         """Each cell's rows, in input order (per-gene tables to ``genes_out``, in the same order).
         The originals run in length-grouped batches over a window of cells and wait for their
         turn (memory: one window's original states, two batches of variants). Each batch is
@@ -350,17 +357,17 @@ class Perturber(Embedder):
         device computes, instead of the two taking turns."""
         from rankformer.infer import batches, hidden_states
 
-        # launched batches, oldest first, each with its cell's rows; None marks the end of a cell
-        queue: deque[tuple[_Launched | None, list[dict[str, Any]]]] = deque()
+        # launched batches, oldest first, each with its cell's tables; None marks the end of a cell
+        queue: deque[tuple[_Launched | None, list[pa.Table]]] = deque()
 
-        def finish(keep: int) -> Iterator[list[dict[str, Any]]]:
+        def finish(keep: int) -> Iterator[pa.Table]:
             """Finish batches until ``keep`` remain launched; each cell's rows once complete."""
             while queue and (queue[0][0] is None or sum(b is not None for b, _ in queue) > keep):
-                batch, rows = queue.popleft()
+                batch, parts = queue.popleft()
                 if batch is None:
-                    yield rows
+                    yield self._rows(parts)
                 else:
-                    self._finish(batch, rows, genes_out)
+                    self._finish(batch, parts, genes_out)
 
         lengths = [len(c) for c in cells]
         for lo, hi in windows(lengths, WINDOW_CELLS, WINDOW_TOKENS):
@@ -372,11 +379,11 @@ class Perturber(Embedder):
                     originals[i] = h[j, : len(window[i])]
             for i in range(len(window)):
                 h0, originals[i] = originals[i], None
-                rows: list[dict[str, Any]] = []
+                parts: list[pa.Table] = []
                 for batch in self._launch_cell(window[i], h0, ids[lo + i]):
-                    queue.append((batch, rows))
+                    queue.append((batch, parts))
                     yield from finish(1)
-                queue.append((None, rows))
+                queue.append((None, parts))
                 yield from finish(1)
         yield from finish(0)
 
@@ -391,7 +398,7 @@ class Perturber(Embedder):
             RowWriter(spec["out"], genes_name, None) as per_gene,
         ):
             for cell_rows in self.scored(cells, ids, per_gene.add_table):  # in corpus order
-                rows.add(cell_rows)
+                rows.add_table(cell_rows)
         return pickle.dumps({"cells": len(cells), "rows": rows.n})
 
 
@@ -410,3 +417,13 @@ def windows(lengths: list[int], max_cells: int, max_tokens: int) -> Iterator[tup
             hi += 1
         yield lo, hi
         lo = hi
+
+
+def _padded(combos: list[list[int]]) -> np.ndarray:
+    """Each variant's perturbed tokens as a row, padded with -1: (variants, most genes in one)."""
+    if all(len(c) == 1 for c in combos):
+        return np.asarray(combos, dtype=np.int64).reshape(len(combos), 1)
+    out = np.full((len(combos), max(map(len, combos), default=0)), -1, dtype=np.int64)
+    for i, c in enumerate(combos):
+        out[i, : len(c)] = c
+    return out

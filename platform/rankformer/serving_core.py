@@ -252,15 +252,15 @@ class ModelCore:
                 w.model, Batch(np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids)), layer, w.device
             )
         gene_parts: list[pa.Table] = []
-        rows = w.score_cell(cell, h0[0], "request", gene_parts.append)
+        rows = (
+            w.score_cell(cell, h0[0], "request", gene_parts.append).drop_columns([schema.CELL_ID]).to_pylist()
+        )
         cosines: dict[tuple[str, ...], dict[str, float]] = {}
         for part in gene_parts:
             for g in part.select(["perturbed", "affected_gene", "cosine"]).to_pylist():
                 cosines.setdefault(tuple(g["perturbed"]), {})[g["affected_gene"]] = g["cosine"]
-        for r in rows:
-            r.pop(schema.CELL_ID, None)
-            if req.per_gene:
-                r["gene_cosines"] = cosines.get(tuple(r["perturbed"]), {})
+        for r in rows if req.per_gene else []:
+            r["gene_cosines"] = cosines.get(tuple(r["perturbed"]), {})
         return {"results": rows, "unknown_genes": unknown}
 
 

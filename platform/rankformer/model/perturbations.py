@@ -68,8 +68,8 @@ def positions_of(cell: np.ndarray, genes: Sequence[int]) -> np.ndarray:
     return np.asarray([where[int(g)] for g in genes], dtype=np.int64)
 
 
-def delete_each(cell: np.ndarray, at: np.ndarray) -> list[np.ndarray]:
+def delete_each(cell: np.ndarray, at: np.ndarray) -> np.ndarray:
     """``perturb(cell, [g], "delete", ...)`` for the gene at each position of ``at`` at once: row i
-    is the cell without position ``at[i]`` (one gather, no per-variant loop)."""
+    is the cell without position ``at[i]`` (one gather, no per-variant loop): (len(at), len(cell) - 1)."""
     j = np.arange(len(cell) - 1, dtype=np.int64)
-    return list(cell[j[None, :] + (j[None, :] >= at[:, None])])
+    return cell[j[None, :] + (j[None, :] >= at[:, None])]
