@@ -12,8 +12,10 @@ every deletion comes from sums over keys split at ``p``:
 (``e`` the exponentiated score, the same for the normaliser). For a batch of consecutive deletions
 ``p0 .. p1-1``, the keys outside the band are one matrix product and those inside it a cumulative
 sum: about ``n^2 d`` multiply-adds a batch instead of ``n^2 d`` a deletion. The layers above see a
-different input in every deletion and run as usual. The arithmetic is the same as the plain
-forward pass's (scores, softmax, weighted sum), in float32, summed in another order.
+different input in every deletion and run as usual, by the same operations as Hugging Face's
+``BertLayer`` called directly (its module and keyword plumbing cost a GPU's host about as much as
+launching the work). The arithmetic is the same as the plain forward pass's (scores, softmax,
+weighted sum), the first layer's attention in float32, summed in another order.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ import torch
 
 from rankformer.infer import encoder
 
-# what SharedDeletions reads of the first layer (BertLayer's parts)
+# what SharedDeletions reads of each layer it runs (BertLayer's parts)
 _LAYER_PARTS = (
     "attention.self.query",
     "attention.self.key",
     "attention.self.value",
     "attention.self.num_attention_heads",
-    "attention.output",
-    "intermediate",
-    "output",
+    "attention.self.attention_head_size",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "intermediate.intermediate_act_fn",
+    "output.dense",
+    "output.LayerNorm",
 )
 
 
@@ -49,12 +55,13 @@ def shareable(model: torch.nn.Module, layer: int) -> bool:
         return False
     if not hasattr(getattr(body, "embeddings", None), "position_embeddings"):
         return False
-    for part in _LAYER_PARTS:
-        node: Any = layers[0]
-        for name in part.split("."):
-            node = getattr(node, name, None)
-        if node is None:
-            return False
+    for below in list(layers)[:layer]:
+        for part in _LAYER_PARTS:
+            node: Any = below
+            for name in part.split("."):
+                node = getattr(node, name, None)
+            if node is None:
+                return False
     return True
 
 
@@ -111,12 +118,9 @@ class SharedDeletions:
         x = torch.cat(
             [x_o[:, :p0], torch.where(below, x_o[:, p0 : p1 - 1], x_s[:, p0 : p1 - 1]), x_s[:, p1 - 1 :]], 1
         )
-        first = self.layers[0]
-        a = first.attention.output(ctx.reshape(count, n, -1).to(x.dtype), x)
-        h = first.output(first.intermediate(a), a)
+        h = _after_attention(self.layers[0], ctx.reshape(count, n, -1).to(x.dtype), x)
         for layer in self.layers[1:]:
-            out = layer(h)
-            h = out[0] if isinstance(out, tuple) else out
+            h = _layer(layer, h)
         return h.float()
 
     def _attend(self, q: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
@@ -149,3 +153,34 @@ def _amax(s: torch.Tensor) -> torch.Tensor:
     if s.shape[-1] == 0:
         return s.new_full((*s.shape[:-1], 1), float("-inf"))
     return s.amax(-1, keepdim=True)
+
+
+def _linear(lin: Any, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, lin.weight, lin.bias)
+
+
+def _norm(ln: Any, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _after_attention(layer: Any, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rest of a BERT layer (eval mode: no dropout) from its attention's context ``ctx``, heads
+    merged, for the layer's input ``x``: output projection and residual LayerNorm, then the
+    feed-forward block and its residual LayerNorm."""
+    ao, mid, out = layer.attention.output, layer.intermediate, layer.output
+    a = _norm(ao.LayerNorm, _linear(ao.dense, ctx) + x)
+    return _norm(out.LayerNorm, _linear(out.dense, mid.intermediate_act_fn(_linear(mid.dense, a))) + a)
+
+
+def _layer(layer: Any, h: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's forward pass over unpadded rows ``h`` (b, n, d), eval mode."""
+    sa = layer.attention.self
+    b, n, _ = h.shape
+
+    def heads(lin: Any) -> torch.Tensor:  # (b, n, d) -> (b, heads, n, dh)
+        return _linear(lin, h).view(b, n, -1, sa.attention_head_size).transpose(1, 2)
+
+    ctx = torch.nn.functional.scaled_dot_product_attention(
+        heads(sa.query), heads(sa.key), heads(sa.value), scale=sa.attention_head_size**-0.5
+    )
+    return _after_attention(layer, ctx.transpose(1, 2).reshape(b, n, -1), h)
