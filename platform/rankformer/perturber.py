@@ -41,19 +41,21 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Original:
-    """A cell before perturbation: its states and mean-pooled embedding, where each gene stood
-    (``lut``: token -> position, -1 if absent; on the model's device), each gene's rank (``rank``:
-    token -> rank among the cell's genes, -1 if absent), and the states' embeddings (``s_mat``)
-    with the original's cosines to them."""
+    """A cell before perturbation: its tokens (``cell``, also on the model's device), states and
+    mean-pooled embedding, each gene's rank (``rank``: token -> rank among the cell's genes, -1 if
+    absent), and the states' embeddings (``s_mat``) with the original's cosines to them. ``lut``
+    (token -> position, -1 if absent; on the device) is made when a batch first needs it."""
 
     cell_id: str
+    cell: np.ndarray
+    cell_dev: torch.Tensor
     h0: torch.Tensor
     v0: torch.Tensor
-    lut: torch.Tensor
     rank: np.ndarray
     s_names: list[str]
     s_mat: torch.Tensor | None
     s_cos0: torch.Tensor | None
+    lut: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,25 +107,27 @@ class Perturber(Embedder):
 
     def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[_Launched]:
         """A cell's variant batches, each launched as the caller asks for the next."""
-        import torch
-
         from rankformer.model.batching import budget_batches
         from rankformer.model.deletions import SharedDeletions
-        from rankformer.model.device import to_device
 
         combos = self.variants(cell)
         seqs, at = self._sequences(cell, combos, cell_id)
         orig = self._original(cell, h0, cell_id)
-        lengths = np.asarray([len(s) for s in seqs] if at is None else [seqs.shape[1]] * len(seqs), np.int64)
+        lengths = np.asarray(
+            [len(cell) - 1] * len(combos) if seqs is None else [len(s) for s in seqs], np.int64
+        )
         shared = None
-        for idx in budget_batches(lengths, self.max_tokens, 256) if len(seqs) else []:
+        for idx in budget_batches(lengths, self.max_tokens, 256) if len(combos) else []:
             run = None  # a run of consecutive single deletions: through the shared first layer
             if at is not None and self._shares_deletions and bool((np.diff(at[idx]) == 1).all()):
                 if shared is None:
-                    cell_dev = to_device(torch.from_numpy(cell.astype(np.int64)), self.device)
-                    shared = SharedDeletions(self.model, cell_dev, self.layer)
+                    shared = SharedDeletions(self.model, orig.cell_dev, self.layer)
                 run = (shared, int(at[idx[0]]), len(idx))
-            batch = seqs[idx] if at is not None else [seqs[i] for i in idx]
+            batch: list[np.ndarray] | np.ndarray | None = None  # (none: made on the device)
+            if run is None and at is not None:
+                batch = delete_each(cell, at[idx])
+            elif run is None:
+                batch = [seqs[i] for i in idx] if seqs is not None else []
             yield self._launch(orig, idx, batch, [combos[i] for i in idx], run)
 
     @functools.cached_property
@@ -134,10 +138,10 @@ class Perturber(Embedder):
 
     def _sequences(
         self, cell: np.ndarray, combos: list[list[int]], cell_id: str
-    ) -> tuple[Any, np.ndarray | None]:
-        """Each perturbation's token sequence, and for single deletions the positions deleted (the
-        sequences then one array, a row each); an error naming a perturbation that would leave no
-        gene."""
+    ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
+        """Each perturbation's token sequence, or for single deletions the positions deleted
+        instead (their sequences are made batch by batch, on the device for the shared first layer);
+        an error naming a perturbation that would leave no gene."""
         spec = self.spec
         at = None
         if (
@@ -146,9 +150,9 @@ class Perturber(Embedder):
             and len(cell) <= spec["max_length"]
             and len(np.unique(cell)) == len(cell)
         ):
-            at = positions_of(cell, [c[0] for c in combos])
-            seqs: Any = delete_each(cell, at)  # every gene alone: the common case
-            left = (seqs >= self.gene_lo).any(1)
+            at = positions_of(cell, [c[0] for c in combos])  # every gene alone: the common case
+            seqs = None  # (each deletes one of the cell's distinct genes: some gene is left if 2 were there)
+            left = np.full(len(combos), int((cell >= self.gene_lo).sum()) >= 2)
         else:
             shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
             seqs = [
@@ -172,34 +176,56 @@ class Perturber(Embedder):
 
         dev = self.device  # scores are computed where the states are; only the scores come back
         h0 = h0.to(dev)  # (already there when the original ran on the device)
-        v0 = mean_pool(h0[None], to_device(torch.from_numpy(cell >= self.gene_lo), dev)[None])[0]
-        # where each gene token stood in the original cell (-1: not there); variants' states are
-        # matched to the original's by gene with one gather per batch
-        at = np.flatnonzero(cell >= self.gene_lo)
-        lut = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
-        lut[cell[at[::-1]]] = at[::-1]  # first occurrence wins
-        lut_dev = to_device(torch.from_numpy(lut), dev)
-        rank = np.full(len(lut), -1, dtype=np.int64)
-        rank[cell[at[::-1]]] = np.arange(len(at) - 1, -1, -1)  # (first occurrence wins here too)
+        cell_dev = to_device(torch.from_numpy(cell.astype(np.int64)), dev)
+        v0 = mean_pool(h0[None], (cell_dev >= self.gene_lo)[None])[0]
+        at = np.flatnonzero(cell >= self.gene_lo)[::-1]
+        rank = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
+        rank[cell[at]] = np.arange(len(at) - 1, -1, -1)  # first occurrence wins
         states = self.spec["states"]
         s_mat = s_cos0 = None
         if states:
-            s_mat = to_device(torch.from_numpy(np.asarray(list(states.values()), dtype=np.float32)), dev)
+            s_mat = self._state_matrix(states)
             s_cos0 = _cos(v0[None], s_mat)
-        return _Original(cell_id, h0, v0, lut_dev, rank, list(states), s_mat, s_cos0)
+        return _Original(cell_id, cell, cell_dev, h0, v0, rank, list(states), s_mat, s_cos0)
+
+    def _state_matrix(self, states: dict[str, Any]) -> torch.Tensor:
+        """The states' embeddings as rows, on the model's device (copied once per set of states)."""
+        import torch
+
+        from rankformer.model.device import to_device
+
+        kept = getattr(self, "_states_on_device", None)
+        if kept is None or kept[0] is not states:
+            rows = torch.from_numpy(np.asarray(list(states.values()), dtype=np.float32))
+            kept = self._states_on_device = (states, to_device(rows, self.device))
+        return kept[1]
+
+    def _lut(self, orig: _Original) -> torch.Tensor:
+        """Where each gene token stood in the original cell (-1: not there), on the device: variants'
+        states are matched to the original's by gene with one gather per batch."""
+        import torch
+
+        from rankformer.model.device import to_device
+
+        if orig.lut is None:
+            at = np.flatnonzero(orig.cell >= self.gene_lo)[::-1]
+            lut = np.full(len(orig.rank), -1, dtype=np.int64)
+            lut[orig.cell[at]] = at  # first occurrence wins
+            orig.lut = to_device(torch.from_numpy(lut), self.device)
+        return orig.lut
 
     def _launch(
         self,
         orig: _Original,
         idx: np.ndarray,
-        seqs: list[np.ndarray] | np.ndarray,
+        seqs: list[np.ndarray] | np.ndarray | None,
         combos: list[list[int]],
         run: tuple[SharedDeletions, int, int] | None = None,
     ) -> _Launched:
         """One forward pass over a batch of a cell's variants and their scores, computed where the
         states are; on a GPU this only queues the work, and the scores' copy to the host. ``run``:
-        the batch deletes consecutive positions (from, count), its states come from the cell's
-        shared first layer."""
+        the batch deletes consecutive positions (from, count), its ids and states come from the
+        cell's shared first layer (``seqs`` unused)."""
         import torch
 
         from rankformer.infer import Batch, hidden_states, mean_pool
@@ -207,14 +233,18 @@ class Perturber(Embedder):
         from rankformer.model.device import queued_mark, to_device, to_host_queued
 
         dev = self.device
-        ids, attn = pad_batch(seqs, self.pad)
-        ids_dev = to_device(ids, dev)  # once: the forward pass and the scores use it
         if run is not None:
+            ids_dev, pos = run[0].variants(run[1], run[2])
             h1 = run[0].states(run[1], run[2])
+            genes = ids_dev >= self.gene_lo  # (a deletion's tokens are distinct: each where it stood)
+            p0, common = torch.where(genes, pos, -1), genes
         else:
+            assert seqs is not None
+            ids, attn = pad_batch(seqs, self.pad)
+            ids_dev = to_device(ids, dev)  # once: the forward pass and the scores use it
             h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
+            p0, common = self._matched(ids_dev, combos, self._lut(orig))
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
-        p0, common = self._matched(ids_dev, combos, orig.lut)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
         gene_cos = torch.where(common, _cos(h1, orig.h0[p0.clamp(min=0)]), 0.0)
         n_common = common.sum(1)
@@ -224,10 +254,13 @@ class Perturber(Embedder):
         # what comes back is queued for the host (pinned memory, on a GPU), ready once `done` is
         # reached: nothing here makes the host wait for the device
         table = to_host_queued(torch.stack(scores, 1))  # (B, 3 + states)
-        genes = None
+        per_gene = None
         if self.spec["per_gene"]:
-            genes = (ids, to_host_queued(p0), to_host_queued(common), to_host_queued(gene_cos))
-        return _Launched(orig, combos, table, queued_mark(dev), genes)
+            ids_host, p0_host, common_host, cos_host = (
+                to_host_queued(t) for t in (ids_dev, p0, common, gene_cos)
+            )
+            per_gene = (ids_host, p0_host, common_host, cos_host)
+        return _Launched(orig, combos, table, queued_mark(dev), per_gene)
 
     def _finish(self, batch: _Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:
         """A launched batch's rows appended to ``parts`` as a table (after its scores reach the

@@ -14,12 +14,14 @@ every deletion comes from sums over keys split at ``p``:
 sum: about ``n^2 d`` multiply-adds a batch instead of ``n^2 d`` a deletion. The layers above see a
 different input in every deletion and run as usual, by the same operations as Hugging Face's
 ``BertLayer`` called directly (its module and keyword plumbing cost a GPU's host about as much as
-launching the work). The arithmetic is the same as the plain forward pass's (scores, softmax,
-weighted sum), the first layer's attention in float32, summed in another order.
+launching the work), the query, key and value projections as one matrix product. The arithmetic
+is the same as the plain forward pass's (scores, softmax, weighted sum), the first layer's
+attention in float32, summed in another order.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -73,6 +75,7 @@ class SharedDeletions:
     @torch.no_grad()
     def __init__(self, model: torch.nn.Module, cell: torch.Tensor, layer: int) -> None:
         body: Any = encoder(model)
+        self.cell = cell
         self.layers = list(body.encoder.layer)[:layer]
         first = self.layers[0]
         sa = first.attention.self
@@ -82,13 +85,16 @@ class SharedDeletions:
         pos = torch.arange(n, device=cell.device)[None].expand(2, -1)
         self.x = body.embeddings(input_ids=ids, position_ids=pos)  # (2, n, d), the model's dtype
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # (2, n, d) -> (2, heads, n, dh), float32
-            return t.view(2, n, self.heads, self.dh).transpose(1, 2).float()
-
-        self.q = split(sa.query(self.x)) * self.dh**-0.5
-        self.k = split(sa.key(self.x))
-        v = split(sa.value(self.x))
+        q, k, v = (t.float() for t in _qkv(sa, self.x))  # (2, heads, n, dh), float32
+        self.q, self.k = q * self.dh**-0.5, k
         self.v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normaliser
+
+    def variants(self, p0: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token ids of the deletions of positions ``p0 .. p0+count-1`` and where each of their
+        tokens stood in the cell: two (count, n) tensors on the cell's device."""
+        j = torch.arange(self.n, device=self.cell.device)
+        pos = j + (j >= torch.arange(p0, p0 + count, device=j.device)[:, None])
+        return self.cell[pos], pos
 
     @torch.no_grad()
     def states(self, p0: int, count: int) -> torch.Tensor:
@@ -176,11 +182,30 @@ def _layer(layer: Any, h: torch.Tensor) -> torch.Tensor:
     """A BERT layer's forward pass over unpadded rows ``h`` (b, n, d), eval mode."""
     sa = layer.attention.self
     b, n, _ = h.shape
-
-    def heads(lin: Any) -> torch.Tensor:  # (b, n, d) -> (b, heads, n, dh)
-        return _linear(lin, h).view(b, n, -1, sa.attention_head_size).transpose(1, 2)
-
-    ctx = torch.nn.functional.scaled_dot_product_attention(
-        heads(sa.query), heads(sa.key), heads(sa.value), scale=sa.attention_head_size**-0.5
-    )
+    q, k, v = _qkv(sa, h)
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sa.attention_head_size**-0.5)
     return _after_attention(layer, ctx.transpose(1, 2).reshape(b, n, -1), h)
+
+
+# each self-attention's query, key and value weights stacked: (the weights' identity, weight, bias)
+_STACKED: weakref.WeakKeyDictionary[Any, tuple[Any, torch.Tensor, torch.Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _qkv(sa: Any, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A self-attention's query, key and value projections of ``h`` (b, n, d) as one matrix product
+    (one launch instead of three), each (b, heads, n, dh). The stacked weights are made once per
+    module, again if its weights change place, type or contents."""
+    lins = (sa.query, sa.key, sa.value)
+    ident = tuple((lin.weight.data_ptr(), lin.weight.dtype, lin.weight._version) for lin in lins)
+    kept = _STACKED.get(sa)
+    if kept is None or kept[0] != ident:
+        with torch.no_grad():
+            biases = [lin.weight.new_zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in lins]
+            bias = torch.cat(biases) if any(lin.bias is not None for lin in lins) else None
+            kept = (ident, torch.cat([lin.weight for lin in lins]), bias)
+        _STACKED[sa] = kept
+    b, n, _ = h.shape
+    qkv = torch.nn.functional.linear(h, kept[1], kept[2]).view(b, n, 3, -1, sa.attention_head_size)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
