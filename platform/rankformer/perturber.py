@@ -33,27 +33,32 @@ if TYPE_CHECKING:
     from rankformer.model.deletions import SharedDeletions
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, as ``torch.nn.functional.cosine_similarity`` scales each side
+    (norm clamped at its 1e-8): the cosine of two rows is then the sum of their product, the same
+    number, with each side scaled once however many rows it meets (an original against all its
+    variants)."""
     import torch
 
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
 
 
 @dataclass
 class _Original:
     """A cell before perturbation: its tokens (``cell``, also on the model's device), states and
-    mean-pooled embedding, each gene's rank (``rank``: token -> rank among the cell's genes, -1 if
-    absent), and the states' embeddings (``s_mat``) with the original's cosines to them. ``lut``
-    (token -> position, -1 if absent; on the device) is made when a batch first needs it."""
+    mean-pooled embedding (as unit rows: see :func:`_unit`), each gene's rank (``rank``: token ->
+    rank among the cell's genes, -1 if absent), and the states' embeddings (``s_unit``, unit rows)
+    with the original's cosines to them. ``lut`` (token -> position, -1 if absent; on the device)
+    is made when a batch first needs it."""
 
     cell_id: str
     cell: np.ndarray
     cell_dev: torch.Tensor
-    h0: torch.Tensor
-    v0: torch.Tensor
+    h0_unit: torch.Tensor
+    v0_unit: torch.Tensor
     rank: np.ndarray
     s_names: list[str]
-    s_mat: torch.Tensor | None
+    s_unit: torch.Tensor | None
     s_cos0: torch.Tensor | None
     lut: torch.Tensor | None = None
 
@@ -182,14 +187,15 @@ class Perturber(Embedder):
         rank = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         rank[cell[at]] = np.arange(len(at) - 1, -1, -1)  # first occurrence wins
         states = self.spec["states"]
-        s_mat = s_cos0 = None
+        v0_unit = _unit(v0)
+        s_unit = s_cos0 = None
         if states:
-            s_mat = self._state_matrix(states)
-            s_cos0 = _cos(v0[None], s_mat)
-        return _Original(cell_id, cell, cell_dev, h0, v0, rank, list(states), s_mat, s_cos0)
+            s_unit = self._state_matrix(states)
+            s_cos0 = (v0_unit[None] * s_unit).sum(-1)
+        return _Original(cell_id, cell, cell_dev, _unit(h0), v0_unit, rank, list(states), s_unit, s_cos0)
 
     def _state_matrix(self, states: dict[str, Any]) -> torch.Tensor:
-        """The states' embeddings as rows, on the model's device (copied once per set of states)."""
+        """The states' embeddings as unit rows, on the model's device (made once per set of states)."""
         import torch
 
         from rankformer.model.device import to_device
@@ -197,7 +203,7 @@ class Perturber(Embedder):
         kept = getattr(self, "_states_on_device", None)
         if kept is None or kept[0] is not states:
             rows = torch.from_numpy(np.asarray(list(states.values()), dtype=np.float32))
-            kept = self._states_on_device = (states, to_device(rows, self.device))
+            kept = self._states_on_device = (states, _unit(to_device(rows, self.device)))
         return kept[1]
 
     def _lut(self, orig: _Original) -> torch.Tensor:
@@ -246,11 +252,16 @@ class Perturber(Embedder):
             p0, common = self._matched(ids_dev, combos, self._lut(orig))
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
-        gene_cos = torch.where(common, _cos(h1, orig.h0[p0.clamp(min=0)]), 0.0)
+        gene_cos = torch.where(common, (_unit(h1) * orig.h0_unit[p0.clamp(min=0)]).sum(-1), 0.0)
         n_common = common.sum(1)
-        scores = [_cos(orig.v0[None], v1), gene_cos.sum(1) / n_common.clamp(min=1), n_common.float()]
-        if orig.s_mat is not None and orig.s_cos0 is not None:
-            scores += (_cos(v1[:, None], orig.s_mat[None]) - orig.s_cos0).unbind(1)
+        v1 = _unit(v1)
+        scores = [
+            (orig.v0_unit[None] * v1).sum(-1),
+            gene_cos.sum(1) / n_common.clamp(min=1),
+            n_common.float(),
+        ]
+        if orig.s_unit is not None and orig.s_cos0 is not None:
+            scores += ((v1[:, None] * orig.s_unit[None]).sum(-1) - orig.s_cos0).unbind(1)
         # what comes back is queued for the host (pinned memory, on a GPU), ready once `done` is
         # reached: nothing here makes the host wait for the device
         table = to_host_queued(torch.stack(scores, 1))  # (B, 3 + states)
