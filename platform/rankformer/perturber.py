@@ -132,7 +132,8 @@ class Perturber(Embedder):
             if run is None and at is not None:
                 batch = delete_each(cell, at[idx])
             elif run is None:
-                batch = [seqs[i] for i in idx] if seqs is not None else []
+                assert seqs is not None  # (only single deletions go without sequences)
+                batch = [seqs[i] for i in idx]
             yield self._launch(orig, idx, batch, [combos[i] for i in idx], run)
 
     @functools.cached_property
@@ -213,11 +214,10 @@ class Perturber(Embedder):
 
         from rankformer.model.device import to_device
 
-        if orig.lut is None:
-            at = np.flatnonzero(orig.cell >= self.gene_lo)[::-1]
-            lut = np.full(len(orig.rank), -1, dtype=np.int64)
-            lut[orig.cell[at]] = at  # first occurrence wins
-            orig.lut = to_device(torch.from_numpy(lut), self.device)
+        if orig.lut is None:  # a gene's rank indexes the cell's gene positions (its first occurrence)
+            at = np.flatnonzero(orig.cell >= self.gene_lo)
+            lut = np.where(orig.rank >= 0, at[orig.rank.clip(min=0)] if len(at) else -1, -1)
+            orig.lut = to_device(torch.from_numpy(lut.astype(np.int64)), self.device)
         return orig.lut
 
     def _launch(
@@ -267,10 +267,12 @@ class Perturber(Embedder):
         table = to_host_queued(torch.stack(scores, 1))  # (B, 3 + states)
         per_gene = None
         if self.spec["per_gene"]:
-            ids_host, p0_host, common_host, cos_host = (
-                to_host_queued(t) for t in (ids_dev, p0, common, gene_cos)
+            per_gene = (
+                to_host_queued(ids_dev),
+                to_host_queued(p0),
+                to_host_queued(common),
+                to_host_queued(gene_cos),
             )
-            per_gene = (ids_host, p0_host, common_host, cos_host)
         return _Launched(orig, combos, table, queued_mark(dev), per_gene)
 
     def _finish(self, batch: _Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:

@@ -259,8 +259,9 @@ class ModelCore:
         for part in gene_parts:
             for g in part.select(["perturbed", "affected_gene", "cosine"]).to_pylist():
                 cosines.setdefault(tuple(g["perturbed"]), {})[g["affected_gene"]] = g["cosine"]
-        for r in rows if req.per_gene else []:
-            r["gene_cosines"] = cosines.get(tuple(r["perturbed"]), {})
+        if req.per_gene:
+            for r in rows:
+                r["gene_cosines"] = cosines.get(tuple(r["perturbed"]), {})
         return {"results": rows, "unknown_genes": unknown}
 
 
