@@ -21,7 +21,9 @@ ratio_vs_plain_encoder_loop; gflops_per_s of each method (its arithmetic, counte
 over its time) and of a plain matmul at the model's feed-forward shape (`plain-matmul`: what the
 device gives dense arithmetic at that precision, in the same run); arithmetic_ratio_vs_reference_method
 (how much of the ratio is less arithmetic: the rest is arithmetic done faster); on a GPU,
-gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed);
+gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed) and
+ratio_vs_fixed_budget (ours at its default tokens per forward batch, from the GPU's free memory,
+against the same job at 131,072, the fixed default before);
 `embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
 median_memory_ratio_vs_hold_all.
 """
@@ -48,6 +50,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from pretrain_helpers import write_corpus
 
 N_GENES = 2000
+FIXED_GPU_BUDGET = 131_072  # the GPU's default tokens per forward batch before it came from memory
 V1_GENES = 25_422  # with our four special tokens, the 25,426 entries of Geneformer's V1 dictionary
 
 
@@ -99,7 +102,7 @@ def shared_first_layer_flops(config: Any, k: int, max_tokens: int) -> float:
     h, i = config.hidden_size, config.intermediate_size
     n = k - 1  # a deletion's length
     total = 2.0 * (2 * n) * 3 * h * h
-    per_batch = max(1, min(256, max_tokens // n))
+    per_batch = max(1, max_tokens // n)
     for p0 in range(1, k - 1, per_batch):
         p1 = min(p0 + per_batch, k - 1)
         keys = (p1 - 1) + (n - p0)  # o-keys below p1-1, s-keys from p0
@@ -135,6 +138,21 @@ def arithmetic(
         "plain-encoder-loop": forward_flops(config, padded + per_cell, layers, head=False),
         "rankformer": ours,
     }
+
+
+def budget_of(model: str, device: str, precision: str) -> int:
+    """The tokens per forward batch a perturbation job of ``model`` takes on ``device`` at
+    ``precision`` by default (on CUDA: from the memory free beside the model, as the job finds it)."""
+    from rankformer.infer_config import token_budget
+    from rankformer.perturber import Perturber
+
+    if device != "cuda":
+        return token_budget(None)
+    worker = Perturber.on_demand(model, "", True, precision, "penultimate")
+    budget = worker.max_tokens
+    del worker
+    torch.cuda.empty_cache()
+    return budget
 
 
 def matmul_rate(config: Any, dtype: torch.dtype, device: str, tokens: int = 16_384) -> float:
@@ -282,9 +300,7 @@ def perturb_bench(
     from transformers import AutoConfig
 
     bert = AutoConfig.from_pretrained(model)
-    from rankformer.infer_config import token_budget
-
-    flops = arithmetic(bert, data, states, batch, token_budget(None, device == "cuda"))
+    flops = arithmetic(bert, data, states, batch, budget_of(model, device, "float32"))
     baselines = {}  # method -> (seconds, peak MB, first row)
     for method, with_head in (("reference", True), ("plain-encoder-loop", False)):
         with measured(device) as m:
@@ -292,7 +308,7 @@ def perturb_bench(
         baselines[method] = (m["s"], m["mb"], row)
     perturbed = n_cells // 2
 
-    def ours(out: Path, precision: str) -> None:
+    def ours(out: Path, precision: str, max_tokens: int | None = None) -> None:
         run_perturb(
             PerturbConfig(
                 model=model,
@@ -306,6 +322,7 @@ def perturb_bench(
                 precision=precision,
                 use_gpu=device == "cuda",
                 in_process=True,
+                max_tokens=max_tokens,
             )
         )
 
@@ -330,7 +347,9 @@ def perturb_bench(
             "states": 2,
             "forward_batch_size": batch,
             "precision": precision,
+            "max_tokens": budget_of(model, device, precision),
         }
+        flops["rankformer"] = arithmetic(bert, data, states, batch, conf["max_tokens"])["rankformer"]
         runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32
             runs |= {k: (sec, mb) for k, (sec, mb, _) in baselines.items()}
@@ -342,12 +361,17 @@ def perturb_bench(
         rate = matmul_rate(bert, PRECISIONS[precision], device)
         record("perturb", "gflops_per_s", rate, "GFLOP/s", {**conf, "method": "plain-matmul"})
         if precision == "float32":  # the same counts at every precision
-            fixed = {k: v for k, v in conf.items() if k != "precision"}
+            fixed = {k: v for k, v in conf.items() if k not in ("precision", "max_tokens")}
             ratio = flops["reference"] / flops["rankformer"]
             record("perturb", "arithmetic_ratio_vs_reference_method", ratio, "x", fixed)
         ref_s, plain_s = baselines["reference"][0], baselines["plain-encoder-loop"][0]
         record("perturb", "ratio_vs_reference_method", ref_s / ours_s, "x", conf)
         record("perturb", "ratio_vs_plain_encoder_loop", plain_s / ours_s, "x", conf)
+        if device == "cuda" and conf["max_tokens"] != FIXED_GPU_BUDGET:  # against the earlier default
+            with measured(device) as m:
+                ours(work / f"fixed_{preset_name}_{precision}", precision, FIXED_GPU_BUDGET)
+            ratio = m["s"] / ours_s
+            record("perturb", "ratio_vs_fixed_budget", ratio, "x", {**conf, "fixed_budget": FIXED_GPU_BUDGET})
         if device == "cuda":  # how much of the job's time the GPU computes (the rest: the host)
             busy = gpu_busy_fraction(ours, work / f"profiled_{preset_name}_{precision}", precision)
             record("perturb", "gpu_busy_fraction", busy, "fraction", {**conf, "method": "rankformer"})

@@ -412,7 +412,7 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
     without a word); on CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each
     new batch shape), which tests/test_gpu.py checks; unless given, a forward batch holds more
     tokens on a GPU than on the CPU."""
-    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, token_budget
+    from rankformer.infer_config import CPU_MAX_TOKENS, token_budget
     from rankformer.model.device import settle
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
@@ -425,8 +425,81 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
         with pytest.raises(InputError, match="--use-gpu: .* or leave --use-gpu out"):
             cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(tmp_path / "e"), use_gpu=True)
             run_embed(dataclasses.replace(cfg, in_process=True))
-    assert token_budget(None, False) == CPU_MAX_TOKENS < token_budget(None, True) == GPU_MAX_TOKENS
-    assert token_budget(100, True) == 100
+    assert token_budget(None) == CPU_MAX_TOKENS and token_budget(100) == token_budget(100, 1e12) == 100
+
+
+def test_a_gpus_default_budget_comes_from_its_free_memory():
+    """On a GPU the default tokens per forward batch is the largest power of two whose estimated
+    activations fill half the free memory, between the CPU's default and 2^20: a 500-gene cell's
+    deletions in one pass for v1 on an 80 GB card, fewer tokens for a wider model or a smaller card,
+    never fewer than the CPU's."""
+    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, token_budget
+
+    v1 = {p: bytes_per_token(256, 512, 4, e) for p, e in (("bf16", 2), ("fp32", 4))}
+    v2 = {p: bytes_per_token(768, 3072, 12, e) for p, e in (("bf16", 2), ("fp32", 4))}
+    assert v1["bf16"] < v1["fp32"] < v2["bf16"] < v2["fp32"]
+    gb = 1e9
+    assert token_budget(None, 78 * gb, v1["bf16"]) == GPU_MAX_TOKENS >= 500 * 501
+    assert token_budget(None, 78 * gb, v2["bf16"]) == 1 << 19
+    assert token_budget(None, 15 * gb, v2["bf16"]) == 1 << 17
+    assert token_budget(None, 15 * gb, v2["fp32"]) == 1 << 16
+    assert token_budget(None, 0.1 * gb, v2["fp32"]) == token_budget(None, -gb, 1) == CPU_MAX_TOKENS
+    fit = token_budget(None, 15 * gb, v2["bf16"])
+    assert fit * v2["bf16"] <= 0.5 * 15 * gb < 2 * fit * v2["bf16"]
+
+
+_PEAK_GROWTH = """
+import json, sys
+from rankformer.perturb import PerturbConfig, run_perturb
+model, corpus, out, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def run(tag, tokens):
+    run_perturb(PerturbConfig(model=model, corpus=corpus, out=out + tag, mode="all", in_process=True,
+                              max_tokens=tokens))
+def status(key):  # bytes
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+run("_warm", 2048)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak resident size starts again from the current one
+before = status("VmRSS:")
+run("_measured", budget)
+print(json.dumps(status("VmHWM:") - before))
+"""
+
+
+def test_the_budgets_memory_estimate_bounds_a_perturbation_pass(tmp_path):
+    """The per-token estimate the GPU's budget comes from bounds what a perturbation pass holds per
+    token. Measured on CPU (the same operations; a GPU's allocator is checked in tests/test_gpu.py):
+    a fresh process's peak resident memory over a pass (Linux's high-water mark, reset before it;
+    `ru_maxrss` would keep the forking test process's size) grows, from a pass of 4,096 tokens to one
+    of 32,768 (one 180-gene cell's deletions, `tiny`), by less than the estimate for the 28,672
+    tokens between (1.4-1.6 kB a token measured, 2.5 kB estimated)."""
+    import json
+    import subprocess
+    import sys
+
+    from rankformer.infer_config import bytes_per_token
+
+    rng = np.random.default_rng(0)
+    cell = np.asarray([2, *(rng.choice(1000, 180, replace=False) + 4), 3])
+    corpus = write_corpus(str(tmp_path / "c"), [cell], 1000)
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    p = preset("tiny")
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(p, vocab)).eval()
+    save_model_dir(
+        model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 256}, str(tmp_path / "m")
+    )
+    growth = {}
+    for budget in (4096, 32_768):
+        args = [str(tmp_path / "m"), corpus, str(tmp_path / f"p{budget}"), str(budget)]
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_GROWTH, *args], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        growth[budget] = json.loads(done.stdout.strip().splitlines()[-1])
+    per_token = (growth[32_768] - growth[4096]) / (32_768 - 4096)
+    estimate = bytes_per_token(p.hidden_size, p.intermediate_size, p.num_attention_heads, 4)
+    assert 0.2 * estimate < per_token < estimate, (per_token, estimate, growth)
 
 
 def test_a_jobs_passes_share_one_loaded_model(world):

@@ -159,3 +159,50 @@ def test_queued_batches_leave_the_host_free(tmp_path):
     assert sum(t.num_rows for t in tables) > 0 and vecs.shape == (len(cells), int(p.model.config.hidden_size))
     assert int(genes.counts.sum()) == int(sums.counts.sum()) == sum(len(c) - 2 for c in cells)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_the_default_budget_fits_its_memory_estimate(tmp_path):
+    """On the GPU, unless given, a forward batch's tokens come from the memory free beside the
+    model. A bfloat16 `geneformer-v1`-sized model perturbing every gene of a 1,000-gene cell at that
+    budget allocates at its peak no more than the estimate the budget came from, for its largest
+    pass, and computes what smaller passes compute."""
+    import numpy as np
+    from transformers import BertForMaskedLM
+
+    from rankformer.infer_config import CPU_MAX_TOKENS, bytes_per_cell, bytes_per_token
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+    from rankformer.perturber import Perturber
+
+    rng = np.random.default_rng(0)
+    cell = np.asarray([2, *(rng.choice(1200, 1000, replace=False) + 4), 3])
+    write_corpus(str(tmp_path / "c"), [cell], 1200)
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    p = preset("geneformer-v1")
+    torch.manual_seed(0)
+    meta = {"task": "masked-lm", "layout": "v2", "max_length": 2048}
+    save_model_dir(BertForMaskedLM(bert_config(p, vocab)), vocab, meta, str(tmp_path / "m"))
+    uri = f"sqlite:///{tmp_path}/m.db"
+    scores = {}
+    for budget in (None, CPU_MAX_TOKENS):
+        worker = Perturber.on_demand(str(tmp_path / "m"), uri, True, "bfloat16", "penultimate", budget)
+        worker.configure(
+            kind="delete", mode="all", targets=[], anchor=None, shift=0.1, per_gene=False, states={}
+        )
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        (table,) = worker.scored([cell], ["c"])
+        scores[budget] = table.to_pandas()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        if budget is None:
+            n = len(cell) - 1  # a deletion's length
+            assert worker.max_tokens > CPU_MAX_TOKENS
+            largest = min(worker.max_tokens // n, len(cell) - 2) * n
+            estimate = bytes_per_token(p.hidden_size, p.intermediate_size, p.num_attention_heads, 2)
+            assert peak <= estimate * largest + bytes_per_cell(p.num_attention_heads, n), (peak, largest)
+        del worker
+    assert len(scores[None]) == len(cell) - 2
+    for col in ("cell_cosine", "gene_mean_cosine"):
+        np.testing.assert_allclose(scores[None][col], scores[CPU_MAX_TOKENS][col], atol=2e-2)

@@ -85,13 +85,11 @@ class Embedder:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from rankformer.infer import up_to
-        from rankformer.infer_config import token_budget
-        from rankformer.model.device import pick_device
+        from rankformer.model.device import device_token_budget, pick_device
         from rankformer.model.store import max_length_of
 
         self.spec = spec
         self.device = pick_device(spec["use_gpu"])
-        self.max_tokens = token_budget(spec.get("max_tokens"), self.device.type == "cuda")
         precision = spec.get("precision", "float32")
         key = (spec["model"], spec["tracking_uri"], self.device, precision)
         shared = _SHARED.get(key) if _SHARED is not None else None
@@ -103,6 +101,9 @@ class Embedder:
         self.vocab = loaded.vocab
         self.meta = loaded.meta
         self.max_length = max_length_of(loaded.meta, loaded.model.config)
+        self.max_tokens = device_token_budget(
+            spec.get("max_tokens"), self.model, self.device, self.max_length
+        )
         self.cls = loaded.vocab.specials.get(schema.CLS)
         self.eos = loaded.vocab.specials.get(schema.EOS)
         self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.errors import InputError
-from rankformer.infer_config import check_layer, check_perturbation, check_precision, token_budget
+from rankformer.infer_config import check_layer, check_perturbation, check_precision
 
 
 class _TakesCells:
@@ -287,7 +287,7 @@ class Classifier(_TakesCells):
         from rankformer import tracking
         from rankformer.loader import load_model as load
         from rankformer.loader import model_meta
-        from rankformer.model.device import pick_device
+        from rankformer.model.device import device_token_budget, pick_device
         from rankformer.model.store import max_length_of
         from rankformer.train.classifier import classifier_class
 
@@ -311,7 +311,7 @@ class Classifier(_TakesCells):
         self.label_column = meta.get("label_column")
         config: Any = self._model.config
         self.max_length = max_length_of(meta, config)
-        self.max_tokens = token_budget(max_tokens, device.type == "cuda")
+        self.max_tokens = device_token_budget(max_tokens, self._model, device, self.max_length)
 
     def __repr__(self) -> str:
         return f"Classifier({self.uri!r}, {self.kind}, classes={self.classes})"

@@ -121,8 +121,8 @@ class Perturber(Embedder):
         lengths = np.asarray(
             [len(cell) - 1] * len(combos) if seqs is None else [len(s) for s in seqs], np.int64
         )
-        shared = None
-        for idx in budget_batches(lengths, self.max_tokens, 256) if len(combos) else []:
+        shared = None  # (no cap on variants a batch but the budget: on a GPU, each pass costs its host)
+        for idx in budget_batches(lengths, self.max_tokens, len(combos)) if len(combos) else []:
             run = None  # a run of consecutive single deletions: through the shared first layer
             if at is not None and self._shares_deletions and bool((np.diff(at[idx]) == 1).all()):
                 if shared is None:

@@ -45,7 +45,7 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
         cfg.seed,
     )
     out = JobOutput(cfg.out, f"predict-{what}", cfg)
-    budget = token_budget(cfg.max_tokens, False)  # predictions run on the CPU
+    budget = token_budget(cfg.max_tokens)  # predictions run on the CPU
     table = _predictions(what, model, cells, extra, loaded, classes, budget)
     out.write_table(f"{'gene' if what == 'genes' else 'cell'}_predictions", table)
     version = None

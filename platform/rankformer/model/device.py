@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rankformer.errors import InputError
@@ -28,6 +30,26 @@ def settle(device: torch.device | str) -> torch.device:
             raise InputError(no_gpu_message())
         torch.backends.cuda.enable_cudnn_sdp(False)
     return device
+
+
+def device_token_budget(
+    max_tokens: int | None, model: torch.nn.Module, device: torch.device, max_length: int
+) -> int:
+    """Tokens per forward batch of ``model`` (on ``device``, cells up to ``max_length`` tokens):
+    ``max_tokens`` if given; on CUDA, from the memory free beside the model (what the caching
+    allocator holds unused counts as free) by :func:`rankformer.infer_config.fit_budget`; else the
+    CPU's default."""
+    from rankformer.infer_config import bytes_per_cell, bytes_per_token, token_budget
+
+    if max_tokens is not None or device.type != "cuda":
+        return token_budget(max_tokens)
+    config: Any = model.config
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    heads = int(config.num_attention_heads)
+    element = next(model.parameters()).element_size()
+    per_token = bytes_per_token(int(config.hidden_size), int(config.intermediate_size), heads, element)
+    return token_budget(None, free - bytes_per_cell(heads, max_length), per_token)
 
 
 def no_gpu_message() -> str:
