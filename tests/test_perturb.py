@@ -424,6 +424,23 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.ray
+def test_a_gpu_out_of_memory_names_the_fix(world, tmp_path, monkeypatch):
+    """A device out of memory in a forward pass (raised here on CPU, as torch raises it) stops a
+    perturbation or embedding job with an error naming the budget and a smaller one to give."""
+    from rankformer.embed import EmbedConfig, run_embed
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
+
+    monkeypatch.setattr("rankformer.infer.hidden_states", out_of_memory)
+    common = {"model": world.model, "corpus": world.corpus, "in_process": True}
+    fix = r"give --max-tokens \(max_tokens= in Python\) {} or fewer, or free the GPU \(CUDA out of memory"
+    with pytest.raises(InputError, match=r"up to 16,384 tokens: " + fix.format(8192)):
+        run_perturb(PerturbConfig(**common, out=str(tmp_path / "p"), mode="all"))
+    with pytest.raises(InputError, match=r"up to 100 tokens: " + fix.format(50)):
+        run_embed(EmbedConfig(**common, out=str(tmp_path / "e"), max_tokens=100))
+
+
 def test_actor_pool_and_rerun_give_the_same_scores(world, tmp_path, ray_cluster):
     """On a pool of 2 Ray actors (state embeddings and perturbations alike) the scores equal the
     in-process run's; a rerun after a lost shard redoes that shard only, with the kept states."""

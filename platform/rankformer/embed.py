@@ -114,7 +114,7 @@ class Embedder:
         import torch
 
         from rankformer.infer import Batch, GeneSums, batches, hidden_states, mean_pool, one_ahead
-        from rankformer.model.device import to_device
+        from rankformer.model.device import budget_named_on_oom, to_device
 
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
@@ -146,7 +146,8 @@ class Embedder:
             if self.occurrences is not None:
                 self.occurrences.add(b.ids[keep].numpy(), out.numpy())
 
-        one_ahead(batches(cells, self.pad, self.max_tokens), launch, finish)
+        with budget_named_on_oom(self.max_tokens):
+            one_ahead(batches(cells, self.pad, self.max_tokens), launch, finish)
         return vecs, genes
 
     def __call__(self, task: dict[str, Any]) -> bytes:

@@ -400,7 +400,16 @@ class Perturber(Embedder):
         The originals run in length-grouped batches over a window of cells and wait for their
         turn (memory: one window's original states, two batches of variants). Each batch is
         finished while the next one runs: on a GPU the host prepares and reads batches while the
-        device computes, instead of the two taking turns."""
+        device computes, instead of the two taking turns. A GPU out of memory is an error naming
+        the fix (fewer tokens a batch)."""
+        from rankformer.model.device import budget_named_on_oom
+
+        with budget_named_on_oom(self.max_tokens):
+            yield from self._scored(cells, ids, genes_out)
+
+    def _scored(
+        self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None
+    ) -> Iterator[pa.Table]:
         from rankformer.infer import batches, hidden_states
 
         # launched batches, oldest first, each with its cell's tables; None marks the end of a cell

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +52,20 @@ def device_token_budget(
     element = next(model.parameters()).element_size()
     per_token = bytes_per_token(int(config.hidden_size), int(config.intermediate_size), heads, element)
     return token_budget(None, free - bytes_per_cell(heads, max_length), per_token)
+
+
+@contextmanager
+def budget_named_on_oom(max_tokens: int) -> Iterator[None]:
+    """A device out of memory in the forward passes inside, raised again as an input error that names
+    the fix: fewer tokens per forward batch."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise InputError(
+            f"out of GPU memory with forward batches of up to {max_tokens:,} tokens: give --max-tokens "
+            f"(max_tokens= in Python) {max(1, max_tokens // 2)} or fewer, or free the GPU ({first})"
+        ) from exc
 
 
 def no_gpu_message() -> str:
