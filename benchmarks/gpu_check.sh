@@ -16,6 +16,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $py -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" | tee -a "$out/gpu.txt"
 rc=0
 timeout 120 $py -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" || rc=1
-timeout 300 $py benchmarks/bench_perturb.py --skip-embed --gpu-only --gpu-cells 256 2>&1 | tee "$out/bench_perturb.log" || rc=1
+timeout 340 $py benchmarks/bench_perturb.py --skip-embed --gpu-only --gpu-cells 256 2>&1 | tee "$out/bench_perturb.log" || rc=1
 timeout 110 $py benchmarks/bench_pretrain_gpu.py 2>&1 | tee "$out/bench_pretrain_gpu.log" || rc=1
 exit $rc

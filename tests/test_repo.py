@@ -116,7 +116,8 @@ def test_serve_build_accepts_the_application(tmp_path):
 def test_the_gpu_check_needs_nothing_the_gpu_image_lacks(tmp_path):
     """`benchmarks/gpu_check.sh` runs on the lent GPU machines' stock Python (torch, transformers,
     pyarrow, pandas, scipy, h5py, numba, pytest; no Ray, MLflow, anndata, s3fs or pydantic): its
-    benchmarks import, and an in-process perturbation and embedding run, with those blocked."""
+    benchmarks import, and an in-process perturbation and embedding run, and the benchmark's loader
+    of the job's model, with those blocked."""
     code = f"""
 import importlib.abc, sys
 BLOCK = {{"ray", "mlflow", "anndata", "s3fs", "umap", "boto3", "pydantic", "fastapi", "tdigest"}}
@@ -145,6 +146,8 @@ save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab,
 common = dict(model="{tmp_path}/m", corpus=corpus, in_process=True)
 run_perturb(PerturbConfig(**common, out="{tmp_path}/p", mode="all", state_column="state", goal_state="A"))
 run_embed(EmbedConfig(**common, out="{tmp_path}/e"))
+from rankformer.perturber import Perturber  # (bench_perturb.budget_of's loader, on the GPU)
+Perturber.on_demand("{tmp_path}/m", "", False, "bfloat16", "penultimate")
 print(read_results("{tmp_path}/p").num_rows, read_embeddings("{tmp_path}/e").num_rows, flush=True)
 import os
 os._exit(0)  # past the checks: Arrow's thread pools can abort a process's teardown (apache/arrow#34314)
