@@ -75,6 +75,27 @@ def test_help_comes_from_the_field_docs(capsys):
     assert capsys.readouterr().out.strip() == f"rankformer {rankformer.__version__}"
 
 
+def test_every_option_of_every_command_has_help():
+    """Each option's help is its field's trailing comment: a field whose comment does not sit on its
+    own line (a formatter wrapped it) would show only its default."""
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.option_strings and action.dest not in ("help", "version"):
+                yield path, action
+
+    bare = [
+        f"{path} {a.option_strings[0]}"
+        for path, a in walk(_parser(), "rankformer")
+        if not (a.help or "").strip() or a.help.strip().startswith("(default")
+    ]
+    assert not bare, bare
+
+
 @pytest.mark.mlflow
 def test_registry_round_trip_on_sqlite(tmp_path):
     vocab = build_vocab(list(gene_ids(30)), [1.0] * 30)

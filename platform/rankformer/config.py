@@ -42,8 +42,7 @@ class ReadOptions:
 class ClusterOptions:
     ray_address: str | None = None  # Ray cluster to join; default: RAY_ADDRESS, else a local one
     num_workers: int | None = None  # concurrent Ray tasks; default: all CPUs of the cluster
-    # None: run in this process when the work is one shard and no cluster is named; True/False force it
-    in_process: bool | None = None
+    in_process: bool | None = None  # run here (default: one shard of work, no cluster named, no Ray up)
 
 
 @dataclass

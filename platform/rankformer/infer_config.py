@@ -135,9 +135,7 @@ class ModelOnCorpus:
     cells_where: list[str] = field(default_factory=list)  # keep cells whose carried obs match: COL=V1,V2
     limit_cells: int | None = None  # take a seeded sample of this many of the selected cells; unset: all
     seed: int = 0  # the sample's seed
-    max_tokens: int | None = (
-        None  # tokens per forward pass (cells x longest); unset: 16,384; GPU: by its free memory
-    )
+    max_tokens: int | None = None  # tokens a forward pass (cells x longest); unset: 16,384, GPU: by memory
     tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
 
     def __post_init__(self) -> None:

@@ -49,9 +49,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # requests one replica takes at once (the rest queue in the proxy)
     max_batch_size: int = 16  # requests batched into one forward pass at most
     batch_wait_timeout_s: float = 0.0  # how long a batch waits to fill (0: it takes what is queued)
-    max_tokens: int | None = (
-        None  # tokens per forward pass (cells x longest); unset: 16,384; GPU: by its free memory
-    )
+    max_tokens: int | None = None  # tokens a forward pass (cells x longest); unset: 16,384, GPU: by memory
     min_replicas: int = 1  # autoscaling: fewest model replicas
     max_replicas: int = 2  # autoscaling: most model replicas
     target_ongoing_requests: float = 4.0  # autoscaling: requests per replica it aims at
