@@ -83,7 +83,9 @@ def test_read_corpus_in_manifest_order(job_corpus):
 
 
 @pytest.mark.ray
-def test_read_corpus_as_a_ray_dataset(job_corpus, ray_cluster):
+def test_read_corpus_as_a_ray_dataset(job_corpus, ray_cluster, capsys):
+    """In manifest order, only the columns asked for, selected inside the read (Ray Data's optimised
+    plan has no projection operator of its own, which would ask for a CPU of its own)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -91,7 +93,13 @@ def test_read_corpus_as_a_ray_dataset(job_corpus, ray_cluster):
     ds = rankformer.read_corpus(job_corpus, columns=["cell_id", "length"])
     rows = ds.take_all()
     want = pq.read_table(corpus_files(job_corpus))["cell_id"].to_pylist()
-    assert [r["cell_id"] for r in rows] == want
+    assert [r["cell_id"] for r in rows] == want and set(rows[0]) == {"cell_id", "length"}
+    capsys.readouterr()
+    ds.explain()
+    plans = capsys.readouterr().out
+    optimised = plans.split("Logical Plan (Optimized)")[1].split("Physical Plan")[0]
+    assert "Read" in optimised
+    assert "Project" not in optimised, plans
 
 
 def test_show_explains_the_stored_order(job_corpus, capsys):

@@ -89,11 +89,11 @@ def read_corpus(
         raise InputError(f"engine {engine!r} must be 'ray' or 'arrow'")
     import ray.data
 
-    # columns are read, not selected afterwards: a separate projection would be another operator
-    # asking for a whole CPU, which a cluster busy with training may not have on any one node
-    return ray.data.read_parquet(
-        paths, filesystem=filesystem, columns=columns, shuffle=None, num_cpus=read_cpus
-    )
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=None, num_cpus=read_cpus)
+    # Ray Data pushes the projection into the read (its optimised plan has no Project operator, so
+    # no second operator asks for a CPU that a cluster busy with training may not have on any node);
+    # `columns=` on the read itself is deprecated
+    return ds if columns is None else ds.select_columns(columns)
 
 
 def corpus_manifest(out: str) -> dict[str, Any]:
