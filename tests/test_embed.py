@@ -413,7 +413,7 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
     new batch shape), which tests/test_gpu.py checks; unless given, a forward batch holds more
     tokens on a GPU than on the CPU."""
     from rankformer.infer_config import CPU_MAX_TOKENS, token_budget
-    from rankformer.model.device import settle
+    from rankformer.model.device import device_token_budget, settle
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
@@ -425,7 +425,9 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
         with pytest.raises(InputError, match="--use-gpu: .* or leave --use-gpu out"):
             cfg = EmbedConfig(model=world.model, corpus=world.corpus, out=str(tmp_path / "e"), use_gpu=True)
             run_embed(dataclasses.replace(cfg, in_process=True))
-    assert token_budget(None) == CPU_MAX_TOKENS and token_budget(100) == token_budget(100, 1e12) == 100
+    assert token_budget(None) == CPU_MAX_TOKENS and token_budget(100) == 100
+    # a given budget wins on a GPU too, before its memory is asked
+    assert device_token_budget(100, torch.nn.Linear(1, 1), torch.device("cuda"), 2048) == 100
 
 
 def test_a_gpus_default_budget_comes_from_its_free_memory():
@@ -433,18 +435,18 @@ def test_a_gpus_default_budget_comes_from_its_free_memory():
     activations fill half the free memory, between the CPU's default and 2^20: a 500-gene cell's
     deletions in one pass for v1 on an 80 GB card, fewer tokens for a wider model or a smaller card,
     never fewer than the CPU's."""
-    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, token_budget
+    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, fit_budget
 
     v1 = {p: bytes_per_token(256, 512, 4, e) for p, e in (("bf16", 2), ("fp32", 4))}
     v2 = {p: bytes_per_token(768, 3072, 12, e) for p, e in (("bf16", 2), ("fp32", 4))}
     assert v1["bf16"] < v1["fp32"] < v2["bf16"] < v2["fp32"]
     gb = 1e9
-    assert token_budget(None, 78 * gb, v1["bf16"]) == GPU_MAX_TOKENS >= 500 * 501
-    assert token_budget(None, 78 * gb, v2["bf16"]) == 1 << 19
-    assert token_budget(None, 15 * gb, v2["bf16"]) == 1 << 17
-    assert token_budget(None, 15 * gb, v2["fp32"]) == 1 << 16
-    assert token_budget(None, 0.1 * gb, v2["fp32"]) == token_budget(None, -gb, 1) == CPU_MAX_TOKENS
-    fit = token_budget(None, 15 * gb, v2["bf16"])
+    assert fit_budget(78 * gb, v1["bf16"]) == GPU_MAX_TOKENS >= 500 * 501
+    assert fit_budget(78 * gb, v2["bf16"]) == 1 << 19
+    assert fit_budget(15 * gb, v2["bf16"]) == 1 << 17
+    assert fit_budget(15 * gb, v2["fp32"]) == 1 << 16
+    assert fit_budget(0.1 * gb, v2["fp32"]) == fit_budget(-gb, 1) == CPU_MAX_TOKENS
+    fit = fit_budget(15 * gb, v2["bf16"])
     assert fit * v2["bf16"] <= 0.5 * 15 * gb < 2 * fit * v2["bf16"]
 
 

@@ -24,14 +24,10 @@ GPU_MAX_TOKENS = 1 << 20
 GPU_MEMORY_SHARE = 0.5
 
 
-def token_budget(max_tokens: int | None, free_bytes: float | None = None, per_token: float = 1.0) -> int:
-    """Tokens per forward batch: ``max_tokens`` if given; else, with ``free_bytes`` of a GPU's memory
-    for batches of ``per_token`` bytes a token, :func:`fit_budget`; else the CPU's default."""
-    if max_tokens is not None:
-        return max_tokens
-    if free_bytes is None:
-        return CPU_MAX_TOKENS
-    return fit_budget(free_bytes, per_token)
+def token_budget(max_tokens: int | None) -> int:
+    """Tokens per forward batch on the CPU: ``max_tokens`` if given, else the CPU's default (a GPU's
+    comes from its memory: :func:`rankformer.model.device.device_token_budget`)."""
+    return CPU_MAX_TOKENS if max_tokens is None else max_tokens
 
 
 def fit_budget(free_bytes: float, per_token: float) -> int:

@@ -41,7 +41,7 @@ def device_token_budget(
     ``max_tokens`` if given; on CUDA, from the memory free beside the model (what the caching
     allocator holds unused counts as free) by :func:`rankformer.infer_config.fit_budget`; else the
     CPU's default."""
-    from rankformer.infer_config import bytes_per_cell, bytes_per_token, token_budget
+    from rankformer.infer_config import bytes_per_cell, bytes_per_token, fit_budget, token_budget
 
     if max_tokens is not None or device.type != "cuda":
         return token_budget(max_tokens)
@@ -51,7 +51,7 @@ def device_token_budget(
     heads = int(config.num_attention_heads)
     element = next(model.parameters()).element_size()
     per_token = bytes_per_token(int(config.hidden_size), int(config.intermediate_size), heads, element)
-    return token_budget(None, free - bytes_per_cell(heads, max_length), per_token)
+    return fit_budget(free - bytes_per_cell(heads, max_length), per_token)
 
 
 @contextmanager
