@@ -113,13 +113,9 @@ def test_queued_batches_leave_the_host_free(tmp_path):
     boolean mask...), so the host prepares and finishes batches while the device computes. CUDA's
     sync debug mode reports every implicit synchronisation; none may come from rankformer's lines.
     (Waiting on a batch's event, once its results are needed, is explicit and not reported.)"""
-    import os
-    import warnings
-
     import numpy as np
     from transformers import BertForSequenceClassification, BertForTokenClassification
 
-    import rankformer
     from rankformer.classify.genes import token_probs
     from rankformer.model.presets import bert_config, preset
     from rankformer.perturber import Perturber
@@ -135,26 +131,17 @@ def test_queued_batches_leave_the_host_free(tmp_path):
     p.configure(kind="delete", mode="all", targets=[], anchor=None, shift=0.1, per_gene=True, states=states)
     ids = [f"c{i}" for i in range(len(cells))]
     tables: list = []
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            rows = sum(t.num_rows for t in p.scored(cells, ids, tables.append))
-            vecs, _ = p.embed(cells)
-            p.spec["level"] = "gene"
-            _, genes = p.embed(cells)
-            probs = cell_probs(heads[0], cells, p.pad, 100)  # the classifiers' predictions
-            sums = token_probs(heads[1], cells, p.pad, p.gene_lo, 100)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    syncs = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
-    package = os.path.dirname(rankformer.__file__)
-    ours = [f"{f}:{n}" for f, n in syncs if os.path.abspath(f).startswith(package)]
-    assert not ours, f"implicit synchronisations in our code: {ours} (all: {syncs})"
-    if syncs:  # in the libraries' code: shown in the run's warnings summary, for the record
-        found = sorted(set(syncs))
-        warnings.warn(f"{len(syncs)} implicit synchronisations outside rankformer: {found}", stacklevel=1)
+
+    def queue_all() -> tuple:
+        rows = sum(t.num_rows for t in p.scored(cells, ids, tables.append))
+        vecs, _ = p.embed(cells)
+        p.spec["level"] = "gene"
+        _, genes = p.embed(cells)
+        probs = cell_probs(heads[0], cells, p.pad, 100)  # the classifiers' predictions
+        sums = token_probs(heads[1], cells, p.pad, p.gene_lo, 100)
+        return rows, vecs, genes, probs, sums
+
+    rows, vecs, genes, probs, sums = _no_waits_from_our_code(queue_all)
     assert rows == sum(len(c) - 2 for c in cells)  # every gene of every cell deleted
     assert sum(t.num_rows for t in tables) > 0 and vecs.shape == (len(cells), int(p.model.config.hidden_size))
     assert int(genes.counts.sum()) == int(sums.counts.sum()) == sum(len(c) - 2 for c in cells)
@@ -206,3 +193,84 @@ def test_the_default_budget_fits_its_memory_estimate(tmp_path):
     assert len(scores[None]) == len(cell) - 2
     for col in ("cell_cosine", "gene_mean_cosine"):
         np.testing.assert_allclose(scores[None][col], scores[CPU_MAX_TOKENS][col], atol=2e-2)
+
+
+def _no_waits_from_our_code(fn):
+    """``fn()`` under CUDA's sync debug mode, which reports every implicit synchronisation; fails on
+    any from rankformer's lines (those in the libraries' code are shown in the run's warnings summary,
+    for the record). Returns what ``fn`` returns."""
+    import os
+    import warnings
+
+    import rankformer
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+    package = os.path.dirname(rankformer.__file__)
+    ours = [f"{f}:{n}" for f, n in syncs if os.path.abspath(f).startswith(package)]
+    assert not ours, f"implicit synchronisations in our code: {ours} (all: {syncs})"
+    if syncs:
+        found = sorted(set(syncs))
+        warnings.warn(f"{len(syncs)} implicit synchronisations outside rankformer: {found}", stacklevel=2)
+    return out
+
+
+def test_training_steps_leave_the_host_free(tmp_path):
+    """A pretraining step and a fine-tuning step of each task (token, sequence) queue their work
+    without our code making the host wait for the device: the labelled positions come from the host's
+    masking, batches go through pinned memory, and loss, accuracy and gradient norm stay on the device
+    until the metrics are logged. So the host prepares the next batch while the GPU trains."""
+    import numpy as np
+    from transformers import BertForSequenceClassification, BertForTokenClassification
+
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.train.config import BatchOptions
+    from rankformer.train.finetune import ClassifyTask, local_rows
+
+    corpus = write_corpus(str(tmp_path / "c"), ordered_cells(200, 150, 3, 30, seed=1), 150)
+    batch = BatchOptions(max_tokens=2048, max_cells=8)
+    cfg = PretrainConfig(corpus=corpus, out=str(tmp_path / "m"), max_steps=3, log_every=3, batch=batch)
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    cells = ordered_cells(64, 150, 3, 30, seed=2)
+    lookup = np.full(vocab.n_tokens, -100)
+    lookup[10:60], lookup[60:110] = 0, 1
+    config = bert_config(preset("tiny"), vocab)
+    config.num_labels = 3
+    pretraining = MaskedGeneTask(lambda epoch: iter(cells), TokenSpec.of(vocab), cfg, 0)
+    runs = [(build_model(cfg, vocab, None), pretraining)]
+    for kind, cls in (("sequence", BertForSequenceClassification), ("token", BertForTokenClassification)):
+        rows = local_rows(cells, np.arange(len(cells)) % 3, 0)
+        table = lookup if kind == "token" else None
+        runs.append((cls(config), ClassifyTask(rows, kind, 0, batch, 0, 0, table, [1.0, 2.0, 1.0])))
+    for model, task in runs:
+        steps = _train_steps(model, task, LocalContext(None, "cuda"), 3)
+        where = next(model.parameters()).device
+        for stats in steps:
+            assert all(stats[k].device == where for k in ("correct", "grad_norm", "loss"))
+            assert 0 <= float(stats["correct"]) <= stats["labels"] and np.isfinite(float(stats["loss"]))
+
+
+def _train_steps(model, task, ctx, n):
+    """The stats of ``n`` optimizer steps of ``model`` on ``task``'s first batches, all but the first
+    (which creates the optimizer's state) checked by :func:`_no_waits_from_our_code`."""
+    from rankformer.train.config import FinetuneOptim
+    from rankformer.train.loop import LoopOptions, _step, make_optimizer
+
+    opts = LoopOptions(n, 0, n, n, FinetuneOptim(lr=1e-3))
+    model.to(ctx.device).train()
+    opt, sched = make_optimizer(model, opts.optim, opts.max_steps)
+    batches = task.epoch_batches(0)
+    micro = [[next(batches)] for _ in range(n)]
+
+    def step(b):
+        return _step(model, task, b, opts, ctx, opt, sched, torch.Generator())
+
+    first = step(micro[0])
+    return [first, *_no_waits_from_our_code(lambda: [step(b) for b in micro[1:]])]

@@ -4,6 +4,10 @@ Hugging Face's ``BertForMaskedLM.forward`` projects every position onto the whol
 (cells x tokens x ~20,000 logits); only ~15% of positions carry a label, so :class:`MaskedGeneLM`
 runs the encoder, gathers the labelled positions and applies the prediction head to those alone.
 Same weights, same loss, ~7x less head work and memory.
+
+Which positions are labelled is known on the host, where the masking is drawn
+(:func:`labelled_positions`); the model takes their flat indices, so a training step on a GPU
+never waits for the device to find them (a boolean mask on a device tensor does).
 """
 
 from __future__ import annotations
@@ -14,19 +18,26 @@ from transformers import BertForMaskedLM
 from rankformer.model.masking import IGNORE
 
 
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the (batch x tokens) positions that carry a label, in row-major order;
+    those labels)."""
+    flat = labels.reshape(-1)
+    where = (flat != IGNORE).nonzero().squeeze(1)
+    return where, flat[where]
+
+
 class MaskedGeneLM(torch.nn.Module):
     def __init__(self, mlm: BertForMaskedLM) -> None:
         super().__init__()
         self.mlm = mlm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy over labelled positions, their logits, their labels)."""
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over the labelled positions, their logits). ``where``, ``target``:
+        from :func:`labelled_positions`."""
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        sel = labels != IGNORE
-        logits = self.mlm.cls(hidden[sel])
-        target = labels[sel]
+        logits = self.mlm.cls(hidden.flatten(0, 1).index_select(0, where))
         if target.numel() == 0:  # nothing masked in this batch: a zero loss that keeps the graph
-            return logits.sum() * 0.0, logits, target
-        return torch.nn.functional.cross_entropy(logits.float(), target), logits, target
+            return logits.sum() * 0.0, logits
+        return torch.nn.functional.cross_entropy(logits.float(), target), logits

@@ -21,9 +21,10 @@ import torch
 
 from rankformer.infer import logits_of
 from rankformer.model.batching import budget_batches, length_grouped, pad_batch
+from rankformer.model.device import to_device
 from rankformer.train.classifier import build_classifier, class_weights
 from rankformer.train.config import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
-from rankformer.train.loop import LoopOptions
+from rankformer.train.loop import LoopOptions, Stat
 
 IGNORE = -100
 
@@ -59,30 +60,34 @@ class ClassifyTask:
 
     def forward(
         self, model: torch.nn.Module, batch: list[tuple[np.ndarray, int]], device: torch.device
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Stat]]:
         ids, attn = pad_batch([r[0] for r in batch], self.pad)
-        logits = logits_of(model(input_ids=ids.to(device), attention_mask=attn.to(device))).float()
-        if self.kind == "token":
+        if self.kind == "token":  # each token's class, from the host's ids
             assert self.lookup is not None
             labels = self.lookup[ids.clamp(max=len(self.lookup) - 1)]
             labels[attn == 0] = IGNORE
-            flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(device)
+            labels = labels.reshape(-1)
         else:
-            flat_logits = logits
-            flat_labels = torch.tensor([int(r[1]) for r in batch], device=device)
-        weight = self.weights.to(device) if self.weights is not None else None
-        loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, weight=weight, ignore_index=IGNORE)
-        with torch.no_grad():
-            scored = flat_labels != IGNORE
-            correct = int((flat_logits.argmax(-1)[scored] == flat_labels[scored]).sum())
+            labels = torch.tensor([int(r[1]) for r in batch], dtype=torch.long)
+        n_labels = int((labels != IGNORE).sum())  # counted on the host
+        ids_d, attn_d, labels_d = (to_device(t, device) for t in (ids, attn, labels))
+        if self.weights is not None and self.weights.device != device:
+            self.weights = to_device(self.weights, device)
+        logits = logits_of(model(input_ids=ids_d, attention_mask=attn_d)).float()
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(
+            flat_logits, labels_d, weight=self.weights, ignore_index=IGNORE
+        )
+        with torch.no_grad():  # unlabelled positions (-100) never equal a class; stays on the device
+            correct = (flat_logits.argmax(-1) == labels_d).sum()
         real = int(attn.sum())
-        stats = {
-            "tokens": real,
-            "pad_tokens": attn.numel() - real,
+        stats: dict[str, Stat] = {
+            "tokens": float(real),
+            "pad_tokens": float(attn.numel() - real),
             "correct": correct,
-            "labels": int(scored.sum()),
+            "labels": float(n_labels),
         }
-        return loss, {k: float(v) for k, v in stats.items()}
+        return loss, stats
 
 
 def local_rows(

@@ -46,13 +46,19 @@ class LoopOptions:
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
+# A sum to log: a number, or a tensor on the device that is read only when the metrics are logged,
+# so that a training step does not make the host wait for the device.
+Stat = float | torch.Tensor
+
+
 class Task(Protocol):
     def epoch_batches(self, epoch: int) -> Iterator[Any]: ...
 
     def forward(
         self, model: torch.nn.Module, batch: Any, device: torch.device
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, sums to log: must include 'tokens' and 'pad_tokens'; 'correct'/'labels' if any)."""
+    ) -> tuple[torch.Tensor, dict[str, Stat]]:
+        """(loss, sums to log: must include 'tokens' and 'pad_tokens' as numbers; 'correct'/'labels' if
+        any)."""
         ...
 
 
@@ -134,19 +140,26 @@ def _autocast(device: torch.device, precision: str) -> AbstractContextManager[An
 
 
 class _Window:
-    """Sums over the steps since the last log."""
+    """Sums over the steps since the last log; those on the device are read once, at the log."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Stat] = {}
         self.steps = 0
         self.t0 = time.perf_counter()
 
-    def add(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, stats: dict[str, Stat]) -> None:
+        _accumulate(self.sums, stats)
+
+    def read(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.sums.items()}
+
+
+def _accumulate(sums: dict[str, Stat], stats: dict[str, Stat]) -> None:
+    for k, v in stats.items():
+        sums[k] = sums[k] + v if k in sums else v
 
 
 def run_loop(model: torch.nn.Module, task: Task, opts: LoopOptions, ctx: Context) -> dict[str, float]:
@@ -177,7 +190,7 @@ def run_loop(model: torch.nn.Module, task: Task, opts: LoopOptions, ctx: Context
             stats = _step(model, task, micro, opts, ctx, opt, sched, gen)
             state.step += 1
             state.batch_in_epoch += accum
-            state.tokens += int(stats["tokens"])
+            state.tokens += int(stats["tokens"])  # a number (see Task.forward)
             steps_this_epoch += 1
             win.add(stats)
             win.steps += 1
@@ -213,17 +226,16 @@ def _step(
     opt: torch.optim.Optimizer,
     sched: Any,
     gen: torch.Generator,
-) -> dict[str, float]:
-    sums: dict[str, float] = {}
+) -> dict[str, Stat]:
+    """One optimizer step over the micro-batches; nothing in it makes the host wait for the device."""
+    sums: dict[str, Stat] = {}
     for b in micro:
         with _autocast(ctx.device, opts.precision):
             loss, stats = task.forward(model, b, ctx.device)
         (loss / len(micro)).backward()
-        stats["loss"] = float(loss.detach()) / len(micro)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
+        _accumulate(sums, {**stats, "loss": loss.detach().double() / len(micro)})  # summed as on the host
     clip = opts.optim.grad_clip if opts.optim.grad_clip > 0 else float("inf")
-    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).double()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -233,7 +245,8 @@ def _step(
 def _metrics(
     win: _Window, state: TrainState, sched: Any, opts: LoopOptions, resumed_from: int
 ) -> dict[str, float]:
-    s, dt = win.sums, max(time.perf_counter() - win.t0, 1e-9)
+    s = win.read()  # the one wait for the device in the window's steps
+    dt = max(time.perf_counter() - win.t0, 1e-9)
     real, pad = s.get("tokens", 0.0), s.get("pad_tokens", 0.0)
     out = {
         "loss": s.get("loss", 0.0) / max(win.steps, 1),

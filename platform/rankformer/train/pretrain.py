@@ -24,12 +24,13 @@ from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.model.batching import length_grouped, pad_batch
+from rankformer.model.device import to_device
 from rankformer.model.masking import mask_genes
-from rankformer.model.mlm import MaskedGeneLM
+from rankformer.model.mlm import MaskedGeneLM, labelled_positions
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
 from rankformer.train.config import PretrainConfig
-from rankformer.train.loop import LoopOptions
+from rankformer.train.loop import LoopOptions, Stat
 from rankformer.train.plan import Plan, plan
 from rankformer.vocab import GeneVocab
 
@@ -67,21 +68,23 @@ class MaskedGeneTask:
 
     def forward(
         self, model: torch.nn.Module, batch: list[np.ndarray], device: torch.device
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Stat]]:
         ids, attn = pad_batch(batch, self.spec.pad)
         s = self.spec
         inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
-        loss, logits, target = model(inputs.to(device), attn.to(device), labels.to(device))
+        where, target = labelled_positions(labels)
+        on = [to_device(t, device) for t in (inputs, attn, where, target)]
+        loss, logits = model(*on)
         real = int(attn.sum())
         with torch.no_grad():
-            correct = int((logits.argmax(-1) == target).sum())
-        stats = {
-            "tokens": real,
-            "pad_tokens": attn.numel() - real,
+            correct = (logits.argmax(-1) == on[3]).sum()  # stays on the device until the metrics are logged
+        stats: dict[str, Stat] = {
+            "tokens": float(real),
+            "pad_tokens": float(attn.numel() - real),
             "correct": correct,
-            "labels": target.numel(),
+            "labels": float(target.numel()),
         }
-        return loss, {k: float(v) for k, v in stats.items()}
+        return loss, stats
 
 
 def ray_cells(shard: Any, seed: int, rank: int) -> Any:
