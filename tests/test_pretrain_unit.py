@@ -39,6 +39,40 @@ def test_masking_statistics():
     assert (inputs[~chosen] == ids[~chosen]).all()
 
 
+def test_the_masked_gene_loss_is_hugging_faces_with_the_mask_decided_on_the_host():
+    """MaskedGeneLM (labelled positions chosen on the host, the attention mask as the host decides it:
+    none without padding, else (batch, 1, 1, tokens) booleans) gives Hugging Face's masked-LM loss and
+    logits. Custom heads keep the 2-D mask they may pool with."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from rankformer.heads import MeanPoolForSequenceClassification
+    from rankformer.model.device import attention_mask_on, mask_argument
+    from rankformer.model.mlm import MaskedGeneLM, labelled_positions
+
+    config = BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(config).eval()
+    ours = MaskedGeneLM(hf)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 60, (3, 12), generator=g)
+    for attn in (torch.ones_like(ids), (torch.arange(12) < torch.tensor([[12], [7], [3]])).long()):
+        inputs, labels = mask_genes(ids * attn, 4, 1, 60, g, prob=0.5)
+        mask = attention_mask_on(attn, "cpu")
+        assert (
+            mask is None if bool(attn.all()) else (mask.shape == (3, 1, 1, 12) and mask.dtype == torch.bool)
+        )
+        with torch.no_grad():
+            want = hf(input_ids=inputs, attention_mask=attn, labels=labels)
+            loss, logits = ours(inputs, mask, *labelled_positions(labels))
+        torch.testing.assert_close(loss, want.loss)
+        torch.testing.assert_close(logits, want.logits[labels != IGNORE])
+    config.num_labels = 2
+    assert mask_argument(BertForSequenceClassification(config), attn, "cpu").shape == (3, 1, 1, 12)
+    assert mask_argument(MeanPoolForSequenceClassification(config), attn, "cpu").shape == (3, 12)
+
+
 def test_length_grouping_spends_little_on_padding():
     rng = np.random.default_rng(0)
     cells = [np.arange(int(n)) for n in rng.lognormal(6.5, 0.6, 5000).clip(20, 4096)]

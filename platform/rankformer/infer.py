@@ -71,9 +71,9 @@ def one_ahead(
 def class_probs(model: torch.nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
     """A classifier's probabilities for the batch (float32, on ``device``; per cell or per token as
     its head gives them), its inputs copied there without the host waiting for the device."""
-    from rankformer.model.device import to_device
+    from rankformer.model.device import mask_argument, to_device
 
-    out = model(input_ids=to_device(b.ids, device), attention_mask=to_device(b.attn, device))
+    out = model(input_ids=to_device(b.ids, device), attention_mask=mask_argument(model, b.attn, device))
     return torch.softmax(logits_of(out).float(), -1)
 
 
@@ -90,11 +90,11 @@ def n_layers(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def hidden_states(model: torch.nn.Module, b: Batch, layer: int, device: torch.device) -> torch.Tensor:
     # no padding in the batch (e.g. one cell's deletions): no mask, and the attention kernel's
-    # unmasked path, which is faster and gives the same states
-    from rankformer.model.device import to_device
+    # unmasked path, which is faster and gives the same states (the BERT body takes either)
+    from rankformer.model.device import attention_mask_on, to_device
 
-    attn = None if bool(b.attn.numpy().all()) else to_device(b.attn, device)
     body: Any = encoder(model)
+    attn = attention_mask_on(b.attn, device)
     ids = to_device(b.ids, device)  # (the host does not wait for the device's queued work)
     layers = getattr(getattr(body, "encoder", None), "layer", None)
     if layers is not None and 1 <= layer == len(layers):  # the top layer (a view from up_to): the output

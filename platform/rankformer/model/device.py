@@ -87,6 +87,28 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def attention_mask_on(attn: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    """A host (batch, tokens) 0/1 padding mask as a BERT body's ``attention_mask`` on ``device``,
+    decided on the host: None when no token is padding (attention's unmasked kernels; the same
+    states), else (batch, 1, 1, tokens) booleans, which Transformers takes as they are. Given the 2-D
+    mask, Transformers asks the device at every forward whether it holds any padding (``.all()``
+    on the device's mask), which makes the host wait for the GPU."""
+    if bool(attn.all()):
+        return None
+    return to_device(attn.bool()[:, None, None, :].contiguous(), device)
+
+
+def mask_argument(
+    model: torch.nn.Module, attn: torch.Tensor, device: torch.device | str
+) -> torch.Tensor | None:
+    """``attention_mask`` for ``model`` (a host padding mask ``attn``): as :func:`attention_mask_on`
+    for Transformers' own classes; custom heads get the 2-D mask they may pool with."""
+    inner = getattr(model, "module", model)  # under DistributedDataParallel
+    if type(inner).__module__.startswith("transformers."):
+        return attention_mask_on(attn, device)
+    return to_device(attn, device)
+
+
 def to_host_queued(t: torch.Tensor) -> torch.Tensor:
     """A device tensor's copy into pinned host memory, queued behind the work that computes it: read
     it only once an event recorded after this call has completed. A host tensor is returned as is."""

@@ -32,10 +32,15 @@ class MaskedGeneLM(torch.nn.Module):
         self.mlm = mlm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor, target: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        where: torch.Tensor,
+        target: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy over the labelled positions, their logits). ``where``, ``target``:
-        from :func:`labelled_positions`."""
+        """(mean cross-entropy over the labelled positions, their logits). ``attention_mask``: as BERT
+        takes it (2-D, or from :func:`rankformer.model.device.attention_mask_on`); ``where``,
+        ``target``: from :func:`labelled_positions`."""
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = self.mlm.cls(hidden.flatten(0, 1).index_select(0, where))
         if target.numel() == 0:  # nothing masked in this batch: a zero loss that keeps the graph

@@ -21,7 +21,7 @@ import torch
 
 from rankformer.infer import logits_of
 from rankformer.model.batching import budget_batches, length_grouped, pad_batch
-from rankformer.model.device import to_device
+from rankformer.model.device import mask_argument, to_device
 from rankformer.train.classifier import build_classifier, class_weights
 from rankformer.train.config import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
 from rankformer.train.loop import LoopOptions, Stat
@@ -70,10 +70,10 @@ class ClassifyTask:
         else:
             labels = torch.tensor([int(r[1]) for r in batch], dtype=torch.long)
         n_labels = int((labels != IGNORE).sum())  # counted on the host
-        ids_d, attn_d, labels_d = (to_device(t, device) for t in (ids, attn, labels))
+        ids_d, labels_d = to_device(ids, device), to_device(labels, device)
         if self.weights is not None and self.weights.device != device:
             self.weights = to_device(self.weights, device)
-        logits = logits_of(model(input_ids=ids_d, attention_mask=attn_d)).float()
+        logits = logits_of(model(input_ids=ids_d, attention_mask=mask_argument(model, attn, device))).float()
         flat_logits = logits.reshape(-1, logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(
             flat_logits, labels_d, weight=self.weights, ignore_index=IGNORE

@@ -24,7 +24,7 @@ from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.model.batching import length_grouped, pad_batch
-from rankformer.model.device import to_device
+from rankformer.model.device import attention_mask_on, to_device
 from rankformer.model.masking import mask_genes
 from rankformer.model.mlm import MaskedGeneLM, labelled_positions
 from rankformer.model.presets import bert_config, preset
@@ -73,11 +73,11 @@ class MaskedGeneTask:
         s = self.spec
         inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
         where, target = labelled_positions(labels)
-        on = [to_device(t, device) for t in (inputs, attn, where, target)]
-        loss, logits = model(*on)
+        on = [to_device(t, device) for t in (inputs, where, target)]
+        loss, logits = model(on[0], attention_mask_on(attn, device), *on[1:])
         real = int(attn.sum())
         with torch.no_grad():
-            correct = (logits.argmax(-1) == on[3]).sum()  # stays on the device until the metrics are logged
+            correct = (logits.argmax(-1) == on[2]).sum()  # stays on the device until the metrics are logged
         stats: dict[str, Stat] = {
             "tokens": float(real),
             "pad_tokens": float(attn.numel() - real),
