@@ -39,7 +39,7 @@ def test_masking_statistics():
     assert (inputs[~chosen] == ids[~chosen]).all()
 
 
-def test_the_masked_gene_loss_is_hugging_faces_with_the_mask_decided_on_the_host():
+def test_the_masked_gene_loss_is_hugging_faces_with_the_mask_decided_on_the_host(monkeypatch):
     """MaskedGeneLM (labelled positions chosen on the host, the attention mask as the host decides it:
     none without padding, else (batch, 1, 1, tokens) booleans) gives Hugging Face's masked-LM loss and
     logits. Custom heads keep the 2-D mask they may pool with."""
@@ -71,6 +71,9 @@ def test_the_masked_gene_loss_is_hugging_faces_with_the_mask_decided_on_the_host
     config.num_labels = 2
     assert mask_argument(BertForSequenceClassification(config), attn, "cpu").shape == (3, 1, 1, 12)
     assert mask_argument(MeanPoolForSequenceClassification(config), attn, "cpu").shape == (3, 12)
+    with monkeypatch.context() as m:  # a Transformers whose BERT would refuse a 4-D mask
+        m.setattr("rankformer.model.device.bert_takes_prepared_masks", lambda: False)
+        assert attention_mask_on(attn, "cpu").shape == (3, 12)
 
 
 def test_length_grouping_spends_little_on_padding():

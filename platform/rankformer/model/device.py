@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -90,12 +91,23 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def attention_mask_on(attn: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
     """A host (batch, tokens) 0/1 padding mask as a BERT body's ``attention_mask`` on ``device``,
     decided on the host: None when no token is padding (attention's unmasked kernels; the same
-    states), else (batch, 1, 1, tokens) booleans, which Transformers takes as they are. Given the 2-D
-    mask, Transformers asks the device at every forward whether it holds any padding (``.all()``
-    on the device's mask), which makes the host wait for the GPU."""
+    states), else (batch, 1, 1, tokens) booleans, which Transformers' BERT takes as they are. Given
+    the 2-D mask, it asks the device at every forward whether the mask holds any padding (``.all()``
+    on the device's mask), which makes the host wait for the GPU. (A Transformers whose BERT does not
+    build its masks with ``masking_utils``, before 5, gets the 2-D mask.)"""
     if bool(attn.all()):
         return None
+    if not bert_takes_prepared_masks():
+        return to_device(attn, device)
     return to_device(attn.bool()[:, None, None, :].contiguous(), device)
+
+
+@functools.cache
+def bert_takes_prepared_masks() -> bool:
+    """Whether this Transformers' BERT uses a 4-D attention mask as given (``masking_utils``)."""
+    from transformers.models.bert import modeling_bert
+
+    return hasattr(modeling_bert, "create_bidirectional_mask")
 
 
 def mask_argument(
