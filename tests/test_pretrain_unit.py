@@ -124,6 +124,47 @@ def test_loss_falls_on_a_learnable_order_and_not_on_shuffled_tokens(tmp_path):
     assert all(h["padding_fraction"] < 0.2 for h in learn)
 
 
+def test_each_steps_agreement_starts_before_the_step_ahead_of_it_runs():
+    """The workers' agreement that each has the next step's batches is started before the current
+    step's work is queued and read after it (so on GPUs the host stays a step ahead); an epoch ends
+    when a worker runs short, and no agreement is left pending after the last step."""
+    from rankformer.train.config import OptimOptions
+    from rankformer.train.loop import LoopOptions
+
+    events: list[str] = []
+
+    class Task:
+        def epoch_batches(self, epoch: int):
+            return iter([torch.ones(2, 3)] * 3)  # 3 batches an epoch: 2 steps of 1, 1 of 2 with accum 2
+
+        def forward(self, model, b, device):
+            events.append("forward")
+            return model(b).sum(), {"tokens": 6.0, "pad_tokens": 0.0}
+
+    class Context(LocalContext):
+        def all_min_started(self, value: int):
+            events.append(f"start:{value}")
+
+            def read() -> int:
+                events.append("read")
+                return value
+
+            return read
+
+    opts = LoopOptions(
+        max_steps=3, seed=0, log_every=10, checkpoint_every=10, optim=OptimOptions(grad_accum=2)
+    )
+    run_loop(torch.nn.Linear(3, 1), Task(), opts, Context())
+    step = ["forward", "forward"]
+    assert events == [
+        *["start:1", "read", "start:0"],  # epoch 0: a full step, then a short one found before it runs
+        *step,
+        *["read"],  # short: the epoch ends
+        *["start:1", "read", "start:0", *step, "read"],  # epoch 1 likewise
+        *["start:1", "read", *step],  # epoch 2: the last step starts no agreement after it
+    ]
+
+
 def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     corpus = write_corpus(str(tmp_path / "c"), ordered_cells(200, 60, 2, 20, seed=3), 60)
     first = _train(corpus, 40, tmp_path)

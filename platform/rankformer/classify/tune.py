@@ -48,8 +48,8 @@ class TuneContext:
     def log(self, metrics: dict[str, float]) -> None:
         pass
 
-    def all_min(self, value: int) -> int:
-        return value
+    def all_min_started(self, value: int) -> Callable[[], int]:
+        return lambda: value  # one worker
 
 
 class GeneScorer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -66,5 +66,5 @@ class LocalContext:
 
         log_step(self.tracking, metrics)
 
-    def all_min(self, value: int) -> int:
-        return value
+    def all_min_started(self, value: int) -> Callable[[], int]:
+        return lambda: value  # one worker

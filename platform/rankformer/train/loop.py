@@ -79,7 +79,10 @@ class Context(Protocol):
         """Metrics of this worker's last steps (the context keeps rank 0's)."""
         ...
 
-    def all_min(self, value: int) -> int: ...
+    def all_min_started(self, value: int) -> Callable[[], int]:
+        """The workers' minimum of ``value``, started now; calling the result reads it. Started before
+        a step's work is queued and read after, it keeps the host a step ahead of the device."""
+        ...
 
 
 def make_optimizer(
@@ -183,11 +186,14 @@ def run_loop(model: torch.nn.Module, task: Task, opts: LoopOptions, ctx: Context
         for _ in range(state.batch_in_epoch):  # resume inside an epoch: skip what was consumed
             next(batches, None)
         steps_this_epoch = 0
+        micro, agreed = _next_micro(batches, accum, ctx)
         while state.step < opts.max_steps:
-            micro = [b for b in (next(batches, None) for _ in range(accum)) if b is not None]
-            if ctx.all_min(int(len(micro) == accum)) == 0:
+            if agreed() == 0:
                 break  # some worker ran out: all end the epoch together (DDP needs equal steps)
-            stats = _step(model, task, micro, opts, ctx, opt, sched, gen)
+            current = micro
+            if state.step + 1 < opts.max_steps:  # the next step's batches, agreed on while this one runs
+                micro, agreed = _next_micro(batches, accum, ctx)
+            stats = _step(model, task, current, opts, ctx, opt, sched, gen)
             state.step += 1
             state.batch_in_epoch += accum
             state.tokens += int(stats["tokens"])  # a number (see Task.forward)
@@ -215,6 +221,13 @@ def run_loop(model: torch.nn.Module, task: Task, opts: LoopOptions, ctx: Context
         state.epoch += 1
         state.batch_in_epoch = 0
     return last
+
+
+def _next_micro(batches: Iterator[Any], accum: int, ctx: Context) -> tuple[list[Any], Callable[[], int]]:
+    """The next step's micro-batches, and the workers' agreement, started, that each has them all.
+    (They count as consumed once trained: a checkpoint's data position leaves them out.)"""
+    micro = [b for b in (next(batches, None) for _ in range(accum)) if b is not None]
+    return micro, ctx.all_min_started(int(len(micro) == accum))
 
 
 def _step(

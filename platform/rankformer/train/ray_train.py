@@ -74,12 +74,25 @@ class RayContext:
             tracking.set_tag(self.tracking["uri"], self.tracking["run_id"], "worker_nodes", ",".join(nodes))
         return [str(n) for n in nodes]
 
-    def all_min(self, value: int) -> int:
+    def all_min_started(self, value: int) -> Callable[[], int]:
+        """An all-reduce, queued (see :meth:`rankformer.train.loop.Context.all_min_started`). On GPUs
+        NCCL starts it once the work queued before it has run, and its result comes back to pinned
+        memory behind it: reading it waits for that alone, not for the work queued after this call
+        (``.item()`` on the result would wait for everything queued)."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return int(t.item())
+            return lambda: value
+        from rankformer.model.device import queued_mark, to_device, to_host_queued
+
+        t = to_device(torch.tensor([value]), self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, async_op=True).wait()
+        host, mark = to_host_queued(t), queued_mark(t.device)
+
+        def read() -> int:
+            if mark is not None:
+                mark.synchronize()
+            return int(host[0])
+
+        return read
 
 
 def worker_setup(config: dict[str, Any]) -> None:
