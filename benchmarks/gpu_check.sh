@@ -2,7 +2,8 @@
 # The checks that need a GPU, as one short run on a lent GPU machine (its stock python3 holds torch,
 # transformers, pyarrow, pandas, scipy, h5py, numba and pytest; these paths need no Ray, MLflow,
 # anndata, s3fs or pydantic, which tests/test_repo.py checks with those blocked):
-#   the `gpu` tests (bf16 pretraining learns; GPU perturbation and embeddings equal the CPU's),
+#   the `gpu` tests (bf16 pretraining learns; GPU perturbation and embeddings equal the CPU's; training
+#   steps, perturbation, embeddings and predictions queue without the host waiting for the GPU),
 #   the perturbation benchmark's GPU variants, and the pretraining MFU benchmark.
 # Records go to $OUT/results (bring them back into benchmarks/results/ and run report.py).
 # Usage there: RANKFORMER_GIT_SHA=<sha> bash benchmarks/gpu_check.sh
