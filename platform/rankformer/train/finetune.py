@@ -71,7 +71,7 @@ class ClassifyTask:
             labels = torch.tensor([int(r[1]) for r in batch], dtype=torch.long)
         n_labels = int((labels != IGNORE).sum())  # counted on the host
         ids_d, labels_d = to_device(ids, device), to_device(labels, device)
-        if self.weights is not None and self.weights.device != device:
+        if self.weights is not None and self.weights.device.type != device.type:  # once ("cuda" is cuda:0)
             self.weights = to_device(self.weights, device)
         logits = logits_of(model(input_ids=ids_d, attention_mask=mask_argument(model, attn, device))).float()
         flat_logits = logits.reshape(-1, logits.shape[-1])
