@@ -73,11 +73,11 @@ class MaskedGeneTask:
         s = self.spec
         inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
         where, target = labelled_positions(labels)
-        on = [to_device(t, device) for t in (inputs, where, target)]
-        loss, logits = model(on[0], attention_mask_on(attn, device), *on[1:])
+        inputs_d, where_d, target_d = (to_device(t, device) for t in (inputs, where, target))
+        loss, logits = model(inputs_d, attention_mask_on(attn, device), where_d, target_d)
         real = int(attn.sum())
         with torch.no_grad():
-            correct = (logits.argmax(-1) == on[2]).sum()  # stays on the device until the metrics are logged
+            correct = (logits.argmax(-1) == target_d).sum()  # on the device until the metrics are logged
         stats: dict[str, Stat] = {
             "tokens": float(real),
             "pad_tokens": float(attn.numel() - real),
