@@ -23,7 +23,9 @@ device gives dense arithmetic at that precision, in the same run); arithmetic_ra
 (how much of the ratio is less arithmetic: the rest is arithmetic done faster); on a GPU,
 gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed) and
 ratio_vs_fixed_budget (ours at its default tokens per forward batch, from the GPU's free memory,
-against the same job at 131,072, the fixed default before);
+against the same job at 131,072, the fixed default before) and ratio_vs_prefix_sum_first_layer (ours,
+whose deletions' first layer is a plain attention pass on a GPU, against the same job with that
+layer's attention by prefix sums, as on CPU);
 `embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
 median_memory_ratio_vs_hold_all.
 """
@@ -113,14 +115,14 @@ def shared_first_layer_flops(config: Any, k: int, max_tokens: int) -> float:
 
 
 def arithmetic(
-    config: Any, data: list[np.ndarray], states: list[str], batch: int, max_tokens: int
+    config: Any, data: list[np.ndarray], states: list[str], batch: int, max_tokens: int, prefix_sums: bool
 ) -> dict[str, float]:
     """What each method computes for the run, counted from its shapes. The reference pads each
     minibatch to its longest cell and runs every layer (and, as it loads a pretrained model, the
     prediction head); ours runs the layers up to the penultimate one over each state's cells and,
     for each perturbed cell, its original and its variants, padding not counted (its batches group
-    cells by length, and a cell's deletions are all one length), the variants' first layer shared
-    (:func:`shared_first_layer_flops`)."""
+    cells by length, and a cell's deletions are all one length), the variants' first layer by prefix
+    sums with ``prefix_sums`` (:func:`shared_first_layer_flops`), else as a plain layer."""
     layers = config.num_hidden_layers
     padded = []
     for s in sorted(set(states)):
@@ -131,8 +133,11 @@ def arithmetic(
     per_cell = [n for k in perturbed for n in [k] + [k - 1] * (k - 2)]  # the original, each deletion
     deletions = [k - 1 for k in perturbed for _ in range(k - 2)]
     ours = forward_flops(config, [len(c) for c in data] + perturbed, layers - 1, head=False)
-    ours += forward_flops(config, deletions, layers - 2, head=False)
-    ours += sum(shared_first_layer_flops(config, k, max_tokens) for k in perturbed)
+    if prefix_sums:
+        ours += forward_flops(config, deletions, layers - 2, head=False)
+        ours += sum(shared_first_layer_flops(config, k, max_tokens) for k in perturbed)
+    else:
+        ours += forward_flops(config, deletions, layers - 1, head=False)
     return {
         "reference": forward_flops(config, padded + per_cell, layers, head=True),
         "plain-encoder-loop": forward_flops(config, padded + per_cell, layers, head=False),
@@ -348,7 +353,10 @@ def perturb_bench(
             "precision": precision,
             "max_tokens": budget_of(model, device, precision),
         }
-        flops = arithmetic(bert, data, states, batch, conf["max_tokens"])  # ours at this run's budget
+        from rankformer.model.deletions import prefix_sums_on
+
+        prefix_sums = prefix_sums_on(torch.device(device))  # (ours at this run's budget)
+        flops = arithmetic(bert, data, states, batch, conf["max_tokens"], prefix_sums)
         runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32
             runs |= {k: (sec, mb) for k, (sec, mb, _) in baselines.items()}
@@ -371,6 +379,16 @@ def perturb_bench(
                 ours(work / f"fixed_{preset_name}_{precision}", precision, FIXED_GPU_BUDGET)
             ratio = m["s"] / ours_s
             record("perturb", "ratio_vs_fixed_budget", ratio, "x", {**conf, "fixed_budget": FIXED_GPU_BUDGET})
+        if device == "cuda":  # against the first layer's attention by prefix sums, as on CPU
+            from rankformer.model import deletions
+
+            deletions.PREFIX_SUMS_ON_GPU = True
+            try:
+                with measured(device) as m:
+                    ours(work / f"prefix_{preset_name}_{precision}", precision)
+            finally:
+                deletions.PREFIX_SUMS_ON_GPU = False
+            record("perturb", "ratio_vs_prefix_sum_first_layer", m["s"] / ours_s, "x", conf)
         if device == "cuda":  # how much of the job's time the GPU computes (the rest: the host)
             busy = gpu_busy_fraction(ours, work / f"profiled_{preset_name}_{precision}", precision)
             record("perturb", "gpu_busy_fraction", busy, "fraction", {**conf, "method": "rankformer"})

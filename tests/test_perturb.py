@@ -72,12 +72,14 @@ def _bert(layers: int) -> BertModel:
     return BertModel(cfg).eval()
 
 
+@pytest.mark.parametrize("prefix_sums", [True, False], ids=["prefix-sums", "attention-pass"])
 @pytest.mark.parametrize("layout", ["v1", "v2"])
-def test_the_shared_first_layer_equals_each_deletions_own_forward_pass(layout):
+def test_the_shared_first_layer_equals_each_deletions_own_forward_pass(layout, prefix_sums):
     """Runs of consecutive deletions through SharedDeletions give each deletion's plain forward
     pass at every layer, the first and the last position included, in float32 (to 1e-5) and in
-    bfloat16 (no further from float32 than the plain bfloat16 pass)."""
-    from rankformer.model.deletions import SharedDeletions, shareable
+    bfloat16 (no further from float32 than the plain bfloat16 pass); the first layer's attention by
+    prefix sums (CPU's default) or as a plain pass over the shared rows (a GPU's)."""
+    from rankformer.model.deletions import SharedDeletions, prefix_sums_on, shareable
 
     bert = _bert(3)
     rng = np.random.default_rng(1)
@@ -85,7 +87,8 @@ def test_the_shared_first_layer_equals_each_deletions_own_forward_pass(layout):
     cell = np.asarray([2, *genes, 3] if layout == "v2" else genes, dtype=np.int64)
     runs = [(0, 1), (0, 7), (5, 9), (len(cell) - 3, 3), (len(cell) - 1, 1), (0, len(cell))]
     for layer in (1, 2, 3):
-        shared = SharedDeletions(bert, torch.from_numpy(cell), layer)
+        shared = SharedDeletions(bert, torch.from_numpy(cell), layer, prefix_sums)
+        assert shared.prefix_sums is prefix_sums
         for p0, count in runs:
             ids = torch.as_tensor(np.stack(delete_each(cell, np.arange(p0, p0 + count))))
             with torch.no_grad():
@@ -96,8 +99,9 @@ def test_the_shared_first_layer_equals_each_deletions_own_forward_pass(layout):
     with torch.no_grad():
         exact = bert(input_ids=ids, output_hidden_states=True).hidden_states[3]
         plain = half(input_ids=ids, output_hidden_states=True).hidden_states[3].float()
-    got = SharedDeletions(half, torch.from_numpy(cell), 3).states(0, len(cell))
+    got = SharedDeletions(half, torch.from_numpy(cell), 3, prefix_sums).states(0, len(cell))
     assert (got - exact).abs().max() <= 1.5 * (plain - exact).abs().max()
+    assert prefix_sums_on(torch.device("cpu")) and not prefix_sums_on(torch.device("cuda"))
     assert shareable(bert, 2) and not shareable(bert, 0)  # layer 0: the embeddings, nothing to share
     assert not shareable(bert.train(), 2)
     with pytest.raises(ValueError, match="positions"):

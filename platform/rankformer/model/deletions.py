@@ -17,6 +17,14 @@ different input in every deletion and run as usual, by the same operations as Hu
 launching the work), the query, key and value projections as one matrix product. The arithmetic
 is the same as the plain forward pass's (scores, softmax, weighted sum), the first layer's
 attention in float32, summed in another order.
+
+The prefix sums are ``n``-fold less arithmetic but memory-bound: a batch of deletions writes and reads
+tensors of (deletions x queries x hidden) float32 values a dozen times over. That wins on a CPU, whose
+attention kernel is slow, and loses on a GPU, whose fused attention kernel does the ``n``-fold
+arithmetic on its tensor cores in less time than those passes over memory take (see
+:data:`PREFIX_SUMS_ON_GPU`). There the first layer runs as a plain attention pass over each deletion's
+rows, still assembled from the ``2n`` shared embeddings (no lookup, position embedding or LayerNorm
+per deletion).
 """
 
 from __future__ import annotations
@@ -67,13 +75,27 @@ def shareable(model: torch.nn.Module, layer: int) -> bool:
     return True
 
 
+# Whether the first layer's attention goes by prefix sums on a CUDA device too (elsewhere it always
+# does). The GPU benchmark sets it to time the two ways in one run.
+PREFIX_SUMS_ON_GPU = False
+
+
+def prefix_sums_on(device: torch.device) -> bool:
+    """Whether a cell's deletions on ``device`` share the first layer's attention by prefix sums
+    (else: a plain attention pass over each deletion's shared input rows)."""
+    return device.type != "cuda" or PREFIX_SUMS_ON_GPU
+
+
 class SharedDeletions:
     """The deletions of one cell (``cell``: its token ids, on the model's device): states at
-    ``hidden_states[layer]`` of any run of consecutive deletions, the first layer's inputs,
-    projections and scores shared between them."""
+    ``hidden_states[layer]`` of any run of consecutive deletions, the first layer's inputs shared
+    between them and, with ``prefix_sums`` (by default: :func:`prefix_sums_on` the cell's device), its
+    projections and scores too."""
 
     @torch.no_grad()
-    def __init__(self, model: torch.nn.Module, cell: torch.Tensor, layer: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cell: torch.Tensor, layer: int, prefix_sums: bool | None = None
+    ) -> None:
         body: Any = encoder(model)
         self.cell = cell
         self.layers = list(body.encoder.layer)[:layer]
@@ -84,10 +106,11 @@ class SharedDeletions:
         ids = torch.stack([cell[:n], cell[1:]]).long()  # o rows, s rows
         pos = torch.arange(n, device=cell.device)[None].expand(2, -1)
         self.x = body.embeddings(input_ids=ids, position_ids=pos)  # (2, n, d), the model's dtype
-
-        q, k, v = (t.float() for t in _qkv(sa, self.x))  # (2, heads, n, dh), float32
-        self.q, self.k = q * self.dh**-0.5, k
-        self.v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normaliser
+        self.prefix_sums = prefix_sums_on(cell.device) if prefix_sums is None else prefix_sums
+        if self.prefix_sums:
+            q, k, v = (t.float() for t in _qkv(sa, self.x))  # (2, heads, n, dh), float32
+            self.q, self.k = q * self.dh**-0.5, k
+            self.v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normaliser
 
     def variants(self, p0: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The token ids of the deletions of positions ``p0 .. p0+count-1`` and where each of their
@@ -103,28 +126,31 @@ class SharedDeletions:
         n, p1 = self.n, p0 + count
         if not 0 <= p0 < p1 <= n + 1:
             raise ValueError(f"deletions {p0}..{p1 - 1} are not positions of a {n + 1}-token cell")
-        # deletion p reads o-rows below p and s-rows from p on: o-queries and o-keys below p1-1
-        # serve some deletion of the band, s-queries and s-keys from p0 on
-        ctx_o = self._attend(self.q[0, :, : p1 - 1], p0, p1)  # (count, p1-1, heads, dh)
-        ctx_s = self._attend(self.q[1, :, p0:], p0, p1)  # (count, n-p0, heads, dh)
         # rows below p0 are o-rows in every deletion of the band, rows from p1-1 on s-rows; between,
         # row i is an o-row in deletion p if i < p
         mid = p1 - 1 - p0
         i = torch.arange(p0, p1 - 1, device=self.x.device)
         below = (i[None] < torch.arange(p0, p1, device=self.x.device)[:, None])[..., None]  # (count, mid, 1)
-        ctx = torch.cat(
-            [
-                ctx_o[:, :p0],
-                torch.where(below[..., None], ctx_o[:, p0:], ctx_s[:, :mid]),
-                ctx_s[:, mid:],
-            ],
-            1,
-        )
         x_o, x_s = self.x[0][None].expand(count, -1, -1), self.x[1][None].expand(count, -1, -1)
         x = torch.cat(
             [x_o[:, :p0], torch.where(below, x_o[:, p0 : p1 - 1], x_s[:, p0 : p1 - 1]), x_s[:, p1 - 1 :]], 1
         )
-        h = _after_attention(self.layers[0], ctx.reshape(count, n, -1).to(x.dtype), x)
+        if not self.prefix_sums:
+            h = _layer(self.layers[0], x)
+        else:
+            # deletion p reads o-rows below p and s-rows from p on: o-queries and o-keys below p1-1
+            # serve some deletion of the band, s-queries and s-keys from p0 on
+            ctx_o = self._attend(self.q[0, :, : p1 - 1], p0, p1)  # (count, p1-1, heads, dh)
+            ctx_s = self._attend(self.q[1, :, p0:], p0, p1)  # (count, n-p0, heads, dh)
+            ctx = torch.cat(
+                [
+                    ctx_o[:, :p0],
+                    torch.where(below[..., None], ctx_o[:, p0:], ctx_s[:, :mid]),
+                    ctx_s[:, mid:],
+                ],
+                1,
+            )
+            h = _after_attention(self.layers[0], ctx.reshape(count, n, -1).to(x.dtype), x)
         for layer in self.layers[1:]:
             h = _layer(layer, h)
         return h.float()
