@@ -23,9 +23,9 @@ device gives dense arithmetic at that precision, in the same run); arithmetic_ra
 (how much of the ratio is less arithmetic: the rest is arithmetic done faster); on a GPU,
 gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed) and
 ratio_vs_fixed_budget (ours at its default tokens per forward batch, from the GPU's free memory,
-against the same job at 131,072, the fixed default before) and ratio_vs_prefix_sum_first_layer (ours,
-whose deletions' first layer is a plain attention pass on a GPU, against the same job with that
-layer's attention by prefix sums, as on CPU);
+against the same job at 131,072, the fixed default before) and ratio_vs_other_first_layer (ours,
+whose deletions take the first layer's attention by prefix sums or as a plain attention pass as
+`rankformer.model.deletions.prefix_sums_on` decides, against the same job the other way);
 `embed` cells_per_s, scaling_efficiency_2_workers, median_peak_memory_mb,
 median_memory_ratio_vs_hold_all.
 """
@@ -355,8 +355,9 @@ def perturb_bench(
         }
         from rankformer.model.deletions import prefix_sums_on
 
-        prefix_sums = prefix_sums_on(torch.device(device))  # (ours at this run's budget)
-        flops = arithmetic(bert, data, states, batch, conf["max_tokens"], prefix_sums)
+        head_dim = bert.hidden_size // bert.num_attention_heads
+        prefix_sums = prefix_sums_on(torch.device(device), PRECISIONS[precision], head_dim)
+        flops = arithmetic(bert, data, states, batch, conf["max_tokens"], prefix_sums)  # (at its budget)
         runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32
             runs |= {k: (sec, mb) for k, (sec, mb, _) in baselines.items()}
@@ -379,16 +380,18 @@ def perturb_bench(
                 ours(work / f"fixed_{preset_name}_{precision}", precision, FIXED_GPU_BUDGET)
             ratio = m["s"] / ours_s
             record("perturb", "ratio_vs_fixed_budget", ratio, "x", {**conf, "fixed_budget": FIXED_GPU_BUDGET})
-        if device == "cuda":  # against the first layer's attention by prefix sums, as on CPU
+        if device == "cuda":  # against the deletions' first layer the other way
             from rankformer.model import deletions
 
-            deletions.PREFIX_SUMS_ON_GPU = True
+            way, other = ("prefix-sums", "attention-pass")[:: 1 if prefix_sums else -1]
+            deletions.FIRST_LAYER = other
             try:
                 with measured(device) as m:
-                    ours(work / f"prefix_{preset_name}_{precision}", precision)
+                    ours(work / f"{other}_{preset_name}_{precision}", precision)
             finally:
-                deletions.PREFIX_SUMS_ON_GPU = False
-            record("perturb", "ratio_vs_prefix_sum_first_layer", m["s"] / ours_s, "x", conf)
+                deletions.FIRST_LAYER = None
+            ways = {"first_layer": way, "other": other}
+            record("perturb", "ratio_vs_other_first_layer", m["s"] / ours_s, "x", {**conf, **ways})
         if device == "cuda":  # how much of the job's time the GPU computes (the rest: the host)
             busy = gpu_busy_fraction(ours, work / f"profiled_{preset_name}_{precision}", precision)
             record("perturb", "gpu_busy_fraction", busy, "fraction", {**conf, "method": "rankformer"})

@@ -196,6 +196,45 @@ def test_the_default_budget_fits_its_memory_estimate(tmp_path):
         np.testing.assert_allclose(scores[None][col], scores[CPU_MAX_TOKENS][col], atol=2e-2)
 
 
+def test_deletions_take_the_attention_pass_on_the_gpu_and_equal_the_plain_pass():
+    """On CUDA in bfloat16 with heads of 64, a cell's deletions take the first layer's attention as a
+    plain pass over their shared rows by default; their states, and by prefix sums too, are no
+    further from a float32 CPU pass than the plain bfloat16 pass on the GPU is."""
+    import copy
+
+    import numpy as np
+    from transformers import BertConfig, BertModel
+
+    from rankformer.model.deletions import SharedDeletions
+    from rankformer.model.perturbations import delete_each
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=300,
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        hidden_act="relu",
+    )
+    exact = BertModel(cfg).eval()
+    half = copy.deepcopy(exact).to("cuda", torch.bfloat16)
+    rng = np.random.default_rng(0)
+    cell = np.asarray([2, *(rng.choice(296, 200, replace=False) + 4), 3])
+    ids = torch.as_tensor(np.stack(delete_each(cell, np.arange(len(cell)))))
+    with torch.no_grad():
+        want = exact(input_ids=ids, output_hidden_states=True).hidden_states
+        plain = half(input_ids=ids.cuda(), output_hidden_states=True).hidden_states
+    cell_dev = torch.from_numpy(cell).cuda()
+    assert not SharedDeletions(half, cell_dev, 1).prefix_sums
+    for layer in (1, 3):
+        plain_err = (plain[layer].float().cpu() - want[layer]).abs().max()
+        for prefix_sums in (None, True):
+            got = SharedDeletions(half, cell_dev, layer, prefix_sums).states(0, len(cell)).cpu()
+            assert (got - want[layer]).abs().max() <= 1.5 * plain_err, (layer, prefix_sums)
+
+
 def _no_waits_from_our_code(fn):
     """``fn()`` under CUDA's sync debug mode, which reports every implicit synchronisation; fails on
     any from rankformer's or Transformers' lines (the model code we call: its 2-D attention mask asks

@@ -19,12 +19,11 @@ is the same as the plain forward pass's (scores, softmax, weighted sum), the fir
 attention in float32, summed in another order.
 
 The prefix sums are ``n``-fold less arithmetic but memory-bound: a batch of deletions writes and reads
-tensors of (deletions x queries x hidden) float32 values a dozen times over. That wins on a CPU, whose
-attention kernel is slow, and loses on a GPU, whose fused attention kernel does the ``n``-fold
-arithmetic on its tensor cores in less time than those passes over memory take (see
-:data:`PREFIX_SUMS_ON_GPU`). There the first layer runs as a plain attention pass over each deletion's
-rows, still assembled from the ``2n`` shared embeddings (no lookup, position embedding or LayerNorm
-per deletion).
+tensors of (deletions x queries x hidden) float32 values a dozen times over. A fused attention kernel
+on a GPU's tensor cores, in half precision with heads of 64 or more, does the ``n``-fold arithmetic in
+less time than those passes over memory take; there the first layer runs as a plain attention pass
+over each deletion's rows, still assembled from the ``2n`` shared embeddings (no lookup, position
+embedding or LayerNorm per deletion). Everywhere else the prefix sums win (see :func:`prefix_sums_on`).
 """
 
 from __future__ import annotations
@@ -75,22 +74,29 @@ def shareable(model: torch.nn.Module, layer: int) -> bool:
     return True
 
 
-# Whether the first layer's attention goes by prefix sums on a CUDA device too (elsewhere it always
-# does). The GPU benchmark sets it to time the two ways in one run.
-PREFIX_SUMS_ON_GPU = False
+# The way a cell's deletions take the first layer's attention, None: by :func:`prefix_sums_on`'s rule
+# ("prefix-sums" or "attention-pass" override it: the GPU benchmark times both in one run).
+FIRST_LAYER: str | None = None
 
 
-def prefix_sums_on(device: torch.device) -> bool:
-    """Whether a cell's deletions on ``device`` share the first layer's attention by prefix sums
-    (else: a plain attention pass over each deletion's shared input rows)."""
-    return device.type != "cuda" or PREFIX_SUMS_ON_GPU
+def prefix_sums_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a cell's deletions share the first layer's attention by prefix sums (else: a plain
+    attention pass over each deletion's shared input rows) for a model on ``device`` computing in
+    ``dtype`` with heads of ``head_dim``. The attention pass only on a CUDA device in half precision
+    with heads of 64 or more: there it was 1.11x (bfloat16) and 1.32x (float16) faster for
+    `geneformer-v1`'s ~500-gene cells on an H200, and the prefix sums 1.04x faster in float32 and
+    1.13-1.57x for `tiny` (heads of 16) in every precision; on CPU the prefix sums are faster."""
+    if FIRST_LAYER is not None:
+        return FIRST_LAYER == "prefix-sums"
+    half = dtype in (torch.bfloat16, torch.float16)
+    return not (device.type == "cuda" and half and head_dim >= 64)
 
 
 class SharedDeletions:
     """The deletions of one cell (``cell``: its token ids, on the model's device): states at
     ``hidden_states[layer]`` of any run of consecutive deletions, the first layer's inputs shared
     between them and, with ``prefix_sums`` (by default: :func:`prefix_sums_on` the cell's device), its
-    projections and scores too."""
+    projections and scores too (all of a cell's deletions of one run take the same way)."""
 
     @torch.no_grad()
     def __init__(
@@ -106,7 +112,9 @@ class SharedDeletions:
         ids = torch.stack([cell[:n], cell[1:]]).long()  # o rows, s rows
         pos = torch.arange(n, device=cell.device)[None].expand(2, -1)
         self.x = body.embeddings(input_ids=ids, position_ids=pos)  # (2, n, d), the model's dtype
-        self.prefix_sums = prefix_sums_on(cell.device) if prefix_sums is None else prefix_sums
+        if prefix_sums is None:
+            prefix_sums = prefix_sums_on(cell.device, self.x.dtype, self.dh)
+        self.prefix_sums = prefix_sums
         if self.prefix_sums:
             q, k, v = (t.float() for t in _qkv(sa, self.x))  # (2, heads, n, dh), float32
             self.q, self.k = q * self.dh**-0.5, k
