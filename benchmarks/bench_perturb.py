@@ -355,8 +355,7 @@ def perturb_bench(
         }
         from rankformer.model.deletions import prefix_sums_on
 
-        head_dim = bert.hidden_size // bert.num_attention_heads
-        prefix_sums = prefix_sums_on(torch.device(device), PRECISIONS[precision], head_dim)
+        prefix_sums = prefix_sums_on(torch.device(device), PRECISIONS[precision])
         flops = arithmetic(bert, data, states, batch, conf["max_tokens"], prefix_sums)  # (at its budget)
         runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32

@@ -197,8 +197,8 @@ def test_the_default_budget_fits_its_memory_estimate(tmp_path):
 
 
 def test_deletions_take_the_attention_pass_on_the_gpu_and_equal_the_plain_pass():
-    """On CUDA in bfloat16 with heads of 64, a cell's deletions take the first layer's attention as a
-    plain pass over their shared rows by default; their states, and by prefix sums too, are no
+    """On CUDA in bfloat16 a cell's deletions take the first layer's attention as a plain pass over
+    their shared rows by default; their states, and by prefix sums too, are no
     further from a float32 CPU pass than the plain bfloat16 pass on the GPU is."""
     import copy
 

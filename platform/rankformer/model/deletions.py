@@ -20,8 +20,8 @@ attention in float32, summed in another order.
 
 The prefix sums are ``n``-fold less arithmetic but memory-bound: a batch of deletions writes and reads
 tensors of (deletions x queries x hidden) float32 values a dozen times over. A fused attention kernel
-on a GPU's tensor cores, in half precision with heads of 64 or more, does the ``n``-fold arithmetic in
-less time than those passes over memory take; there the first layer runs as a plain attention pass
+on a GPU's tensor cores, in half precision, does the ``n``-fold arithmetic in less time than those
+passes over memory take; there the first layer runs as a plain attention pass
 over each deletion's rows, still assembled from the ``2n`` shared embeddings (no lookup, position
 embedding or LayerNorm per deletion). Everywhere else the prefix sums win (see :func:`prefix_sums_on`).
 """
@@ -79,17 +79,16 @@ def shareable(model: torch.nn.Module, layer: int) -> bool:
 FIRST_LAYER: str | None = None
 
 
-def prefix_sums_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def prefix_sums_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a cell's deletions share the first layer's attention by prefix sums (else: a plain
     attention pass over each deletion's shared input rows) for a model on ``device`` computing in
-    ``dtype`` with heads of ``head_dim``. The attention pass only on a CUDA device in half precision
-    with heads of 64 or more: there it was 1.11x (bfloat16) and 1.32x (float16) faster for
-    `geneformer-v1`'s ~500-gene cells on an H200, and the prefix sums 1.04x faster in float32 and
-    1.13-1.57x for `tiny` (heads of 16) in every precision; on CPU the prefix sums are faster."""
+    ``dtype``. The attention pass only on a CUDA device in half precision: for `geneformer-v1`'s
+    ~500-gene cells on an H200 it was 1.11-1.33x (bfloat16) and 1.32-1.35x (float16) faster than the
+    prefix sums, which were 1.04x faster in float32 (two runs, each way first once); on CPU the prefix
+    sums are faster."""
     if FIRST_LAYER is not None:
         return FIRST_LAYER == "prefix-sums"
-    half = dtype in (torch.bfloat16, torch.float16)
-    return not (device.type == "cuda" and half and head_dim >= 64)
+    return not (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
 
 
 class SharedDeletions:
@@ -113,7 +112,7 @@ class SharedDeletions:
         pos = torch.arange(n, device=cell.device)[None].expand(2, -1)
         self.x = body.embeddings(input_ids=ids, position_ids=pos)  # (2, n, d), the model's dtype
         if prefix_sums is None:
-            prefix_sums = prefix_sums_on(cell.device, self.x.dtype, self.dh)
+            prefix_sums = prefix_sums_on(cell.device, self.x.dtype)
         self.prefix_sums = prefix_sums
         if self.prefix_sums:
             q, k, v = (t.float() for t in _qkv(sa, self.x))  # (2, heads, n, dh), float32
