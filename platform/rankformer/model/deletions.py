@@ -94,8 +94,8 @@ def prefix_sums_on(device: torch.device, dtype: torch.dtype) -> bool:
 class SharedDeletions:
     """The deletions of one cell (``cell``: its token ids, on the model's device): states at
     ``hidden_states[layer]`` of any run of consecutive deletions, the first layer's inputs shared
-    between them and, with ``prefix_sums`` (by default: :func:`prefix_sums_on` the cell's device), its
-    projections and scores too (all of a cell's deletions of one run take the same way)."""
+    between them and, with ``prefix_sums`` (by default as :func:`prefix_sums_on` decides for the cell's
+    device and the model's dtype), its projections and scores too."""
 
     @torch.no_grad()
     def __init__(
