@@ -353,9 +353,9 @@ def perturb_bench(
             "precision": precision,
             "max_tokens": budget_of(model, device, precision),
         }
-        from rankformer.model.deletions import prefix_sums_on
+        from rankformer.model import deletions
 
-        prefix_sums = prefix_sums_on(torch.device(device), PRECISIONS[precision])
+        prefix_sums = deletions.prefix_sums_on(torch.device(device), PRECISIONS[precision])
         flops = arithmetic(bert, data, states, batch, conf["max_tokens"], prefix_sums)  # (at its budget)
         runs = {"rankformer": (ours_s, m["mb"])}
         if precision == "float32":  # the baselines run as the reference does, in float32
@@ -380,8 +380,6 @@ def perturb_bench(
             ratio = m["s"] / ours_s
             record("perturb", "ratio_vs_fixed_budget", ratio, "x", {**conf, "fixed_budget": FIXED_GPU_BUDGET})
         if device == "cuda":  # against the deletions' first layer the other way
-            from rankformer.model import deletions
-
             way, other = ("prefix-sums", "attention-pass")[:: 1 if prefix_sums else -1]
             deletions.FIRST_LAYER = other
             try:
