@@ -135,9 +135,9 @@ class SharedDeletions:
             raise ValueError(f"deletions {p0}..{p1 - 1} are not positions of a {n + 1}-token cell")
         # rows below p0 are o-rows in every deletion of the band, rows from p1-1 on s-rows; between,
         # row i is an o-row in deletion p if i < p
-        mid = p1 - 1 - p0
         i = torch.arange(p0, p1 - 1, device=self.x.device)
-        below = (i[None] < torch.arange(p0, p1, device=self.x.device)[:, None])[..., None]  # (count, mid, 1)
+        # (count, count-1, 1)
+        below = (i[None] < torch.arange(p0, p1, device=self.x.device)[:, None])[..., None]
         x_o, x_s = self.x[0][None].expand(count, -1, -1), self.x[1][None].expand(count, -1, -1)
         x = torch.cat(
             [x_o[:, :p0], torch.where(below, x_o[:, p0 : p1 - 1], x_s[:, p0 : p1 - 1]), x_s[:, p1 - 1 :]], 1
@@ -149,6 +149,7 @@ class SharedDeletions:
             # serve some deletion of the band, s-queries and s-keys from p0 on
             ctx_o = self._attend(self.q[0, :, : p1 - 1], p0, p1)  # (count, p1-1, heads, dh)
             ctx_s = self._attend(self.q[1, :, p0:], p0, p1)  # (count, n-p0, heads, dh)
+            mid = p1 - 1 - p0
             ctx = torch.cat(
                 [
                     ctx_o[:, :p0],
