@@ -69,7 +69,7 @@ class _Launched:
     matches and cosines, all on the host once ``done`` is reached (None: already there)."""
 
     orig: _Original
-    combos: list[list[int]]
+    moved: np.ndarray
     table: torch.Tensor
     done: Any
     genes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
@@ -78,22 +78,23 @@ class _Launched:
 class Perturber(Embedder):
     """One model per actor: perturbs every cell of one corpus shard per call."""
 
-    def variants(self, cell: np.ndarray) -> list[list[int]]:
+    def variants(self, cell: np.ndarray) -> np.ndarray:
+        """The cell's perturbations, one a row: the genes each perturbs (tokens, in order), padded
+        with -1: (perturbations, most genes in one)."""
         spec = self.spec
-        listed: list[int] = spec["targets"]
-        genes = [t for t in cell.tolist() if t >= self.gene_lo]
-        present = set(genes)
-        pool = genes if spec["mode"] == "all" else listed
-        if spec["kind"] != "overexpress":
-            pool = [g for g in pool if g in present]
+        genes = cell[cell >= self.gene_lo].astype(np.int64)
+        pool = genes if spec["mode"] == "all" else np.asarray(spec["targets"], dtype=np.int64)
+        if spec["kind"] != "overexpress" and spec["mode"] != "all":
+            pool = pool[np.isin(pool, genes)]
         anchor = spec["anchor"]
         if anchor is not None:
-            if spec["kind"] != "overexpress" and anchor not in present:
-                return []
-            return [[anchor, g] for g in pool if g != anchor]
+            if spec["kind"] != "overexpress" and anchor not in genes:
+                return np.empty((0, 2), dtype=np.int64)
+            others = pool[pool != anchor]
+            return np.stack([np.full(len(others), anchor, dtype=np.int64), others], 1)
         if spec["mode"] == "together":
-            return [pool] if pool else []
-        return [[g] for g in pool]
+            return pool[None] if len(pool) else np.empty((0, 0), dtype=np.int64)
+        return pool[:, None]
 
     def score_cell(
         self, cell: np.ndarray, h0: torch.Tensor, cell_id: str, genes_out: GeneSink | None = None
@@ -115,14 +116,16 @@ class Perturber(Embedder):
         from rankformer.model.batching import budget_batches
         from rankformer.model.deletions import SharedDeletions
 
-        combos = self.variants(cell)
-        seqs, at = self._sequences(cell, combos, cell_id)
+        moved = self.variants(cell)
+        seqs, at = self._sequences(cell, moved, cell_id)
         orig = self._original(cell, h0, cell_id)
-        lengths = np.asarray(
-            [len(cell) - 1] * len(combos) if seqs is None else [len(s) for s in seqs], np.int64
+        lengths = (
+            np.full(len(moved), len(cell) - 1, np.int64)
+            if seqs is None
+            else np.asarray([len(s) for s in seqs], np.int64)
         )
         shared = None  # (no cap on variants a batch but the budget: on a GPU, each pass costs its host)
-        for idx in budget_batches(lengths, self.max_tokens, len(combos)) if len(combos) else []:
+        for idx in budget_batches(lengths, self.max_tokens, len(moved)) if len(moved) else []:
             run = None  # a run of consecutive single deletions: through the shared first layer
             if at is not None and self._shares_deletions and bool((np.diff(at[idx]) == 1).all()):
                 if shared is None:
@@ -134,7 +137,7 @@ class Perturber(Embedder):
             elif run is None:
                 assert seqs is not None  # (only single deletions go without sequences)
                 batch = [seqs[i] for i in idx]
-            yield self._launch(orig, idx, batch, [combos[i] for i in idx], run)
+            yield self._launch(orig, idx, batch, moved[idx], run)
 
     @functools.cached_property
     def _shares_deletions(self) -> bool:
@@ -143,7 +146,7 @@ class Perturber(Embedder):
         return shareable(self.model, self.layer)
 
     def _sequences(
-        self, cell: np.ndarray, combos: list[list[int]], cell_id: str
+        self, cell: np.ndarray, moved: np.ndarray, cell_id: str
     ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
         """Each perturbation's token sequence, or for single deletions the positions deleted
         instead (their sequences are made batch by batch, on the device for the shared first layer);
@@ -152,21 +155,23 @@ class Perturber(Embedder):
         at = None
         if (
             spec["kind"] == "delete"
-            and all(len(c) == 1 for c in combos)
+            and moved.shape[1] == 1
             and len(cell) <= spec["max_length"]
             and len(np.unique(cell)) == len(cell)
         ):
-            at = positions_of(cell, [c[0] for c in combos])  # every gene alone: the common case
+            at = positions_of(cell, moved[:, 0])  # every gene alone: the common case
             seqs = None  # (each deletes one of the cell's distinct genes: some gene is left if 2 were there)
-            left = np.full(len(combos), int((cell >= self.gene_lo).sum()) >= 2)
+            left = np.full(len(moved), int((cell >= self.gene_lo).sum()) >= 2)
         else:
             shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
             seqs = [
-                perturb(cell, c, spec["kind"], spec["max_length"], self.cls, self.eos, shift) for c in combos
+                perturb(cell, c[c >= 0], spec["kind"], spec["max_length"], self.cls, self.eos, shift)
+                for c in moved
             ]
             left = np.asarray([(s >= self.gene_lo).any() for s in seqs], dtype=bool)
         if not left.all():
-            c = combos[int(np.argmin(left))]
+            c = moved[int(np.argmin(left))]
+            c = c[c >= 0]
             raise InputError(
                 f"perturbing {self.names(c)} would leave cell {cell_id} without genes; leave such cells "
                 "out (--cells-where) or perturb fewer genes"
@@ -225,7 +230,7 @@ class Perturber(Embedder):
         orig: _Original,
         idx: np.ndarray,
         seqs: list[np.ndarray] | np.ndarray | None,
-        combos: list[list[int]],
+        moved: np.ndarray,
         run: tuple[SharedDeletions, int, int] | None = None,
     ) -> _Launched:
         """One forward pass over a batch of a cell's variants and their scores, computed where the
@@ -249,7 +254,7 @@ class Perturber(Embedder):
             ids, attn = pad_batch(seqs, self.pad)
             ids_dev = to_device(ids, dev)  # once: the forward pass and the scores use it
             h1 = hidden_states(self.model, Batch(idx, ids_dev, attn), self.layer, dev)
-            p0, common = self._matched(ids_dev, combos, self._lut(orig))
+            p0, common = self._matched(ids_dev, moved, self._lut(orig))
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
         gene_cos = torch.where(common, (_unit(h1) * orig.h0_unit[p0.clamp(min=0)]).sum(-1), 0.0)
@@ -273,14 +278,14 @@ class Perturber(Embedder):
                 to_host_queued(common),
                 to_host_queued(gene_cos),
             )
-        return _Launched(orig, combos, table, queued_mark(dev), per_gene)
+        return _Launched(orig, moved, table, queued_mark(dev), per_gene)
 
     def _finish(self, batch: _Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:
         """A launched batch's rows appended to ``parts`` as a table (after its scores reach the
         host), its per-gene table given to ``genes_out``."""
         if batch.done is not None:
             batch.done.synchronize()
-        orig, moved = batch.orig, _padded(batch.combos)
+        orig, moved = batch.orig, batch.moved
         names = self.gene_id_array.take(pa.array(moved[moved >= 0]))  # each variant's genes, in order
         perturbed = pa.ListArray.from_arrays(
             pa.array(np.r_[0, np.cumsum((moved >= 0).sum(1))], pa.int32()), names
@@ -318,7 +323,7 @@ class Perturber(Embedder):
         return pa.array(self.vocab.gene_id_by_token, pa.string())
 
     def _matched(
-        self, ids: torch.Tensor, moved: list[list[int]], lut: torch.Tensor
+        self, ids: torch.Tensor, moved: np.ndarray, lut: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For a batch of variants (``ids`` where ``lut`` is): each position's position in the
         original cell (-1 if none), and whether it holds a gene present in both that was not itself
@@ -331,11 +336,11 @@ class Perturber(Embedder):
         common = (p0 >= 0) & (ids >= self.gene_lo)
         if self.spec["kind"] == "delete":  # a deleted gene is in none of the variant's positions
             return p0, common
-        mv = torch.from_numpy(_padded(moved))
-        hit = (ids[:, :, None] == to_device(mv, ids.device)[:, None, :]).any(-1)
+        mv = to_device(torch.from_numpy(np.ascontiguousarray(moved)), ids.device)
+        hit = (ids[:, :, None] == mv[:, None, :]).any(-1)
         return p0, common & ~hit
 
-    def names(self, tokens: list[int]) -> list[str]:
+    def names(self, tokens: list[int] | np.ndarray) -> list[str]:
         return self.vocab.gene_id_by_token[tokens].tolist()
 
     @classmethod
@@ -472,13 +477,3 @@ def windows(lengths: list[int], max_cells: int, max_tokens: int) -> Iterator[tup
             hi += 1
         yield lo, hi
         lo = hi
-
-
-def _padded(combos: list[list[int]]) -> np.ndarray:
-    """Each variant's perturbed tokens as a row, padded with -1: (variants, most genes in one)."""
-    if all(len(c) == 1 for c in combos):
-        return np.asarray(combos, dtype=np.int64).reshape(len(combos), 1)
-    out = np.full((len(combos), max(map(len, combos), default=0)), -1, dtype=np.int64)
-    for i, c in enumerate(combos):
-        out[i, : len(c)] = c
-    return out

@@ -31,7 +31,7 @@ def split_specials(
 
 def perturb(
     cell: np.ndarray,
-    genes: Sequence[int],
+    genes: Sequence[int] | np.ndarray,
     kind: str,
     max_length: int,
     cls: int | None = None,
@@ -43,10 +43,11 @@ def perturb(
         raise ValueError(f"perturbation {kind!r} is not one of {KINDS}")
     head, body, tail = split_specials(cell, cls, eos)
     targets = [int(g) for g in genes]
+    drop = set(targets)
     if kind == "delete":
-        body = [t for t in body if t not in set(targets)]
+        body = [t for t in body if t not in drop]
     elif kind == "overexpress":
-        body = targets + [t for t in body if t not in set(targets)]
+        body = targets + [t for t in body if t not in drop]
     else:
         step = shift if kind == "inhibit" else -shift
         order = sorted((body.index(g), g) for g in targets if g in body)
@@ -62,10 +63,10 @@ def perturb(
     return np.asarray(out, dtype=np.int64)
 
 
-def positions_of(cell: np.ndarray, genes: Sequence[int]) -> np.ndarray:
+def positions_of(cell: np.ndarray, genes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Where each of ``genes`` stands in ``cell`` (tokens unique, every gene there)."""
-    where = {int(t): i for i, t in enumerate(cell.tolist())}
-    return np.asarray([where[int(g)] for g in genes], dtype=np.int64)
+    order = np.argsort(cell, kind="stable")
+    return order[np.searchsorted(cell[order], np.asarray(genes))].astype(np.int64)
 
 
 def delete_each(cell: np.ndarray, at: np.ndarray) -> np.ndarray:
