@@ -24,7 +24,11 @@ memory during the run; CUDA: torch's peak allocation), ratio_vs_reference_method
 ratio_vs_plain_encoder_loop; gflops_per_s of each method (its arithmetic, counted from the shapes,
 over its time) and of a plain matmul at the model's feed-forward shape (`plain-matmul`: what the
 device gives dense arithmetic at that precision, in the same run); arithmetic_ratio_vs_reference_method
-(how much of the ratio is less arithmetic: the rest is arithmetic done faster); on a GPU,
+(how much of the ratio is less arithmetic: the rest is arithmetic done faster); on CPU,
+kernel_floor_ratio_vs_reference_method (the ratio if ours took only the time of its matrix products
+and attention, PyTorch's kernels timed alone at the job's shapes: the most those kernels allow) and
+time_over_kernel_floor (ours' time over that floor), with `cpu_bf16` in the config (what the CPU has
+for bfloat16 products: AMX, AVX-512 BF16 or none); on a GPU,
 gpu_busy_fraction (the share of an extra, profiled run of ours in which the GPU computed) and
 ratio_vs_fixed_budget (ours at its default tokens per forward batch, from the GPU's free memory,
 against the same job at 131,072, the fixed default before) and ratio_vs_other_first_layer (ours,
@@ -64,6 +68,17 @@ def cells(n: int, median: int, seed: int = 0, n_genes: int = N_GENES) -> list[np
     rng = np.random.default_rng(seed)
     lengths = rng.lognormal(np.log(median), 0.4, n).clip(20, 2046).astype(int)
     return [np.asarray([2, *(rng.choice(n_genes, k, replace=False) + 4), 3], dtype=np.int32) for k in lengths]
+
+
+def cpu_bf16() -> str:
+    """What this CPU has for bfloat16 matrix products: "amx" (tile units: PyTorch's bfloat16 matmul and
+    CPU flash attention use them), "avx512" (AVX-512 BF16 dot products) or "none"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else "none"
 
 
 def model_dir(work: Path, preset_name: str, corpus: str) -> str:
@@ -147,6 +162,61 @@ def arithmetic(
         "plain-encoder-loop": forward_flops(config, padded + per_cell, layers, head=False),
         "rankformer": ours,
     }
+
+
+@torch.no_grad()
+def kernel_floor(
+    config: Any,
+    data: list[np.ndarray],
+    states: list[str],
+    max_tokens: int,
+    dtype: torch.dtype,
+    prefix_sums: bool,
+) -> float:
+    """Seconds that only the matrix products and attention of ours' deletion passes take, each of
+    PyTorch's kernels timed alone on this CPU at the job's shapes (best of 3): for every batch of a
+    perturbed cell's deletions (as the perturber groups them within ``max_tokens``), the layers above
+    the first up to the penultimate in full (query, key and value projections as one product or
+    three, whichever is faster; attention; output projection; feed-forward), and the first layer's
+    attention (unless ``prefix_sums``), output projection and feed-forward. Everything else is left
+    out: the originals, the state cells, the shared first layer's projections and sums, layer norms,
+    activations, residuals, scoring. So this is less than any way of computing the same deletions
+    with these kernels takes, and the reference's time over it bounds from above the ratio reachable
+    with them here."""
+    f = torch.nn.functional
+    h, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    above = config.num_hidden_layers - 2  # layers 2 .. penultimate
+
+    def best(fn: Any, *shapes: tuple[int, ...]) -> float:
+        args = [torch.randn(*s, dtype=dtype) for s in shapes]
+        fn(*args)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def linear(m: int, k: int, n: int) -> float:
+        return best(f.linear, (m, k), (n, k), (n,))
+
+    def one_pass(b: int, n: int) -> float:
+        m = b * n
+        attention = best(f.scaled_dot_product_attention, *[(b, heads, n, h // heads)] * 3)
+        rest = linear(m, h, h) + linear(m, h, inter) + linear(m, inter, h)
+        qkv = min(linear(m, h, 3 * h), 3 * linear(m, h, h))
+        return above * (qkv + attention + rest) + rest + (0.0 if prefix_sums else attention)
+
+    passes: dict[tuple[int, int], int] = {}  # (deletions, length) -> passes of that shape
+    for c, st in zip(data, states, strict=True):
+        if st != "A":
+            continue
+        n, dels = len(c) - 1, len(c) - 2  # every gene deleted, <cls> and <eos> kept
+        b = max(1, max_tokens // n)
+        passes[(b, n)] = passes.get((b, n), 0) + dels // b
+        if dels % b:
+            passes[(dels % b, n)] = passes.get((dels % b, n), 0) + 1
+    return sum(count * one_pass(b, n) for (b, n), count in passes.items() if count)
 
 
 def budget_of(model: str, device: str, precision: str) -> int:
@@ -366,6 +436,7 @@ def perturb_bench(
             "precision": precision,
             "max_tokens": budget_of(model, device, precision),
             **({"untimed_runs_before": 1} if warm else {}),
+            **({"cpu_bf16": cpu_bf16()} if device == "cpu" else {}),
         }
         from rankformer.model import deletions
 
@@ -388,6 +459,11 @@ def perturb_bench(
         ref_s, plain_s = baselines["reference"][0], baselines["plain-encoder-loop"][0]
         record("perturb", "ratio_vs_reference_method", ref_s / ours_s, "x", conf)
         record("perturb", "ratio_vs_plain_encoder_loop", plain_s / ours_s, "x", conf)
+        if device == "cpu":  # the most PyTorch's kernels allow here (see kernel_floor)
+            dtype = PRECISIONS[precision]
+            floor = kernel_floor(bert, data, states, conf["max_tokens"], dtype, prefix_sums)
+            record("perturb", "kernel_floor_ratio_vs_reference_method", ref_s / floor, "x", conf)
+            record("perturb", "time_over_kernel_floor", ours_s / floor, "x", conf)
         if device == "cuda" and conf["max_tokens"] != FIXED_GPU_BUDGET:  # against the earlier default
             m = timed_ours(work / f"fixed_{preset_name}_{precision}", precision, FIXED_GPU_BUDGET)
             ratio = m["s"] / ours_s

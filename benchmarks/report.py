@@ -13,9 +13,20 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
-IDENTITY = ("stage", "workers", "n_cells", "method", "preset", "head", "precision", "device", "attention")
-# what a record written before the key existed measured
-DEFAULTS = {"precision": "float32", "device": "cpu"}
+IDENTITY = (
+    "stage",
+    "workers",
+    "n_cells",
+    "method",
+    "preset",
+    "head",
+    "precision",
+    "device",
+    "attention",
+    "cpu_bf16",
+)
+# what a record written before the key existed measured (every CPU record before `cpu_bf16`: AVX-512 BF16)
+DEFAULTS = {"precision": "float32", "device": "cpu", "cpu_bf16": "avx512"}
 
 
 def _key(rec: dict) -> str:
