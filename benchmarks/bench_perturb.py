@@ -207,16 +207,16 @@ def kernel_floor(
         qkv = min(linear(m, h, 3 * h), 3 * linear(m, h, h))
         return above * (qkv + attention + rest) + rest + (0.0 if prefix_sums else attention)
 
+    from rankformer.model.batching import budget_batches
+
     passes: dict[tuple[int, int], int] = {}  # (deletions, length) -> passes of that shape
     for c, st in zip(data, states, strict=True):
         if st != "A":
             continue
         n, dels = len(c) - 1, len(c) - 2  # every gene deleted, <cls> and <eos> kept
-        b = max(1, max_tokens // n)
-        passes[(b, n)] = passes.get((b, n), 0) + dels // b
-        if dels % b:
-            passes[(dels % b, n)] = passes.get((dels % b, n), 0) + 1
-    return sum(count * one_pass(b, n) for (b, n), count in passes.items() if count)
+        for idx in budget_batches(np.full(dels, n), max_tokens, dels):  # as the perturber groups them
+            passes[(len(idx), n)] = passes.get((len(idx), n), 0) + 1
+    return sum(count * one_pass(b, n) for (b, n), count in passes.items())
 
 
 def budget_of(model: str, device: str, precision: str) -> int:

@@ -114,7 +114,8 @@ def test_serve_build_accepts_the_application(tmp_path):
 
 
 def test_the_gpu_check_needs_nothing_the_gpu_image_lacks(tmp_path):
-    """`benchmarks/gpu_check.sh` runs on the lent GPU machines' stock Python (torch, transformers,
+    """`benchmarks/gpu_check.sh` (and `cpu_check.sh`, the CPU perturbation benchmark on the same
+    machine's host) runs on the lent GPU machines' stock Python (torch, transformers,
     pyarrow, pandas, scipy, h5py, numba, pytest; no Ray, MLflow, anndata, s3fs or pydantic): its
     benchmarks import, and an in-process perturbation and embedding run, and the benchmark's loader
     of the job's model, with those blocked."""
