@@ -189,13 +189,7 @@ def kernel_floor(
 
     def best(fn: Any, *shapes: tuple[int, ...]) -> float:
         args = [torch.randn(*s, dtype=dtype) for s in shapes]
-        fn(*args)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return best_seconds(lambda: fn(*args), "cpu", warm=True)
 
     def linear(m: int, k: int, n: int) -> float:
         return best(f.linear, (m, k), (n, k), (n,))
@@ -240,18 +234,26 @@ def matmul_rate(config: Any, dtype: torch.dtype, device: str, tokens: int = 16_3
     bulk of the arithmetic, measured in the same run."""
     x = torch.randn(tokens, config.hidden_size, device=device, dtype=dtype)
     w = torch.randn(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
-    reps, best = 5, float("inf")
-    for _ in range(3):
+    reps = 5
+    best = best_seconds(lambda: [x @ w for _ in range(reps)], device)
+    return 2 * tokens * config.hidden_size * config.intermediate_size * reps / best / 1e9
+
+
+def best_seconds(fn: Any, device: str, warm: bool = False, tries: int = 3) -> float:
+    """The fastest of ``tries`` timed calls of ``fn`` (after an untimed one with ``warm``); on CUDA
+    each timing covers the kernels the call queued."""
+    if warm:
+        fn()
+    best = float("inf")
+    for _ in range(tries):
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(reps):
-            y = x @ w
+        fn()
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    del y
-    return 2 * tokens * config.hidden_size * config.intermediate_size * reps / best / 1e9
+    return best
 
 
 @torch.no_grad()
