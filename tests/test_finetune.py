@@ -117,6 +117,10 @@ def test_gene_classifier_predicts_held_out_genes_and_shuffled_labels_do_not(gene
     assert abs(summary["shuffled_control_roc_auc_mean"] - 0.5) < 0.2, summary["shuffled_control_roc_auc"]
     assert summary["frozen_embeddings"]["roc_auc_mean"] >= 0.8
     assert len(summary["folds"]) == 5
+    # both programmes' genes are alike in rank and frequency: rank statistics alone are near chance,
+    # and the fine-tuned model is said to beat its controls
+    assert summary["rank_statistics"]["roc_auc_mean"] < 0.75, summary["rank_statistics"]
+    assert summary["beats_controls"] and summary["verdict"].startswith("the fine-tuned model beats")
 
 
 def test_gene_folds_never_share_a_gene(genes_run, world):
@@ -145,6 +149,8 @@ def test_gene_prediction_table_answers_the_question(genes_run, world):
         "prob_y",
         "frozen_prob_x",  # the frozen-embedding baseline's answer beside the fine-tuned one
         "frozen_prob_y",
+        "rank_baseline_prob_x",  # and what the genes' rank statistics alone answer
+        "rank_baseline_prob_y",
     ]
     held_out_x = table[~table.in_training & (table.prob_x > 0)]
     assert len(held_out_x) and np.allclose(table.frozen_prob_x + table.frozen_prob_y, 1.0)

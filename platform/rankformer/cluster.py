@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rankformer.config import ClusterOptions
+from rankformer.placement import Demand, check_demand
 
 
 def cluster_address(opts: ClusterOptions) -> str | None:
@@ -22,55 +23,37 @@ def ray_connected() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def ensure_ray(opts: ClusterOptions, gpus: bool = False) -> None:
-    """Join ``opts.ray_address`` or RAY_ADDRESS, else a Ray instance already running on this
-    machine, else start a local one without the dashboard (a local run needs none, and it costs
-    seconds to start). ``gpus``: the job asks for GPUs (see :func:`_check_gpus`)."""
+def ensure_ray(opts: ClusterOptions, demand: Demand | None = None) -> None:
+    """Join ``opts.ray_address`` or RAY_ADDRESS, else the cluster that `ray start` last started on
+    this machine (while it runs), else start a private local one without the dashboard (a local
+    run needs none, and it costs seconds to start). Never another driver's private instance: it
+    ends with that driver, and every job that joined it dies then. ``demand``: what the job will
+    place, refused at once where the cluster can never run it (:func:`rankformer.placement.check_demand`)."""
     import ray
 
-    started = False
     if not ray.is_initialized():
-        address = cluster_address(opts) or _running_local_instance()
+        address = cluster_address(opts) or shared_local_cluster()
         if address is not None:
             ray.init(address=address, log_to_driver=True, configure_logging=False)
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
-            started = True
-    if gpus:
-        _check_gpus(started)
+    if demand is not None:
+        check_demand(demand)
 
 
-def _check_gpus(started_here: bool) -> None:
-    """A job asking for GPUs on a Ray cluster without one would wait for one forever: an error
-    where this job started Ray itself (it has this machine's GPUs, and nothing adds more), else a
-    warning (an autoscaler adds GPU nodes when asked)."""
-    import ray
-
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return
-    if started_here:
-        from rankformer.errors import InputError
-
-        raise InputError(
-            "--use-gpu: Ray found no GPU on this machine; run on a GPU machine or join a cluster "
-            "with GPU nodes (--ray-address or RAY_ADDRESS), or leave --use-gpu out"
-        )
-    print(
-        "warning: --use-gpu, but the Ray cluster has no GPU now: the job waits until a GPU node "
-        "joins (an autoscaler adds them on demand)",
-        file=sys.stderr,
-    )
-
-
-def _running_local_instance() -> str | None:
-    """The GCS address of a Ray instance started on this machine (`ray start`), if exactly one."""
+def shared_local_cluster() -> str | None:
+    """The GCS address of the cluster `ray start` last started on this machine, if it still runs.
+    `ray start` records its address in Ray's temp folder (``ray_current_cluster``); a driver's
+    private instance (``ray.init()`` with no cluster) records nothing, so it is never joined."""
     try:
         from ray._private.services import find_gcs_addresses
+        from ray._private.utils import read_ray_address
 
-        found = sorted(find_gcs_addresses())
-    except Exception:  # a private helper: when it moves, start a fresh instance instead
+        recorded = read_ray_address()
+        running = set(find_gcs_addresses())
+    except Exception:  # private helpers: when they move, start a private instance instead
         return None
-    return found[0] if len(found) == 1 else None
+    return recorded if recorded and recorded in running else None
 
 
 def runs_in_process(n_tasks: int, opts: ClusterOptions) -> bool:
@@ -95,7 +78,8 @@ def map_shards(
     import numpy as np
     import ray
 
-    ensure_ray(opts)
+    # one task a shard, any number at a time: one CPU on some node is enough to make progress
+    ensure_ray(opts, Demand("shard tasks", len(tasks), cpus=1.0, gang=False))
     ctx = ray.data.DataContext.get_current()
     # One operator only: reserving half the CPUs for (absent) downstream operators would leave
     # workers idle, so let this map use the whole budget while it runs.
@@ -162,7 +146,16 @@ def map_shards_actors(
         return
     import numpy as np
 
-    ensure_ray(opts, gpus=gpus_per_actor > 0)
+    pool = max(1, min(actors, len(tasks)))
+    # a fixed pool: every actor must be placed (Ray Data would wait for the missing ones forever)
+    demand = Demand(
+        "actors of the pool",
+        pool,
+        cpus=cpus_per_actor,
+        gpus=gpus_per_actor,
+        flags="--num-workers (actors)" + (" or leave out --use-gpu" if gpus_per_actor else ""),
+    )
+    ensure_ray(opts, demand)
     items = _task_items(tasks)
 
     class _Actor:
@@ -178,7 +171,7 @@ def map_shards_actors(
         batch_format="numpy",
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
-        concurrency=max(1, min(actors, len(tasks))),
+        concurrency=pool,
     )
     yield from _payloads(ds)
 

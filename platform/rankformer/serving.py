@@ -32,6 +32,7 @@ from rankformer.serving_core import (
 )
 
 DEPLOYMENT = "RankformerServer"
+REPLICA_CPUS = 0.5  # a replica's CPU reservation: its forward passes are short and mostly wait
 
 
 @dataclass
@@ -225,7 +226,7 @@ def build_app(cfg: ServeConfig) -> Any:
     @serve.deployment(
         name=DEPLOYMENT,
         autoscaling_config=_autoscaling(cfg),
-        ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if cfg.use_gpu else 0},
+        ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": 1 if cfg.use_gpu else 0},
         max_ongoing_requests=cfg.max_ongoing_requests,
         logging_config=serve_logging(cfg),
         user_config={"model": cfg.model, "revision": cfg.revision},
@@ -307,10 +308,19 @@ def deploy(apps: list[tuple[ServeConfig, str]], keep_others: bool = False) -> No
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
+    from rankformer.placement import Demand
 
     for cfg, _ in apps:
         check_model(cfg)  # before a cluster starts
-    ensure_ray(ClusterOptions(), gpus=any(cfg.use_gpu for cfg, _ in apps))
+    for cfg, _ in apps:  # Serve waits forever for a replica no node can hold
+        replicas = Demand(
+            f"Serve replicas of {cfg.name}",
+            max(cfg.min_replicas, 1),
+            cpus=REPLICA_CPUS,
+            gpus=1.0 if cfg.use_gpu else 0.0,
+            flags="--min-replicas" + (", or leave out --use-gpu" if cfg.use_gpu else ""),
+        )
+        ensure_ray(ClusterOptions(), replicas)
     doc = serve_document(apps)
     client = serve_start(
         http_options=doc["http_options"],

@@ -20,7 +20,8 @@ import torch
 from rankformer import schema, tracking
 from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
-from rankformer.classify.data import Cells, cell_label_columns, load_cells, parse_where
+from rankformer.classify.controls import counts_baseline, majority_class, verdict
+from rankformer.classify.data import Cells, cell_label_columns, corpus_columns, load_cells, parse_where
 from rankformer.classify.genes import logreg
 from rankformer.errors import InputError
 from rankformer.train.config import FinetuneCellsConfig
@@ -117,6 +118,8 @@ class CellJob(PretrainedOnCorpus):
         self.cfg = cfg
         cols = cell_label_columns(cfg)  # before the model loads
         super().__init__(cfg)
+        # where each cell came from, for the log-normalised-counts baseline
+        cols += [c for c in (schema.SOURCE_FILE, schema.SOURCE_ROW) if c in corpus_columns(cfg.corpus)]
         cells = load_cells(
             cfg.corpus,
             parse_where(cfg.cells_where),
@@ -203,6 +206,7 @@ def _tune(job: CellJob, parent: str) -> dict[str, Any]:
         cfg.scale.use_gpu,
         job.work,
         (job.uri, cfg.track.experiment, parent),
+        cfg.scale.ray_address,
     )
     print(
         f"Ray Tune: best of {len(found['trials'])} trials {found['best']['params']} "
@@ -222,32 +226,37 @@ def _run(job: CellJob, parent: str, sizes: dict[str, int]) -> dict[str, Any]:
     tracking.log_metrics(job.uri, parent, _flat(report), 0)
     job.output.log_to(job.uri, parent)
     job.output.finish({"test_macro_f1": report["test_macro_f1"], "model_version": version})
-    frozen = report.get("frozen_embeddings", {}).get("test_macro_f1")
-    print(
-        f"test macro F1 {report['test_macro_f1']:.3f}, accuracy {report['test_accuracy']:.3f}"
-        + (f"; frozen-embedding logistic regression macro F1 {frozen:.3f}" if frozen is not None else "")
-        + f" -> {cfg.out}"
-    )
+    tracking.set_tag(job.uri, parent, "verdict", report["verdict"])
+    _print_summary(report)
+    print(f"-> {cfg.out}")
     return {"out": cfg.out, "run_id": parent, "model_version": version, **report}
 
 
-def _train(job: CellJob, parent: str, tuned: dict[str, Any] | None) -> torch.nn.Module:
-    """The classifier trained on the train split (with the search's best settings, if any), as a
-    child MLflow run."""
+def _train(
+    job: CellJob,
+    parent: str | None,
+    tuned: dict[str, Any] | None,
+    y: np.ndarray | None = None,
+    name: str = "train",
+) -> torch.nn.Module:
+    """The classifier trained on the train split (with the search's best settings, if any; on labels
+    ``y`` when given), as a child MLflow run of ``parent``."""
     from rankformer.classify.tune import apply
 
     cfg = job.cfg
-    train_run = tracking.start_run(
-        job.uri, cfg.track.experiment, "train", {"job": JOB, "mlflow.parentRunId": parent}
-    )
+    train_run = None
+    if parent is not None:
+        train_run = tracking.start_run(
+            job.uri, cfg.track.experiment, name, {"job": JOB, "mlflow.parentRunId": parent}
+        )
     spec = job.spec(train_run)
     if tuned:
         spec = apply(spec, tuned["best"]["params"])
     rows = job.rows("train")
-    model = train_classifier(
-        spec, [job.cells.ids[i] for i in rows], job.y[rows], cfg.scale, job.work, "train"
-    )
-    tracking.end_run(job.uri, train_run)
+    labels = job.y if y is None else y
+    model = train_classifier(spec, [job.cells.ids[i] for i in rows], labels[rows], cfg.scale, job.work, name)
+    if train_run is not None:
+        tracking.end_run(job.uri, train_run)
     return model
 
 
@@ -264,13 +273,78 @@ def _report(
         if len(rows):
             s = metrics.scores(job.y[rows], prob[rows], classes)
             report.update({f"{part[:4] if part == 'test' else 'val'}_{k}": v for k, v in s.items()})
+    tr, te = job.rows("train"), job.rows("test")
     if job.cfg.frozen_baseline:
         _, emb = job.frozen_states(job.cells.ids)
-        tr, te = job.rows("train"), job.rows("test")
         frozen_prob = logreg(emb[tr], job.y[tr], emb, len(classes), job.cfg.seed)
         fs_ = metrics.scores(job.y[te], frozen_prob[te], classes)
         report["frozen_embeddings"] = {f"test_{k}": v for k, v in fs_.items()}
+    report.update(_controls(job))
+    against = {name: report[key]["test_macro_f1"] for name, key in CONTROLS.items() if key in report}
+    if report.get("shuffled_control_macro_f1"):
+        against["shuffled labels"] = float(np.mean(report["shuffled_control_macro_f1"]))
+    report["beats_controls"], report["verdict"] = verdict(
+        "the fine-tuned model", report["test_macro_f1"], against, "test macro F1"
+    )
     return report
+
+
+# the controls a cell classifier is shown beside: name -> report key
+CONTROLS = {"log-normalised counts": "lognorm_counts", "the majority class": "majority_class"}
+
+
+def _controls(job: CellJob) -> dict[str, Any]:
+    """Test scores of the log-normalised-counts baseline (from the cells' source files; when they
+    cannot be read, the reason), of always answering the majority class, and of the classifier
+    trained on shuffled labels (``--shuffled-controls``)."""
+    cfg, classes, te = job.cfg, job.classes, job.rows("test")
+    out: dict[str, Any] = {}
+
+    def test_scores(prob: np.ndarray) -> dict[str, Any]:
+        return {f"test_{k}": v for k, v in metrics.scores(job.y[te], prob[te], classes).items()}
+
+    names = job.cells.table.column_names
+    if schema.SOURCE_FILE in names and schema.SOURCE_ROW in names:
+        try:
+            files, rows = job.cells.column(schema.SOURCE_FILE), job.cells.column(schema.SOURCE_ROW)
+            prob = counts_baseline(
+                files.tolist(), rows.astype(np.int64).tolist(), job.cells.manifest, job.y, job.split, cfg.seed
+            )
+            out["lognorm_counts"] = test_scores(prob)
+        except (InputError, OSError) as exc:  # the source files moved: said, not hidden
+            out["lognorm_counts_unavailable"] = str(exc)
+    out["majority_class"] = test_scores(majority_class(job.y, job.split, len(classes)))
+    shuffled = []
+    for s in range(cfg.shuffled_controls):
+        rng = np.random.default_rng([cfg.seed, 1009, s])
+        y = job.y.copy()
+        tr = job.rows("train")
+        y[tr] = rng.permutation(y[tr])
+        model = _train(job, None, None, y=y, name=f"shuffle-{s}")
+        prob = cell_probs(model, job.cells.ids, job.pad, cfg.batch.max_tokens)
+        shuffled.append(float(metrics.scores(job.y[te], prob[te], classes)["macro_f1"]))
+    if shuffled:
+        out["shuffled_control_macro_f1"] = shuffled
+    return out
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    """The test scores beside the baselines and controls, then the verdict."""
+    rows = [("fine-tuned model", report["test_macro_f1"], report["test_accuracy"])]
+    for name, key in (
+        ("frozen-embedding probe", "frozen_embeddings"),
+        *((n, k) for n, k in CONTROLS.items()),
+    ):
+        if key in report:
+            rows.append((name, report[key]["test_macro_f1"], report[key]["test_accuracy"]))
+    print("test split, macro F1 and accuracy of each:")
+    for name, f1, acc in rows:
+        print(f"  {name:<24} {f1:.3f}  {acc:.3f}")
+    if report.get("shuffled_control_macro_f1"):
+        print(f"  {'shuffled labels':<24} {float(np.mean(report['shuffled_control_macro_f1'])):.3f}")
+    if "lognorm_counts_unavailable" in report:
+        print(f"  log-normalised counts: not computed ({report['lognorm_counts_unavailable']})")
+    print(report["verdict"])
 
 
 def _write_predictions(job: CellJob, prob: np.ndarray, report: dict[str, Any]) -> None:
@@ -317,7 +391,11 @@ def _save(job: CellJob, model: torch.nn.Module, parent: str, report: dict[str, A
 
 def _flat(report: dict[str, Any]) -> dict[str, float]:
     out = {k: float(v) for k, v in report.items() if isinstance(v, float) and v == v}
-    for k, v in report.get("frozen_embeddings", {}).items():
-        if isinstance(v, float) and v == v:
-            out[f"frozen_{k}"] = v
+    for key, prefix in (("frozen_embeddings", "frozen"), *((k, k) for k in CONTROLS.values())):
+        for k, v in report.get(key, {}).items():
+            if isinstance(v, float) and v == v:
+                out[f"{prefix}_{k}"] = v
+    if report.get("shuffled_control_macro_f1"):
+        out["shuffled_control_macro_f1_mean"] = float(np.mean(report["shuffled_control_macro_f1"]))
+    out["beats_controls"] = float(report["beats_controls"])
     return out

@@ -20,6 +20,7 @@ import torch
 from rankformer import tracking
 from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
+from rankformer.classify.controls import rank_statistics, verdict
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
 from rankformer.classify.tune import GeneScorer, apply, search
@@ -30,6 +31,8 @@ from rankformer.train.config import FinetuneGenesConfig
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
 JOB = "finetune-genes"
+FROZEN, RANKS = "frozen_embeddings", "rank_statistics"  # the baselines scored in the same folds
+BASELINE_PREFIX = {FROZEN: "frozen", RANKS: "rank_baseline"}  # their metrics' prefix in MLflow
 
 
 @torch.no_grad()
@@ -153,6 +156,7 @@ class GeneJob(PretrainedOnCorpus):
             cfg.scale.use_gpu,
             self.work,
             (self.uri, cfg.track.experiment, parent),
+            cfg.scale.ray_address,
         )
         self.tuned = found["best"]["params"]
         print(
@@ -171,11 +175,16 @@ class GeneJob(PretrainedOnCorpus):
 
     # --- cross-validation --------------------------------------------------------------------
     def cross_validate(
-        self, labels: GeneLabels, parent: str, tag: str, frozen: np.ndarray | None
+        self, labels: GeneLabels, parent: str, tag: str, baselines: dict[str, np.ndarray]
     ) -> dict[str, Any]:
+        """The fine-tuned model's scores by fold, and beside them, in the same folds, a logistic
+        regression on each of ``baselines`` (features per labelled gene: frozen embeddings, rank
+        statistics)."""
         cfg = self.cfg
         folds = gene_folds(labels, cfg.folds, cfg.seed)
-        per_fold, frozen_fold, curves, frozen_curves, assignment = [], [], [], [], {}
+        per_fold, curves, assignment = [], [], {}
+        base_folds: dict[str, list[dict[str, Any]]] = {name: [] for name in baselines}
+        frozen_curves = []
         for k, (tr, te) in enumerate(folds):
             assert not set(labels.tokens[tr].tolist()) & set(labels.tokens[te].tolist())
             run = tracking.start_run(
@@ -193,18 +202,24 @@ class GeneJob(PretrainedOnCorpus):
             for i in te:
                 assignment[labels.gene_ids[i]] = k
             logged = {f"test_{m}": s[m] for m in ("roc_auc", "macro_f1", "accuracy")}
-            if frozen is not None:
-                fp = logreg(frozen[tr], labels.label[tr], frozen[te], len(self.classes), cfg.seed)
-                fs_ = metrics.scores(labels.label[te], fp, self.classes)
-                frozen_fold.append(fs_)
-                frozen_curves.append((f"fold {k}", labels.label[te] == self.positive, fp[:, self.positive]))
-                logged.update({f"frozen_{m}": fs_[m] for m in ("roc_auc", "macro_f1", "accuracy")})
+            for name, x in baselines.items():
+                bp = logreg(x[tr], labels.label[tr], x[te], len(self.classes), cfg.seed)
+                bs = metrics.scores(labels.label[te], bp, self.classes)
+                base_folds[name].append(bs)
+                if name == FROZEN:
+                    frozen_curves.append(
+                        (f"fold {k}", labels.label[te] == self.positive, bp[:, self.positive])
+                    )
+                logged.update(
+                    {f"{BASELINE_PREFIX[name]}_{m}": bs[m] for m in ("roc_auc", "macro_f1", "accuracy")}
+                )
             tracking.log_metrics(self.uri, run, {k2: float(v) for k2, v in logged.items() if v == v}, 0)
             tracking.end_run(self.uri, run)
         out: dict[str, Any] = {"folds": per_fold, **metrics.summarize(per_fold), "fold_of_gene": assignment}
         out["curves"] = curves
-        if frozen is not None:
-            out["frozen_embeddings"] = {"folds": frozen_fold, **metrics.summarize(frozen_fold)}
+        for name, fold_scores in base_folds.items():
+            out[name] = {"folds": fold_scores, **metrics.summarize(fold_scores)}
+        if frozen_curves:
             out["frozen_curves"] = frozen_curves
         return out
 
@@ -240,27 +255,33 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     cfg, labels, classes = job.cfg, job.labels, job.classes
     tuned = job.tune(parent)
     frozen, sums = None, None
+    ranks = rank_statistics(job.cells.ids, job.vocab.n_tokens, job.gene_lo)
+    baselines = {RANKS: ranks[labels.tokens]}
     if cfg.frozen_baseline:
         sums, _ = job.frozen_states(job.cells.ids)
         frozen = sums.means(labels.tokens)
-    cv = job.cross_validate(labels, parent, "cv", frozen)
+        baselines[FROZEN] = frozen
+    cv = job.cross_validate(labels, parent, "cv", baselines)
     controls = []
     for s in range(cfg.shuffled_controls):
         rng = np.random.default_rng([cfg.seed, 1009, s])
         shuffled = GeneLabels(classes, labels.tokens, rng.permutation(labels.label), labels.gene_ids)
-        controls.append(job.cross_validate(shuffled, parent, f"shuffle-{s}", None)["roc_auc_mean"])
+        controls.append(job.cross_validate(shuffled, parent, f"shuffle-{s}", {})["roc_auc_mean"])
     final_run = tracking.start_run(
         job.uri, cfg.track.experiment, "final", {"job": JOB, "mlflow.parentRunId": parent}
     )
     final = job.train(labels.tokens, labels.label, final_run, "final")
     tracking.end_run(job.uri, final_run)
     table = prediction_table(job, final)
+    gene_tokens = job.vocab.map_gene_ids(list(table["gene_id"])).astype(np.int64)
     if sums is not None and frozen is not None:
         # the frozen-embedding baseline's answer beside the fine-tuned one, for every gene
-        gene_tokens = job.vocab.map_gene_ids(list(table["gene_id"]))
-        fp = logreg(frozen, labels.label, sums.means(gene_tokens.astype(np.int64)), len(classes), cfg.seed)
+        fp = logreg(frozen, labels.label, sums.means(gene_tokens), len(classes), cfg.seed)
         for i, c in enumerate(classes):
             table[f"frozen_prob_{c}"] = fp[:, i]
+    rp = logreg(ranks[labels.tokens], labels.label, ranks[gene_tokens], len(classes), cfg.seed)
+    for i, c in enumerate(classes):  # what rank statistics alone answer, for every gene
+        table[f"rank_baseline_prob_{c}"] = rp[:, i]
     report = _report(job, cv, controls)
     if tuned:
         report["tune"] = tuned
@@ -270,6 +291,7 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
     _plots(job, cv, out)
     version = _save_model(job, final, out, parent, report)
     tracking.log_metrics(job.uri, parent, _flat_metrics(report), 0)
+    tracking.set_tag(job.uri, parent, "verdict", report["verdict"])
     out.log_to(job.uri, parent)
     out.finish(
         {"cv": {k: v for k, v in report.items() if k.endswith(("_mean", "_sd"))}, "model_version": version}
@@ -279,24 +301,25 @@ def _run(job: GeneJob, out: JobOutput, parent: str) -> dict[str, Any]:
 
 
 def _print_summary(job: GeneJob, report: dict[str, Any], table: pd.DataFrame) -> None:
-    """The cross-validated scores beside the baselines, then the top unseen genes of each model."""
+    """The cross-validated scores beside the baselines and controls, the verdict, then the top
+    unseen genes of each model."""
     pos = f"prob_{job.classes[job.positive]}"
-    print(
-        f"cross-validated by gene ({job.cfg.folds} folds): ROC AUC {report['roc_auc_mean']:.3f} "
-        f"± {report['roc_auc_sd']:.3f}"
-        + (
-            f"; frozen-embedding logistic regression {report['frozen_embeddings']['roc_auc_mean']:.3f}"
-            if "frozen_embeddings" in report
-            else ""
-        )
-        + (
-            f"; shuffled labels {report['shuffled_control_roc_auc_mean']:.3f}"
-            if "shuffled_control_roc_auc_mean" in report
-            else ""
-        )
-    )
+    rows = [("fine-tuned model", report["roc_auc_mean"], report["roc_auc_sd"])]
+    if FROZEN in report:
+        rows.append(("frozen-embedding probe", report[FROZEN]["roc_auc_mean"], report[FROZEN]["roc_auc_sd"]))
+    rows.append(("rank statistics alone", report[RANKS]["roc_auc_mean"], report[RANKS]["roc_auc_sd"]))
+    if "shuffled_control_roc_auc_mean" in report:
+        rows.append(("shuffled labels", report["shuffled_control_roc_auc_mean"], float("nan")))
+    print(f"cross-validated by gene ({job.cfg.folds} folds), ROC AUC of each in the same folds:")
+    for name, mean, sd in rows:
+        print(f"  {name:<24} {mean:.3f}" + (f" ± {sd:.3f}" if sd == sd else ""))
+    print(report["verdict"])
     unseen = table[~table["in_training"] & (table["n_occurrences"] >= 10)]
-    for col, who in ((pos, "fine-tuned"), (f"frozen_{pos}", "frozen-embedding baseline")):
+    for col, who in (
+        (pos, "fine-tuned"),
+        (f"frozen_{pos}", "frozen-embedding baseline"),
+        (f"rank_baseline_{pos}", "rank statistics alone"),
+    ):
         if col not in table:
             continue
         print(f"top unseen genes (10+ occurrences) by {col} ({who}):")
@@ -355,6 +378,12 @@ def _report(job: GeneJob, cv: dict[str, Any], controls: list[float]) -> dict[str
     if controls:
         report["shuffled_control_roc_auc"] = controls
         report["shuffled_control_roc_auc_mean"] = float(np.mean(controls))
+    against = {"rank statistics alone": report[RANKS]["roc_auc_mean"]}
+    if controls:
+        against["shuffled labels"] = report["shuffled_control_roc_auc_mean"]
+    report["beats_controls"], report["verdict"] = verdict(
+        "the fine-tuned model", report["roc_auc_mean"], against, "cross-validated ROC AUC"
+    )
     return report
 
 
@@ -399,7 +428,9 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         for k, v in report.items()
         if k.endswith(("_mean", "_sd")) and isinstance(v, float)
     }
-    for k, v in report.get("frozen_embeddings", {}).items():
-        if k.endswith(("_mean", "_sd")):
-            out[f"frozen_{k}"] = float(v)
+    for name, prefix in BASELINE_PREFIX.items():
+        for k, v in report.get(name, {}).items():
+            if k.endswith(("_mean", "_sd")):
+                out[f"{prefix}_{k}"] = float(v)
+    out["beats_controls"] = float(report["beats_controls"])
     return {k: v for k, v in out.items() if v == v}

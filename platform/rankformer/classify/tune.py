@@ -143,17 +143,28 @@ def search(
     use_gpu: bool,
     storage: str,
     mlflow: tuple[str, str, str],
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the search; returns the best trial's settings and score. ``mlflow``: (tracking URI,
-    experiment, parent run id)."""
+    experiment, parent run id); ``ray_address``: the cluster to join (see :func:`ensure_ray`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
+    from rankformer.placement import Demand
     from rankformer.train.finetune import local_dir
 
-    ensure_ray(ClusterOptions(), gpus=use_gpu)
+    # trials run as resources allow, but one must fit a node, else Tune waits forever
+    trial = Demand(
+        "Tune trials",
+        opts.trials,
+        cpus=opts.cpus_per_trial,
+        gpus=1.0 if use_gpu else 0.0,
+        flags="--cpus-per-trial" + (", or leave out --use-gpu" if use_gpu else ""),
+        gang=False,
+    )
+    ensure_ray(ClusterOptions(ray_address=ray_address), trial)
     space = {
         "lr": tune.loguniform(*opts.tune_lr),
         "warmup_fraction": tune.uniform(*opts.tune_warmup_fraction),

@@ -47,7 +47,7 @@ def find_row(out: str, cell: str | None = None, row: int | None = None) -> dict[
     return dict(found.slice(0, 1).to_pylist()[0])
 
 
-def _source_path(recorded: str, manifest: dict[str, Any]) -> str:
+def source_path(recorded: str, manifest: dict[str, Any]) -> str:
     """The cell's input file: as recorded, or a relative path under the directory tokenize ran in."""
     if fs.is_remote(recorded) or os.path.isabs(recorded) or fs.exists(recorded):
         return recorded
@@ -71,9 +71,7 @@ def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> p
     vocab = corpus_vocab(out, manifest)
     read = ReadOptions(**cfg["read"])
     r = int(rec[schema.SOURCE_ROW])
-    with open_source(
-        _source_path(rec[schema.SOURCE_FILE], manifest), read.gene_id_column, read.counts
-    ) as src:
+    with open_source(source_path(rec[schema.SOURCE_FILE], manifest), read.gene_id_column, read.counts) as src:
         x = src.read_counts(r, r + 1)
         n = cell_totals(src, r, r + 1, x)[0]
         col_token = column_tokens(vocab, list(src.gene_ids), read)

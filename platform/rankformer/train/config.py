@@ -4,7 +4,7 @@ the CLI shows as the flag's help; nested options flatten to flags of their own n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rankformer.errors import InputError
 from rankformer.infer_config import check_layer
@@ -12,8 +12,14 @@ from rankformer.infer_config import check_layer
 
 @dataclass
 class OptimOptions:
+    # The recipe's warmup (Geneformer V1 pretraining: 10,000 steps, a tenth of a 100,000-step run).
+    # A run shorter than the recipe assumes warms up for the same tenth of its own steps: 10,000 steps
+    # of a 2,000-step run would reach the peak rate only at the last step, and learn almost nothing.
+    RECIPE_WARMUP: ClassVar[int] = 10_000
+    RECIPE_SHARE: ClassVar[float] = 0.1
+
     lr: float = 1e-3  # peak learning rate (Geneformer V1: 1e-3)
-    warmup_steps: int = 10_000  # linear warmup steps (Geneformer V1: 10,000)
+    warmup_steps: int | None = None  # linear warmup steps (default: 10,000, or a tenth of a shorter run)
     warmup_fraction: float = 0.0  # warmup as a share of the steps; when > 0 it replaces warmup_steps
     schedule: str = "linear"  # decay after warmup: linear or cosine (to 0 at max_steps)
     weight_decay: float = 0.001  # AdamW weight decay (Geneformer V1: 0.001)
@@ -25,15 +31,47 @@ class OptimOptions:
     def check(self) -> None:
         if self.schedule not in ("linear", "cosine"):
             raise InputError(f"schedule {self.schedule!r} must be linear or cosine")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_accum < 1:
+        if self.lr <= 0 or (self.warmup_steps or 0) < 0 or self.grad_accum < 1:
             raise InputError("lr must be > 0, warmup_steps >= 0 and grad_accum >= 1")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InputError(f"warmup_fraction {self.warmup_fraction} must be within [0, 1)")
+        if not 0.0 <= self.warmup_fraction < 0.5:
+            raise InputError(
+                f"warmup_fraction {self.warmup_fraction} must be within [0, 0.5): half the run or more "
+                "spent warming up leaves too few steps at the peak rate"
+            )
 
     def warmup(self, max_steps: int) -> int:
+        """Warmup steps of a run of ``max_steps``."""
         if self.warmup_fraction > 0:
             return round(self.warmup_fraction * max_steps)
+        if self.warmup_steps is None:
+            return min(self.RECIPE_WARMUP, round(self.RECIPE_SHARE * max_steps))
         return min(self.warmup_steps, max_steps)
+
+    def check_warmup(self, max_steps: int, steps_from: str = "--max-steps") -> str:
+        """The warmup of a run of ``max_steps``, said in words; an explicit ``warmup_steps`` that would
+        take half the run or more is refused (the rate would peak late or never: a run that looks
+        fine and has learnt little). ``steps_from``: the flags that set the run's length."""
+        warm = self.warmup(max_steps)
+        if self.warmup_fraction > 0:
+            return f"warmup {warm:,} steps ({self.warmup_fraction:g} of {max_steps:,})"
+        if self.warmup_steps is None:
+            if warm == self.RECIPE_WARMUP:
+                return f"warmup {warm:,} steps (the recipe's)"
+            return (
+                f"warmup {warm:,} steps: a tenth of the run's {max_steps:,} (the recipe's "
+                f"{self.RECIPE_WARMUP:,} assume a run of {round(self.RECIPE_WARMUP / self.RECIPE_SHARE):,} "
+                "steps or more)"
+            )
+        if 2 * self.warmup_steps >= max_steps:
+            tenth = max(1, round(self.RECIPE_SHARE * max_steps))
+            share = min(self.warmup_steps, max_steps) / max_steps
+            raise InputError(
+                f"warmup_steps {self.warmup_steps:,} would spend {share:.0%} of the run's {max_steps:,} "
+                "steps warming up (the learning rate would peak late or never, and the model learn "
+                f"little): give --warmup-steps {tenth:,} or leave it out (a tenth of the run), or "
+                f"lengthen the run ({steps_from})"
+            )
+        return f"warmup {warm:,} steps"
 
 
 @dataclass
@@ -66,6 +104,18 @@ class ScaleOptions:
             )
         if self.num_workers < 1 or self.max_failures < 0 or self.keep_checkpoints < 1:
             raise InputError("num_workers and keep_checkpoints must be >= 1, max_failures >= 0")
+        if self.cpus_per_worker <= 0:
+            raise InputError(f"cpus_per_worker {self.cpus_per_worker} must be > 0")
+        if self.in_process and self.num_workers > 1:
+            raise InputError(
+                f"--in-process trains one worker in this process, not --num-workers {self.num_workers}: "
+                "drop one of the two"
+            )
+        if self.in_process and self.storage_path and "://" in self.storage_path:
+            raise InputError(
+                f"--in-process keeps checkpoints on this machine, not at {self.storage_path}: give a "
+                "local --storage-path, or train on Ray Train (--no-in-process)"
+            )
 
 
 @dataclass
@@ -108,6 +158,7 @@ class PretrainConfig:
             part.check()
         if self.max_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise InputError("max_steps, log_every and checkpoint_every must be >= 1")
+        self.optim.check_warmup(self.max_steps)
         if not 0.0 < self.mask_prob < 1.0:
             raise InputError(f"mask_prob {self.mask_prob} must be within (0, 1)")
         self.precision = check_training_precision(self.precision)
@@ -131,8 +182,10 @@ def _nested(cls: type, value: Any) -> Any:
 class FinetuneOptim(OptimOptions):
     """Fine-tuning defaults from Geneformer's examples for 6-layer models."""
 
+    RECIPE_WARMUP: ClassVar[int] = 500  # Geneformer's fine-tuning examples
+
     lr: float = 5e-5  # peak learning rate (Geneformer fine-tuning: 5e-5)
-    warmup_steps: int = 500  # linear warmup steps (Geneformer fine-tuning: 500)
+    warmup_steps: int | None = None  # linear warmup steps (default: 500, or a tenth of a shorter run)
     warmup_fraction: float = 0.1  # warmup as a share of the steps; when > 0 it replaces warmup_steps
 
 
@@ -174,6 +227,8 @@ class TuneOptions:
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise InputError(f"{name} {lo_hi} must be two numbers, low then high")
+        if not 0.0 <= self.tune_warmup_fraction[0] <= self.tune_warmup_fraction[1] < 0.5:
+            raise InputError(f"tune_warmup_fraction {self.tune_warmup_fraction} must lie within [0, 0.5)")
 
 
 @dataclass
@@ -192,6 +247,7 @@ class FinetuneCommon:
     checkpoint_every: int = 100  # steps between checkpoints (and at the end)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
     layer: str = "penultimate"  # frozen-embedding baseline layer: penultimate, last or an index
+    shuffled_controls: int = 0  # also train this many times on shuffled labels (the chance control)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     head: HeadOptions = field(default_factory=HeadOptions)
     batch: BatchOptions = field(default_factory=lambda: BatchOptions(max_tokens=16_384, max_cells=12))
@@ -214,6 +270,8 @@ class FinetuneCommon:
             raise InputError("log_every and checkpoint_every must be >= 1")
         self.precision = check_training_precision(self.precision)
         check_layer(self.layer)
+        if self.shuffled_controls < 0:
+            raise InputError(f"shuffled_controls {self.shuffled_controls} must be >= 0")
 
 
 @dataclass
@@ -225,15 +283,13 @@ class FinetuneGenesConfig(FinetuneCommon):
     label_column: str | None = None  # label column of a long label table (default: found by name)
     folds: int = 5  # cross-validation folds, split by gene
     positive_class: str | None = None  # class the ranking and ROC curve follow (default: the first)
-    shuffled_controls: int = 0  # also cross-validate this many label shuffles (a chance control)
+    shuffled_controls: int = 1  # also cross-validate this many label shuffles (the chance control)
     frozen_baseline: bool = True  # logistic regression on frozen gene embeddings, same folds
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.folds < 2:
             raise InputError(f"folds {self.folds} must be >= 2")
-        if self.shuffled_controls < 0:
-            raise InputError("shuffled_controls must be >= 0")
 
 
 @dataclass

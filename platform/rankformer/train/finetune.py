@@ -202,6 +202,7 @@ def job_spec(
     ``lengths``; ``tokens``: (pad id, lowest gene token id)."""
     world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
     steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
+    cfg.optim.check_warmup(steps, "--max-steps, or --epochs")
     return TrainSpec(
         model=cfg.model,
         tracking_uri=tracking_uri,
@@ -273,12 +274,9 @@ def spec_from_dict(d: dict[str, Any]) -> TrainSpec:
 
 
 def in_process(scale: ScaleOptions) -> bool:
-    from rankformer.cluster import cluster_address
-    from rankformer.config import ClusterOptions
+    from rankformer.train.ray_train import trains_in_process
 
-    if scale.in_process is not None:
-        return scale.in_process
-    return scale.num_workers == 1 and cluster_address(ClusterOptions(ray_address=scale.ray_address)) is None
+    return trains_in_process(scale)
 
 
 def train_classifier(

@@ -7,10 +7,26 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from rankformer.model.device import settle
+
+
+@dataclass
+class LocalCheckpoint:
+    path: str  # the checkpoint folder
+
+    @contextmanager
+    def as_directory(self) -> Iterator[str]:
+        yield self.path
+
+
+@dataclass
+class LocalResult:
+    metrics: dict[str, float]
+    checkpoint: LocalCheckpoint
 
 
 class LocalContext:
@@ -59,6 +75,15 @@ class LocalContext:
         if not self.root or not scored:
             return None
         return os.path.join(self.root, f"step-{max(scored)[1]}")
+
+    def result(self) -> LocalResult:
+        """The last checkpoint and its metrics, shaped as Ray Train's Result (metrics, checkpoint)."""
+        if not self.root or not self.reported:
+            raise RuntimeError("the training reported no checkpoint")
+        step = max(self.reported)
+        return LocalResult(
+            dict(self.reported[step]), LocalCheckpoint(os.path.join(self.root, f"step-{step}"))
+        )
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(dict(metrics))

@@ -167,22 +167,58 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: stream its split, train, report checkpoints (rank 0 logs to MLflow)."""
     import ray.train
 
-    from rankformer.train.loop import run_loop
     from rankformer.train.ray_train import RayContext, worker_setup
 
     worker_setup(config)
-    cfg = PretrainConfig(**config["pretrain"])
-    vocab = GeneVocab.from_doc(config["vocab"])
     ctx = RayContext(config.get("tracking"))
     ctx.announce_nodes()
+    seed = int(config["pretrain"]["seed"])
+    train(config, ctx, ray_cells(ray.train.get_dataset_shard("train"), seed, ctx.rank))
+
+
+def train(config: dict[str, Any], ctx: Any, cells: Any) -> None:
+    """The training of one worker (``ctx``: a Ray Train or local loop context) on ``cells``."""
+    from rankformer.train.loop import run_loop
+
+    cfg = PretrainConfig(**config["pretrain"])
+    vocab = GeneVocab.from_doc(config["vocab"])
     model = build_model(cfg, vocab, (config.get("tracking") or {}).get("uri"))
-    cells = ray_cells(ray.train.get_dataset_shard("train"), cfg.seed, ctx.rank)
     task = MaskedGeneTask(cells, TokenSpec.of(vocab), cfg, ctx.rank)
     extra = {"flops_per_token": flops_per_token(model, config["mean_length"])}
     peak = peak_flops(ctx.device)
     if peak:
         extra["peak_flops"] = peak
     run_loop(model, task, loop_options(cfg, extra), ctx)
+
+
+READ_CPUS = 0.25  # a corpus read task's CPUs: light next to training, so reads fit beside the workers
+
+
+def train_here(cfg: PretrainConfig, config: dict[str, Any], train_run: str) -> Any:
+    """Train in this process, without Ray (``--in-process``): the same loop, task and checkpoints,
+    kept in ``--storage-path``/RUN (default ./ray_results/RUN) so that a rerun resumes."""
+    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.train.local import LocalContext
+
+    root = os.path.join(os.path.abspath(cfg.scale.storage_path or "ray_results"), train_run)
+    device = "cuda" if cfg.scale.use_gpu else "cpu"
+    ctx = LocalContext(root, device, config.get("tracking"))
+    files = corpus_files(cfg.corpus, vocab_hash=config["vocab_hash"])
+    train(config, ctx, arrow_cells(files, cfg.seed))
+    return ctx.result()
+
+
+def train_on_ray(cfg: PretrainConfig, config: dict[str, Any], train_run: str) -> Any:
+    """Train on Ray Train workers, each streaming its split of the corpus (Ray Data)."""
+    import ray.data
+
+    from rankformer.api import read_corpus
+    from rankformer.train.ray_train import fit
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS], read_cpus=READ_CPUS)
+    ds = ds.randomize_block_order(seed=cfg.seed)
+    return fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run, reads_cpus=READ_CPUS)
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
@@ -213,8 +249,9 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
     """Pretrain; write, log and register the model; return a summary. ``checked``: the
     :func:`plan` of ``cfg`` when the caller already made it (the CLI does, before torch loads)."""
     from rankformer import tracking
-    from rankformer.api import read_corpus
-    from rankformer.train.ray_train import fit
+    from rankformer.cluster import ensure_ray
+    from rankformer.config import ClusterOptions
+    from rankformer.train.ray_train import trains_in_process, workers_demand
 
     p = checked or plan(cfg)
     uri = p.tracking_uri
@@ -225,28 +262,26 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         if done is not None:
             return done
         earlier = None  # finished, but its model is gone or replaced: train again
+    here = trains_in_process(cfg.scale)
+    if not here:  # a cluster that can never place the workers: refused here
+        ensure_ray(ClusterOptions(ray_address=cfg.scale.ray_address), workers_demand(cfg.scale, READ_CPUS))
     run_id, train_run, resumed = _resume_or_start(cfg, p, key, earlier)
     try:
+        warmup = cfg.optim.warmup(cfg.max_steps)
         if not resumed:  # a resumed run has its params (MLflow never changes one)
-            tracking.log_params(uri, run_id, config_dict(cfg))
-        import ray.data
-
-        from rankformer.cluster import ensure_ray
-        from rankformer.config import ClusterOptions
-
-        ensure_ray(ClusterOptions(ray_address=cfg.scale.ray_address))
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # reads are light next to training: a quarter CPU each, so they fit beside the workers
-        ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS], read_cpus=0.25)
-        ds = ds.randomize_block_order(seed=cfg.seed)
+            tracking.log_params(uri, run_id, {**config_dict(cfg), "warmup_steps_used": warmup})
+        print(
+            f"pretraining {cfg.preset} for {cfg.max_steps:,} steps, {cfg.optim.check_warmup(cfg.max_steps)}"
+        )
         config = {
             "pretrain": config_dict(cfg),
             "vocab": json.loads(p.vocab.to_json()),
+            "vocab_hash": p.vocab.content_hash,
             "tracking": {"uri": uri, "run_id": run_id},
             "mean_length": p.mean_length,
         }
         with tracking.system_metrics(uri, run_id), tracking.heartbeat(uri, run_id):
-            result = fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run)
+            result = (train_here if here else train_on_ray)(cfg, config, train_run)
         summary = _finish(cfg, p, result, run_id)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
@@ -299,7 +334,6 @@ def _resume_or_start(
 # changes only these resumes the same training
 _PLACE_ONLY = (
     "ray_address",
-    "in_process",
     "storage_path",
     "max_failures",
     "keep_checkpoints",

@@ -13,6 +13,7 @@ import torch
 from rankformer.cluster import ensure_ray, user_error_inside
 from rankformer.config import ClusterOptions
 from rankformer.model.device import settle
+from rankformer.placement import Demand
 from rankformer.train.config import ScaleOptions
 
 FAULT_ENV = "RANKFORMER_FAULT_INJECT"
@@ -142,6 +143,31 @@ def ordered_data_config() -> Any:
     return DataConfig(execution_options=options)
 
 
+def trains_in_process(scale: ScaleOptions) -> bool:
+    """Whether a training runs in this process: ``--in-process`` when given, else when it has one
+    worker and no cluster is named (flag or RAY_ADDRESS)."""
+    from rankformer.cluster import cluster_address
+
+    if scale.in_process is not None:
+        return scale.in_process
+    return scale.num_workers == 1 and cluster_address(ClusterOptions(ray_address=scale.ray_address)) is None
+
+
+def workers_demand(scale: ScaleOptions, reads_cpus: float = 0.0) -> Demand:
+    """What a training on ``scale`` places: its workers, all at once, and beside them the CPU share
+    of one Ray Data read task (``reads_cpus``; 0 when the datasets need no tasks)."""
+    return Demand(
+        "Ray Train workers",
+        scale.num_workers,
+        cpus=scale.cpus_per_worker,
+        gpus=1.0 if scale.use_gpu else 0.0,
+        flags="--num-workers or --cpus-per-worker" + (", or leave out --use-gpu" if scale.use_gpu else ""),
+        beside_cpus=reads_cpus,
+        beside_what="the corpus reads (Ray Data)",
+        strategy=scale.placement,
+    )
+
+
 def fit(
     worker_fn: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
@@ -149,13 +175,15 @@ def fit(
     scale: ScaleOptions,
     name: str,
     score: tuple[str, str] = ("loss", "min"),
+    reads_cpus: float = 0.0,
 ) -> Any:
     """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result. ``score``:
-    the reported metric (and min or max) by which the best checkpoints are kept."""
+    the reported metric (and min or max) by which the best checkpoints are kept; ``reads_cpus``:
+    the CPUs a read task of ``datasets`` asks for (see :func:`workers_demand`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(ClusterOptions(ray_address=scale.ray_address), gpus=scale.use_gpu)
+    ensure_ray(ClusterOptions(ray_address=scale.ray_address), workers_demand(scale, reads_cpus))
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
     storage = checkpoint_storage(scale, os.path.abspath("ray_results"))
     trainer = TorchTrainer(
