@@ -3,9 +3,12 @@ planted signal (and not a shuffled one), checkpoints resuming, and every door ch
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from transformers import BertForMaskedLM
 
 from pretrain_helpers import ordered_cells, write_corpus
 from rankformer.errors import InputError
@@ -98,7 +101,7 @@ def _train(corpus: str, steps: int, tmp_path, seed: int = 0) -> list[dict[str, f
         seed=seed,
         log_every=20,
         checkpoint_every=steps,
-        optim={"lr": 3e-3, "warmup_steps": 20},
+        optim={"lr": 3e-3},
         batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
     )
     vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
@@ -342,3 +345,61 @@ def test_a_live_training_is_not_driven_twice(small_corpus, tmp_path, monkeypatch
     with pytest.raises(InputError, match=f"MLflow run {run}"):
         tracking.claim_run(uri, key, later)
     tracking.claim_run(uri, key, run)  # the earlier run goes on beside the newer one's fresh stamp
+
+
+def test_pretrain_in_process_trains_logs_and_resumes(small_corpus, tmp_path, capsys):
+    """`--in-process` (and the default with one worker and no cluster named) trains here, without
+    Ray: checkpoints under --storage-path, the same MLflow run, a rerun that finds the model done."""
+    from mlflow.tracking import MlflowClient
+
+    from rankformer.train.pretrain import run_pretrain
+
+    db = f"sqlite:///{tmp_path}/m.db"
+    cfg = PretrainConfig(
+        corpus=small_corpus,
+        out=str(tmp_path / "model"),
+        max_steps=12,
+        log_every=4,
+        checkpoint_every=6,
+        scale={"in_process": True, "storage_path": str(tmp_path / "ckpt")},
+        track={"tracking_uri": db, "registered_model": "here"},
+    )
+    summary = run_pretrain(cfg)
+    assert summary["step"] == 12 and os.path.basename(summary["checkpoint"]) == "step-12"
+    assert summary["checkpoint"].startswith(str(tmp_path / "ckpt"))
+    out = capsys.readouterr().out
+    assert "warmup 1 steps: a tenth of the run's 12" in out
+    run = MlflowClient(db).get_run(summary["run_id"])
+    assert run.data.params["warmup_steps_used"] == "1" and run.data.params["scale.in_process"] == "True"
+    assert len(MlflowClient(db).get_metric_history(summary["run_id"], "loss")) == 3
+    assert BertForMaskedLM.from_pretrained(cfg.out) is not None
+    assert run_pretrain(cfg)["already_done"]
+    default = PretrainConfig(
+        corpus=small_corpus, out=str(tmp_path / "d"), max_steps=2, track={"tracking_uri": db}
+    )
+    assert "step-2" in run_pretrain(default)["checkpoint"]  # one worker, no cluster named: here too
+
+
+def test_the_default_warmup_is_a_tenth_of_a_short_run_and_a_long_explicit_one_is_refused():
+    from rankformer.train.config import FinetuneOptim, OptimOptions
+
+    assert OptimOptions().warmup(2_000) == 200 and OptimOptions().warmup(500_000) == 10_000
+    assert OptimOptions(warmup_steps=50).warmup(2_000) == 50
+    assert FinetuneOptim().warmup(300) == 30  # fine-tuning's default share
+    assert (
+        FinetuneOptim(warmup_fraction=0.0).warmup(300) == 30
+        and FinetuneOptim(warmup_fraction=0.0).warmup(9_000) == 500
+    )
+    cfg = PretrainConfig(corpus="c", out="m", max_steps=2_000)
+    assert cfg.optim.warmup(cfg.max_steps) == 200
+    with pytest.raises(
+        InputError,
+        match=r"warmup_steps 10,000 would spend 100% of the run's 2,000 steps .* --warmup-steps 200",
+    ):
+        PretrainConfig(corpus="c", out="m", max_steps=2_000, optim={"warmup_steps": 10_000})
+    with pytest.raises(InputError, match="warmup_fraction 0.6 must be within"):
+        PretrainConfig(corpus="c", out="m", optim={"warmup_fraction": 0.6})
+    with pytest.raises(
+        InputError, match="--in-process trains one worker in this process, not --num-workers 2"
+    ):
+        PretrainConfig(corpus="c", out="m", scale={"in_process": True, "num_workers": 2})
