@@ -10,7 +10,6 @@ import textwrap
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from transformers import BertForMaskedLM
