@@ -21,6 +21,7 @@ from rankformer.model.store import (
     VOCAB,
     LoadedModel,
     ModelInfo,
+    check_weights,
     load_model_dir,
     read_meta,
     read_model_dir,
@@ -174,6 +175,8 @@ def inspect_model(
     ``expect_vocab_hash``, refuse one made with another vocabulary."""
     with local_model_dir(uri, tracking_uri, weights=False) as local:
         info = read_model_dir(local, source=uri)
+    if not uri.startswith("models:/"):  # a registered version's files were logged whole
+        check_weights(fs.listdir(uri), uri)
     _check_vocab(uri, info.vocab, expect_vocab_hash)
     return info
 

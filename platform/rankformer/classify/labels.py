@@ -59,17 +59,43 @@ def _read_table(uri: str) -> pd.DataFrame:
     if not fs.exists(uri):
         raise FileNotFoundError(f"--labels: label file {uri} not found; give a CSV, TSV or Parquet table")
     lower = uri.lower()
-    with fs.open_input(uri) as f:
-        if lower.endswith(".parquet"):
-            return pd.read_parquet(f)
-        sep = "\t" if lower.endswith((".tsv", ".tab", ".txt")) else ","
-        return pd.read_csv(f, sep=sep, dtype=str, keep_default_na=False)
+    kind = (
+        "Parquet"
+        if lower.endswith(".parquet")
+        else "TSV"
+        if lower.endswith((".tsv", ".tab", ".txt"))
+        else "CSV"
+    )
+    try:
+        with fs.open_input(uri) as f:
+            if kind == "Parquet":
+                table = pd.read_parquet(f)
+            else:
+                table = pd.read_csv(f, sep="\t" if kind == "TSV" else ",", dtype=str, keep_default_na=False)
+    except (
+        ValueError,
+        UnicodeDecodeError,
+        OSError,
+    ) as exc:  # pandas' and Arrow's parse errors are ValueErrors
+        raise InputError(
+            f"--labels: {uri} is not a readable {kind} table ({type(exc).__name__}: {str(exc)[:200]}); give "
+            "a table with a gene column and a label column (.csv, .tsv or .parquet), or one CLASS=FILE list "
+            "per class"
+        ) from None
+    if table.empty or len(table.columns) == 0:
+        raise InputError(f"--labels: {uri} holds no rows; give a table of labelled genes")
+    return table
 
 
 def _read_list(uri: str, name: str) -> list[str]:
     if not fs.exists(uri):
         raise FileNotFoundError(f"--labels {name}={uri}: gene list {uri} not found")
-    text = fs.read_bytes(uri).decode()
+    try:
+        text = fs.read_bytes(uri).decode()
+    except UnicodeDecodeError:
+        raise InputError(
+            f"--labels {name}={uri}: the gene list is not text; give one gene id or symbol per line"
+        ) from None
     return [line.split(",")[0].split("\t")[0].strip() for line in text.splitlines() if line.strip()]
 
 

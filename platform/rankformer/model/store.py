@@ -89,6 +89,41 @@ def check_model_output(out: str, allow_model: bool = True) -> None:
     )
 
 
+WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+def read_json(path: str, source: str | None = None) -> dict[str, Any]:
+    """A model folder's JSON file as a mapping; a damaged one is an error naming it."""
+    where = os.path.join(source, os.path.basename(path)) if source else path
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(
+            f"{where} is not JSON ({exc}): the model folder is damaged or incomplete; write it again "
+            "(`rankformer pretrain`, `save_pretrained`) or copy it whole"
+        ) from None
+    if not isinstance(doc, dict):
+        raise InputError(
+            f"{where} holds {type(doc).__name__}, not a JSON object: the model folder is damaged"
+        )
+    return doc
+
+
+def check_weights(names: list[str], source: str) -> None:
+    """A model folder lists a weights file (safetensors or PyTorch, whole or sharded)."""
+    if not any(n in names for n in WEIGHTS):
+        raise InputError(
+            f"model {source} has no weights (none of {list(WEIGHTS)}; found {sorted(names)[:8]}): the "
+            "folder is incomplete; copy it whole, or write it again with `save_pretrained`"
+        )
+
+
 def read_meta(local_dir: str) -> dict[str, Any]:
     path = os.path.join(local_dir, META)
     if not os.path.exists(path):
@@ -96,8 +131,7 @@ def read_meta(local_dir: str) -> dict[str, Any]:
             f"{local_dir} is not a rankformer model directory (no {META}); make one with `rankformer "
             "pretrain` or `rankformer model import-geneformer`"
         )
-    with open(path) as f:
-        doc: dict[str, Any] = json.load(f)
+    doc = read_json(path)
     if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         got = f"{doc.get('format')!r} v{doc.get('format_version')}"
         raise InputError(f"{path}: format {got} is not {FORMAT} v{FORMAT_VERSION}; upgrade rankformer")
@@ -142,8 +176,7 @@ def read_config(local_dir: str, source: str | None = None) -> SimpleNamespace:
         raise InputError(
             f"{source or local_dir} has no config.json; a model folder is `save_pretrained` output"
         )
-    with open(path) as f:
-        doc = json.load(f)
+    doc = read_json(path, source)
     missing = [k for k in CONFIG_KEYS if doc.get(k) is None]
     if missing:
         raise InputError(
@@ -171,11 +204,21 @@ def load_model_dir(
 ) -> LoadedModel:
     """Model (``head``: a Hugging Face class, by default ``BertForMaskedLM``), vocabulary and
     metadata from a local model directory, checked against each other."""
+    from safetensors import SafetensorError
     from transformers import BertForMaskedLM
 
     quiet()
     info = read_model_dir(local_dir, source)
-    model = (head or BertForMaskedLM).from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
+    check_weights(os.listdir(local_dir), source or local_dir)
+    try:
+        model = (head or BertForMaskedLM).from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated or foreign file
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(
+            f"model {source or local_dir}: its weights could not be loaded ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); the folder is damaged or not a BERT of its config.json: write it again"
+        ) from None
     return LoadedModel(model, info.vocab, info.meta, info.source)
 
 
