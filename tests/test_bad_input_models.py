@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
