@@ -95,10 +95,29 @@ def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
             time.sleep(0.5)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        wait_for_job_agent()
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         ray.shutdown()
         _ray("stop", "--force")
+
+
+def wait_for_job_agent(timeout_s: float = 180.0) -> None:
+    """Wait until the head node's job agent has registered its address in the GCS, which Ray does
+    once the agent serves: `ray job submit` before then fails with "No available agent to submit
+    job" (seen in a fresh clone under load)."""
+    import ray
+    from ray._private import ray_constants
+    from ray.dashboard import consts
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    key = f"{consts.DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head}".encode()
+    deadline = time.time() + timeout_s
+    while not _internal_kv_get(key, namespace=ray_constants.KV_NAMESPACE_DASHBOARD):
+        if time.time() > deadline:
+            raise RuntimeError(f"the head node's job agent did not register within {timeout_s:.0f}s")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,15 @@ def _submit(ray_cluster, entrypoint: str) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster["dashboard"])
-    job = client.submit_job(entrypoint=entrypoint)
+    deadline = time.time() + 120
+    while True:  # the agent registered (the fixture waited for it); its HTTP side may lag a moment
+        try:
+            job = client.submit_job(entrypoint=entrypoint)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + 300
     while time.time() < deadline:
         status = client.get_job_status(job)
