@@ -32,9 +32,9 @@ def _workers(n: int, cpus: float, **kw: object) -> Demand:
 
 
 def test_two_workers_on_a_two_core_machine_leave_nothing_for_the_reads():
-    why = shortfall(_workers(2, 1.0, beside_cpus=0.25, beside_what="the corpus reads"), TWO_CPUS)
-    assert why is not None and "leave no 0.25 CPU for the corpus reads" in why and "2 CPUs on 1 node" in why
-    assert shortfall(_workers(2, 0.5, beside_cpus=0.25, beside_what="reads"), TWO_CPUS) is None
+    why = shortfall(_workers(2, 1.0, beside_cpus=1.0, beside_what="the corpus reads"), TWO_CPUS)
+    assert why is not None and "leave no 1 CPU for the corpus reads" in why and "2 CPUs on 1 node" in why
+    assert shortfall(_workers(2, 0.5, beside_cpus=1.0, beside_what="reads"), TWO_CPUS) is None
 
 
 def test_more_than_the_cluster_has_or_more_than_a_node_holds():
@@ -105,7 +105,7 @@ def test_each_job_that_places_work_is_refused_on_the_test_cluster(ray_cluster, s
         *on,
     ]
     _refused([*pre, "--num-workers", "5"], capsys, "5 Ray Train workers x 1 CPU need 5 CPU", "--num-workers")
-    _refused([*pre, "--num-workers", "4"], capsys, "leave no 0.25 CPU for the corpus reads")
+    _refused([*pre, "--num-workers", "4"], capsys, "leave no 1 CPU for Ray Data's corpus listing and reads")
     _refused([*pre, "--num-workers", "2", "--cpus-per-worker", "3"], capsys, "no node has that")
     genes = [
         "finetune",

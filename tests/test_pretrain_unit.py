@@ -403,3 +403,14 @@ def test_the_default_warmup_is_a_tenth_of_a_short_run_and_a_long_explicit_one_is
         InputError, match="--in-process trains one worker in this process, not --num-workers 2"
     ):
         PretrainConfig(corpus="c", out="m", scale={"in_process": True, "num_workers": 2})
+
+
+def test_the_control_of_pretraining_is_guessing_the_most_common_gene(tmp_path):
+    from rankformer.train.pretrain import most_common_gene_share
+
+    # gene tokens start at 4 (v2 specials): token 5 is 3 of the 6 gene tokens; <cls>/<eos> not counted
+    cells = [np.array([2, 5, 5, 6, 3]), np.array([2, 5, 7, 4, 3])]
+    corpus = write_corpus(str(tmp_path / "c"), cells, 4, shards=1)
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    assert most_common_gene_share(corpus, vocab) == pytest.approx(3 / 6)
+    assert most_common_gene_share(corpus, vocab, max_cells=1) == pytest.approx(2 / 3)

@@ -192,6 +192,9 @@ def train(config: dict[str, Any], ctx: Any, cells: Any) -> None:
 
 
 READ_CPUS = 0.25  # a corpus read task's CPUs: light next to training, so reads fit beside the workers
+# Beside the workers, Ray Data first lists the corpus files in a task of its default 1 CPU (its
+# read API takes no resources for that task), then reads with READ_CPUS: one CPU must stay free.
+BESIDE_CPUS = max(1.0, READ_CPUS)
 
 
 def train_here(cfg: PretrainConfig, config: dict[str, Any], train_run: str) -> Any:
@@ -218,7 +221,7 @@ def train_on_ray(cfg: PretrainConfig, config: dict[str, Any], train_run: str) ->
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = read_corpus(cfg.corpus, columns=[schema.INPUT_IDS], read_cpus=READ_CPUS)
     ds = ds.randomize_block_order(seed=cfg.seed)
-    return fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run, reads_cpus=READ_CPUS)
+    return fit(pretrain_worker, config, {"train": ds}, cfg.scale, train_run, reads_cpus=BESIDE_CPUS)
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
@@ -264,7 +267,7 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
         earlier = None  # finished, but its model is gone or replaced: train again
     here = trains_in_process(cfg.scale)
     if not here:  # a cluster that can never place the workers: refused here
-        ensure_ray(ClusterOptions(ray_address=cfg.scale.ray_address), workers_demand(cfg.scale, READ_CPUS))
+        ensure_ray(ClusterOptions(ray_address=cfg.scale.ray_address), workers_demand(cfg.scale, BESIDE_CPUS))
     run_id, train_run, resumed = _resume_or_start(cfg, p, key, earlier)
     try:
         warmup = cfg.optim.warmup(cfg.max_steps)
@@ -280,9 +283,11 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
             "tracking": {"uri": uri, "run_id": run_id},
             "mean_length": p.mean_length,
         }
+        control = most_common_gene_share(cfg.corpus, p.vocab)
+        tracking.log_metrics(uri, run_id, {"control_accuracy_most_common_gene": control}, 0)
         with tracking.system_metrics(uri, run_id), tracking.heartbeat(uri, run_id):
             result = (train_here if here else train_on_ray)(cfg, config, train_run)
-        summary = _finish(cfg, p, result, run_id)
+        summary = _finish(cfg, p, result, run_id, control)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
@@ -371,7 +376,34 @@ def _finished_model(cfg: PretrainConfig, run_id: str) -> dict[str, Any] | None:
     return {"out": cfg.out, "run_id": run_id, "already_done": True, **training}
 
 
-def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str, Any]:
+def most_common_gene_share(corpus: str, vocab: GeneVocab, max_cells: int = 100_000) -> float:
+    """The masked-gene accuracy of always guessing the corpus's most common gene (masking picks gene
+    tokens uniformly): the control a pretrained model's accuracy is read against. Counted over the
+    first ``max_cells`` cells in manifest order."""
+    import pyarrow.parquet as pq
+
+    from rankformer.corpus.tokenize import corpus_files
+
+    counts = np.zeros(vocab.n_tokens, dtype=np.int64)
+    gene_lo, seen = TokenSpec.of(vocab).gene_lo, 0
+    for uri in corpus_files(corpus, vocab_hash=vocab.content_hash):
+        with fs.open_input(uri) as f:
+            for rb in pq.ParquetFile(f).iter_batches(columns=[schema.INPUT_IDS]):
+                rb = rb.slice(0, max_cells - seen)
+                flat = rb.column(0).flatten().to_numpy()
+                counts += np.bincount(flat, minlength=vocab.n_tokens)[: vocab.n_tokens]
+                seen += rb.num_rows
+                if seen >= max_cells:
+                    break
+        if seen >= max_cells:
+            break
+    genes = counts[gene_lo:]
+    return float(genes.max() / max(genes.sum(), 1))
+
+
+def _finish(
+    cfg: PretrainConfig, p: Plan, result: Any, run_id: str, control: float = float("nan")
+) -> dict[str, Any]:
     from rankformer import tracking
 
     metrics = dict(result.metrics or {})
@@ -409,9 +441,18 @@ def _finish(cfg: PretrainConfig, p: Plan, result: Any, run_id: str) -> dict[str,
         **metrics,
     }
     reg = f", registered {cfg.track.registered_model} v{version} @{cfg.track.alias}" if version else ""
+    accuracy = float(metrics.get("accuracy", float("nan")))
     print(
         f"pretrained {cfg.preset} for {int(metrics.get('step', cfg.max_steps))} steps: loss "
-        f"{metrics.get('loss', float('nan')):.3f}, masked-gene accuracy "
-        f"{metrics.get('accuracy', float('nan')):.3f} -> {cfg.out} (MLflow run {run_id}{reg})"
+        f"{metrics.get('loss', float('nan')):.3f}, masked-gene accuracy {accuracy:.3f} (always guessing "
+        f"the most common gene: {control:.3f}) -> {cfg.out} (MLflow run {run_id}{reg})"
     )
+    summary["control_accuracy_most_common_gene"] = control
+    if not accuracy > 2 * control:  # the last logged steps' accuracy, noisy: a factor, not a margin
+        print(
+            f"WARNING: masked-gene accuracy {accuracy:.3f} is not twice that of always guessing the most "
+            f"common gene ({control:.3f}): the model has learnt little, and embeddings, classifiers and "
+            "perturbations built on it will be near chance. Train longer (--max-steps), on more cells, or "
+            "check --lr"
+        )
     return summary

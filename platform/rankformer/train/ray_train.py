@@ -163,7 +163,7 @@ def workers_demand(scale: ScaleOptions, reads_cpus: float = 0.0) -> Demand:
         gpus=1.0 if scale.use_gpu else 0.0,
         flags="--num-workers or --cpus-per-worker" + (", or leave out --use-gpu" if scale.use_gpu else ""),
         beside_cpus=reads_cpus,
-        beside_what="the corpus reads (Ray Data)",
+        beside_what="Ray Data's corpus listing and reads",
         strategy=scale.placement,
     )
 
