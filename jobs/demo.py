@@ -6,11 +6,19 @@ Makefile fetches the wheel from the package index. Steps:
   1. CSV -> .h5ad (counts rounded to the integers they are; symbols kept as gene ids)
   2. `vocab build`: exact nonzero medians, symbols mapped to Ensembl ids through the GENCODE table
   3. `tokenize`: the V2 layout into a Parquet corpus, then a look at one cell
-  4. `pretrain`: the tiny preset for about a minute on 2 Ray Train workers, tracked in a local
-     MLflow store (demo_out/mlflow.db) and registered as models:/rankformer-demo@current
+  4. `pretrain`: the tiny preset for 400 steps (two to three minutes) on 2 Ray Train workers with the
+     default warmup (a tenth of the run), tracked in a local MLflow store (demo_out/mlflow.db) and
+     registered as models:/rankformer-demo@current; its masked-gene accuracy is printed beside its
+     control (always guessing the most common gene), which it clears many times over: it has learnt
+     which genes a cell's ranks hold, if not yet much more
   5. `finetune genes`: which genes encode ribosomal proteins of the mitochondrion rather than of
      the cytosol? Labels derived from the GENCODE symbols (MRPL/MRPS vs RPL/RPS), cross-validated
-     by gene, and the top predicted unseen genes printed
+     by gene, shown beside its controls in the same folds: the frozen-embedding probe, a baseline
+     that knows only each gene's rank statistics, and shuffled labels. Rank statistics alone
+     answer this question (cytosolic ribosomal proteins rank high in nearly every cell, the
+     mitochondrial ones lower and in fewer), and the report says plainly that the demo's small
+     model does not beat them: the question is a fine check of the pipeline, and the verdict is
+     what a user must read before trusting a ranking
   6. `serve`: the registered model behind the HTTP endpoints on 127.0.0.1; a few real cells of
      the corpus are embedded and one perturbed over HTTP, then the endpoint is shut down
 """
@@ -84,7 +92,8 @@ def main() -> None:
 
 
 def pretrain(corpus: str, out: str) -> None:
-    """The tiny preset for about a minute on 2 Ray Train workers, tracked and registered locally."""
+    """The tiny preset for 400 steps on 2 Ray Train workers (half a CPU each: Ray Data lists and
+    reads the corpus on the machine's other CPU), tracked and registered locally."""
     from rankformer.cli import main as cli
 
     db = os.path.abspath(os.path.join(out, "mlflow.db"))
@@ -98,9 +107,9 @@ def pretrain(corpus: str, out: str) -> None:
         "--preset",
         "tiny",
         "--max-steps",
-        "30",
+        "400",
         "--max-tokens",
-        "8192",
+        "4096",
         "--num-workers",
         "2",
         "--cpus-per-worker",
@@ -108,13 +117,11 @@ def pretrain(corpus: str, out: str) -> None:
         "--seed",
         "0",
         "--lr",
-        "0.003",
-        "--warmup-steps",
-        "5",
+        "0.01",  # the tiny preset on few cells: a higher peak rate than Geneformer's 1e-3 for 6 layers
         "--log-every",
-        "5",
+        "50",
         "--checkpoint-every",
-        "10",
+        "200",
         "--storage-path",
         os.path.abspath(os.path.join(out, "ray_results")),
         "--tracking-uri",
@@ -194,6 +201,20 @@ def classify_genes(corpus: str, vocab: str, out: str) -> None:
     print("\n$ rankformer " + " ".join(argv))
     if cli(argv) != 0:
         raise SystemExit("demo step failed: rankformer finetune genes")
+    with open(os.path.join(out, "gene_classification", "cv_metrics.json")) as f:
+        report = json.load(f)
+    ranks = report["rank_statistics"]["roc_auc_mean"]
+    print(
+        f"\nhow to read it: rank statistics alone score ROC AUC {ranks:.3f} on this question (cytosolic "
+        "ribosomal proteins rank high in nearly every cell), so a score near theirs shows only that the "
+        "pipeline runs; "
+        + (
+            "the fine-tuned model beats them here."
+            if report["beats_controls"]
+            else "the verdict above says the demo's small model does not beat them. Trust a gene ranking only "
+            "where the fine-tuned model clears every control, with a model pretrained on a large corpus."
+        )
+    )
 
 
 def serve_cells(corpus: str, vocab_path: str, out: str) -> None:

@@ -93,7 +93,7 @@ def map_shards(
     fault = os.environ.get("RANKFORMER_FAULT_INJECT")
     # test hook: forward the fault plan to the workers
     runtime_env = {"env_vars": {"RANKFORMER_FAULT_INJECT": fault}} if fault else None
-    pool = ray.data.TaskPoolStrategy(size=opts.num_workers) if opts.num_workers else None
+    pool = task_pool(opts)
     ds = items.map_batches(
         _apply,
         batch_size=1,
@@ -106,6 +106,13 @@ def map_shards(
         yield from _payloads(ds)
     finally:
         ctx.op_resource_reservation_enabled = saved
+
+
+def task_pool(opts: ClusterOptions) -> Any:
+    """Ray Data's pool of shard tasks: ``--num-workers`` at a time, else as many as the CPUs allow."""
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=opts.num_workers) if opts.num_workers else None
 
 
 def _task_items(tasks: list[dict[str, Any]]) -> Any:

@@ -19,7 +19,7 @@ import torch
 
 from rankformer import schema, tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
+from rankformer.classify.common import JobOutput, PretrainedOnCorpus, check_placement, in_parent_run
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
 from rankformer.classify.data import Cells, cell_label_columns, corpus_columns, load_cells, parse_where
 from rankformer.classify.genes import logreg
@@ -168,6 +168,7 @@ class CellJob(PretrainedOnCorpus):
 
 
 def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:
+    check_placement(cfg)
     job = CellJob(cfg)
     sizes = {p: int((job.split == p).sum()) for p in SPLITS}
     how = f" by {cfg.group_column}" if cfg.group_column else " (stratified at random)"

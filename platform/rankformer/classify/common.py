@@ -24,6 +24,21 @@ from rankformer.io import fs
 from rankformer.model.store import LoadedModel, ModelInfo
 
 
+def check_placement(cfg: Any) -> None:
+    """Refuse, before any model loads or output is written, a training (``cfg``: a fine-tuning
+    config) or a Tune search that the cluster can never place."""
+    from rankformer.classify.tune import trials_demand
+    from rankformer.cluster import ensure_ray
+    from rankformer.config import ClusterOptions
+    from rankformer.train.ray_train import trains_in_process, workers_demand
+
+    where = ClusterOptions(ray_address=cfg.scale.ray_address)
+    if not trains_in_process(cfg.scale):
+        ensure_ray(where, workers_demand(cfg.scale))
+    if cfg.tune.trials:
+        ensure_ray(where, trials_demand(cfg.tune, cfg.scale.use_gpu))
+
+
 def in_parent_run(
     job: str, cfg: Any, uri: str, vocab_hash: str, body: Callable[[str], dict[str, Any]]
 ) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 
 from rankformer import tracking
 from rankformer.classify import metrics
-from rankformer.classify.common import JobOutput, PretrainedOnCorpus, in_parent_run
+from rankformer.classify.common import JobOutput, PretrainedOnCorpus, check_placement, in_parent_run
 from rankformer.classify.controls import rank_statistics, verdict
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
@@ -241,6 +241,7 @@ def logreg(
 
 
 def run_finetune_genes(cfg: FinetuneGenesConfig) -> dict[str, Any]:
+    check_placement(cfg)
     job = GeneJob(cfg)
     out = job.output
     labels = job.labels

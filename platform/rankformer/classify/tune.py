@@ -19,6 +19,7 @@ import torch
 
 from rankformer import tracking
 from rankformer.model.device import settle
+from rankformer.placement import Demand
 from rankformer.train.config import TuneOptions
 
 METRIC = "val_score"
@@ -98,12 +99,39 @@ class CellScorer:
         return float(scores(self.y, prob, [str(i) for i in range(prob.shape[1])])["macro_f1"])
 
 
+def search_plan(opts: TuneOptions, n_layers: int, max_steps: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """The search space and ASHA's settings (in validation rounds of ``eval_every`` steps)."""
+    from ray import tune
+
+    space = {
+        "lr": tune.loguniform(*opts.tune_lr),
+        "warmup_fraction": tune.uniform(*opts.tune_warmup_fraction),
+        "weight_decay": tune.uniform(*opts.tune_weight_decay),
+        "freeze_layers": tune.choice(opts.tune_freeze_layers or list(range(n_layers))),
+    }
+    rounds = max(1, max_steps // opts.eval_every)
+    return space, {"max_t": rounds, "grace_period": max(1, opts.grace_steps // opts.eval_every)}
+
+
+def trials_demand(opts: TuneOptions, use_gpu: bool) -> Demand:
+    """Trials run as resources allow, but one must fit a node, else Tune waits forever."""
+    return Demand(
+        "Tune trials",
+        opts.trials,
+        cpus=opts.cpus_per_trial,
+        gpus=1.0 if use_gpu else 0.0,
+        flags="--cpus-per-trial" + (", or leave out --use-gpu" if use_gpu else ""),
+        gang=False,
+    )
+
+
 def apply(spec: Any, params: dict[str, Any]) -> Any:
     """A copy of a TrainSpec with a trial's settings."""
     optim = dataclasses.replace(
         spec.optim,
         lr=float(params.get("lr", spec.optim.lr)),
         warmup_fraction=float(params.get("warmup_fraction", spec.optim.warmup_fraction)),
+        warmup_steps=None if "warmup_fraction" in params else spec.optim.warmup_steps,
         weight_decay=float(params.get("weight_decay", spec.optim.weight_decay)),
     )
     head = dataclasses.replace(
@@ -152,26 +180,10 @@ def search(
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
-    from rankformer.placement import Demand
     from rankformer.train.finetune import local_dir
 
-    # trials run as resources allow, but one must fit a node, else Tune waits forever
-    trial = Demand(
-        "Tune trials",
-        opts.trials,
-        cpus=opts.cpus_per_trial,
-        gpus=1.0 if use_gpu else 0.0,
-        flags="--cpus-per-trial" + (", or leave out --use-gpu" if use_gpu else ""),
-        gang=False,
-    )
-    ensure_ray(ClusterOptions(ray_address=ray_address), trial)
-    space = {
-        "lr": tune.loguniform(*opts.tune_lr),
-        "warmup_fraction": tune.uniform(*opts.tune_warmup_fraction),
-        "weight_decay": tune.uniform(*opts.tune_weight_decay),
-        "freeze_layers": tune.choice(opts.tune_freeze_layers or list(range(n_layers))),
-    }
-    evals = max(1, spec.max_steps // opts.eval_every)
+    ensure_ray(ClusterOptions(ray_address=ray_address), trials_demand(opts, use_gpu))
+    space, asha = search_plan(opts, n_layers, spec.max_steps)
     trainable = tune.with_parameters(
         _trial,
         spec_doc=asdict(spec),
@@ -189,7 +201,7 @@ def search(
             metric=METRIC,
             mode="max",
             num_samples=opts.trials,
-            scheduler=ASHAScheduler(max_t=evals, grace_period=max(1, opts.grace_steps // opts.eval_every)),
+            scheduler=ASHAScheduler(max_t=asha["max_t"], grace_period=asha["grace_period"]),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(local_dir(storage)), verbose=0),
     )

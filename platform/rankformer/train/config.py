@@ -20,7 +20,7 @@ class OptimOptions:
 
     lr: float = 1e-3  # peak learning rate (Geneformer V1: 1e-3)
     warmup_steps: int | None = None  # linear warmup steps (default: 10,000, or a tenth of a shorter run)
-    warmup_fraction: float = 0.0  # warmup as a share of the steps; when > 0 it replaces warmup_steps
+    warmup_fraction: float = 0.0  # warmup as a share of the steps (instead of warmup_steps)
     schedule: str = "linear"  # decay after warmup: linear or cosine (to 0 at max_steps)
     weight_decay: float = 0.001  # AdamW weight decay (Geneformer V1: 0.001)
     grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
@@ -37,6 +37,11 @@ class OptimOptions:
             raise InputError(
                 f"warmup_fraction {self.warmup_fraction} must be within [0, 0.5): half the run or more "
                 "spent warming up leaves too few steps at the peak rate"
+            )
+        if self.warmup_fraction > 0 and self.warmup_steps is not None:
+            raise InputError(
+                f"give --warmup-steps ({self.warmup_steps}) or --warmup-fraction ({self.warmup_fraction:g}), "
+                "not both: one would be ignored"
             )
 
     def warmup(self, max_steps: int) -> int:
@@ -62,8 +67,8 @@ class OptimOptions:
                 f"{self.RECIPE_WARMUP:,} assume a run of {round(self.RECIPE_WARMUP / self.RECIPE_SHARE):,} "
                 "steps or more)"
             )
-        if 2 * self.warmup_steps >= max_steps:
-            tenth = max(1, round(self.RECIPE_SHARE * max_steps))
+        tenth = max(1, round(self.RECIPE_SHARE * max_steps))
+        if 2 * self.warmup_steps >= max_steps and self.warmup_steps > tenth:
             share = min(self.warmup_steps, max_steps) / max_steps
             raise InputError(
                 f"warmup_steps {self.warmup_steps:,} would spend {share:.0%} of the run's {max_steps:,} "
@@ -185,8 +190,7 @@ class FinetuneOptim(OptimOptions):
     RECIPE_WARMUP: ClassVar[int] = 500  # Geneformer's fine-tuning examples
 
     lr: float = 5e-5  # peak learning rate (Geneformer fine-tuning: 5e-5)
-    warmup_steps: int | None = None  # linear warmup steps (default: 500, or a tenth of a shorter run)
-    warmup_fraction: float = 0.1  # warmup as a share of the steps; when > 0 it replaces warmup_steps
+    warmup_steps: int | None = None  # linear warmup steps (default: a tenth of the run, at most 500)
 
 
 @dataclass

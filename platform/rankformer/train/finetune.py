@@ -7,6 +7,7 @@ cells and labels, and what is done with the trained model, belong to :mod:`rankf
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -284,18 +285,27 @@ def train_classifier(
 ) -> torch.nn.Module:
     """Train ``spec`` on the rows (``ids``, ``y``); the trained classifier, in this process.
 
-    In this process (one worker, no cluster named) checkpoints go to ``workdir`` (to a temporary
-    folder when it is remote: no resume then); on Ray Train to ``--storage-path``, else
-    ``workdir/ray``. A rerun after a crash resumes from the last checkpoint."""
+    In this process (one worker, no cluster named) checkpoints go to ``--storage-path`` when given,
+    else ``workdir`` (a temporary folder when it is remote: no resume then); on Ray Train to
+    ``--storage-path``, else ``workdir/ray``. A rerun after a crash resumes from the last checkpoint."""
+    from rankformer.io import fs
     from rankformer.train.local import LocalContext
     from rankformer.train.loop import run_loop
 
+    if not fs.is_remote(workdir):
+        workdir = os.path.abspath(workdir)
+    # The training's run name is its checkpoint folder in a storage path: it must be this training's
+    # own (a rerun of the same job and training resumes; any other job sharing the storage path must
+    # not pick up its checkpoints)
+    what = json.dumps([workdir, {k: v for k, v in asdict(spec).items() if k != "run_id"}])
+    run = f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
     if in_process(scale):
         model = classifier_for(spec)
         tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
-        ctx = LocalContext(
-            os.path.join(local_dir(workdir), name), "cuda" if scale.use_gpu else "cpu", tracking
-        )
+        root = os.path.join(local_dir(workdir), name)
+        if scale.storage_path:
+            root = os.path.join(scale.storage_path, run)
+        ctx = LocalContext(root, "cuda" if scale.use_gpu else "cpu", tracking)
         run_loop(model, _task(spec, local_rows(ids, y, spec.seed), 0), loop_options(spec), ctx)
         best = ctx.best(SELECT)
         if best:
@@ -308,23 +318,17 @@ def train_classifier(
 
     from rankformer.cluster import ensure_ray
     from rankformer.config import ClusterOptions
-    from rankformer.io import fs
     from rankformer.train.ray_train import checkpoint_storage, fit
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))
     ray.data.DataContext.get_current().enable_progress_bars = False
     table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
-    ds = ray.data.from_arrow(table).repartition(max(scale.num_workers * 2, 2))
-    if not fs.is_remote(workdir):
-        workdir = os.path.abspath(workdir)
+    # blocks cut here, not by a repartition: that would need a Ray Data task, and a CPU free for it
+    bounds = np.linspace(0, table.num_rows, max(scale.num_workers * 2, 2) + 1).astype(int)
+    ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
     storage = checkpoint_storage(scale, fs.join(workdir, "ray"))
     scale = ScaleOptions(**{**asdict(scale), "storage_path": storage})
     score = (SELECT, "max") if spec.val_ids else ("loss", "min")
-    # The Ray Train run name is its checkpoint folder in the storage: it must be this training's
-    # own (a rerun of the same job and training resumes; any other job, sharing a cluster-wide
-    # storage path, must not pick up its checkpoints)
-    what = json.dumps([workdir, {k: v for k, v in asdict(spec).items() if k != "run_id"}])
-    run = f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
     result = fit(finetune_worker, {"spec": asdict(spec)}, {"train": ds}, scale, run, score)
     model = classifier_for(spec)
     checkpoint = result.checkpoint

@@ -168,6 +168,32 @@ def workers_demand(scale: ScaleOptions, reads_cpus: float = 0.0) -> Demand:
     )
 
 
+def trainer_settings(scale: ScaleOptions, storage: str, name: str, score: tuple[str, str]) -> dict[str, Any]:
+    """The TorchTrainer's scaling and run configs of a training on ``scale``, checkpointed under
+    ``storage``/``name`` and keeping the best by ``score``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
+    return {
+        "scaling_config": ScalingConfig(
+            num_workers=scale.num_workers,
+            use_gpu=scale.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scale.placement,
+        ),
+        "run_config": RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=scale.keep_checkpoints,
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],
+            ),
+        ),
+    }
+
+
 def fit(
     worker_fn: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
@@ -180,31 +206,14 @@ def fit(
     """Run ``worker_fn(config)`` on ``scale.num_workers`` Ray Train workers; the Result. ``score``:
     the reported metric (and min or max) by which the best checkpoints are kept; ``reads_cpus``:
     the CPUs a read task of ``datasets`` asks for (see :func:`workers_demand`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address), workers_demand(scale, reads_cpus))
-    resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1.0} if scale.use_gpu else {})}
     storage = checkpoint_storage(scale, os.path.abspath("ray_results"))
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={**config, "fault_inject": os.environ.get(FAULT_ENV)},
-        scaling_config=ScalingConfig(
-            num_workers=scale.num_workers,
-            use_gpu=scale.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=scale.placement,
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=scale.keep_checkpoints,
-                checkpoint_score_attribute=score[0],
-                checkpoint_score_order=score[1],
-            ),
-        ),
+        **trainer_settings(scale, storage, name, score),
         datasets=datasets,
         dataset_config=ordered_data_config(),
     )
