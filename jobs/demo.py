@@ -211,8 +211,8 @@ def classify_genes(corpus: str, vocab: str, out: str) -> None:
         + (
             "the fine-tuned model beats them here."
             if report["beats_controls"]
-            else "the verdict above says the demo's small model does not beat them. Trust a gene ranking only "
-            "where the fine-tuned model clears every control, with a model pretrained on a large corpus."
+            else "the verdict above says the demo's small model does not beat them. Trust a gene ranking "
+            "only where the fine-tuned model clears every control, with a model pretrained on a large corpus."
         )
     )
 
