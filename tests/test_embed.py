@@ -317,16 +317,17 @@ def test_actor_pool_gives_the_same_embeddings(world, tmp_path, ray_cluster):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="for a cluster without GPUs")
-def test_use_gpu_on_a_ray_cluster_without_gpus(ray_cluster, capsys):
-    """A job asking for GPUs on a cluster with none would wait forever: an error where the job
-    started Ray itself on this machine, a warning on a cluster it joined (an autoscaler may add
-    GPU nodes)."""
-    from rankformer.cluster import _check_gpus
+def test_use_gpu_on_a_ray_cluster_without_gpus(ray_cluster, monkeypatch, capsys):
+    """A job asking for GPUs on a cluster with none would wait forever: an error where no
+    autoscaler can add a GPU node (the test cluster), a note of what it waits for where one can."""
+    from rankformer import placement
 
-    with pytest.raises(InputError, match="--use-gpu: Ray found no GPU on this machine"):
-        _check_gpus(started_here=True)
-    _check_gpus(started_here=False)
-    assert "the job waits until a GPU node joins" in capsys.readouterr().err
+    gpu = placement.Demand("actors of the pool", 1, cpus=1.0, gpus=1.0, flags="--num-workers or --use-gpu")
+    with pytest.raises(InputError, match=r"needs 1 CPU \+ 1 GPU, and no node has that.*--use-gpu"):
+        placement.check_demand(gpu)
+    monkeypatch.setattr(placement, "can_autoscale", lambda: True)
+    placement.check_demand(gpu)
+    assert "waiting for the autoscaler" in capsys.readouterr().err
 
 
 def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
