@@ -50,6 +50,9 @@ def w(tmp_path_factory):
     (d / "broken.parquet").write_bytes(b"PAR1 not really")
     (d / "one_class.csv").write_text("gene,label\n" + "".join(f"{g},x\n" for g in ids[:10]))
     (d / "not_a_pickle.pkl").write_bytes(b"plain text")
+    (d / "bad.yaml").write_text("corpus: [unclosed\n")
+    shutil.copytree(d / "corpus", d / "cut_corpus")
+    (d / "cut_corpus" / "manifest.json").write_text('{"shards": [')
     (d / "foreign").mkdir()
     (d / "foreign" / "notes.txt").write_text("mine")
     return SimpleNamespace(d=d, corpus=corpus, model=str(d / "model"), damaged=damaged)
@@ -87,6 +90,14 @@ CASES: dict[str, tuple[Case, str]] = {
     "pretrain: corpus missing": (
         lambda w: [*_pre(w), "--corpus", str(w.d / "nope")],
         r"nope holds no finished corpus",
+    ),
+    "pretrain: config file is not YAML": (
+        lambda w: ["pretrain", "--config", str(w.d / "bad.yaml")],
+        r"--config .*bad.yaml is not YAML",
+    ),
+    "embed: corpus manifest cut short": (
+        lambda w: _job("embed", w, "--corpus", str(w.d / "cut_corpus")),
+        r"cut_corpus/manifest.json is not JSON .* rerun `rankformer tokenize`",
     ),
     "pretrain: unknown preset": (lambda w: _pre(w, "--preset", "huge"), r"preset 'huge'"),
     "pretrain: zero steps": (lambda w: _pre(w, "--max-steps", "0"), r"max_steps.* must be >= 1"),
@@ -225,4 +236,4 @@ def test_model_stage_bad_input(case: str, w, capsys) -> None:
 
 def test_enough_cases():
     commands = {c.split(":")[0] for c in CASES}
-    assert len(CASES) >= 25 and len(commands) == 10, commands
+    assert len(CASES) >= 30 and len(commands) == 10, commands

@@ -3,7 +3,6 @@ finished corpus. The same kernel, checks and schema as `rankformer tokenize`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +97,7 @@ def read_corpus(
 
 def corpus_manifest(out: str) -> dict[str, Any]:
     corpus_files(out)  # the error that says the corpus is unfinished
-    return dict(json.loads(fs.read_bytes(fs.join(out, schema.CORPUS_MANIFEST))))
+    return dict(fs.read_json(fs.join(out, schema.CORPUS_MANIFEST), "rerun `rankformer tokenize`"))
 
 
 def corpus_vocab(out: str, manifest: dict[str, Any] | None = None) -> GeneVocab:

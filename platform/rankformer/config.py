@@ -153,7 +153,13 @@ def from_mapping(cls: type[T], values: dict[str, Any]) -> T:
 def load_yaml(path: str) -> dict[str, Any]:
     from rankformer.io.fs import read_bytes
 
-    doc = yaml.safe_load(read_bytes(path)) or {}
+    try:
+        doc = yaml.safe_load(read_bytes(path)) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(
+            f"--config {path} is not YAML ({' '.join(str(exc).split())}); a config is a YAML mapping of "
+            "option: value"
+        ) from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: a config file must be a YAML mapping of option: value")
     return doc

@@ -5,7 +5,6 @@ of the state, or a seeded sample of at most ``--state-cells`` of each)."""
 from __future__ import annotations
 
 import functools
-import json
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -104,7 +103,7 @@ def state_embeddings(
         return {}
     kept = fs.join(cfg.out, STATES_FILE)
     if fs.exists(kept):  # the folder's job fingerprint matched: same model, corpus and states
-        doc: dict[str, list[float]] = json.loads(fs.read_bytes(kept))
+        doc: dict[str, list[float]] = fs.read_json(kept, "delete it; the rerun computes it again")
         return doc
     wanted = wanted_states(cfg)
     sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}

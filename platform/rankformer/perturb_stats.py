@@ -18,7 +18,6 @@ score columns are read, shard by shard.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -45,7 +44,7 @@ def symbols_of(names: dict[str, str], keys: list[str]) -> list[str]:
 
 def _symbols_in(out: str) -> dict[str, str]:
     path = fs.join(out, SYMBOLS_FILE)
-    names: dict[str, str] = json.loads(fs.read_bytes(path)) if fs.exists(path) else {}
+    names: dict[str, str] = fs.read_json(path, "rerun `rankformer perturb`") if fs.exists(path) else {}
     return names
 
 

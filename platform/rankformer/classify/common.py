@@ -180,7 +180,7 @@ class JobOutput:
                     f"output {self.out} is not empty and was not written by a rankformer job (found "
                     f"{present[:5]}); choose a new --out folder or delete that one"
                 )
-            claim = json.loads(fs.read_bytes(fs.join(self.out, JOB_FILE)))
+            claim = fs.read_json(fs.join(self.out, JOB_FILE), "choose a new --out folder")
             if claim.get("job") != self.job:
                 raise InputError(
                     f"output {self.out} holds the output of `{claim.get('job')}`, not `{self.job}`; choose "
@@ -268,7 +268,7 @@ def finished_output(out: str, *jobs: str) -> dict[str, Any]:
             else f"no rankformer job wrote there; run `rankformer {command} --out {out}` first"
         )
         raise InputError(f"{out} holds no finished `{command}` output: {why}")
-    manifest: dict[str, Any] = json.loads(fs.read_bytes(uri))
+    manifest: dict[str, Any] = fs.read_json(uri, f"rerun `rankformer {command}`")
     if manifest.get("job") not in jobs:
         raise InputError(
             f"{out} holds the output of `{manifest.get('job')}`, not of `{command}`; pass the folder that "

@@ -184,7 +184,7 @@ def corpus_files(out: str, vocab_hash: str | None = None) -> list[str]:
             f"{out} holds no finished corpus (no {schema.CORPUS_MANIFEST}); run or "
             "rerun `rankformer tokenize` to finish it"
         )
-    manifest = json.loads(fs.read_bytes(uri))
+    manifest = fs.read_json(uri, "rerun `rankformer tokenize` into a new --out folder")
     if vocab_hash is not None and manifest["vocab_hash"] != vocab_hash:
         raise InputError(
             f"corpus {out} was tokenized with vocabulary {manifest['vocab_hash']}, not "
@@ -198,7 +198,7 @@ def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
     claim_uri = fs.join(cfg.out, schema.CORPUS_CLAIM)
     present = [n for n in fs.listdir(cfg.out) if not n.startswith(".tmp-")]
     if schema.CORPUS_CLAIM in present:
-        claim = json.loads(fs.read_bytes(claim_uri))
+        claim = fs.read_json(claim_uri, "choose a new --out folder")
         if claim.get("fingerprint") != fingerprint:
             raise InputError(
                 f"output {cfg.out} holds a different corpus (inputs, vocabulary or options "

@@ -85,6 +85,19 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_json(uri: str, fix: str = "write it again") -> Any:
+    """A JSON file that a stage wrote (a manifest, a claim, model metadata); a damaged one is an
+    error naming it and ``fix``."""
+    import json
+
+    from rankformer.errors import InputError
+
+    try:
+        return json.loads(read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{uri} is not JSON ({exc}): it is damaged or was cut short; {fix}") from None
+
+
 @contextlib.contextmanager
 def open_output_atomic(uri: str) -> Iterator[IO[bytes]]:
     """Write a file that appears whole at ``uri`` only if the block finishes without error."""

@@ -369,7 +369,9 @@ def _finished_model(cfg: PretrainConfig, run_id: str) -> dict[str, Any] | None:
 
     if not fs.exists(fs.join(cfg.out, META)):
         return None
-    training = json.loads(fs.read_bytes(fs.join(cfg.out, META))).get("training", {})
+    training = fs.read_json(fs.join(cfg.out, META), "delete the folder and pretrain again").get(
+        "training", {}
+    )
     if training.get("mlflow_run_id") != run_id:
         return None
     print(f"already pretrained with these options -> {cfg.out} (MLflow run {run_id}); nothing to do")
