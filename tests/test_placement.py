@@ -235,3 +235,29 @@ def test_two_jobs_side_by_side_the_first_ending_while_the_second_runs(tmp_path):
         next(line for line in out.splitlines() if line.startswith("gcs ")) for out in (out_first, out_second)
     ]
     assert gcs[0] != gcs[1], gcs
+
+
+def test_an_autoscaler_is_told_apart_from_a_cluster_started_by_hand(monkeypatch):
+    """Autoscaler v2 records itself in the GCS; v1's status names the node types it launches, where
+    a cluster started by hand has only the read-only provider's `node_<id>` types."""
+    import json as js
+
+    import ray.experimental.internal_kv as kv
+
+    from rankformer.placement import can_autoscale
+
+    store: dict[bytes, bytes] = {}
+    def get(key: str | bytes, namespace: bytes | None = None) -> bytes | None:
+        return store.get(key if isinstance(key, bytes) else key.encode())
+
+    monkeypatch.setattr(kv, "_internal_kv_get", get)
+    assert not can_autoscale()  # no status at all
+    by_hand = {"autoscaler_report": {"active_nodes": {"node_35ca0ddb": 1}, "pending_launches": {}}}
+    store[b"__autoscaling_status"] = js.dumps(by_hand).encode()
+    assert not can_autoscale()
+    launcher = {"autoscaler_report": {"active_nodes": {"head": 1}, "pending_launches": {"gpu-workers": 2}}}
+    store[b"__autoscaling_status"] = js.dumps(launcher).encode()
+    assert can_autoscale()
+    store.clear()
+    store[b"__autoscaler_v2_enabled"] = b"1"
+    assert can_autoscale()
