@@ -101,3 +101,27 @@ def pretrain_in_process(
     meta = {"task": "masked-lm", "layout": layout, "max_length": max_length, "preset": "tiny"}
     save_model_dir(mlm.mlm, vocab, meta, out)
     return out
+
+
+def pbmc_with_untrained_model(tmp: str, shared: str, vocab_path: str) -> tuple[str, str]:
+    """The real PBMC cells (cell types carried as ``cell_type``) tokenized with ``vocab_path``, and
+    an untrained ``tiny`` model of that vocabulary: (corpus folder, model folder)."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    from rankformer.config import TokenizeConfig
+    from rankformer.corpus.tokenize import run_tokenize
+    from rankformer.model.presets import bert_config, preset
+    from rankformer.model.store import save_model_dir
+    from rankformer.vocab import GeneVocab
+
+    corpus, model = os.path.join(tmp, "corpus"), os.path.join(tmp, "m")
+    source = os.path.join(shared, "data", "pbmc_2k_celltypes.h5ad")
+    run_tokenize(
+        TokenizeConfig(inputs=[source], vocab=vocab_path, out=corpus, carry={"celltype": "cell_type"})
+    )
+    vocab = GeneVocab.load(vocab_path)
+    torch.manual_seed(0)
+    meta = {"task": "masked-lm", "layout": "v2", "max_length": 4096}
+    save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab, meta, model)
+    return corpus, model

@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
-from transformers import BertForMaskedLM
 
 from conftest import needs_shared
+from pretrain_helpers import pbmc_with_untrained_model
 from rankformer.classify.controls import lognorm_counts, rank_statistics, verdict
 
 
@@ -48,32 +47,13 @@ def test_an_untrained_cell_classifier_is_flagged_beside_log_normalised_counts(
     (read back from the source file by source_file/source_row) separates the three cell types, and
     the report says plainly that the fine-tuned model does not beat it."""
     from rankformer.classify.cells import run_finetune_cells
-    from rankformer.config import TokenizeConfig
-    from rankformer.corpus.tokenize import run_tokenize
-    from rankformer.model.presets import bert_config, preset
-    from rankformer.model.store import save_model_dir
     from rankformer.train.config import FinetuneCellsConfig
-    from rankformer.vocab import GeneVocab
 
-    corpus = str(tmp_path / "corpus")
-    run_tokenize(
-        TokenizeConfig(
-            inputs=[str(shared / "data" / "pbmc_2k_celltypes.h5ad")],
-            vocab=geneformer_v2_vocab,
-            out=corpus,
-            carry={"celltype": "cell_type"},
-        )
-    )
-    vocab = GeneVocab.load(geneformer_v2_vocab)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(bert_config(preset("tiny"), vocab))
-    save_model_dir(
-        model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 4096}, str(tmp_path / "m")
-    )
+    corpus, model = pbmc_with_untrained_model(str(tmp_path), str(shared), geneformer_v2_vocab)
     summary = run_finetune_cells(
         FinetuneCellsConfig(
             corpus=corpus,
-            model=str(tmp_path / "m"),
+            model=model,
             out=str(tmp_path / "out"),
             limit_cells=400,
             max_steps=3,

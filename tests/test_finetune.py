@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import needs_shared
-from pretrain_helpers import pretrain_in_process, write_corpus
+from pretrain_helpers import pbmc_with_untrained_model, pretrain_in_process, write_corpus
 from rankformer.classify.cells import run_finetune_cells, split_cells
 from rankformer.classify.genes import gene_folds, run_finetune_genes
 from rankformer.classify.labels import map_labels, read_label_sets
@@ -442,32 +442,11 @@ def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster, s3_serve
 def test_dosage_sensitivity_labels_on_real_cells(tmp_path, geneformer_v2_vocab, shared):
     """The published dosage-sensitive vs -insensitive TF labels (a wide table) end to end on real
     PBMC cells with a Geneformer V2 vocabulary: the pipeline, the fold structure, the outputs."""
-    from transformers import BertForMaskedLM
-
-    from rankformer.config import TokenizeConfig
-    from rankformer.corpus.tokenize import run_tokenize
-    from rankformer.model.presets import bert_config, preset
-    from rankformer.model.store import save_model_dir
-
-    corpus = str(tmp_path / "corpus")
-    run_tokenize(
-        TokenizeConfig(
-            inputs=[str(shared / "data" / "pbmc_2k_celltypes.h5ad")],
-            vocab=geneformer_v2_vocab,
-            out=corpus,
-            carry={"celltype": "cell_type"},
-        )
-    )
-    vocab = GeneVocab.load(geneformer_v2_vocab)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(bert_config(preset("tiny"), vocab))
-    save_model_dir(
-        model, vocab, {"task": "masked-lm", "layout": "v2", "max_length": 4096}, str(tmp_path / "m")
-    )
+    corpus, model = pbmc_with_untrained_model(str(tmp_path), str(shared), geneformer_v2_vocab)
     labels = shared / "reference" / "geneformer" / "labels" / "dosage_sens_tf_labels.csv"
     cfg = FinetuneGenesConfig(
         corpus=corpus,
-        model=str(tmp_path / "m"),
+        model=model,
         out=str(tmp_path / "out"),
         labels=[str(labels)],
         limit_cells=200,

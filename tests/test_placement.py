@@ -247,6 +247,7 @@ def test_an_autoscaler_is_told_apart_from_a_cluster_started_by_hand(monkeypatch)
     from rankformer.placement import can_autoscale
 
     store: dict[bytes, bytes] = {}
+
     def get(key: str | bytes, namespace: bytes | None = None) -> bytes | None:
         return store.get(key if isinstance(key, bytes) else key.encode())
 
