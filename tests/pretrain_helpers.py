@@ -91,7 +91,7 @@ def pretrain_in_process(
         seed=seed,
         log_every=steps,
         checkpoint_every=steps,
-        optim={"lr": 3e-3},
+        optim={"lr": 3e-3, "warmup_steps": 20},
         batch={"max_tokens": max_tokens, "max_cells": 32, "megabatch_cells": 256},
     )
     mlm = build_model(cfg, vocab, None)

@@ -148,11 +148,13 @@ class CellJob(PretrainedOnCorpus):
     def rows(self, part: str) -> np.ndarray:
         return np.flatnonzero(self.split == part)
 
-    def spec(self, run_id: str | None) -> TrainSpec:
+    def spec(self, run_id: str | None, y: np.ndarray | None = None) -> TrainSpec:
+        """A training's spec; ``y``: labels in place of the cells' own (validation scores them too)."""
         cfg = self.cfg
+        y = self.y if y is None else y
         tr, va = self.rows("train"), self.rows("validation")
         lengths = [len(self.cells.ids[i]) for i in tr]
-        counts = np.bincount(self.y[tr], minlength=len(self.classes)).tolist()
+        counts = np.bincount(y[tr], minlength=len(self.classes)).tolist()
         spec = job_spec(
             cfg, self.uri, "sequence", len(self.classes), (self.pad, self.gene_lo), lengths, counts, run_id
         )
@@ -163,7 +165,7 @@ class CellJob(PretrainedOnCorpus):
         return dataclasses.replace(
             spec,
             val_ids=[self.cells.ids[i].tolist() for i in va] or None,
-            val_y=self.y[va].tolist() or None,
+            val_y=y[va].tolist() or None,
         )
 
 
@@ -250,7 +252,7 @@ def _train(
         train_run = tracking.start_run(
             job.uri, cfg.track.experiment, name, {"job": JOB, "mlflow.parentRunId": parent}
         )
-    spec = job.spec(train_run)
+    spec = job.spec(train_run, y)
     if tuned:
         spec = apply(spec, tuned["best"]["params"])
     rows = job.rows("train")
@@ -319,8 +321,9 @@ def _controls(job: CellJob) -> dict[str, Any]:
     for s in range(cfg.shuffled_controls):
         rng = np.random.default_rng([cfg.seed, 1009, s])
         y = job.y.copy()
-        tr = job.rows("train")
-        y[tr] = rng.permutation(y[tr])
+        for part in ("train", "validation"):  # the best epoch is chosen on shuffled labels too
+            rows = job.rows(part)
+            y[rows] = rng.permutation(y[rows])
         model = _train(job, None, None, y=y, name=f"shuffle-{s}")
         prob = cell_probs(model, job.cells.ids, job.pad, cfg.batch.max_tokens)
         shuffled.append(float(metrics.scores(job.y[te], prob[te], classes)["macro_f1"]))
