@@ -255,6 +255,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 *base,
                 "--out",
                 f"{tmp}/e",
+                "--in-process",  # no private Ray: a later test's cluster fixture must start its own
                 "--plot-column",
                 "cell_type",
                 "--experiment",
@@ -316,6 +317,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 *base,
                 "--out",
                 f"{tmp}/p",
+                "--in-process",
                 "--mode",
                 "all",
                 "--state-column",

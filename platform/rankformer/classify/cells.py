@@ -28,12 +28,12 @@ from rankformer.train.config import FinetuneCellsConfig
 from rankformer.train.finetune import (
     TrainSpec,
     cell_probs,
-    in_process,
     job_spec,
     scratch_dir,
     steps_for,
     train_classifier,
 )
+from rankformer.train.ray_train import training_workers
 
 JOB = "finetune-cells"
 SPLITS = ("train", "validation", "test")
@@ -159,7 +159,7 @@ class CellJob(PretrainedOnCorpus):
             cfg, self.uri, "sequence", len(self.classes), (self.pad, self.gene_lo), lengths, counts, run_id
         )
         if len(va):  # scored on validation once per epoch
-            world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+            world = training_workers(cfg.scale)
             per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
             spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
         return dataclasses.replace(

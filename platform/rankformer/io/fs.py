@@ -85,9 +85,9 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def read_json(uri: str, fix: str = "write it again") -> Any:
+def read_json(uri: str, fix: str = "write it again", shown: str | None = None) -> Any:
     """A JSON file that a stage wrote (a manifest, a claim, model metadata); a damaged one is an
-    error naming it and ``fix``."""
+    error naming it (as ``shown``, e.g. where a local copy came from) and ``fix``."""
     import json
 
     from rankformer.errors import InputError
@@ -95,7 +95,9 @@ def read_json(uri: str, fix: str = "write it again") -> Any:
     try:
         return json.loads(read_bytes(uri))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{uri} is not JSON ({exc}): it is damaged or was cut short; {fix}") from None
+        raise InputError(
+            f"{shown or uri} is not JSON ({exc}): it is damaged or was cut short; {fix}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -100,14 +100,8 @@ WEIGHTS = (
 def read_json(path: str, source: str | None = None) -> dict[str, Any]:
     """A model folder's JSON file as a mapping; a damaged one is an error naming it."""
     where = os.path.join(source, os.path.basename(path)) if source else path
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(
-            f"{where} is not JSON ({exc}): the model folder is damaged or incomplete; write it again "
-            "(`rankformer pretrain`, `save_pretrained`) or copy it whole"
-        ) from None
+    fix = "write the model folder again (`rankformer pretrain`, `save_pretrained`) or copy it whole"
+    doc = fs.read_json(path, fix, shown=where)
     if not isinstance(doc, dict):
         raise InputError(
             f"{where} holds {type(doc).__name__}, not a JSON object: the model folder is damaged"

@@ -26,6 +26,7 @@ from rankformer.model.device import mask_argument, to_device
 from rankformer.train.classifier import build_classifier, class_weights
 from rankformer.train.config import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
 from rankformer.train.loop import LoopOptions, Stat
+from rankformer.train.ray_train import training_workers, trains_in_process
 
 IGNORE = -100
 
@@ -201,7 +202,7 @@ def job_spec(
 ) -> TrainSpec:
     """The spec of one training of a classification job (``cfg``: a FinetuneCommon) on cells of
     ``lengths``; ``tokens``: (pad id, lowest gene token id)."""
-    world = 1 if in_process(cfg.scale) else cfg.scale.num_workers
+    world = training_workers(cfg.scale)
     steps = cfg.max_steps or steps_for(lengths, cfg.batch, cfg.epochs, world, cfg.optim.grad_accum)
     cfg.optim.check_warmup(steps, "--max-steps, or --epochs")
     return TrainSpec(
@@ -274,12 +275,6 @@ def spec_from_dict(d: dict[str, Any]) -> TrainSpec:
     return TrainSpec(**d)
 
 
-def in_process(scale: ScaleOptions) -> bool:
-    from rankformer.train.ray_train import trains_in_process
-
-    return trains_in_process(scale)
-
-
 def train_classifier(
     spec: TrainSpec, ids: Sequence[np.ndarray], y: np.ndarray, scale: ScaleOptions, workdir: str, name: str
 ) -> torch.nn.Module:
@@ -299,7 +294,7 @@ def train_classifier(
     # not pick up its checkpoints)
     what = json.dumps([workdir, {k: v for k, v in asdict(spec).items() if k != "run_id"}])
     run = f"{name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
-    if in_process(scale):
+    if trains_in_process(scale):
         model = classifier_for(spec)
         tracking = {"uri": spec.tracking_uri or "", "run_id": spec.run_id} if spec.run_id else None
         root = os.path.join(local_dir(workdir), name)

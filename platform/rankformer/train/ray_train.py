@@ -153,6 +153,11 @@ def trains_in_process(scale: ScaleOptions) -> bool:
     return scale.num_workers == 1 and cluster_address(ClusterOptions(ray_address=scale.ray_address)) is None
 
 
+def training_workers(scale: ScaleOptions) -> int:
+    """How many workers a training on ``scale`` runs on (one in this process)."""
+    return 1 if trains_in_process(scale) else scale.num_workers
+
+
 def workers_demand(scale: ScaleOptions, reads_cpus: float = 0.0) -> Demand:
     """What a training on ``scale`` places: its workers, all at once, and beside them the CPU share
     of one Ray Data read task (``reads_cpus``; 0 when the datasets need no tasks)."""
