@@ -262,3 +262,10 @@ def test_an_autoscaler_is_told_apart_from_a_cluster_started_by_hand(monkeypatch)
     store.clear()
     store[b"__autoscaler_v2_enabled"] = b"1"
     assert can_autoscale()
+
+
+def test_strict_pack_leaves_the_task_beside_to_any_node():
+    # 2 workers fill one 2-CPU node; the listing task runs on the other node
+    demand = _workers(2, 1.0, strategy="STRICT_PACK", beside_cpus=1.0, beside_what="reads")
+    assert shortfall(demand, CLUSTER) is None
+    assert "leave no 1 CPU for reads" in (shortfall(demand, TWO_CPUS) or "")

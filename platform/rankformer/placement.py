@@ -70,20 +70,22 @@ def shortfall(demand: Demand, nodes: list[dict[str, float]]) -> str | None:
             f"{_res(biggest[0], biggest[1]) if biggest[0] or biggest[1] else 'nothing'}; {have})"
         )
     n = demand.count if demand.gang else 1
-    pools = [[list(r) for r in caps]]
-    if demand.strategy == "STRICT_PACK":  # every bundle on one node: try each node alone
-        pools = [[list(r)] for r in caps]
-    for free in pools:
+    # (nodes the bundles may use, the other nodes): STRICT_PACK tries each node alone
+    pools: list[tuple[list[list[float]], list[list[float]]]] = [([list(r) for r in caps], [])]
+    if demand.strategy == "STRICT_PACK":
+        pools = [([list(r)], caps[:i] + caps[i + 1 :]) for i, r in enumerate(caps)]
+    on = " on one node (STRICT_PACK)" if demand.strategy == "STRICT_PACK" else ""
+    why = f"{n} {demand.what} x {each} need {_res(n * demand.cpus, n * demand.gpus)}{on}; {have}"
+    for free, others in pools:
         if not _place(demand, free, n):
             continue
-        if demand.beside_cpus <= 0 or any(c + _EPS >= demand.beside_cpus for c, _ in free):
+        if demand.beside_cpus <= 0 or any(c + _EPS >= demand.beside_cpus for c, _ in free + others):
             return None
-        return (
+        why = (
             f"{n} {demand.what} x {each} leave no {demand.beside_cpus:g} CPU for {demand.beside_what} "
             f"({have}): the {demand.what} would wait for it forever"
         )
-    on = " on one node (STRICT_PACK)" if demand.strategy == "STRICT_PACK" else ""
-    return f"{n} {demand.what} x {each} need {_res(n * demand.cpus, n * demand.gpus)}{on}; {have}"
+    return why
 
 
 def check_demand(demand: Demand) -> None:

@@ -59,24 +59,18 @@ def _read_table(uri: str) -> pd.DataFrame:
     if not fs.exists(uri):
         raise FileNotFoundError(f"--labels: label file {uri} not found; give a CSV, TSV or Parquet table")
     lower = uri.lower()
-    kind = (
-        "Parquet"
-        if lower.endswith(".parquet")
-        else "TSV"
-        if lower.endswith((".tsv", ".tab", ".txt"))
-        else "CSV"
-    )
+    kind = "CSV"
+    if lower.endswith(".parquet"):
+        kind = "Parquet"
+    elif lower.endswith((".tsv", ".tab", ".txt")):
+        kind = "TSV"
     try:
         with fs.open_input(uri) as f:
             if kind == "Parquet":
                 table = pd.read_parquet(f)
             else:
                 table = pd.read_csv(f, sep="\t" if kind == "TSV" else ",", dtype=str, keep_default_na=False)
-    except (
-        ValueError,
-        UnicodeDecodeError,
-        OSError,
-    ) as exc:  # pandas' and Arrow's parse errors are ValueErrors
+    except (ValueError, OSError) as exc:  # pandas' and Arrow's parse and decode errors are ValueErrors
         raise InputError(
             f"--labels: {uri} is not a readable {kind} table ({type(exc).__name__}: {str(exc)[:200]}); give "
             "a table with a gene column and a label column (.csv, .tsv or .parquet), or one CLASS=FILE list "

@@ -207,8 +207,6 @@ def load_model_dir(
     try:
         model = (head or BertForMaskedLM).from_pretrained(local_dir, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated or foreign file
-        if isinstance(exc, InputError):
-            raise
         raise InputError(
             f"model {source or local_dir}: its weights could not be loaded ({type(exc).__name__}: "
             f"{str(exc)[:300]}); the folder is damaged or not a BERT of its config.json: write it again"
