@@ -38,9 +38,9 @@ GF = SHARED / "reference" / "geneformer"
 
 
 def corpus(work: Path) -> str:
-    from rankformer.config import TokenizeConfig
+    from rankformer.config.corpus import TokenizeConfig
     from rankformer.corpus.tokenize import run_tokenize
-    from rankformer.io.geneformer import import_geneformer
+    from rankformer.vocab.geneformer import import_geneformer
 
     vocab = str(work / "gf_v2.json")
     if not os.path.exists(vocab):
@@ -85,7 +85,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from rankformer.classify.cells import run_finetune_cells
     from rankformer.classify.genes import run_finetune_genes
-    from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig
+    from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig
 
     work = WORK / "finetune"
     track = {"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "bench"}
@@ -105,7 +105,10 @@ def main() -> None:
     }
     common = {"corpus": data, "model": model, "batch": {"max_tokens": 8192, "max_cells": 12}, "track": track}
     cells_conf = {**conf, "split": "by tech", "epochs": args.epochs, "lr": 1e-3}
-    for head, name in ((None, "cell_macro_f1"), ("rankformer.heads:MeanPoolForSequenceClassification", None)):
+    for head, name in (
+        (None, "cell_macro_f1"),
+        ("rankformer.model.heads:MeanPoolForSequenceClassification", None),
+    ):
         t = time.perf_counter()
         out = work / f"cells_{'default' if head is None else 'meanpool'}"
         s = run_finetune_cells(
@@ -160,7 +163,7 @@ def throughput(data: str, model: str, work: Path, track: dict[str, str]) -> None
     from mlflow.tracking import MlflowClient
 
     from rankformer.classify.cells import run_finetune_cells
-    from rankformer.train.config import FinetuneCellsConfig
+    from rankformer.config.train import FinetuneCellsConfig
 
     rates = {}
     for name, scale in (

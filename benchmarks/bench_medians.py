@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from common import HERE, WORK, corpus, fresh_ray, record, warm_cache
-from rankformer.config import ClusterOptions, ReadOptions, VocabBuildConfig
+from rankformer.config.corpus import ClusterOptions, ReadOptions, VocabBuildConfig
 from rankformer.corpus.medians import build_vocab_with_stats
 
 

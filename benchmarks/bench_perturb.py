@@ -88,7 +88,7 @@ def model_dir(work: Path, preset_name: str, corpus: str) -> str:
 
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     vocab = GeneVocab.load(json.loads(Path(corpus, "manifest.json").read_text())["config"]["vocab"])
     over = {"max_position_embeddings": 4096} if preset_name != "tiny" else {}
@@ -216,8 +216,8 @@ def kernel_floor(
 def budget_of(model: str, device: str, precision: str) -> int:
     """The tokens per forward batch a perturbation job of ``model`` takes on ``device`` at
     ``precision`` by default (on CUDA: from the memory free beside the model, as the job finds it)."""
-    from rankformer.infer_config import token_budget
-    from rankformer.perturber import Perturber
+    from rankformer.config.infer import token_budget
+    from rankformer.perturb.perturber import Perturber
 
     if device != "cuda":
         return token_budget(None)
@@ -363,8 +363,8 @@ def perturb_bench(
     """The reference method (float32, as the reference runs) and the plain encoder loop once, then
     ours at each precision; all on a vocabulary the size of Geneformer V1's (the prediction head the
     reference runs scales with it)."""
-    from rankformer.infer import PRECISIONS
-    from rankformer.perturb import PerturbConfig, read_results, run_perturb
+    from rankformer.model.forward import PRECISIONS
+    from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
 
     data = cells(n_cells, median, n_genes=V1_GENES)
     states = ["A" if i % 2 == 0 else "B" for i in range(n_cells)]
@@ -505,7 +505,7 @@ def gpu_busy_fraction(run: Any, *args: Any) -> float:
 def embed_bench(work: Path, n_cells: int) -> None:
     import ray
 
-    from rankformer.embed import EmbedConfig, run_embed
+    from rankformer.embed.cells import EmbedConfig, run_embed
 
     data = cells(n_cells, 300, seed=1)
     corpus = write_corpus(str(work / "corpus_embed"), data, N_GENES, shards=8)
@@ -534,8 +534,8 @@ def embed_bench(work: Path, n_cells: int) -> None:
 def _median_job(model: str, corpus: str, out: str, hold_all: bool) -> float:
     """One gene-level median embedding in this (fresh) process; its resident memory growth in MB.
     ``hold_all``: the plain way, every occurrence of a shard held in memory and sorted at once."""
-    from rankformer import embed_genes
-    from rankformer.embed import EmbedConfig, run_embed
+    from rankformer.embed import genes as embed_genes
+    from rankformer.embed.cells import EmbedConfig, run_embed
 
     if hold_all:
         embed_genes.SPILL_FLOATS, embed_genes.SPILL_RANGES = 1 << 62, 1

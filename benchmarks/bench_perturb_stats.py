@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import WORK, record, rss_growth
-from rankformer.perturb_stats import ROWS_IN_MEMORY, perturb_stats
+from rankformer.perturb.stats import ROWS_IN_MEMORY, perturb_stats
 
 
 def results(out: Path, cells: int, per_cell: int, vocab: int, shards: int = 8, seed: int = 0) -> Path:

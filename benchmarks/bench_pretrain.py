@@ -24,14 +24,14 @@ from common import HERE, RESULTS, record
 
 sys.path.insert(0, str(HERE.parent / "tests"))
 from pretrain_helpers import write_corpus
+from rankformer.config.train import PretrainConfig
+from rankformer.io.synth import ordered_cells
 from rankformer.model.batching import pad_batch
 from rankformer.model.masking import IGNORE, mask_genes
-from rankformer.synth import ordered_cells
-from rankformer.train.config import PretrainConfig
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
 from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 N_GENES = 20_000
 

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from common import WORK, corpus, fresh_ray, record, warm_cache
-from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig, VocabBuildConfig
+from rankformer.config.corpus import ClusterOptions, ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import build_vocab_with_stats
 from rankformer.corpus.tokenize import run_tokenize
 

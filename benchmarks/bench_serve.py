@@ -37,11 +37,11 @@ def main() -> None:
     from ray import serve
     from transformers import BertForMaskedLM
 
+    from rankformer.io.synth import programme_cells
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.serving import ServeConfig, run_serve
-    from rankformer.synth import programme_cells
-    from rankformer.vocab import GeneVocab
+    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     work = WORK / "serve"
     shutil.rmtree(work, ignore_errors=True)
@@ -166,7 +166,7 @@ async def load(
 def _kill_replica() -> None:
     import ray
 
-    from rankformer.serving import DEPLOYMENT
+    from rankformer.serve.app import DEPLOYMENT
 
     for a in ray.util.list_named_actors(all_namespaces=True):
         if f"#{DEPLOYMENT}#" in a["name"]:

@@ -19,12 +19,12 @@ import time
 import numpy as np
 
 from common import HERE, WORK, corpus, fresh_ray, record, warm_cache
-from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ClusterOptions, ReadOptions, TokenizeConfig
 from rankformer.corpus.kernels import rank_chunk
 from rankformer.corpus.tokenize import run_tokenize
 from rankformer.io.sources import open_source
-from rankformer.synth import gene_ids
-from rankformer.vocab import build_vocab
+from rankformer.io.synth import gene_ids
+from rankformer.vocab.gene_vocab import build_vocab
 
 
 def make_vocab(n_genes: int) -> str:
@@ -35,7 +35,7 @@ def make_vocab(n_genes: int) -> str:
 
 
 def kernel(path: str, vocab_path: str, base: dict) -> float:
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     vocab = GeneVocab.load(vocab_path)
     with open_source(path) as src:

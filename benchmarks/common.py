@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rankformer.synth import SynthSpec, write_h5ad
+from rankformer.io.synth import SynthSpec, write_h5ad
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("RANKFORMER_BENCH_RESULTS", HERE / "results"))

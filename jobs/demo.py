@@ -136,7 +136,7 @@ def pretrain(corpus: str, out: str) -> None:
         raise SystemExit("demo step failed: rankformer pretrain")
     print(
         f"\nlook at the run: mlflow ui --backend-store-uri sqlite:///{db}\n"
-        "load the model: rankformer.loader.load_model('models:/rankformer-demo@current', "
+        "load the model: rankformer.model.loader.load_model('models:/rankformer-demo@current', "
         f"tracking_uri='sqlite:///{db}') or BertForMaskedLM.from_pretrained('{model}')"
     )
 
@@ -151,7 +151,7 @@ RIBOSOMAL = {
 
 def ribosome_labels(vocab_path: str, out: str) -> list[str]:
     """One gene list per class from the vocabulary's symbols; returns the --labels arguments."""
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     vocab = GeneVocab.load(vocab_path)
     args = []
@@ -226,8 +226,8 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
     from ray import serve
 
     from rankformer.corpus.tokenize import corpus_files
-    from rankformer.serving import ServeConfig, run_serve
-    from rankformer.vocab import GeneVocab
+    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -259,7 +259,7 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
 
 def show(vocab_path: str, corpus: str) -> None:
     from rankformer.corpus.tokenize import corpus_files
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     vocab = GeneVocab.load(vocab_path)
     with open(os.path.join(corpus, "manifest.json")) as f:

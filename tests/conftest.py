@@ -152,7 +152,7 @@ def s3_server() -> Iterator[str]:
 
 def _import_release(tmp_path_factory: pytest.TempPathFactory, shared: Path, release: str) -> str:
     """Geneformer's dictionaries of one release (gc104M = V2, gc30M = V1) as a vocab JSON."""
-    from rankformer.io.geneformer import import_geneformer
+    from rankformer.vocab.geneformer import import_geneformer
 
     g = shared / "reference" / "geneformer"
     names = g / f"gene_name_id_dict_{release}.pkl"

@@ -1,4 +1,4 @@
-"""Corpora for training tests: cells of planted gene orders (rankformer.synth.ordered_cells) written
+"""Corpora for training tests: cells of planted gene orders (rankformer.io.synth.ordered_cells) written
 as a corpus folder without going through counts."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.synth import gene_ids, ordered_cells
+from rankformer.io.synth import gene_ids, ordered_cells
 
 __all__ = ["ordered_cells", "write_corpus"]
-from rankformer.vocab import build_vocab
+from rankformer.vocab.gene_vocab import build_vocab
 
 
 def write_corpus(
@@ -73,13 +73,13 @@ def pretrain_in_process(
 ) -> str:
     """A tiny model pretrained in this process on ``corpus`` and saved as a model directory."""
     from rankformer.api import corpus_manifest
+    from rankformer.config.train import PretrainConfig
     from rankformer.corpus.tokenize import corpus_files
     from rankformer.model.store import save_model_dir
-    from rankformer.train.config import PretrainConfig
     from rankformer.train.local import LocalContext
     from rankformer.train.loop import run_loop
     from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     manifest = corpus_manifest(corpus)
     vocab = GeneVocab.load(manifest["config"]["vocab"])
@@ -109,11 +109,11 @@ def pbmc_with_untrained_model(tmp: str, shared: str, vocab_path: str) -> tuple[s
     import torch
     from transformers import BertForMaskedLM
 
-    from rankformer.config import TokenizeConfig
+    from rankformer.config.corpus import TokenizeConfig
     from rankformer.corpus.tokenize import run_tokenize
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     corpus, model = os.path.join(tmp, "corpus"), os.path.join(tmp, "m")
     source = os.path.join(shared, "data", "pbmc_2k_celltypes.h5ad")

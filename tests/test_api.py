@@ -15,7 +15,7 @@ import rankformer
 from conftest import DATA, needs_shared
 from rankformer.cli import main as cli
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.inspect import corpus_stats, explain_cell
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
 from rankformer.errors import InputError

@@ -10,11 +10,11 @@ import scipy.sparse as sp
 
 from helpers import write_anndata
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.kernels import ranking_values
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
-from rankformer.synth import gene_ids
-from rankformer.vocab import build_vocab
+from rankformer.io.synth import gene_ids
+from rankformer.vocab.gene_vocab import build_vocab
 
 
 def _scipy_values(counts, n, med):

@@ -10,11 +10,11 @@ import pytest
 
 from helpers import write_anndata
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import run_tokenize
 from rankformer.errors import InputError, VocabError
-from rankformer.synth import gene_ids
-from rankformer.vocab import V1_SPECIALS, build_vocab
+from rankformer.io.synth import gene_ids
+from rankformer.vocab.gene_vocab import V1_SPECIALS, build_vocab
 
 IDS = list(gene_ids(4))
 

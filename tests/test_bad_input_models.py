@@ -15,10 +15,10 @@ from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
 from rankformer.cli import main
+from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.synth import gene_ids, programme_cells
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 N_GENES = 80
 

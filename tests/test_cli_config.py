@@ -11,14 +11,14 @@ from transformers import BertForMaskedLM
 
 from rankformer import tracking
 from rankformer.cli import _parser, pretrain_config
-from rankformer.cli_config import add_config_arguments, build, merged_values
+from rankformer.config.flags import add_config_arguments, build, merged_values
+from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
-from rankformer.loader import inspect_model, load_model, model_meta
+from rankformer.io.synth import gene_ids
+from rankformer.model.loader import inspect_model, load_model, model_meta
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.synth import gene_ids
-from rankformer.train.config import PretrainConfig
-from rankformer.vocab import build_vocab
+from rankformer.vocab.gene_vocab import build_vocab
 
 
 def test_flags_override_the_yaml_and_nest(tmp_path):
@@ -190,8 +190,8 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
 def test_training_and_inference_precision_names_are_both_accepted():
     """Training names its mixed precision fp32/bf16, inference its weights' dtype float32/bfloat16/
     float16: each takes the other's spelling (kept under its own), and refuses the rest by name."""
-    from rankformer.infer_config import PerturbConfig
-    from rankformer.train.config import FinetuneCellsConfig, PretrainConfig
+    from rankformer.config.infer import PerturbConfig
+    from rankformer.config.train import FinetuneCellsConfig, PretrainConfig
 
     job = {"model": "m", "corpus": "c", "out": "o", "mode": "all"}
     assert PerturbConfig(**job, precision="bf16").precision == "bfloat16"

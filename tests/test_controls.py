@@ -47,7 +47,7 @@ def test_an_untrained_cell_classifier_is_flagged_beside_log_normalised_counts(
     (read back from the source file by source_file/source_row) separates the three cell types, and
     the report says plainly that the fine-tuned model does not beat it."""
     from rankformer.classify.cells import run_finetune_cells
-    from rankformer.train.config import FinetuneCellsConfig
+    from rankformer.config.train import FinetuneCellsConfig
 
     corpus, model = pbmc_with_untrained_model(str(tmp_path), str(shared), geneformer_v2_vocab)
     summary = run_finetune_cells(

@@ -15,13 +15,14 @@ import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
-from rankformer import embed_genes, embed_plots
-from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.embed import genes as embed_genes
+from rankformer.embed import plots as embed_plots
+from rankformer.embed.cells import EmbedConfig, read_embeddings, run_embed
 from rankformer.errors import InputError
+from rankformer.io.synth import programme_cells
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.synth import programme_cells
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 N_GENES = 20 + 3 * 30
 
@@ -381,7 +382,7 @@ def test_in_memory_model_tokenizes_cells_for_itself(world):
     import scipy.sparse as sp
 
     import rankformer
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     model = rankformer.load_model(world.model)
     vocab = GeneVocab.load(f"{world.model}/vocab.json")
@@ -413,7 +414,7 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
     without a word); on CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each
     new batch shape), which tests/test_gpu.py checks; unless given, a forward batch holds more
     tokens on a GPU than on the CPU."""
-    from rankformer.infer_config import CPU_MAX_TOKENS, token_budget
+    from rankformer.config.infer import CPU_MAX_TOKENS, token_budget
     from rankformer.model.device import device_token_budget, settle
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
@@ -436,7 +437,7 @@ def test_a_gpus_default_budget_comes_from_its_free_memory():
     activations fill half the free memory, between the CPU's default and 2^20: a 500-gene cell's
     deletions in one pass for v1 on an 80 GB card, fewer tokens for a wider model or a smaller card,
     never fewer than the CPU's."""
-    from rankformer.infer_config import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, fit_budget
+    from rankformer.config.infer import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, fit_budget
 
     v1 = {p: bytes_per_token(256, 512, 4, e) for p, e in (("bf16", 2), ("fp32", 4))}
     v2 = {p: bytes_per_token(768, 3072, 12, e) for p, e in (("bf16", 2), ("fp32", 4))}
@@ -453,7 +454,7 @@ def test_a_gpus_default_budget_comes_from_its_free_memory():
 
 _PEAK_GROWTH = """
 import json, sys
-from rankformer.perturb import PerturbConfig, run_perturb
+from rankformer.perturb.job import PerturbConfig, run_perturb
 model, corpus, out, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def run(tag, tokens):
     run_perturb(PerturbConfig(model=model, corpus=corpus, out=out + tag, mode="all", in_process=True,
@@ -480,7 +481,7 @@ def test_the_budgets_memory_estimate_bounds_a_perturbation_pass(tmp_path):
     import subprocess
     import sys
 
-    from rankformer.infer_config import bytes_per_token
+    from rankformer.config.infer import bytes_per_token
 
     rng = np.random.default_rng(0)
     cell = np.asarray([2, *(rng.choice(1000, 180, replace=False) + 4), 3])
@@ -509,7 +510,7 @@ def test_a_jobs_passes_share_one_loaded_model(world):
     """Inside `sharing_models` (an in-process perturbation's state and perturbation passes),
     embedders of the same model, device and precision share one loaded copy, each with its own
     layer; another precision, or outside the block, loads its own."""
-    from rankformer.embed import Embedder, sharing_models
+    from rankformer.embed.cells import Embedder, sharing_models
 
     spec = {"model": world.model, "tracking_uri": "", "use_gpu": False, "layer": "penultimate"}
     spec |= {"level": "cell", "pooling": "mean"}

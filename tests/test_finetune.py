@@ -20,15 +20,15 @@ from rankformer.classify.cells import run_finetune_cells, split_cells
 from rankformer.classify.genes import gene_folds, run_finetune_genes
 from rankformer.classify.labels import map_labels, read_label_sets
 from rankformer.classify.predict import PredictConfig, run_predict
+from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig, HeadOptions
 from rankformer.errors import InputError
-from rankformer.synth import gene_ids, programme_cells
+from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.train.classifier import build_classifier
-from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, HeadOptions
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 N_SHARED, PER_TYPE, TYPES = 20, 40, 3
 N_GENES = N_SHARED + TYPES * PER_TYPE
-MEAN_POOL = "rankformer.heads:MeanPoolForSequenceClassification"
+MEAN_POOL = "rankformer.model.heads:MeanPoolForSequenceClassification"
 
 
 def _corpus(path: str, n: int, seed: int) -> tuple[str, np.ndarray, list[np.ndarray]]:

@@ -7,10 +7,10 @@ import pytest
 
 from helpers import write_anndata
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
-from rankformer.synth import SynthSpec, counts_chunk, gene_ids, write_10x_h5, write_10x_mtx, write_loom
-from rankformer.vocab import build_vocab
+from rankformer.io.synth import SynthSpec, counts_chunk, gene_ids, write_10x_h5, write_10x_mtx, write_loom
+from rankformer.vocab.gene_vocab import build_vocab
 
 N_CELLS, N_GENES = 30, 40
 
@@ -64,7 +64,7 @@ def test_format_matches_h5ad(cells, fmt, tmp_path):
 def test_vocab_build_keeps_the_symbols_a_file_names_its_genes_by(cells, fmt, tmp_path):
     """Loom's Gene attribute, 10x feature names: each vocabulary gene's symbol (the tables of
     later stages show it); a file naming genes one way only gives none."""
-    from rankformer.config import VocabBuildConfig
+    from rankformer.config.corpus import VocabBuildConfig
     from rankformer.corpus.medians import run_vocab_build
 
     paths, _ = cells

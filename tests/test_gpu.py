@@ -7,11 +7,11 @@ import torch
 
 from pretrain_helpers import ordered_cells, write_corpus
 from rankformer.api import corpus_files
-from rankformer.train.config import PretrainConfig
+from rankformer.config.train import PretrainConfig
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
 from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -62,8 +62,8 @@ def test_perturbation_and_embeddings_on_gpu_equal_cpu(tmp_path):
     finished on the host while the next runs on the device) and writes the per-gene table."""
     import numpy as np
 
-    from rankformer.embed import EmbedConfig, read_embeddings, run_embed
-    from rankformer.perturb import PerturbConfig, read_results, run_perturb
+    from rankformer.embed.cells import EmbedConfig, read_embeddings, run_embed
+    from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
 
     _, corpus, model = _tiny_model_and_corpus(tmp_path)
     common = {"model": model, "corpus": corpus, "in_process": True}
@@ -119,7 +119,7 @@ def test_queued_batches_leave_the_host_free(tmp_path):
 
     from rankformer.classify.genes import token_probs
     from rankformer.model.presets import bert_config, preset
-    from rankformer.perturber import Perturber
+    from rankformer.perturb.perturber import Perturber
     from rankformer.train.finetune import cell_probs
 
     cells, _, model = _tiny_model_and_corpus(tmp_path)
@@ -157,10 +157,10 @@ def test_the_default_budget_fits_its_memory_estimate(tmp_path):
     import numpy as np
     from transformers import BertForMaskedLM
 
-    from rankformer.infer_config import CPU_MAX_TOKENS, bytes_per_cell, bytes_per_token
+    from rankformer.config.infer import CPU_MAX_TOKENS, bytes_per_cell, bytes_per_token
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.perturber import Perturber
+    from rankformer.perturb.perturber import Perturber
 
     rng = np.random.default_rng(0)
     cell = np.asarray([2, *(rng.choice(1200, 1000, replace=False) + 4), 3])
@@ -274,8 +274,8 @@ def test_training_steps_leave_the_host_free(tmp_path):
     import numpy as np
     from transformers import BertForSequenceClassification, BertForTokenClassification
 
+    from rankformer.config.train import BatchOptions
     from rankformer.model.presets import bert_config, preset
-    from rankformer.train.config import BatchOptions
     from rankformer.train.finetune import ClassifyTask, local_rows
 
     corpus = write_corpus(str(tmp_path / "c"), ordered_cells(200, 150, 3, 30, seed=1), 150)
@@ -304,7 +304,7 @@ def test_training_steps_leave_the_host_free(tmp_path):
 def _train_steps(model, task, ctx, n):
     """The stats of ``n`` optimizer steps of ``model`` on ``task``'s first batches, all but the first
     (which creates the optimizer's state) checked by :func:`_no_waits_from_our_code`."""
-    from rankformer.train.config import FinetuneOptim
+    from rankformer.config.train import FinetuneOptim
     from rankformer.train.loop import LoopOptions, _step, make_optimizer
 
     opts = LoopOptions(n, 0, n, n, FinetuneOptim(lr=1e-3))

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from conftest import REFERENCE, needs_shared
 from rankformer.cli import main as cli
-from rankformer.loader import load_model
+from rankformer.model.loader import load_model
 
 GF = REFERENCE / "geneformer"
 pytestmark = needs_shared()

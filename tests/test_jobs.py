@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from rankformer.cli import main
 from rankformer.corpus.tokenize import corpus_files
-from rankformer.synth import SynthSpec, write_h5ad
+from rankformer.io.synth import SynthSpec, write_h5ad
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

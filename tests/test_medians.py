@@ -6,10 +6,10 @@ import scipy.sparse as sp
 
 from helpers import write_anndata
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, VocabBuildConfig
+from rankformer.config.corpus import ReadOptions, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
 from rankformer.errors import InputError
-from rankformer.synth import SynthSpec, write_h5ad
+from rankformer.io.synth import SynthSpec, write_h5ad
 
 IDS = [f"ENSG{i:011d}" for i in range(1, 7)]
 

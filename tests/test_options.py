@@ -19,19 +19,21 @@ from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
 from rankformer.cli import _parser
-from rankformer.cli_config import leaves
+from rankformer.config.flags import leaves
+from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.synth import gene_ids, programme_cells
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 VALIDATION = {"__post_init__", "check", "_check_numbers", "_check_common", "check_warmup"}
 N_GENES = 80
 
 
 def _config_classes() -> list[type]:
-    from rankformer import config, infer_config, serving
-    from rankformer.train import config as train_config
+    from rankformer.config import corpus as config
+    from rankformer.config import infer as infer_config
+    from rankformer.config import train as train_config
+    from rankformer.serve import app as serving
 
     out = []
     for module in (config, train_config, infer_config, serving):
@@ -107,7 +109,7 @@ def w(tmp_path_factory):
     ids = gene_ids(N_GENES)
     for t in (0, 1):
         (d / f"t{t}.txt").write_text("\n".join(ids[progs[t] - 4]))
-    from rankformer.synth import SynthSpec, write_h5ad
+    from rankformer.io.synth import SynthSpec, write_h5ad
 
     h5ad = str(d / "cells.h5ad")
     write_h5ad(h5ad, SynthSpec(n_cells=60, n_genes=40, genes_per_cell=15, seed=3), chunk_rows=30)
@@ -115,14 +117,14 @@ def w(tmp_path_factory):
 
 
 CONFIGS = {
-    "pretrain": "rankformer.train.config:PretrainConfig",
-    "finetune genes": "rankformer.train.config:FinetuneGenesConfig",
-    "finetune cells": "rankformer.train.config:FinetuneCellsConfig",
-    "predict genes": "rankformer.infer_config:PredictConfig",
-    "embed": "rankformer.infer_config:EmbedConfig",
-    "perturb": "rankformer.infer_config:PerturbConfig",
-    "tokenize": "rankformer.config:TokenizeConfig",
-    "vocab build": "rankformer.config:VocabBuildConfig",
+    "pretrain": "rankformer.config.train:PretrainConfig",
+    "finetune genes": "rankformer.config.train:FinetuneGenesConfig",
+    "finetune cells": "rankformer.config.train:FinetuneCellsConfig",
+    "predict genes": "rankformer.config.infer:PredictConfig",
+    "embed": "rankformer.config.infer:EmbedConfig",
+    "perturb": "rankformer.config.infer:PerturbConfig",
+    "tokenize": "rankformer.config.corpus:TokenizeConfig",
+    "vocab build": "rankformer.config.corpus:VocabBuildConfig",
 }
 
 
@@ -356,7 +358,7 @@ def _cluster_path(cfg: Any) -> None:
 def _config(name: str, argv: list[str]) -> Any:
     import importlib
 
-    from rankformer.cli_config import build, merged_values
+    from rankformer.config.flags import build, merged_values
 
     module, cls_name = CONFIGS[name].split(":")
     cls = getattr(importlib.import_module(module), cls_name)

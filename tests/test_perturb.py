@@ -16,10 +16,10 @@ from transformers import BertModel
 
 from pretrain_helpers import pretrain_in_process, write_corpus
 from rankformer.errors import InputError
+from rankformer.io.synth import gene_ids
 from rankformer.model.perturbations import delete_each, perturb, positions_of
-from rankformer.perturb import PerturbConfig, read_results, run_perturb
-from rankformer.perturb_stats import perturb_stats
-from rankformer.synth import gene_ids
+from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
+from rankformer.perturb.stats import perturb_stats
 
 V2 = np.array([2, 10, 11, 12, 13, 3])
 V1 = np.array([10, 11, 12, 13, 14, 15])
@@ -244,8 +244,8 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
     """Scored a few cells at a time and written a few rows at a time: the same rows, same order."""
     import pyarrow.parquet as pq
 
-    import rankformer.perturb_rows as perturb_rows
-    import rankformer.perturber as perturber
+    import rankformer.perturb.perturber as perturber
+    import rankformer.perturb.rows as perturb_rows
 
     _delete_every_gene(world, tmp_path / "whole", per_gene=True)
     monkeypatch.setattr(perturber, "WINDOW_CELLS", 5)
@@ -272,7 +272,7 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
 
 
 def test_windows_bound_cells_and_tokens():
-    from rankformer.perturber import windows
+    from rankformer.perturb.perturber import windows
 
     assert list(windows([10] * 7, 3, 1000)) == [(0, 3), (3, 6), (6, 7)]
     assert list(windows([10, 10, 10, 50, 10], 10, 30)) == [(0, 3), (3, 4), (4, 5)]  # a long cell alone
@@ -433,12 +433,12 @@ def test_bad_input(world, tmp_path, monkeypatch, capsys):
 def test_a_gpu_out_of_memory_names_the_fix(world, tmp_path, monkeypatch):
     """A device out of memory in a forward pass (raised here on CPU, as torch raises it) stops a
     perturbation or embedding job with an error naming the budget and a smaller one to give."""
-    from rankformer.embed import EmbedConfig, run_embed
+    from rankformer.embed.cells import EmbedConfig, run_embed
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
 
-    monkeypatch.setattr("rankformer.infer.hidden_states", out_of_memory)
+    monkeypatch.setattr("rankformer.model.forward.hidden_states", out_of_memory)
     common = {"model": world.model, "corpus": world.corpus, "in_process": True}
     fix = r"give --max-tokens \(max_tokens= in Python\) {} or fewer, or free the GPU \(CUDA out of memory"
     with pytest.raises(InputError, match=r"up to 16,384 tokens: " + fix.format(8192)):

@@ -15,7 +15,7 @@ import pytest
 
 from rankformer.cli import main as cli
 from rankformer.errors import InputError
-from rankformer.perturb_stats import perturb_stats
+from rankformer.perturb.stats import perturb_stats
 
 
 def write_results(out: Path, df: pd.DataFrame, shards: int = 3) -> None:
@@ -191,7 +191,7 @@ def test_a_small_memory_budget_spills_to_disk_and_changes_nothing(tmp_path, monk
 
 
 def test_stratum_ranges_hold_the_budget_or_one_stratum():
-    from rankformer.perturb_stats import buckets
+    from rankformer.perturb.stats import buckets
 
     assert list(buckets(np.array([3, 0, 4, 9, 1, 1, 2, 0]), 5)) == [(0, 2), (2, 3), (3, 4), (4, 8)]
     assert list(buckets(np.array([0, 0]), 5)) == []

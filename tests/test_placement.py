@@ -17,11 +17,11 @@ from transformers import BertForMaskedLM
 from conftest import REPO
 from pretrain_helpers import write_corpus
 from rankformer.cli import main
+from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
 from rankformer.placement import Demand, shortfall
-from rankformer.synth import gene_ids, programme_cells
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 TWO_CPUS = [{"CPU": 2.0}]
 CLUSTER = [{"CPU": 2.0}, {"CPU": 2.0}]  # the test cluster: two raylets of 2 CPUs
@@ -168,7 +168,7 @@ _DRIVER = textwrap.dedent(
     import os, sys, time
     import ray
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
 
     me, other, flags = sys.argv[1], sys.argv[2], sys.argv[3]
     ensure_ray(ClusterOptions())

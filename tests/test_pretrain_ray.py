@@ -12,8 +12,8 @@ import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import ordered_cells, write_corpus
-from rankformer.loader import load_model
-from rankformer.train.config import PretrainConfig
+from rankformer.config.train import PretrainConfig
+from rankformer.model.loader import load_model
 from rankformer.train.pretrain import run_pretrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]

@@ -11,14 +11,14 @@ import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import ordered_cells, write_corpus
+from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.model.batching import budget_batches, length_grouped, padding_fraction
 from rankformer.model.masking import IGNORE, mask_genes
-from rankformer.train.config import PretrainConfig
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
 from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options, plan
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 
 def test_masking_statistics():
@@ -48,8 +48,8 @@ def test_the_masked_gene_loss_is_hugging_faces_with_the_mask_decided_on_the_host
     logits. Custom heads keep the 2-D mask they may pool with."""
     from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-    from rankformer.heads import MeanPoolForSequenceClassification
     from rankformer.model.device import attention_mask_on, mask_argument
+    from rankformer.model.heads import MeanPoolForSequenceClassification
     from rankformer.model.mlm import MaskedGeneLM, labelled_positions
 
     config = BertConfig(
@@ -131,7 +131,7 @@ def test_each_steps_agreement_starts_before_the_step_ahead_of_it_runs():
     """The workers' agreement that each has the next step's batches is started before the current
     step's work is queued and read after it (so on GPUs the host stays a step ahead); an epoch ends
     when a worker runs short, and no agreement is left pending after the last step."""
-    from rankformer.train.config import OptimOptions
+    from rankformer.config.train import OptimOptions
     from rankformer.train.loop import LoopOptions
 
     events: list[str] = []
@@ -194,8 +194,8 @@ def test_door_checks(small_corpus, tmp_path):
     assert _plan(small_corpus, tmp_path).layout == "v2"
     other = tmp_path / "other_vocab.json"
     GeneVocab.load(_plan(small_corpus, tmp_path).manifest["config"]["vocab"])
-    from rankformer.synth import gene_ids
-    from rankformer.vocab import build_vocab
+    from rankformer.io.synth import gene_ids
+    from rankformer.vocab.gene_vocab import build_vocab
 
     build_vocab(list(gene_ids(41)), [1.0] * 41).save(str(other))
     with pytest.raises(InputError, match="is not the one corpus"):
@@ -222,10 +222,10 @@ def test_init_from_door_checks(small_corpus, tmp_path):
     config (its weights load once, in the workers)."""
     from transformers import BertForMaskedLM
 
+    from rankformer.io.synth import gene_ids
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.synth import gene_ids
-    from rankformer.vocab import build_vocab
+    from rankformer.vocab.gene_vocab import build_vocab
 
     vocab = GeneVocab.load(_plan(small_corpus, tmp_path).manifest["config"]["vocab"])
 
@@ -248,7 +248,7 @@ def test_init_from_door_checks(small_corpus, tmp_path):
 def test_the_resume_key_follows_what_a_training_computes_not_where_it_runs(tmp_path):
     from dataclasses import replace
 
-    from rankformer.train.config import ScaleOptions, TrackOptions
+    from rankformer.config.train import ScaleOptions, TrackOptions
     from rankformer.train.pretrain import resume_key
 
     cfg = PretrainConfig(corpus="c", out=str(tmp_path / "m"), max_steps=40)
@@ -273,8 +273,8 @@ def test_the_resume_key_follows_what_a_training_computes_not_where_it_runs(tmp_p
 def test_a_cluster_of_several_machines_needs_a_storage_path(monkeypatch):
     """Ray Train writes checkpoints from the workers and reads them from the driver: a local
     default only works on one machine (the two-raylet test cluster is one)."""
+    from rankformer.config.train import ScaleOptions
     from rankformer.train import ray_train
-    from rankformer.train.config import ScaleOptions
 
     monkeypatch.setattr(ray_train, "cluster_hosts", lambda: {"10.0.0.1", "10.0.0.2"})
     with pytest.raises(InputError, match=r"spans 2 machines .* Give --storage-path s3://"):
@@ -381,7 +381,7 @@ def test_pretrain_in_process_trains_logs_and_resumes(small_corpus, tmp_path, cap
 
 
 def test_the_default_warmup_is_a_tenth_of_a_short_run_and_a_long_explicit_one_is_refused():
-    from rankformer.train.config import FinetuneOptim, OptimOptions
+    from rankformer.config.train import FinetuneOptim, OptimOptions
 
     assert OptimOptions().warmup(2_000) == 200 and OptimOptions().warmup(500_000) == 10_000
     assert OptimOptions(warmup_steps=50).warmup(2_000) == 50

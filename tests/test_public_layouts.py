@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from conftest import DATA, needs_shared
 from rankformer.cluster import serial_shards
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
 from rankformer.errors import InputError
 
@@ -104,7 +104,7 @@ def test_explicit_gene_column_overrides_the_index(files, geneformer_v2_vocab, tm
 def test_vocab_build_keeps_the_files_gene_symbols(files, tmp_path):
     """CELLxGENE's `feature_name` (Ensembl ids as the var index) and scanpy's symbol var names
     (ids in a column) both give each vocabulary gene its symbol."""
-    from rankformer.config import VocabBuildConfig
+    from rankformer.config.corpus import VocabBuildConfig
     from rankformer.corpus.medians import run_vocab_build
 
     var = ad.read_h5ad(files["raw"]).raw.var
@@ -121,7 +121,7 @@ def test_vocab_build_keeps_the_files_gene_symbols(files, tmp_path):
 def test_symbols_tokenize_like_ensembl_ids_through_geneformer_v1_names(files, shared, tmp_path):
     """Geneformer V1's mapping holds no symbols; with its gene-name dictionary imported, the same
     real cells named by symbol (the var names) give the tokens they give by Ensembl id."""
-    from rankformer.io.geneformer import import_geneformer
+    from rankformer.vocab.geneformer import import_geneformer
 
     g = shared / "reference" / "geneformer"
     vocab = import_geneformer(

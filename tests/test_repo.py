@@ -19,7 +19,7 @@ def test_platform_source_root_does_not_shadow_the_stdlib():
 
 def test_science_modules_do_not_import_ray():
     code = (
-        "import sys; import rankformer.corpus.kernels, rankformer.vocab, rankformer.io.sources;"
+        "import sys; import rankformer.corpus.kernels, rankformer.vocab.gene_vocab, rankformer.io.sources;"
         "print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -44,9 +44,9 @@ def test_job_manifests_name_real_entrypoints_and_valid_configs():
 
     import yaml
 
-    from rankformer.cli_config import build
-    from rankformer.config import TokenizeConfig, VocabBuildConfig
-    from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
+    from rankformer.config.corpus import TokenizeConfig, VocabBuildConfig
+    from rankformer.config.flags import build
+    from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 
     classes = {
         "build_vocab.py": VocabBuildConfig,
@@ -73,8 +73,8 @@ def test_serve_configs_name_the_real_application_and_valid_options():
 
     import yaml
 
-    from rankformer.cli_config import build
-    from rankformer.serving import DEPLOYMENT, ServeConfig
+    from rankformer.config.flags import build
+    from rankformer.serve.app import DEPLOYMENT, ServeConfig
 
     serve_file = yaml.safe_load((REPO / "deploy" / "serve" / "serve.yaml").read_text())
     service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
@@ -99,7 +99,7 @@ def test_serve_build_accepts_the_application(tmp_path):
     )
     out = tmp_path / "built.yaml"
     subprocess.run(
-        [serve_bin, "build", "rankformer.serving_app:app", "-o", str(out)],
+        [serve_bin, "build", "rankformer.serve.bound:app", "-o", str(out)],
         cwd=tmp_path,
         env=env,
         check=True,
@@ -132,11 +132,11 @@ import numpy as np
 import bench_perturb, bench_pretrain_gpu  # noqa: F401
 from transformers import BertForMaskedLM
 from pretrain_helpers import write_corpus
-from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.embed.cells import EmbedConfig, read_embeddings, run_embed
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.perturb import PerturbConfig, read_results, run_perturb
-from rankformer.vocab import GeneVocab
+from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
+from rankformer.vocab.gene_vocab import GeneVocab
 from rankformer.classify.genes import token_probs  # noqa: F401  (the GPU sync test's predictions)
 from rankformer.train.finetune import cell_probs  # noqa: F401
 cells = [np.asarray([2, *range(4 + k, 12 + k), 3]) for k in range(6)]
@@ -147,7 +147,7 @@ save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab,
 common = dict(model="{tmp_path}/m", corpus=corpus, in_process=True)
 run_perturb(PerturbConfig(**common, out="{tmp_path}/p", mode="all", state_column="state", goal_state="A"))
 run_embed(EmbedConfig(**common, out="{tmp_path}/e"))
-from rankformer.perturber import Perturber  # (bench_perturb.budget_of's loader, on the GPU)
+from rankformer.perturb.perturber import Perturber  # (bench_perturb.budget_of's loader, on the GPU)
 Perturber.on_demand("{tmp_path}/m", "", False, "bfloat16", "penultimate")
 print(read_results("{tmp_path}/p").num_rows, read_embeddings("{tmp_path}/e").num_rows, flush=True)
 import os

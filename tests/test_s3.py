@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from rankformer.config import ReadOptions, TokenizeConfig, VocabBuildConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
-from rankformer.synth import SynthSpec, write_h5ad
+from rankformer.io.synth import SynthSpec, write_h5ad
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]
 
@@ -58,7 +58,7 @@ def test_vocab_build_and_tokenize_on_s3(ray_cluster, bucket, tmp_path):
 
 def test_missing_bucket_and_key_are_named(s3_server, tmp_path):
     vocab = str(tmp_path / "v.json")
-    from rankformer.vocab import build_vocab
+    from rankformer.vocab.gene_vocab import build_vocab
 
     build_vocab(["ENSG00000000001"], [1.0]).save(vocab)
     for uri in ("s3://no-such-bucket/a.h5ad", "s3://rankformer-test/raw/missing.h5ad"):
@@ -107,10 +107,10 @@ def test_a_model_from_s3_is_fetched_once_per_machine_and_version(bucket, tmp_pat
     from transformers import BertForMaskedLM
 
     from rankformer.io import fs as rfs
-    from rankformer.loader import inspect_model, load_model, model_meta
+    from rankformer.model.loader import inspect_model, load_model, model_meta
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.vocab import build_vocab
+    from rankformer.vocab.gene_vocab import build_vocab
 
     name, _ = bucket
     vocab = build_vocab([f"ENSG{i:011d}" for i in range(1, 31)], [1.0] * 30)
@@ -185,13 +185,13 @@ def test_embed_and_perturb_with_model_corpus_and_outputs_on_s3(bucket, tmp_path)
     from transformers import BertForMaskedLM
 
     from pretrain_helpers import write_corpus
-    from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+    from rankformer.embed.cells import EmbedConfig, read_embeddings, run_embed
+    from rankformer.io.synth import gene_ids
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.perturb import PerturbConfig, read_results, run_perturb
-    from rankformer.perturb_stats import perturb_stats
-    from rankformer.synth import gene_ids
-    from rankformer.vocab import GeneVocab
+    from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
+    from rankformer.perturb.stats import perturb_stats
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     name, _ = bucket
     rng = np.random.default_rng(3)

@@ -18,13 +18,13 @@ from transformers import BertForMaskedLM
 
 from conftest import _free_port
 from pretrain_helpers import write_corpus
-from rankformer.embed import EmbedConfig, read_embeddings, run_embed
+from rankformer.embed.cells import EmbedConfig, read_embeddings, run_embed
 from rankformer.errors import InputError
+from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.perturb import PerturbConfig, read_results, run_perturb
-from rankformer.synth import gene_ids, programme_cells
-from rankformer.vocab import GeneVocab
+from rankformer.perturb.job import PerturbConfig, read_results, run_perturb
+from rankformer.vocab.gene_vocab import GeneVocab
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_GENES = 20 + 2 * 30
@@ -44,7 +44,7 @@ def app(tmp_path_factory, ray_cluster):
     from ray import serve
 
     from rankformer import tracking
-    from rankformer.serving import ServeConfig, run_serve
+    from rankformer.serve.app import ServeConfig, run_serve
 
     d = tmp_path_factory.mktemp("serve")
     cells, _, _ = programme_cells(40, 2, 30, 20, 40, seed=5)
@@ -207,7 +207,7 @@ def test_a_running_serve_is_not_silently_overridden(app):
     declarative deploy removes the applications it does not name: both are refused, unchanged."""
     from ray import serve
 
-    from rankformer.serving import ServeConfig, run_serve
+    from rankformer.serve.app import ServeConfig, run_serve
 
     apps = set(serve.status().applications)
     other_port = ServeConfig(**{**app.cfg.__dict__, "port": app.cfg.port + 1})
@@ -248,7 +248,7 @@ def test_malformed_oversized_nan_and_unauthorised(app):
 
 
 def test_bad_serve_numbers_are_named_before_ray_starts():
-    from rankformer.serving import ServeConfig
+    from rankformer.serve.app import ServeConfig
 
     with pytest.raises(
         InputError, match=r"--max-replicas 0 must be >= 1; .*--min-replicas 2 must be <= --max"
@@ -266,7 +266,7 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
     from ray import serve
 
     from rankformer import tracking
-    from rankformer.serving import DEPLOYMENT, ServeConfig, run_serve
+    from rankformer.serve.app import DEPLOYMENT, ServeConfig, run_serve
 
     stop = threading.Event()
     codes: list[int] = []
@@ -305,7 +305,7 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
 def _replicas(app_name: str) -> int:
     from ray import serve
 
-    from rankformer.serving import DEPLOYMENT
+    from rankformer.serve.app import DEPLOYMENT
 
     status = serve.status().applications[app_name].deployments[DEPLOYMENT]
     return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
@@ -314,7 +314,7 @@ def _replicas(app_name: str) -> int:
 def _replica_ids(app_name: str) -> set[str]:
     import ray
 
-    from rankformer.serving import DEPLOYMENT
+    from rankformer.serve.app import DEPLOYMENT
 
     return {
         a["name"]
@@ -330,7 +330,7 @@ def test_autoscaling_and_a_killed_replica(app):
     import ray
     from ray import serve
 
-    from rankformer.serving import DEPLOYMENT, ServeConfig, deploy
+    from rankformer.serve.app import DEPLOYMENT, ServeConfig, deploy
 
     cfg = ServeConfig(
         **{

@@ -11,11 +11,11 @@ import pytest
 
 from helpers import reference_rank, write_anndata
 from rankformer.cli import main
-from rankformer.config import ClusterOptions, ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ClusterOptions, ReadOptions, TokenizeConfig
 from rankformer.corpus.tokenize import corpus_files, run_tokenize
 from rankformer.errors import InputError
-from rankformer.synth import SynthSpec, counts_chunk, gene_ids, write_h5ad
-from rankformer.vocab import build_vocab
+from rankformer.io.synth import SynthSpec, counts_chunk, gene_ids, write_h5ad
+from rankformer.vocab.gene_vocab import build_vocab
 
 pytestmark = [pytest.mark.ray]
 N_GENES = 50
@@ -87,8 +87,8 @@ def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
 
     import rankformer
     from rankformer.api import corpus_vocab
+    from rankformer.config.train import PretrainConfig
     from rankformer.corpus.inspect import explain_cell
-    from rankformer.train.config import PretrainConfig
     from rankformer.train.plan import plan
 
     given = tmp_path / "given_vocab.json"
@@ -114,7 +114,7 @@ def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
 def test_tokens_equal_the_plain_restatement(ray_cluster, corpus_inputs, tmp_path):
     import anndata as ad
 
-    from rankformer.vocab import GeneVocab
+    from rankformer.vocab.gene_vocab import GeneVocab
 
     out = tmp_path / "corpus"
     run_tokenize(_config(corpus_inputs, out))

@@ -10,8 +10,7 @@ import pytest
 
 from conftest import needs_shared
 from rankformer.errors import InputError, VocabError
-from rankformer.io.geneformer import import_geneformer, load_plain_dict
-from rankformer.vocab import (
+from rankformer.vocab.gene_vocab import (
     V1_SPECIALS,
     GeneVocab,
     aliases_from_table,
@@ -19,6 +18,7 @@ from rankformer.vocab import (
     guess_id_kind,
     normalize_gene_id,
 )
+from rankformer.vocab.geneformer import import_geneformer, load_plain_dict
 
 
 def _vocab() -> GeneVocab:
@@ -97,7 +97,7 @@ def test_an_artifacts_vocabulary_is_read_once_per_process(tmp_path):
     """`load_expected` (model folders, corpora): checked against the artifact's hash on first read,
     then kept by that hash: the same object again without reading, the file gone or not. A wrong
     hash is refused and not kept; at most a few vocabularies are kept."""
-    from rankformer import vocab as vocab_module
+    from rankformer.vocab import gene_vocab as vocab_module
 
     v = _vocab()
     uri = str(tmp_path / "v.json")

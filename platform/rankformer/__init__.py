@@ -27,11 +27,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name in ("load_model", "Model", "load_classifier", "Classifier"):
-        from rankformer import inference
+        from rankformer import notebook as inference
 
         return getattr(inference, name)
     if name == "GeneVocab":
-        from rankformer.vocab import GeneVocab
+        from rankformer.vocab.gene_vocab import GeneVocab
 
         return GeneVocab
     raise AttributeError(f"module 'rankformer' has no attribute {name!r}")

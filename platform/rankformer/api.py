@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from rankformer import schema
-from rankformer.config import ReadOptions, TokenizeConfig
+from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.cells import Shard, inspect_source
 from rankformer.corpus.tokenize import check_info, corpus_files, encode_source
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.memory import MEMORY_URI, MemorySource
-from rankformer.vocab import GeneVocab, load_expected
+from rankformer.vocab.gene_vocab import GeneVocab, load_expected
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads

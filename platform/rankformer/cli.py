@@ -2,7 +2,7 @@
 pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed |
 perturb | perturb stats | serve.
 
-The job commands' flags are generated from their config dataclasses (:mod:`rankformer.cli_config`):
+The job commands' flags are generated from their config dataclasses (:mod:`rankformer.config.flags`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
 is an error naming the field. The same functions back `jobs/` (for `ray job submit`).
 """
@@ -16,12 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rankformer.cli_config import add_config_arguments, build, merged_values
 from rankformer.cluster import user_error_inside
-from rankformer.config import TokenizeConfig, VocabBuildConfig
+from rankformer.config.corpus import TokenizeConfig, VocabBuildConfig
+from rankformer.config.flags import add_config_arguments, build, merged_values
+from rankformer.config.infer import EmbedConfig, PerturbConfig, PredictConfig
+from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 from rankformer.errors import InputError
-from rankformer.infer_config import EmbedConfig, PerturbConfig, PredictConfig
-from rankformer.train.config import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 from rankformer.words import counted
 
 
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
     )
     _perturb_stats_parser(sub)
-    from rankformer.serving import ServeConfig
+    from rankformer.serve.app import ServeConfig
 
     add_config_arguments(
         sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
@@ -179,19 +179,19 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 CONFIG_JOBS = {  # (command, subcommand): (job module, module of its config class, class, function)
     ("finetune", "genes"): (
         "rankformer.classify.genes",
-        "rankformer.train.config",
+        "rankformer.config.train",
         "FinetuneGenesConfig",
         "run_finetune_genes",
     ),
     ("finetune", "cells"): (
         "rankformer.classify.cells",
-        "rankformer.train.config",
+        "rankformer.config.train",
         "FinetuneCellsConfig",
         "run_finetune_cells",
     ),
-    ("embed", None): ("rankformer.embed", "rankformer.infer_config", "EmbedConfig", "run_embed"),
-    ("serve", None): ("rankformer.serving", "rankformer.serving", "ServeConfig", "run_serve"),
-    ("perturb", None): ("rankformer.perturb", "rankformer.infer_config", "PerturbConfig", "run_perturb"),
+    ("embed", None): ("rankformer.embed.cells", "rankformer.config.infer", "EmbedConfig", "run_embed"),
+    ("serve", None): ("rankformer.serve.app", "rankformer.serve.app", "ServeConfig", "run_serve"),
+    ("perturb", None): ("rankformer.perturb.job", "rankformer.config.infer", "PerturbConfig", "run_perturb"),
 }
 
 
@@ -261,7 +261,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _perturb_stats(args: argparse.Namespace) -> None:
-    from rankformer.perturb_stats import ROWS_IN_MEMORY, perturb_stats
+    from rankformer.perturb.stats import ROWS_IN_MEMORY, perturb_stats
 
     res = perturb_stats(
         args.out,
@@ -321,7 +321,7 @@ def _vocab(args: argparse.Namespace) -> None:
 
         run_vocab_build(vocab_build_config(args))
         return
-    from rankformer.io.geneformer import import_geneformer
+    from rankformer.vocab.geneformer import import_geneformer
 
     vocab = import_geneformer(
         args.token_dictionary,

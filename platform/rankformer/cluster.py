@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rankformer.config import ClusterOptions
+from rankformer.config.corpus import ClusterOptions
 from rankformer.placement import Demand, check_demand
 
 

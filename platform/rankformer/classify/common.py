@@ -29,7 +29,7 @@ def check_placement(cfg: Any) -> None:
     config) or a Tune search that the cluster can never place."""
     from rankformer.classify.tune import trials_demand
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.train.ray_train import trains_in_process, workers_demand
 
     where = ClusterOptions(ray_address=cfg.scale.ray_address)
@@ -70,8 +70,8 @@ def check_model_and_corpus(
     ``layer`` asked for against its depth), without its weights, and the corpus manifest: the door
     check of jobs whose workers load the model."""
     from rankformer.api import corpus_manifest
-    from rankformer.infer_config import pick_layer
-    from rankformer.loader import check_fits_corpus, inspect_model
+    from rankformer.config.infer import pick_layer
+    from rankformer.model.loader import check_fits_corpus, inspect_model
 
     manifest = corpus_manifest(corpus)
     info = inspect_model(model_uri, tracking_uri, manifest["vocab_hash"])
@@ -93,7 +93,7 @@ def open_model_and_corpus(
     """The model (checked against the corpus's vocabulary and layout, and ``layer`` against its
     depth) and the corpus manifest; ``before_load`` gets the model's metadata before the weights
     load."""
-    from rankformer.loader import load_model
+    from rankformer.model.loader import load_model
 
     info, manifest = check_model_and_corpus(model_uri, corpus, tracking_uri, layer)
     if before_load is not None:
@@ -135,7 +135,7 @@ class PretrainedOnCorpus:
         layer's states over all occurrences, and each cell's mean-pooled vector."""
         import torch
 
-        from rankformer.infer import gene_and_cell_states
+        from rankformer.model.forward import gene_and_cell_states
 
         if self.frozen_layer is None:
             raise RuntimeError("frozen_states needs frozen_baseline on")  # a caller's bug, not input

@@ -77,7 +77,7 @@ def source_counts(
 ) -> sp.csr_matrix:
     """The raw counts of the cells at (``files[i]``, ``rows[i]``), read from the corpus's source files
     (as the corpus recorded them), over the union of their genes: cells x genes, in input order."""
-    from rankformer.config import ReadOptions
+    from rankformer.config.corpus import ReadOptions
     from rankformer.corpus.inspect import source_path
     from rankformer.io.sources import open_source
 

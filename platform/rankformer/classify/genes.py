@@ -18,16 +18,16 @@ import pandas as pd
 import torch
 
 from rankformer import tracking
-from rankformer.classify import metrics
 from rankformer.classify.common import JobOutput, PretrainedOnCorpus, check_placement, in_parent_run
 from rankformer.classify.controls import rank_statistics, verdict
 from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
 from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
 from rankformer.classify.tune import GeneScorer, apply, search
+from rankformer.config.train import FinetuneGenesConfig
 from rankformer.errors import InputError
-from rankformer.infer import Batch, GeneSums, batches, class_probs, one_ahead
+from rankformer.model.forward import Batch, GeneSums, batches, class_probs, one_ahead
 from rankformer.model.store import ModelInfo
-from rankformer.train.config import FinetuneGenesConfig
+from rankformer.train import metrics
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
 JOB = "finetune-genes"

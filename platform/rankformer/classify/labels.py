@@ -23,7 +23,7 @@ import pandas as pd
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 GENE_COLUMNS = ("gene", "gene_id", "ensembl_id", "symbol", "gene_symbol", "gene_name")
 LABEL_COLUMNS = ("label", "class", "y")

@@ -12,14 +12,14 @@ import pandas as pd
 from rankformer import schema, tracking
 from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
 from rankformer.classify.data import corpus_columns, load_cells, parse_where
+from rankformer.config.infer import PredictConfig, token_budget
 from rankformer.errors import InputError
-from rankformer.infer_config import PredictConfig, token_budget
 
 TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
 
 
 def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
-    from rankformer.loader import model_meta
+    from rankformer.model.loader import model_meta
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
     meta = model_meta(cfg.model, uri)

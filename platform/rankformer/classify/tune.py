@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from rankformer import tracking
+from rankformer.config.train import TuneOptions
 from rankformer.model.device import settle
 from rankformer.placement import Demand
-from rankformer.train.config import TuneOptions
 
 METRIC = "val_score"
 
@@ -79,7 +79,7 @@ class GeneScorer:
 
     def __call__(self, model: torch.nn.Module) -> float:
         from rankformer.classify.genes import token_probs
-        from rankformer.classify.metrics import scores
+        from rankformer.train.metrics import scores
 
         prob = token_probs(model, self.cells, self.pad, self.gene_lo, self.max_tokens).means(self.tokens)
         return float(scores(self.label, prob, [str(i) for i in range(prob.shape[1])])["roc_auc"])
@@ -92,8 +92,8 @@ class CellScorer:
         self.cells, self.y, self.pad, self.max_tokens = cells, y, pad, max_tokens
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from rankformer.classify.metrics import scores
         from rankformer.train.finetune import cell_probs
+        from rankformer.train.metrics import scores
 
         prob = cell_probs(model, self.cells, self.pad, self.max_tokens)
         return float(scores(self.y, prob, [str(i) for i in range(prob.shape[1])])["macro_f1"])
@@ -179,7 +179,7 @@ def search(
     from ray.tune.schedulers import ASHAScheduler
 
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.train.finetune import local_dir
 
     ensure_ray(ClusterOptions(ray_address=ray_address), trials_demand(opts, use_gpu))

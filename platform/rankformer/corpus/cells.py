@@ -13,10 +13,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from rankformer import schema
-from rankformer.config import ReadOptions
+from rankformer.config.corpus import ReadOptions
 from rankformer.errors import InputError
 from rankformer.io.sources import CellSource, open_source
-from rankformer.vocab import GeneVocab, read_gene_table
+from rankformer.vocab.gene_vocab import GeneVocab, read_gene_table
 
 log = logging.getLogger(__name__)
 

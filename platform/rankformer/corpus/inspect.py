@@ -16,13 +16,13 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from rankformer import schema
-from rankformer.config import ReadOptions
+from rankformer.config.corpus import ReadOptions
 from rankformer.corpus.cells import cell_totals, column_tokens
 from rankformer.corpus.kernels import ranking_values
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.sources import open_source
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 
 def _corpus(out: str) -> tuple[dict[str, Any], Any]:

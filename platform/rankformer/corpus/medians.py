@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rankformer.cluster import Runner, map_shards
-from rankformer.config import ReadOptions, VocabBuildConfig, to_dict
+from rankformer.config.corpus import ReadOptions, VocabBuildConfig, to_dict
 from rankformer.corpus.cells import (
     Shard,
     input_symbols,
@@ -40,7 +40,7 @@ from rankformer.corpus.cells import (
 from rankformer.corpus.kernels import gene_values, histogram_values, select_in_interval
 from rankformer.errors import InputError
 from rankformer.io.sources import open_source
-from rankformer.vocab import (
+from rankformer.vocab.gene_vocab import (
     ENSEMBL_RE,
     V1_SPECIALS,
     V2_SPECIALS,

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import rankformer
 from rankformer import schema
 from rankformer.cluster import Runner, map_shards, maybe_inject_fault
-from rankformer.config import TokenizeConfig, to_dict
+from rankformer.config.corpus import TokenizeConfig, to_dict
 from rankformer.corpus.cells import (
     Chunk,
     FileInfo,
@@ -40,7 +40,7 @@ from rankformer.corpus.kernels import rank_chunk
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.sources import CellSource, open_source
-from rankformer.vocab import GeneVocab, guess_id_kind, load_expected
+from rankformer.vocab.gene_vocab import GeneVocab, guess_id_kind, load_expected
 from rankformer.words import counted
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rankformer.infer import encoder
+from rankformer.model.forward import encoder
 
 # what SharedDeletions reads of each layer it runs (BertLayer's parts)
 _LAYER_PARTS = (

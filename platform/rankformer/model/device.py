@@ -40,9 +40,9 @@ def device_token_budget(
 ) -> int:
     """Tokens per forward batch of ``model`` (on ``device``, cells up to ``max_length`` tokens):
     ``max_tokens`` if given; on CUDA, from the memory free beside the model (what the caching
-    allocator holds unused counts as free) by :func:`rankformer.infer_config.fit_budget`; else the
+    allocator holds unused counts as free) by :func:`rankformer.config.infer.fit_budget`; else the
     CPU's default."""
-    from rankformer.infer_config import bytes_per_cell, bytes_per_token, fit_budget, token_budget
+    from rankformer.config.infer import bytes_per_cell, bytes_per_token, fit_budget, token_budget
 
     if max_tokens is not None or device.type != "cuda":
         return token_budget(max_tokens)

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from rankformer import schema
-from rankformer.config import LAYOUT_MAX_LENGTH
+from rankformer.config.corpus import LAYOUT_MAX_LENGTH
 from rankformer.errors import InputError
 from rankformer.io import fs
 
@@ -30,8 +30,8 @@ def import_geneformer_model(
     """Write the rankformer model folder at ``out``; returns its metadata."""
     from transformers import BertForMaskedLM
 
-    from rankformer.io.geneformer import import_geneformer
     from rankformer.model.store import check_model_output, quiet, save_model_dir
+    from rankformer.vocab.geneformer import import_geneformer
 
     config_path, config = _checkpoint_config(model_dir)
     vocab = import_geneformer(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankformer import schema
 from rankformer.errors import InputError
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 if TYPE_CHECKING:
     from transformers import BertConfig

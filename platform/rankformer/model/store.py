@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.vocab import GeneVocab, load_expected
+from rankformer.vocab.gene_vocab import GeneVocab, load_expected
 
 if TYPE_CHECKING:  # torch and transformers load only where weights do: drivers check models without them
     import torch

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from rankformer.config.train import HeadOptions
 from rankformer.errors import InputError
-from rankformer.infer import encoder
-from rankformer.train.config import HeadOptions
+from rankformer.model.forward import encoder
 
 KINDS = {"token": "BertForTokenClassification", "sequence": "BertForSequenceClassification"}
 

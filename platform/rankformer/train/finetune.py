@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankformer.infer import logits_of
+from rankformer.config.train import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
 from rankformer.model.batching import budget_batches, length_grouped, pad_batch
 from rankformer.model.device import mask_argument, to_device
+from rankformer.model.forward import logits_of
 from rankformer.train.classifier import build_classifier, class_weights
-from rankformer.train.config import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
 from rankformer.train.loop import LoopOptions, Stat
 from rankformer.train.ray_train import training_workers, trains_in_process
 
@@ -156,7 +156,7 @@ def validation(spec: TrainSpec) -> Callable[[torch.nn.Module], dict[str, float]]
     y = np.asarray(spec.val_y)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from rankformer.classify.metrics import scores
+        from rankformer.train.metrics import scores
 
         prob = cell_probs(model, cells, spec.pad, spec.batch.max_tokens)
         s = scores(y, prob, [str(i) for i in range(spec.n_classes)])
@@ -170,7 +170,7 @@ def cell_probs(
     model: torch.nn.Module, cells: Sequence[np.ndarray], pad: int, max_tokens: int = 16_384
 ) -> np.ndarray:
     """Class probabilities of each cell from a sequence classifier, in the order of ``cells``."""
-    from rankformer.infer import Batch, batches, class_probs, one_ahead
+    from rankformer.model.forward import Batch, batches, class_probs, one_ahead
 
     device = next(model.parameters()).device
     config: Any = model.config
@@ -238,7 +238,7 @@ def loop_options(spec: TrainSpec) -> LoopOptions:
 
 
 def classifier_for(spec: TrainSpec) -> torch.nn.Module:
-    from rankformer.loader import local_model_dir
+    from rankformer.model.loader import local_model_dir
 
     with local_model_dir(spec.model, spec.tracking_uri) as local:
         return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo)
@@ -312,7 +312,7 @@ def train_classifier(
     import ray.data
 
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.train.ray_train import checkpoint_storage, fit
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import torch
 
 from rankformer.cluster import maybe_inject_fault
+from rankformer.config.train import OptimOptions
 from rankformer.errors import InputError
-from rankformer.train.config import OptimOptions
 
 
 @dataclass

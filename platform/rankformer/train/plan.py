@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.model.presets import check_fits, preset
 from rankformer.model.store import check_model_output
-from rankformer.train.config import PretrainConfig
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def _check_init(
     cfg: PretrainConfig, manifest: dict[str, Any], layout: str, max_length: int, uri: str
 ) -> None:
     """The initial model's metadata and config against the corpus (its weights load in the workers)."""
-    from rankformer.loader import check_fits_corpus, inspect_model
+    from rankformer.model.loader import check_fits_corpus, inspect_model
 
     info = inspect_model(cfg.init_from or "", uri, expect_vocab_hash=manifest["vocab_hash"])
     check_fits_corpus(info, cfg.corpus, layout, max_length)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rankformer import schema
+from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.model.batching import length_grouped, pad_batch
@@ -29,10 +30,9 @@ from rankformer.model.masking import mask_genes
 from rankformer.model.mlm import MaskedGeneLM, labelled_positions
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
-from rankformer.train.config import PretrainConfig
 from rankformer.train.loop import LoopOptions, Stat
 from rankformer.train.plan import Plan, plan
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -126,7 +126,7 @@ def build_model(cfg: PretrainConfig, vocab: GeneVocab, tracking_uri: str | None)
 
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        from rankformer.loader import load_model
+        from rankformer.model.loader import load_model
 
         return MaskedGeneLM(load_model(cfg.init_from, tracking_uri=tracking_uri).model)  # type: ignore[arg-type]
     config = bert_config(preset(cfg.preset, cfg.model), vocab)
@@ -253,7 +253,7 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
     :func:`plan` of ``cfg`` when the caller already made it (the CLI does, before torch loads)."""
     from rankformer import tracking
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.train.ray_train import trains_in_process, workers_demand
 
     p = checked or plan(cfg)

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from rankformer.cluster import ensure_ray, user_error_inside
-from rankformer.config import ClusterOptions
+from rankformer.config.corpus import ClusterOptions
+from rankformer.config.train import ScaleOptions
 from rankformer.model.device import settle
 from rankformer.placement import Demand
-from rankformer.train.config import ScaleOptions
 
 FAULT_ENV = "RANKFORMER_FAULT_INJECT"
 

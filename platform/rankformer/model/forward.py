@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankformer.infer_config import pick_layer
+from rankformer.config.infer import pick_layer
 from rankformer.model.batching import budget_batches, pad_batch
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name

@@ -6,7 +6,7 @@ model (``models:/NAME@ALIAS``, a path or ``s3://``) with its vocabulary. (A sepa
 deployment in front of a model deployment doubles the Serve overhead per request, which on CPU
 costs more than the `tiny` model's forward pass.) Raw counts are tokenized by the corpus pipeline's own code
 (:func:`rankformer.api.tokenize_anndata`); embeddings and perturbation scores come from the batch
-jobs' own code (:class:`rankformer.perturber.Perturber`), so they equal the jobs' to float precision.
+jobs' own code (:class:`rankformer.perturb.perturber.Perturber`), so they equal the jobs' to float precision.
 ``/v1/embed`` requests are batched dynamically (``@serve.batch``) and their cells regrouped by
 length. Updating the deployment's ``user_config`` (e.g. bumping ``revision`` after moving the
 registry alias) reloads the model in the running replicas, which answer with the old model until
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rankformer.errors import InputError
-from rankformer.serving_core import (
+from rankformer.serve.core import (
     EmbedRequest,
     Guard,
     ModelCore,
@@ -64,7 +64,7 @@ class ServeConfig:
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
 
     def __post_init__(self) -> None:
-        from rankformer.infer_config import check_layer, check_precision
+        from rankformer.config.infer import check_layer, check_precision
 
         self.precision = check_precision(self.precision, self.use_gpu)
         check_layer(self.layer)
@@ -269,8 +269,8 @@ def serve_logging(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Entry point for `serve run` / `serve deploy` (import path ``rankformer.serving:app_builder``)."""
-    from rankformer.cli_config import build
+    """Entry point for `serve run` / `serve deploy` (import path ``rankformer.serve.app:app_builder``)."""
+    from rankformer.config.flags import build
 
     return build_app(build(ServeConfig, dict(args)))
 
@@ -288,7 +288,7 @@ def serve_document(apps: list[tuple[ServeConfig, str]]) -> dict[str, Any]:
             {
                 "name": c.name,
                 "route_prefix": route,
-                "import_path": "rankformer.serving:app_builder",
+                "import_path": "rankformer.serve.app:app_builder",
                 "args": {k: v for k, v in asdict(c).items() if v is not None and k != "revision"},
                 "deployments": [
                     {"name": DEPLOYMENT, "user_config": {"model": c.model, "revision": c.revision}}
@@ -307,7 +307,7 @@ def deploy(apps: list[tuple[ServeConfig, str]], keep_others: bool = False) -> No
     from ray.serve.schema import ServeDeploySchema
 
     from rankformer.cluster import ensure_ray
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.placement import Demand
 
     for cfg, _ in apps:
@@ -360,8 +360,8 @@ def check_model(cfg: ServeConfig) -> None:
     """The model at the door, from its metadata and config (no weights, no torch): it exists, its
     vocabulary and config agree, and it has the default ``--layer``. A replica that cannot load it
     would otherwise be retried until the deployment times out."""
-    from rankformer.infer_config import pick_layer
-    from rankformer.loader import inspect_model
+    from rankformer.config.infer import pick_layer
+    from rankformer.model.loader import inspect_model
 
     info = inspect_model(cfg.model, cfg.tracking_uri)
     pick_layer(cfg.layer, int(info.config.num_hidden_layers))

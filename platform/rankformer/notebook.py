@@ -23,8 +23,8 @@ import pandas as pd
 import pyarrow as pa
 
 from rankformer import schema
+from rankformer.config.infer import check_layer, check_perturbation, check_precision
 from rankformer.errors import InputError
-from rankformer.infer_config import check_layer, check_perturbation, check_precision
 
 
 class _TakesCells:
@@ -62,7 +62,7 @@ class Model(_TakesCells):
         tracking_uri: str | None = None,
     ) -> None:
         from rankformer import tracking
-        from rankformer.perturber import Perturber
+        from rankformer.perturb.perturber import Perturber
 
         precision = check_precision(precision, use_gpu)
         check_layer(str(layer))
@@ -146,8 +146,8 @@ class Model(_TakesCells):
         of ``states``); with ``per_gene`` also the per-gene table. Options as `rankformer perturb`
         (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, with a warning, and names in
         ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
-        from rankformer.perturb import targets_of
-        from rankformer.perturb_rows import GENE_SCHEMA, scores_schema
+        from rankformer.perturb.job import targets_of
+        from rankformer.perturb.rows import GENE_SCHEMA, scores_schema
 
         listed = check_perturbation(kind, mode, list(genes), missing, shift)
         targets, anchor_token, not_found = targets_of(self.vocab, listed, anchor, mode, missing)
@@ -181,7 +181,7 @@ class Model(_TakesCells):
         self, rows: pd.DataFrame, goal_state: str | None = None, rank_window: int = 1
     ) -> pd.DataFrame:
         """`rankformer perturb stats` on rows from :meth:`perturb` (symbols from this vocabulary)."""
-        from rankformer.perturb_stats import stats_table
+        from rankformer.perturb.stats import stats_table
 
         table = pa.Table.from_pandas(rows, preserve_index=False)
         return stats_table(
@@ -285,9 +285,9 @@ class Classifier(_TakesCells):
         tracking_uri: str | None = None,
     ) -> None:
         from rankformer import tracking
-        from rankformer.loader import load_model as load
-        from rankformer.loader import model_meta
         from rankformer.model.device import device_token_budget, pick_device
+        from rankformer.model.loader import load_model as load
+        from rankformer.model.loader import model_meta
         from rankformer.model.store import max_length_of
         from rankformer.train.classifier import classifier_class
 

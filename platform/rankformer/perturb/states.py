@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 
 from rankformer import schema
 from rankformer.classify.data import split_by_shard, token_lists
-from rankformer.embed import Embedder, _read_shard, column_values, listed_counts
+from rankformer.config.infer import PerturbConfig
+from rankformer.embed.cells import Embedder, _read_shard, column_values, listed_counts
 from rankformer.errors import InputError
-from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
 
 

@@ -1,5 +1,5 @@
 """The perturbation actor: one model, the cells of one corpus shard per call, each cell's variants
-scored against its original (the scores are described in :mod:`rankformer.perturb`).
+scored against its original (the scores are described in :mod:`rankformer.perturb.job`).
 
 Each cell's original forward pass runs once; its variants go through together in length-budgeted
 batches (a deletion is one token shorter: no padding to a global maximum), each batch read back
@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.classify.data import token_lists
-from rankformer.embed import Embedder, _read_shard
+from rankformer.embed.cells import Embedder, _read_shard
 from rankformer.errors import InputError
 from rankformer.model.perturbations import delete_each, perturb, positions_of
-from rankformer.perturb_rows import GeneSink, RowWriter, gene_rows_table, scores_schema, scores_table
+from rankformer.perturb.rows import GeneSink, RowWriter, gene_rows_table, scores_schema, scores_table
 
 if TYPE_CHECKING:
     import torch
@@ -182,8 +182,8 @@ class Perturber(Embedder):
         """What every variant of the cell is scored against."""
         import torch
 
-        from rankformer.infer import mean_pool
         from rankformer.model.device import to_device
+        from rankformer.model.forward import mean_pool
 
         dev = self.device  # scores are computed where the states are; only the scores come back
         h0 = h0.to(dev)  # (already there when the original ran on the device)
@@ -239,9 +239,9 @@ class Perturber(Embedder):
         cell's shared first layer (``seqs`` unused)."""
         import torch
 
-        from rankformer.infer import Batch, hidden_states, mean_pool
         from rankformer.model.batching import pad_batch
         from rankformer.model.device import queued_mark, to_device, to_host_queued
+        from rankformer.model.forward import Batch, hidden_states, mean_pool
 
         dev = self.device
         if run is not None:
@@ -415,7 +415,7 @@ class Perturber(Embedder):
     def _scored(
         self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None
     ) -> Iterator[pa.Table]:
-        from rankformer.infer import batches, hidden_states
+        from rankformer.model.forward import batches, hidden_states
 
         # launched batches, oldest first, each with its cell's tables; None marks the end of a cell
         queue: deque[tuple[_Launched | None, list[pa.Table]]] = deque()

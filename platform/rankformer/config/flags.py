@@ -137,7 +137,7 @@ def merged_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The config file's values with the given flags laid over them (nested dict)."""
     doc: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from rankformer.config import load_yaml
+        from rankformer.config.corpus import load_yaml
 
         doc = load_yaml(args.config)
     for leaf in leaves(cls):

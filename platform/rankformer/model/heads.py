@@ -4,7 +4,7 @@ Any class with Hugging Face's ``from_pretrained(model_dir, num_labels=...)`` and
 ``forward(input_ids, attention_mask)`` returning logits (a tensor, or an output with ``.logits``)
 can be a head; name it in a fine-tuning config as ``head_class: package.module:Class``::
 
-    rankformer finetune cells ... --head-class rankformer.heads:MeanPoolForSequenceClassification
+    rankformer finetune cells ... --head-class rankformer.model.heads:MeanPoolForSequenceClassification
 
 This one replaces BERT's pooler (a dense layer on the first token, which masked-gene pretraining
 never trains) with the mean over the cell's gene tokens: the same vector the embeddings stage

@@ -10,9 +10,9 @@ Per (cell, perturbation) row, with states at ``--layer``:
 * ``shift_<state>`` (with ``--state-column``): cos(perturbed cell, state) - cos(original cell, state),
   a state's embedding being the mean of its cells' mean-pooled embeddings.
 
-The scoring is :class:`rankformer.perturber.Perturber`'s (one per actor). Corpus shards are spread
+The scoring is :class:`rankformer.perturb.perturber.Perturber`'s (one per actor). Corpus shards are spread
 over a pool of Ray actors, each writing its output shard as it finishes; a rerun skips finished
-shards. Statistics over the output: `rankformer.perturb_stats`.
+shards. Statistics over the output: `rankformer.perturb.stats`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.embed import sample_note, sample_rows, shard_tasks, sharing_models
+from rankformer.config.infer import PerturbConfig
+from rankformer.embed.cells import sample_note, sample_rows, shard_tasks, sharing_models
 from rankformer.errors import InputError
-from rankformer.infer_config import PerturbConfig
 from rankformer.io import fs
-from rankformer.perturb_states import STATES_FILE, check_states, gpus_of, state_embeddings, wanted_states
-from rankformer.perturb_stats import SYMBOLS_FILE, result_paths
-from rankformer.perturber import Perturber
+from rankformer.perturb.perturber import Perturber
+from rankformer.perturb.states import STATES_FILE, check_states, gpus_of, state_embeddings, wanted_states
+from rankformer.perturb.stats import SYMBOLS_FILE, result_paths
 from rankformer.words import counted, listed
 
 
@@ -102,7 +102,7 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer import tracking
     from rankformer.classify.common import JobOutput, check_model_and_corpus
     from rankformer.cluster import map_shards_actors
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)

@@ -51,7 +51,7 @@ class EmbedRequest(BaseModel):
     @field_validator("layer")
     @classmethod
     def _layer(cls, v: str | None) -> str | None:
-        from rankformer.infer_config import check_layer
+        from rankformer.config.infer import check_layer
 
         if v is not None:
             check_layer(v)  # an InputError is a ValueError: a 422 naming the field
@@ -154,7 +154,7 @@ class ModelCore:
         max_tokens: int | None = None,
     ) -> None:
         from rankformer import tracking
-        from rankformer.perturber import Perturber
+        from rankformer.perturb.perturber import Perturber
 
         self.uri = tracking.resolve_uri(tracking_uri)
         self.model_uri = model_uri
@@ -187,14 +187,14 @@ class ModelCore:
 
     def view(self, layer: int) -> Any:
         """The model running only the layers ``hidden_states[layer]`` needs (weights shared)."""
-        from rankformer.infer import up_to
+        from rankformer.model.forward import up_to
 
         if layer not in self.views:
             self.views[layer] = up_to(self.full, layer)
         return self.views[layer]
 
     def layer_index(self, layer: str | None) -> int:
-        from rankformer.infer_config import pick_layer
+        from rankformer.config.infer import pick_layer
 
         return pick_layer(layer or self.default_layer, int(self.worker.model.config.num_hidden_layers))
 
@@ -204,7 +204,7 @@ class ModelCore:
         """Cell vectors (and optionally per-gene vectors) for token lists, length-batched."""
         import torch
 
-        from rankformer.infer import batches, hidden_states, mean_pool
+        from rankformer.model.forward import batches, hidden_states, mean_pool
 
         w = self.worker
         out: list[dict[str, Any]] = [{} for _ in cells]
@@ -226,7 +226,7 @@ class ModelCore:
     def perturb(self, tokens: list[int], genes: list[str], req: PerturbRequest, layer: int) -> dict[str, Any]:
         import torch
 
-        from rankformer.infer import Batch, hidden_states
+        from rankformer.model.forward import Batch, hidden_states
 
         w = self.worker
         mapped = self.vocab.map_gene_ids(genes, extra_aliases=self.vocab_names).tolist()

@@ -1,11 +1,11 @@
-"""A bound Serve application for `serve build rankformer.serving_app:app` (which needs an
+"""A bound Serve application for `serve build rankformer.serve.bound:app` (which needs an
 application object, not a builder): the model comes from ``RANKFORMER_MODEL`` (default
 ``models:/rankformer@current``); other options are ServeConfig's defaults. `serve run` and
-`serve deploy` use ``rankformer.serving:app_builder`` with ``args`` instead (deploy/serve/serve.yaml).
+`serve deploy` use ``rankformer.serve.app:app_builder`` with ``args`` instead (deploy/serve/serve.yaml).
 """
 
 import os
 
-from rankformer.serving import ServeConfig, build_app
+from rankformer.serve.app import ServeConfig, build_app
 
 app = build_app(ServeConfig(model=os.environ.get("RANKFORMER_MODEL", "models:/rankformer@current")))

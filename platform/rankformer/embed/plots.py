@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from rankformer.embed import rows_of
-from rankformer.infer_config import EmbedConfig
+from rankformer.config.infer import EmbedConfig
+from rankformer.embed.cells import rows_of
 from rankformer.io import fs
 
 UMAP_CELLS = 20_000  # cells the UMAP is fitted on at most: a seeded sample (class means use every cell)

@@ -32,13 +32,13 @@ import pyarrow.parquet as pq
 
 from rankformer import schema
 from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
+from rankformer.config.infer import EmbedConfig, pick_layer
 from rankformer.errors import InputError
-from rankformer.infer_config import EmbedConfig, pick_layer
 from rankformer.io import fs
 from rankformer.words import counted, listed
 
 if TYPE_CHECKING:
-    from rankformer.embed_genes import OccurrenceSpill
+    from rankformer.embed.genes import OccurrenceSpill
 
 SHARD_STEM = "part-"
 OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
@@ -66,7 +66,7 @@ def _load(uri: str, tracking_uri: str, device: Any, precision: str) -> tuple[Any
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
-    from rankformer.loader import load_model
+    from rankformer.model.loader import load_model
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
@@ -74,7 +74,7 @@ def _load(uri: str, tracking_uri: str, device: Any, precision: str) -> tuple[Any
     model: Any = loaded.model
     model = model.to(device).eval()
     if precision != "float32":  # states come back as float32 for pooling and cosines
-        from rankformer.infer import PRECISIONS
+        from rankformer.model.forward import PRECISIONS
 
         model = model.to(PRECISIONS[precision])
     return loaded, model
@@ -84,8 +84,8 @@ class Embedder:
     """One model, loaded once; embeds one corpus shard per call."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from rankformer.infer import up_to
         from rankformer.model.device import device_token_budget, pick_device
+        from rankformer.model.forward import up_to
         from rankformer.model.store import max_length_of
 
         self.spec = spec
@@ -113,15 +113,15 @@ class Embedder:
         """(cell vectors in input order, GeneSums over all occurrences)."""
         import torch
 
-        from rankformer.infer import Batch, GeneSums, batches, hidden_states, mean_pool, one_ahead
         from rankformer.model.device import budget_named_on_oom, to_device
+        from rankformer.model.forward import Batch, GeneSums, batches, hidden_states, mean_pool, one_ahead
 
         dim = int(self.model.config.hidden_size)
         genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
         vecs = np.zeros((len(cells), dim), dtype=np.float32)
         self.occurrences: OccurrenceSpill | None = None
         if genes is not None and self.spec.get("gene_stat") == "median":
-            from rankformer.embed_genes import OccurrenceSpill
+            from rankformer.embed.genes import OccurrenceSpill
 
             self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
 
@@ -323,7 +323,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     from rankformer import tracking
     from rankformer.classify.common import JobOutput, check_model_and_corpus
     from rankformer.cluster import map_shards_actors
-    from rankformer.config import ClusterOptions
+    from rankformer.config.corpus import ClusterOptions
     from rankformer.corpus.tokenize import corpus_files
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
@@ -354,7 +354,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
         **sample_note(cfg.limit_cells, selected, cfg.seed),
     }
     if cfg.level == "gene":
-        from rankformer.embed_genes import merge_genes, write_genes
+        from rankformer.embed.genes import merge_genes, write_genes
 
         table = merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
         write_genes(out, table)
@@ -362,7 +362,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     else:
         out.files += shards
         if cfg.plot_column:
-            from rankformer.embed_plots import plots
+            from rankformer.embed.plots import plots
 
             summary["umap_cells"] = plots(cfg, out, shards)
     if cfg.experiment:

@@ -16,7 +16,7 @@ import numpy as np
 from rankformer import schema
 from rankformer.errors import VocabError
 from rankformer.io.fs import read_bytes
-from rankformer.vocab import GeneVocab, normalize_gene_id
+from rankformer.vocab.gene_vocab import GeneVocab, normalize_gene_id
 
 _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from rankformer.config.infer import check_layer
 from rankformer.errors import InputError
-from rankformer.infer_config import check_layer
 
 
 @dataclass
@@ -178,7 +178,7 @@ def check_training_precision(precision: str) -> str:
 
 
 def _nested(cls: type, value: Any) -> Any:
-    from rankformer.config import from_mapping
+    from rankformer.config.corpus import from_mapping
 
     return from_mapping(cls, value) if isinstance(value, dict) else value
 

@@ -26,7 +26,7 @@ from rankformer.model.store import (
     read_meta,
     read_model_dir,
 )
-from rankformer.vocab import GeneVocab
+from rankformer.vocab.gene_vocab import GeneVocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
