@@ -225,7 +225,7 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
     import requests
     from ray import serve
 
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files
     from rankformer.serve.app import ServeConfig, run_serve
     from rankformer.vocab.gene_vocab import GeneVocab
 
@@ -258,7 +258,7 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
 
 
 def show(vocab_path: str, corpus: str) -> None:
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files
     from rankformer.vocab.gene_vocab import GeneVocab
 
     vocab = GeneVocab.load(vocab_path)

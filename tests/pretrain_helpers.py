@@ -72,9 +72,8 @@ def pretrain_in_process(
     corpus: str, out: str, steps: int, seed: int = 0, max_tokens: int = 2048, **model: object
 ) -> str:
     """A tiny model pretrained in this process on ``corpus`` and saved as a model directory."""
-    from rankformer.api import corpus_manifest
     from rankformer.config.train import PretrainConfig
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files, corpus_manifest
     from rankformer.model.store import save_model_dir
     from rankformer.train.local import LocalContext
     from rankformer.train.loop import run_loop

@@ -17,7 +17,8 @@ from rankformer.cli import main as cli
 from rankformer.cluster import serial_shards
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.inspect import corpus_stats, explain_cell
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.errors import InputError
 
 pytestmark = needs_shared()

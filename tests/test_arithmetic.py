@@ -12,7 +12,8 @@ from helpers import write_anndata
 from rankformer.cluster import serial_shards
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
 from rankformer.corpus.kernels import ranking_values
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.io.synth import gene_ids
 from rankformer.vocab.gene_vocab import build_vocab
 

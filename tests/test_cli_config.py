@@ -158,7 +158,7 @@ def test_drivers_check_a_model_against_a_corpus_without_loading_torch(tmp_path):
     assert got.returncode == 0, got.stderr[-2000:]
     assert got.stderr.count("uses vocabulary") == 5
     # with a model of the corpus's vocabulary: fine-tuning's labels and label columns, still no torch
-    from rankformer.api import corpus_vocab
+    from rankformer.corpus.read import corpus_vocab
 
     same = corpus_vocab(corpus)
     matching = str(tmp_path / "matching")

@@ -171,7 +171,7 @@ def test_gene_median_with_shards_left_empty_by_the_selection(world, tmp_path):
 def test_a_seeded_sample_of_the_selected_cells(world, tmp_path):
     """--limit-cells: the cells `predict --limit-cells` draws with that seed, across the shards, each
     embedded as in a full run; the sample is in the manifest; a limit over the selection takes all."""
-    from rankformer.classify.data import load_cells
+    from rankformer.job.cells import load_cells
 
     where = ["cell_type=t0,t2"]
     common = {"model": world.model, "corpus": world.corpus, "cells_where": where, "in_process": True}
@@ -510,7 +510,8 @@ def test_a_jobs_passes_share_one_loaded_model(world):
     """Inside `sharing_models` (an in-process perturbation's state and perturbation passes),
     embedders of the same model, device and precision share one loaded copy, each with its own
     layer; another precision, or outside the block, loads its own."""
-    from rankformer.embed.cells import Embedder, sharing_models
+    from rankformer.embed.cells import Embedder
+    from rankformer.job.actors import sharing_models
 
     spec = {"model": world.model, "tracking_uri": "", "use_gpu": False, "layer": "penultimate"}
     spec |= {"level": "cell", "pooling": "mean"}

@@ -256,7 +256,7 @@ def test_predict_cells(cells_run, world, tmp_path):
     assert len(table) == 300 and (table.label == table.predicted).mean() > 0.8
     # in memory: the same table for the same cells
     import rankformer
-    from rankformer.api import read_corpus
+    from rankformer.corpus.read import read_corpus
 
     clf = rankformer.load_classifier(str(out / "model"))
     assert clf.kind == "cells" and clf.classes == [f"type{t}" for t in range(3)]
@@ -271,7 +271,7 @@ def test_predict_cells(cells_run, world, tmp_path):
 
 def test_in_memory_gene_predictions_equal_the_job(genes_run, world, tmp_path):
     import rankformer
-    from rankformer.api import read_corpus
+    from rankformer.corpus.read import read_corpus
 
     uri = f"sqlite:///{world.d}/mlflow.db"
     cfg = PredictConfig(

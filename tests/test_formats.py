@@ -8,7 +8,8 @@ import pytest
 from helpers import write_anndata
 from rankformer.cluster import serial_shards
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.io.synth import SynthSpec, counts_chunk, gene_ids, write_10x_h5, write_10x_mtx, write_loom
 from rankformer.vocab.gene_vocab import build_vocab
 

@@ -117,7 +117,7 @@ def test_queued_batches_leave_the_host_free(tmp_path):
     import numpy as np
     from transformers import BertForSequenceClassification, BertForTokenClassification
 
-    from rankformer.classify.genes import token_probs
+    from rankformer.model.forward import token_probs
     from rankformer.model.presets import bert_config, preset
     from rankformer.perturb.perturber import Perturber
     from rankformer.train.finetune import cell_probs

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 from rankformer.cli import main
-from rankformer.corpus.tokenize import corpus_files
+from rankformer.corpus.read import corpus_files
 from rankformer.io.synth import SynthSpec, write_h5ad
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

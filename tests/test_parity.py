@@ -8,7 +8,8 @@ import pytest
 
 from rankformer.cluster import serial_shards
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.vocab.gene_vocab import GeneVocab
 
 CASES = [("pbmc3k_first1k", "V2", "v2"), ("pbmc3k_first1k", "V1", "v1"), ("breast_tumor_302", "V2", "v2")]

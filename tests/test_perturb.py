@@ -223,7 +223,7 @@ def test_scores_equal_the_plain_per_variant_computation(world, tmp_path, monkeyp
 def test_a_seeded_sample_of_the_start_state_cells(world, tmp_path):
     """--limit-cells samples among the selected (start-state) cells, the sample `predict` draws;
     their rows equal the full run's; the state embeddings still use every cell of each state."""
-    from rankformer.classify.data import load_cells
+    from rankformer.job.cells import load_cells
 
     _delete_every_gene(world, tmp_path / "full")
     summary = _delete_every_gene(world, tmp_path / "s", limit_cells=4, seed=2)
@@ -473,7 +473,7 @@ def test_in_memory_api_gives_the_jobs_numbers(world, tmp_path):
     import pyarrow as pa
 
     import rankformer
-    from rankformer.api import read_corpus
+    from rankformer.corpus.read import read_corpus
 
     _delete_every_gene(world, tmp_path / "job")
     job_states = json.loads((tmp_path / "job" / "states.json").read_text())
@@ -517,7 +517,7 @@ def test_state_embeddings_from_a_capped_sample_of_each_state(world, tmp_path):
     from itertools import combinations
 
     import rankformer
-    from rankformer.api import read_corpus
+    from rankformer.corpus.read import read_corpus
 
     def states(out, **kw):
         cfg = {"model": world.model, "corpus": world.small, "out": str(tmp_path / out), "in_process": True}

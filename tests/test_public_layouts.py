@@ -13,7 +13,8 @@ import scipy.sparse as sp
 from conftest import DATA, needs_shared
 from rankformer.cluster import serial_shards
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.errors import InputError
 
 pytestmark = needs_shared()

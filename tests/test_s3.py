@@ -10,7 +10,8 @@ import s3fs
 
 from rankformer.config.corpus import ReadOptions, TokenizeConfig, VocabBuildConfig
 from rankformer.corpus.medians import run_vocab_build
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.io.synth import SynthSpec, write_h5ad
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]

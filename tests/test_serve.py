@@ -119,7 +119,7 @@ def test_embed_equals_the_batch_job(app, tmp_path):
 
 
 def test_counts_and_ranked_genes_are_tokenized_like_the_corpus(app):
-    from rankformer.api import tokenize_anndata
+    from rankformer.corpus.memory import tokenize_anndata
 
     ids = gene_ids(N_GENES)
     rng = np.random.default_rng(0)

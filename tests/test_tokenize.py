@@ -12,7 +12,8 @@ import pytest
 from helpers import reference_rank, write_anndata
 from rankformer.cli import main
 from rankformer.config.corpus import ClusterOptions, ReadOptions, TokenizeConfig
-from rankformer.corpus.tokenize import corpus_files, run_tokenize
+from rankformer.corpus.read import corpus_files
+from rankformer.corpus.tokenize import run_tokenize
 from rankformer.errors import InputError
 from rankformer.io.synth import SynthSpec, counts_chunk, gene_ids, write_h5ad
 from rankformer.vocab.gene_vocab import build_vocab
@@ -86,9 +87,9 @@ def test_the_corpus_keeps_its_vocabulary(ray_cluster, corpus_inputs, tmp_path):
     import shutil
 
     import rankformer
-    from rankformer.api import corpus_vocab
     from rankformer.config.train import PretrainConfig
     from rankformer.corpus.inspect import explain_cell
+    from rankformer.corpus.read import corpus_vocab
     from rankformer.train.plan import plan
 
     given = tmp_path / "given_vocab.json"

@@ -8,7 +8,10 @@ classifier).
 
 from typing import Any
 
-__version__ = "0.1.0"
+from rankformer.schema import VERSION
+
+__version__ = VERSION
+
 __all__ = [
     "Classifier",
     "GeneVocab",
@@ -22,16 +25,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("tokenize_anndata", "read_corpus", "corpus_vocab"):
+    if name in __all__:
         from rankformer import api
 
         return getattr(api, name)
-    if name in ("load_model", "Model", "load_classifier", "Classifier"):
-        from rankformer import notebook as inference
-
-        return getattr(inference, name)
-    if name == "GeneVocab":
-        from rankformer.vocab.gene_vocab import GeneVocab
-
-        return GeneVocab
     raise AttributeError(f"module 'rankformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

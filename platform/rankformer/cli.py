@@ -214,7 +214,7 @@ def _model_and_corpus_door(cfg: Any) -> None:
     model, corpus = getattr(cfg, "model", None), getattr(cfg, "corpus", None)
     if not (isinstance(model, str) and isinstance(corpus, str)):
         return
-    from rankformer.classify.common import check_model_and_corpus
+    from rankformer.job.door import check_model_and_corpus
     from rankformer.tracking import resolve_uri
 
     track = getattr(cfg, "track", None)

@@ -39,7 +39,7 @@ class _TakesCells:
         the model's vocabulary, layout and length. ``options``: its other arguments (``counts``
         "X", "raw" or "layers/NAME"; ``carry`` obs columns; ``gene_ids`` for a matrix; ...).
         Cells without a vocabulary gene are dropped; ``source_row`` says which row each one is."""
-        from rankformer.api import tokenize_anndata
+        from rankformer.corpus.memory import tokenize_anndata
 
         fixed = [k for k in ("vocab", "layout", "max_length") if k in options]
         if fixed:
@@ -207,7 +207,7 @@ def token_cells(
     """Token arrays, cell ids and the table (None for token lists) from a table of corpus rows
     (``input_ids``; ``cell_id`` when present) or a sequence of token id lists, checked against
     the model's vocabulary and length."""
-    from rankformer.classify.data import token_lists
+    from rankformer.job.cells import token_lists
 
     _refuse_counts(cells)
     table = None
@@ -320,8 +320,8 @@ class Classifier(_TakesCells):
         """Cell classifiers: per cell ``cell_id``, ``label`` (from the training label column when
         the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen in
         the cells, mean class probabilities over its occurrences, ranked as `predict genes` ranks."""
-        from rankformer.classify.common import token_layout
         from rankformer.classify.predict import cell_predictions, gene_predictions
+        from rankformer.job.door import token_layout
 
         arrays, ids, table = token_cells(cells, self.vocab, self.max_length)
         pad, gene_lo = token_layout(self.vocab)

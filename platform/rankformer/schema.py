@@ -2,6 +2,8 @@
 
 from typing import Final
 
+VERSION: Final = "0.1.0"  # of the package; written into every manifest
+
 INPUT_IDS: Final = "input_ids"
 LENGTH: Final = "length"
 CELL_ID: Final = "cell_id"

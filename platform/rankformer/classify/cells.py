@@ -18,12 +18,14 @@ import pandas as pd
 import torch
 
 from rankformer import schema, tracking
-from rankformer.classify.common import JobOutput, PretrainedOnCorpus, check_placement, in_parent_run
+from rankformer.classify.common import PretrainedOnCorpus, check_placement
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
-from rankformer.classify.data import Cells, cell_label_columns, corpus_columns, load_cells, parse_where
+from rankformer.classify.data import cell_label_columns
 from rankformer.classify.genes import logreg
 from rankformer.config.train import FinetuneCellsConfig
 from rankformer.errors import InputError
+from rankformer.job.cells import Cells, corpus_columns, load_cells, parse_where
+from rankformer.job.output import JobOutput, in_parent_run
 from rankformer.train import metrics
 from rankformer.train.finetune import (
     TrainSpec,

@@ -18,14 +18,16 @@ import pandas as pd
 import torch
 
 from rankformer import tracking
-from rankformer.classify.common import JobOutput, PretrainedOnCorpus, check_placement, in_parent_run
+from rankformer.classify.common import PretrainedOnCorpus, check_placement
 from rankformer.classify.controls import rank_statistics, verdict
-from rankformer.classify.data import Cells, cells_with_tokens, load_cells, parse_where
+from rankformer.classify.data import cells_with_tokens
 from rankformer.classify.labels import GeneLabels, check_enough, describe, vocabulary_labels
 from rankformer.classify.tune import GeneScorer, apply, search
 from rankformer.config.train import FinetuneGenesConfig
 from rankformer.errors import InputError
-from rankformer.model.forward import Batch, GeneSums, batches, class_probs, one_ahead
+from rankformer.job.cells import Cells, load_cells, parse_where
+from rankformer.job.output import JobOutput, in_parent_run
+from rankformer.model.forward import GeneSums, token_probs
 from rankformer.model.store import ModelInfo
 from rankformer.train import metrics
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
@@ -33,23 +35,6 @@ from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, 
 JOB = "finetune-genes"
 FROZEN, RANKS = "frozen_embeddings", "rank_statistics"  # the baselines scored in the same folds
 BASELINE_PREFIX = {FROZEN: "frozen", RANKS: "rank_baseline"}  # their metrics' prefix in MLflow
-
-
-@torch.no_grad()
-def token_probs(
-    model: torch.nn.Module, cells: list[np.ndarray], pad: int, gene_lo: int, max_tokens: int = 16_384
-) -> GeneSums:
-    """Per-token sums of class probabilities over every occurrence in ``cells``, and counts."""
-    model.eval()
-    device = next(model.parameters()).device
-    config: Any = model.config
-    sums = GeneSums(int(config.vocab_size), int(config.num_labels))
-
-    def finish(b: Batch, prob: torch.Tensor) -> None:
-        sums.add(b.ids, prob, b.ids >= gene_lo)
-
-    one_ahead(batches(cells, pad, max_tokens), lambda b: class_probs(model, b, device), finish)
-    return sums
 
 
 def gene_folds(labels: GeneLabels, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

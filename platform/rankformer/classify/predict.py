@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 
 from rankformer import schema, tracking
-from rankformer.classify.common import JobOutput, open_model_and_corpus, token_layout
-from rankformer.classify.data import corpus_columns, load_cells, parse_where
 from rankformer.config.infer import PredictConfig, token_budget
 from rankformer.errors import InputError
+from rankformer.job.cells import corpus_columns, load_cells, parse_where
+from rankformer.job.door import open_model_and_corpus, token_layout
+from rankformer.job.output import JobOutput
 
 TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
 
@@ -100,7 +101,8 @@ def gene_predictions(
 ) -> pd.DataFrame:
     """The gene prediction table: each gene's mean class probabilities over its occurrences in
     ``ids``, whether it was a training gene, ranked by the positive class."""
-    from rankformer.classify.genes import gene_table, token_probs
+    from rankformer.classify.genes import gene_table
+    from rankformer.model.forward import token_probs
 
     training = {g for gs in loaded.meta.get("labelled_genes", {}).values() for g in gs}
     positive = classes.index(loaded.meta.get("positive_class", classes[0]))

@@ -78,7 +78,7 @@ class GeneScorer:
         )
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from rankformer.classify.genes import token_probs
+        from rankformer.model.forward import token_probs
         from rankformer.train.metrics import scores
 
         prob = token_probs(model, self.cells, self.pad, self.gene_lo, self.max_tokens).means(self.tokens)

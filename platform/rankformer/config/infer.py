@@ -5,10 +5,12 @@ loading torch and Transformers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from rankformer.errors import InputError
-from rankformer.model.perturbations import KINDS
 
+PerturbKind = Literal["delete", "overexpress", "inhibit", "activate"]
+KINDS: tuple[str, ...] = get_args(PerturbKind)
 PRECISION_NAMES = ("float32", "bfloat16", "float16")
 LAYER_NAMES = ("penultimate", "last")
 # tokens per forward batch (cells x longest) unless given. The CPU's default keeps a batch's

@@ -15,7 +15,8 @@ import scipy.sparse as sp
 from rankformer import schema
 from rankformer.config.corpus import ReadOptions
 from rankformer.errors import InputError
-from rankformer.io.sources import CellSource, open_source
+from rankformer.io.base import CellSource
+from rankformer.io.sources import open_source
 from rankformer.vocab.gene_vocab import GeneVocab, read_gene_table
 
 log = logging.getLogger(__name__)

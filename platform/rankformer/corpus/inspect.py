@@ -26,7 +26,7 @@ from rankformer.vocab.gene_vocab import GeneVocab
 
 
 def _corpus(out: str) -> tuple[dict[str, Any], Any]:
-    from rankformer.api import corpus_manifest, read_corpus
+    from rankformer.corpus.read import corpus_manifest, read_corpus
 
     return corpus_manifest(out), read_corpus(out, engine="arrow")
 
@@ -63,7 +63,7 @@ def source_path(recorded: str, manifest: dict[str, Any]) -> str:
 
 def explain_cell(out: str, cell: str | None = None, row: int | None = None) -> pd.DataFrame:
     """Every expressed vocabulary gene of the cell in rank order, with how its value came about."""
-    from rankformer.api import corpus_vocab
+    from rankformer.corpus.read import corpus_vocab
 
     manifest, _ = _corpus(out)
     cfg = manifest["config"]

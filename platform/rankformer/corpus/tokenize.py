@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import rankformer
 from rankformer import schema
 from rankformer.cluster import Runner, map_shards, maybe_inject_fault
 from rankformer.config.corpus import TokenizeConfig, to_dict
@@ -37,9 +36,11 @@ from rankformer.corpus.cells import (
     warn_if_normalized,
 )
 from rankformer.corpus.kernels import rank_chunk
+from rankformer.corpus.read import read_shard_stats
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.io.sources import CellSource, open_source
+from rankformer.io.base import CellSource
+from rankformer.io.sources import open_source
 from rankformer.vocab.gene_vocab import GeneVocab, guess_id_kind, load_expected
 from rankformer.words import counted
 
@@ -166,33 +167,6 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
     return json.dumps(stats).encode()
 
 
-def read_shard_stats(uri: str) -> dict[str, Any]:
-    with fs.open_input(uri) as f:
-        meta = pq.read_metadata(f).metadata or {}
-    if schema.SHARD_STATS_KEY not in meta:
-        raise InputError(f"{uri} is not a rankformer corpus shard (no shard statistics)")
-    return dict(json.loads(meta[schema.SHARD_STATS_KEY]))
-
-
-def corpus_files(out: str, vocab_hash: str | None = None) -> list[str]:
-    """The shard files of a finished corpus, in order, from its manifest (never a bare listing,
-    which could include another run's leftovers). With ``vocab_hash``, refuse a corpus made
-    with another vocabulary."""
-    uri = fs.join(out, schema.CORPUS_MANIFEST)
-    if not fs.exists(uri):
-        raise InputError(
-            f"{out} holds no finished corpus (no {schema.CORPUS_MANIFEST}); run or "
-            "rerun `rankformer tokenize` to finish it"
-        )
-    manifest = fs.read_json(uri, "rerun `rankformer tokenize` into a new --out folder")
-    if vocab_hash is not None and manifest["vocab_hash"] != vocab_hash:
-        raise InputError(
-            f"corpus {out} was tokenized with vocabulary {manifest['vocab_hash']}, not "
-            f"{vocab_hash}; use the vocabulary it was made with or tokenize again"
-        )
-    return [fs.join(out, s["name"]) for s in manifest["shards"]]
-
-
 def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
     """Refuse an output folder that holds anything but this very corpus (finished or partial)."""
     claim_uri = fs.join(cfg.out, schema.CORPUS_CLAIM)
@@ -300,7 +274,7 @@ def _write_manifest(
     manifest = {
         "format": "rankformer-corpus",
         "format_version": 1,
-        "software": {"rankformer": rankformer.__version__},
+        "software": {"rankformer": schema.VERSION},
         "vocab_hash": vocab.content_hash,
         "fingerprint": fingerprint,
         "config": to_dict(cfg),

@@ -15,69 +15,165 @@ shards already written; the manifest comes last.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import os
 import pickle
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.classify.data import seeded_sample, split_by_shard, token_lists
 from rankformer.config.infer import EmbedConfig, pick_layer
+from rankformer.embed.columns import OCC_STEM, vectors
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.words import counted, listed
+from rankformer.job.actors import shared_encoder
+from rankformer.job.cells import token_lists
+from rankformer.job.shards import read_shard, sample_note, sample_rows, shard_tasks, write_parquet
+from rankformer.words import counted
 
 if TYPE_CHECKING:
     from rankformer.embed.genes import OccurrenceSpill
 
-SHARD_STEM = "part-"
-OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rankformer.embed.genes import OccurrenceSpill
 
 
-_SHARED: dict[tuple[Any, ...], tuple[Any, Any]] | None = None  # see sharing_models
+# what embeddings depend on (not where or how widely they are computed)
+_EMBED_WHAT = (
+    "model",
+    "corpus",
+    "level",
+    "pooling",
+    "layer",
+    "cells_where",
+    "limit_cells",
+    "seed",
+    "gene_stat",
+    "precision",
+)
 
 
-@contextlib.contextmanager
-def sharing_models() -> Iterator[None]:
-    """Within the block, the embedders this process builds for the same model, device and
-    precision share one loaded copy (an in-process job's passes: the state embeddings, then the
-    perturbations, would each load it). Ray actors, other processes, load their own."""
-    global _SHARED
-    outer = _SHARED
-    _SHARED = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _SHARED = outer
+def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> dict[str, Any]:
+    """What every actor needs, after the checks of the options against the model and corpus."""
+    from rankformer.job.cells import check_columns, corpus_columns, parse_where
+
+    if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
+        raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
+    where = parse_where(cfg.cells_where)
+    names = corpus_columns(cfg.corpus)
+    check_columns(cfg.corpus, names, list(where), "--cells-where")
+    if cfg.plot_column:
+        check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")
+    return {
+        "model": cfg.model,
+        "tracking_uri": uri,
+        "use_gpu": cfg.use_gpu,
+        "precision": cfg.precision,
+        "layer": cfg.layer,
+        "level": cfg.level,
+        "pooling": cfg.pooling,
+        "max_tokens": cfg.max_tokens,
+        "gene_stat": cfg.gene_stat,
+        "columns": [c for c in names if c != schema.LENGTH],
+        "where": where,
+        "out": cfg.out,
+    }
 
 
-def _load(uri: str, tracking_uri: str, device: Any, precision: str) -> tuple[Any, Any]:
-    """(the loaded model, its encoder on ``device`` in ``precision``, in eval mode)."""
-    from transformers import BertModel
-    from transformers.utils import logging as hf_logging
+def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
+    from rankformer import tracking
+    from rankformer.cluster import map_shards_actors
+    from rankformer.config.corpus import ClusterOptions
+    from rankformer.corpus.read import corpus_files
+    from rankformer.job.door import check_model_and_corpus
+    from rankformer.job.output import JobOutput
 
-    from rankformer.model.loader import load_model
+    uri = tracking.resolve_uri(cfg.tracking_uri)
+    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
+    spec = _embed_spec(cfg, uri, info)
+    what = {k: v for k, v in asdict(cfg).items() if k in _EMBED_WHAT}
+    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
+    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
+    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
+    shards, pending = shard_tasks(cfg.out, files, sample)
+    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
+    make = functools.partial(make_embedder, spec)
+    cells = sum(  # each actor wrote its shard and says how many cells it held
+        int(pickle.loads(p)["cells"])
+        for p in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0)
+    )
+    summary: dict[str, Any] = {
+        "model": cfg.model,
+        "vocab_hash": info.vocab.content_hash,
+        "layout": info.layout,
+        "level": cfg.level,
+        "layer": cfg.layer,
+        "pooling": cfg.pooling if cfg.level == "cell" else f"{cfg.gene_stat} over occurrences",
+        "dim": int(info.config.hidden_size),
+        "shards": shards,
+        "shards_done_before": len(shards) - len(pending),
+        "cells_this_run": cells,
+        **sample_note(cfg.limit_cells, selected, cfg.seed),
+    }
+    if cfg.level == "gene":
+        from rankformer.embed.genes import merge_genes, write_genes
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hf_logging.set_verbosity_error()  # a masked-LM folder read as BertModel: its head is left out
-    loaded = load_model(uri, head=BertModel, tracking_uri=tracking_uri)
-    model: Any = loaded.model
-    model = model.to(device).eval()
-    if precision != "float32":  # states come back as float32 for pooling and cosines
-        from rankformer.model.forward import PRECISIONS
+        table = merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
+        write_genes(out, table)
+        summary["genes"] = table.num_rows
+    else:
+        out.files += shards
+        if cfg.plot_column:
+            from rankformer.embed.plots import plots
 
-        model = model.to(PRECISIONS[precision])
-    return loaded, model
+            summary["umap_cells"] = plots(cfg, out, shards)
+    if cfg.experiment:
+        _track(cfg, uri, out.stage, summary)
+    out.finish(summary)
+    genes = f", {summary['genes']:,} genes in all" if cfg.level == "gene" else ""
+    print(
+        f"embedded {cells:,} cells in {counted(len(pending), 'shard')} ({summary['shards_done_before']} of "
+        f"{len(shards)} done before){genes} -> {cfg.out}"
+    )
+    return summary
+
+
+def _track(cfg: EmbedConfig, uri: str, stage: str, summary: dict[str, Any]) -> None:
+    """An MLflow run of the job: its summary as params, its plots as artifacts."""
+    from rankformer import tracking
+
+    run = tracking.start_run(uri, cfg.experiment or "", f"embed-{cfg.level}", {"job": "embed"})
+    tracking.log_params(uri, run, {k: v for k, v in summary.items() if k != "shards"})
+    for name in ("umap.png", "class_means.png"):
+        if os.path.exists(os.path.join(stage, name)):
+            tracking.log_file(uri, run, os.path.join(stage, name), "plots")
+    tracking.end_run(uri, run)
+
+
+def read_embeddings(out: str) -> pa.Table:
+    """All cell-level shards of a finished embed output, in corpus order."""
+    from rankformer.job.output import finished_output
+
+    manifest = finished_output(out, "embed-cell", "embed-gene")
+    if manifest.get("level") == "gene":
+        with fs.open_input(fs.join(out, "genes.parquet")) as f:
+            return pq.read_table(f)
+    return _cell_shards(out, manifest["shards"])
+
+
+def _cell_shards(out: str, names: list[str]) -> pa.Table:
+    tables = []
+    for name in names:
+        with fs.open_input(fs.join(out, name)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
 
 
 class Embedder:
@@ -91,11 +187,7 @@ class Embedder:
         self.spec = spec
         self.device = pick_device(spec["use_gpu"])
         precision = spec.get("precision", "float32")
-        key = (spec["model"], spec["tracking_uri"], self.device, precision)
-        shared = _SHARED.get(key) if _SHARED is not None else None
-        loaded, self.model = shared or _load(spec["model"], spec["tracking_uri"], self.device, precision)
-        if _SHARED is not None:
-            _SHARED[key] = (loaded, self.model)
+        loaded, self.model = shared_encoder(spec["model"], spec["tracking_uri"], self.device, precision)
         self.pad = int(loaded.vocab.specials[schema.PAD])
         self.gene_lo = int(loaded.vocab.token_ids.min())
         self.vocab = loaded.vocab
@@ -152,7 +244,7 @@ class Embedder:
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
-        table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
+        table = read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
         cells = token_lists(table)
         vecs, genes = self.embed(cells)
         target = fs.join(spec["out"], task["name"])
@@ -168,240 +260,12 @@ class Embedder:
                     "sum": vectors(sums, pa.float64()),
                 }
             )
-            _write_parquet(target, part)
+            write_parquet(target, part)
             return pickle.dumps({"name": task["name"], "cells": len(cells)})
         out = table.drop_columns([schema.INPUT_IDS]).append_column("embedding", vectors(vecs))
-        _write_parquet(target, out)
+        write_parquet(target, out)
         return pickle.dumps({"name": task["name"], "cells": len(cells)})
 
 
-def vectors(rows: np.ndarray, kind: pa.DataType | None = None) -> pa.FixedSizeListArray:
-    """A (n, dim) array as a ``fixed_size_list<float32>`` column (or of ``kind``)."""
-    flat = pa.array(rows.reshape(-1), kind or pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
-
-
-def rows_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A ``fixed_size_list`` column as an (n, dim) array: the inverse of :func:`vectors`."""
-    flat = column.combine_chunks().flatten()  # flatten(), not .values: it honours a slice's offset
-    return flat.to_numpy(zero_copy_only=False).reshape(len(column), -1)
-
-
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fs.write_bytes_atomic(uri, buf.getvalue())
-
-
-def _read_shard(
-    uri: str, columns: list[str], where: dict[str, list[str]], rows: list[int] | None = None
-) -> pa.Table:
-    """The selected cells of one shard (``rows``: only these, counted among the selected)."""
-    with fs.open_input(uri) as f:
-        table = pq.read_table(f, columns=columns)
-    for col, values in where.items():
-        table = table.filter(pc.is_in(table.column(col).cast(pa.string()), pa.array(values)))
-    return table if rows is None else table.take(pa.array(rows, pa.int64()))
-
-
-def _selected_in(uri: str, where: dict[str, list[str]]) -> int:
-    if not where:
-        with fs.open_input(uri) as f:
-            return int(pq.read_metadata(f).num_rows)
-    return _read_shard(uri, list(where), where).num_rows
-
-
-def sample_rows(
-    files: list[str], where: dict[str, list[str]], limit: int | None, seed: int
-) -> tuple[list[list[int] | None], int]:
-    """Per shard, the rows (among its selected cells) of a seeded sample of ``limit`` of the
-    corpus's selected cells, None for all; and how many cells were selected. The sample is the
-    one ``predict --limit-cells`` draws with the same seed: the same rule over the same cells in
-    manifest order. Only the shards' footers (or their ``where`` columns) are read, in threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if limit is None and not where:
-        return [None] * len(files), -1
-    with ThreadPoolExecutor(16) as pool:
-        counts = np.asarray(list(pool.map(lambda f: _selected_in(f, where), files)), dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        cond = " and ".join(f"{k} in {v}" for k, v in where.items())
-        present = "; ".join(f"{k}: {listed_counts(column_values(files, k))}" for k in where)
-        raise InputError(f"no cell of the corpus matches --cells-where {cond}; the values there: {present}")
-    if limit is None or limit >= total:
-        return [None] * len(files), total
-    return list(split_by_shard(seeded_sample(total, limit, seed), counts.tolist())), total
-
-
-def column_values(files: list[str], column: str) -> Counter[str]:
-    """How many cells hold each value of a carried column (read alone, shard by shard, in threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def counts(uri: str) -> Counter[str]:
-        vc = pc.value_counts(
-            pc.cast(_read_shard(uri, [column], {}).column(column), pa.string()).combine_chunks()
-        )
-        return Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
-
-    with ThreadPoolExecutor(16) as pool:
-        return sum(pool.map(counts, files), Counter())
-
-
-def listed_counts(values: Counter[str], most: int = 20) -> str:
-    """``'A' (1,004), 'B' (280)`` for the commonest values, and how many more there are."""
-    return listed([f"{k!r} ({n:,})" for k, n in values.most_common()], most)
-
-
-def _make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+def make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     return Embedder(spec)
-
-
-def shard_tasks(out: str, files: list[str], sample: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """The output shard names (one per corpus shard, in order) and the tasks of those that a
-    finished earlier run has not already written (``sample``: each shard's rows, or None)."""
-    done = set(fs.listdir(out))
-    names = [f"{SHARD_STEM}{i:06d}.parquet" for i in range(len(files))]
-    tasks = [
-        {"uri": f, "name": n, "rows": rows}
-        for f, n, rows in zip(files, names, sample, strict=True)
-        if n not in done
-    ]
-    return names, tasks
-
-
-def sample_note(limit_cells: int | None, selected: int, seed: int) -> dict[str, Any]:
-    """The summary's note of a ``--limit-cells`` sample (nothing without one)."""
-    if limit_cells is None:
-        return {}
-    return {"sample": {"cells": min(limit_cells, selected), "of_selected": selected, "seed": seed}}
-
-
-# what embeddings depend on (not where or how widely they are computed)
-_EMBED_WHAT = (
-    "model",
-    "corpus",
-    "level",
-    "pooling",
-    "layer",
-    "cells_where",
-    "limit_cells",
-    "seed",
-    "gene_stat",
-    "precision",
-)
-
-
-def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> dict[str, Any]:
-    """What every actor needs, after the checks of the options against the model and corpus."""
-    from rankformer.classify.data import check_columns, corpus_columns, parse_where
-
-    if cfg.pooling == "cls" and (info.layout != "v2" or schema.CLS not in info.vocab.specials):
-        raise InputError(f"--pooling cls needs a v2-layout model (<cls> first); {cfg.model} is {info.layout}")
-    where = parse_where(cfg.cells_where)
-    names = corpus_columns(cfg.corpus)
-    check_columns(cfg.corpus, names, list(where), "--cells-where")
-    if cfg.plot_column:
-        check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")
-    return {
-        "model": cfg.model,
-        "tracking_uri": uri,
-        "use_gpu": cfg.use_gpu,
-        "precision": cfg.precision,
-        "layer": cfg.layer,
-        "level": cfg.level,
-        "pooling": cfg.pooling,
-        "max_tokens": cfg.max_tokens,
-        "gene_stat": cfg.gene_stat,
-        "columns": [c for c in names if c != schema.LENGTH],
-        "where": where,
-        "out": cfg.out,
-    }
-
-
-def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
-    from rankformer import tracking
-    from rankformer.classify.common import JobOutput, check_model_and_corpus
-    from rankformer.cluster import map_shards_actors
-    from rankformer.config.corpus import ClusterOptions
-    from rankformer.corpus.tokenize import corpus_files
-
-    uri = tracking.resolve_uri(cfg.tracking_uri)
-    info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
-    spec = _embed_spec(cfg, uri, info)
-    what = {k: v for k, v in asdict(cfg).items() if k in _EMBED_WHAT}
-    files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
-    out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
-    shards, pending = shard_tasks(cfg.out, files, sample)
-    opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
-    make = functools.partial(_make_embedder, spec)
-    cells = sum(  # each actor wrote its shard and says how many cells it held
-        int(pickle.loads(p)["cells"])
-        for p in map_shards_actors(pending, make, opts, cfg.num_workers, 1.0 if cfg.use_gpu else 0.0)
-    )
-    summary: dict[str, Any] = {
-        "model": cfg.model,
-        "vocab_hash": info.vocab.content_hash,
-        "layout": info.layout,
-        "level": cfg.level,
-        "layer": cfg.layer,
-        "pooling": cfg.pooling if cfg.level == "cell" else f"{cfg.gene_stat} over occurrences",
-        "dim": int(info.config.hidden_size),
-        "shards": shards,
-        "shards_done_before": len(shards) - len(pending),
-        "cells_this_run": cells,
-        **sample_note(cfg.limit_cells, selected, cfg.seed),
-    }
-    if cfg.level == "gene":
-        from rankformer.embed.genes import merge_genes, write_genes
-
-        table = merge_genes(cfg.out, shards, info.vocab, median=cfg.gene_stat == "median")
-        write_genes(out, table)
-        summary["genes"] = table.num_rows
-    else:
-        out.files += shards
-        if cfg.plot_column:
-            from rankformer.embed.plots import plots
-
-            summary["umap_cells"] = plots(cfg, out, shards)
-    if cfg.experiment:
-        _track(cfg, uri, out.stage, summary)
-    out.finish(summary)
-    genes = f", {summary['genes']:,} genes in all" if cfg.level == "gene" else ""
-    print(
-        f"embedded {cells:,} cells in {counted(len(pending), 'shard')} ({summary['shards_done_before']} of "
-        f"{len(shards)} done before){genes} -> {cfg.out}"
-    )
-    return summary
-
-
-def _track(cfg: EmbedConfig, uri: str, stage: str, summary: dict[str, Any]) -> None:
-    """An MLflow run of the job: its summary as params, its plots as artifacts."""
-    from rankformer import tracking
-
-    run = tracking.start_run(uri, cfg.experiment or "", f"embed-{cfg.level}", {"job": "embed"})
-    tracking.log_params(uri, run, {k: v for k, v in summary.items() if k != "shards"})
-    for name in ("umap.png", "class_means.png"):
-        if os.path.exists(os.path.join(stage, name)):
-            tracking.log_file(uri, run, os.path.join(stage, name), "plots")
-    tracking.end_run(uri, run)
-
-
-def read_embeddings(out: str) -> pa.Table:
-    """All cell-level shards of a finished embed output, in corpus order."""
-    from rankformer.classify.common import finished_output
-
-    manifest = finished_output(out, "embed-cell", "embed-gene")
-    if manifest.get("level") == "gene":
-        with fs.open_input(fs.join(out, "genes.parquet")) as f:
-            return pq.read_table(f)
-    return _cell_shards(out, manifest["shards"])
-
-
-def _cell_shards(out: str, names: list[str]) -> pa.Table:
-    tables = []
-    for name in names:
-        with fs.open_input(fs.join(out, name)) as f:
-            tables.append(pq.read_table(f))
-    return pa.concat_tables(tables)

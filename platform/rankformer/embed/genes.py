@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rankformer.embed.cells import OCC_STEM, rows_of, vectors
+from rankformer.embed.columns import OCC_STEM, rows_of, vectors
 from rankformer.io import fs
 
 MEDIAN_BUDGET_FLOATS = 1 << 27  # values the median merge holds at once (512 MB of float32)

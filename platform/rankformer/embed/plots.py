@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from rankformer.config.infer import EmbedConfig
-from rankformer.embed.cells import rows_of
+from rankformer.embed.columns import rows_of
 from rankformer.io import fs
 
 UMAP_CELLS = 20_000  # cells the UMAP is fitted on at most: a seeded sample (class means use every cell)

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from rankformer import schema
 from rankformer.errors import InputError
-from rankformer.io.sources import DIVIDE, RECIPROCAL, CellSource, gene_ids_from_index
+from rankformer.io.base import DIVIDE, RECIPROCAL, CellSource, gene_ids_from_index
 
 MEMORY_URI = "<memory>"
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
-from abc import ABC, abstractmethod
-from typing import IO, Any
+from typing import Any
 
 import h5py
 import numpy as np
@@ -20,168 +18,22 @@ import scipy.sparse as sp
 from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
+from rankformer.io.base import (
+    RECIPROCAL,
+    SYMBOL_COLUMNS,
+    CellSource,
+    Hdf5Source,
+    decode,
+    gene_ids_from_index,
+    h5_integral,
+    looks_like_ensembl,
+    read_elem_slice,
+)
 
 FORMATS = "'.h5ad', '.loom', 10x '.h5', or a 10x folder holding matrix.mtx[.gz]"
-ENSEMBL_ID_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-
-# How the reference divides, by storage kind (see the README's exactness section): scipy's
-# sparse-by-dense division is a reciprocal then a multiply; numpy's dense division is a true one.
-DIVIDE = "divide"
-RECIPROCAL = "reciprocal"
 
 
-# var / row columns that hold gene symbols (CELLxGENE: feature_name; scanpy's 10x reader: gene_symbols)
-SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names")
-
-
-def looks_like_ensembl(values: np.ndarray) -> bool:
-    sample = [str(v).strip().upper() for v in values[:2000] if v is not None]
-    return bool(sample) and sum(bool(ENSEMBL_ID_RE.match(v)) for v in sample) > 0.5 * len(sample)
-
-
-class CellSource(ABC):
-    """Cells (rows) x genes (columns) of one file."""
-
-    fmt: str = ""
-    matrices: tuple[str, ...] = ("X",)  # the --counts choices this format has
-
-    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
-        self.uri = uri
-        self.gene_id_column = gene_id_column
-        self.counts = counts
-        self.n_cells = 0
-        self.gene_ids: np.ndarray = np.empty(0, dtype=object)
-        self.arithmetic = DIVIDE  # how the reference normalises this storage kind
-        self.id_note = ""  # said in the coverage line when ids come from somewhere unexpected
-        self.gene_symbols: np.ndarray | None = None  # per column, when the file names genes by symbol too
-        if counts not in self.matrices and not (counts.startswith("layers/") and "layers/*" in self.matrices):
-            raise InputError(
-                f"{uri}: --counts {counts!r} does not apply to {self.fmt or 'this'} files; "
-                f"choose one of {list(self.matrices)}"
-            )
-
-    def integer_alternatives(self) -> list[str]:
-        """Other matrices of this file (for --counts) whose stored values are integers."""
-        return []
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.gene_ids)
-
-    @abstractmethod
-    def obs_columns(self) -> list[str]: ...
-
-    @abstractmethod
-    def read_obs(self, name: str, start: int, stop: int) -> np.ndarray: ...
-
-    @abstractmethod
-    def cell_ids(self, start: int, stop: int) -> np.ndarray: ...
-
-    @abstractmethod
-    def read_counts(self, start: int, stop: int) -> sp.csr_matrix: ...
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        pass
-
-    def __enter__(self) -> CellSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def missing_gene_column(self, available: list[str]) -> InputError:
-        return InputError(
-            f"{self.uri}: gene-id column {self.gene_id_column!r} not found; columns are: "
-            f"{available}. Pass --gene-id-column with one of them ('index' for the row names)."
-        )
-
-
-def gene_ids_from_index(src: CellSource, index: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:
-    """(gene ids, note) when the gene-id column is not among ``columns``: the var index if asked
-    for ('index'), or if the default column is absent and the index holds Ensembl ids (CELLxGENE
-    and most scanpy pipelines), else the error that lists the columns."""
-    col = src.gene_id_column
-    if col == "index":
-        return index, ""
-    if col == schema.DEFAULT_GENE_ID_COLUMN and looks_like_ensembl(index):
-        return index, f"gene ids from the var index (Ensembl ids; no {col!r} column)"
-    raise src.missing_gene_column(columns)
-
-
-def _open_hdf5(uri: str) -> tuple[h5py.File, IO[bytes] | None]:
-    handle = None
-    try:
-        if fs.is_remote(uri):
-            handle = fs.open_input(uri)
-            return h5py.File(handle, "r"), handle
-        if not os.path.exists(uri):
-            raise FileNotFoundError(f"{uri} not found; check the path")
-        return h5py.File(uri, "r"), None
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise InputError(
-            f"{uri} is not a readable HDF5 file ({exc}): it is corrupt or truncated; "
-            "re-export or re-download it"
-        ) from exc
-
-
-def _decode(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in ("S", "O"):
-        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
-    return values
-
-
-def _read_elem_slice(elem: h5py.Dataset | h5py.Group, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of one anndata-encoded column (plain, string, or categorical)."""
-    if isinstance(elem, h5py.Group):
-        kind = elem.attrs.get("encoding-type", "")
-        if kind == "categorical":
-            codes = elem["codes"][start:stop]
-            cats = _decode(elem["categories"][:])
-            out = np.empty(len(codes), dtype=object)
-            out[codes >= 0] = cats[codes[codes >= 0]]
-            out[codes < 0] = None
-            return out
-        if kind in ("nullable-integer", "nullable-boolean"):
-            values = elem["values"][start:stop]
-            mask = elem["mask"][start:stop]
-            return np.where(mask, np.nan, values.astype(np.float64))
-        raise InputError(f"column {elem.name} has unsupported encoding {kind!r}")
-    return _decode(elem[start:stop])
-
-
-class _Hdf5Source(CellSource):
-    """An HDF5-based format: the file is opened here, checked by ``_setup``, closed on failure."""
-
-    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
-        super().__init__(uri, gene_id_column, counts)
-        self._file, self._handle = _open_hdf5(uri)
-        try:
-            self._setup()
-        except BaseException:
-            self.close()
-            raise
-
-    @abstractmethod
-    def _setup(self) -> None: ...
-
-    def close(self) -> None:
-        self._file.close()
-        if self._handle is not None:
-            self._handle.close()
-
-
-def _h5_integral(node: h5py.Dataset | h5py.Group, n: int = 20_000) -> bool:
-    """Whether the first ``n`` stored values of a dense or sparse matrix are all integers."""
-    data = node["data"] if isinstance(node, h5py.Group) else node
-    if data.dtype.kind in "iu":
-        return True
-    head = data[:n] if data.ndim == 1 else data[: max(1, n // max(1, data.shape[1]))]
-    return bool(np.all(np.isfinite(head)) and np.all(head == np.round(head)) and np.all(head >= 0))
-
-
-class H5adSource(_Hdf5Source):
+class H5adSource(Hdf5Source):
     fmt = "h5ad"
     matrices = ("X", "raw", "raw/X", "layers/*")
 
@@ -215,7 +67,7 @@ class H5adSource(_Hdf5Source):
         f = self._file
         nodes = {a: "raw/X" if a == "raw" else a for a in self._available() if a != "X"}
         current = "raw" if self.counts == "raw/X" else self.counts
-        return [name for name, key in nodes.items() if name != current and _h5_integral(f[key])]
+        return [name for name, key in nodes.items() if name != current and h5_integral(f[key])]
 
     def _setup(self) -> None:
         uri = self.uri
@@ -248,14 +100,14 @@ class H5adSource(_Hdf5Source):
         col = self.gene_id_column
         named = next((c for c in SYMBOL_COLUMNS if c in columns and c != col), None)
         if named is not None:
-            self.gene_symbols = _read_elem_slice(var[named], 0, n_vars)
+            self.gene_symbols = read_elem_slice(var[named], 0, n_vars)
         if col in columns:
             if named is None:  # ids in a column: the var names are often the symbols (scanpy's default)
-                index = _read_elem_slice(var[var_index], 0, n_vars)
+                index = read_elem_slice(var[var_index], 0, n_vars)
                 numbered = all(str(v).isdigit() for v in index[:100])  # AnnData's default names
                 self.gene_symbols = None if numbered or looks_like_ensembl(index) else index
-            return _read_elem_slice(var[col], 0, n_vars)
-        ids, self.id_note = gene_ids_from_index(self, _read_elem_slice(var[var_index], 0, n_vars), columns)
+            return read_elem_slice(var[col], 0, n_vars)
+        ids, self.id_note = gene_ids_from_index(self, read_elem_slice(var[var_index], 0, n_vars), columns)
         return ids
 
     @staticmethod
@@ -267,10 +119,10 @@ class H5adSource(_Hdf5Source):
         return [k for k in self._file["obs"] if k != self._obs_index]
 
     def read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
-        return _read_elem_slice(self._file["obs"][name], start, stop)
+        return read_elem_slice(self._file["obs"][name], start, stop)
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
-        return _read_elem_slice(self._file["obs"][self._obs_index], start, stop)
+        return read_elem_slice(self._file["obs"][self._obs_index], start, stop)
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         x = self._x
@@ -283,7 +135,7 @@ class H5adSource(_Hdf5Source):
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
 
 
-class LoomSource(_Hdf5Source):
+class LoomSource(Hdf5Source):
     """Loom: /matrix is genes x cells; gene attributes in /row_attrs, cell attributes in /col_attrs."""
 
     fmt = "loom"
@@ -305,9 +157,9 @@ class LoomSource(_Hdf5Source):
         rows = f["row_attrs"]
         if gene_id_column not in rows:
             raise self.missing_gene_column(sorted(rows))
-        self.gene_ids = _decode(rows[gene_id_column][:])
+        self.gene_ids = decode(rows[gene_id_column][:])
         if gene_id_column != "Gene" and "Gene" in rows:  # loompy's convention: Gene = symbol
-            self.gene_symbols = _decode(rows["Gene"][:])
+            self.gene_symbols = decode(rows["Gene"][:])
         if len(self.gene_ids) != n_genes:
             raise InputError(
                 f"{uri}: row_attrs/{gene_id_column} has {len(self.gene_ids)} entries for {n_genes} genes"
@@ -319,12 +171,12 @@ class LoomSource(_Hdf5Source):
         return [c for c in self._file["col_attrs"] if c != self._id_col]
 
     def read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
-        return _decode(self._file["col_attrs"][name][start:stop])
+        return decode(self._file["col_attrs"][name][start:stop])
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
         if self._id_col is None:
             return np.asarray([str(i) for i in range(start, stop)], dtype=object)
-        return _decode(self._file["col_attrs"][self._id_col][start:stop])
+        return decode(self._file["col_attrs"][self._id_col][start:stop])
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(self._m[:, start:stop].T)
@@ -332,7 +184,7 @@ class LoomSource(_Hdf5Source):
     def integer_alternatives(self) -> list[str]:
         layers = self._file.get("layers", {})
         names = [f"layers/{k}" for k in layers if f"layers/{k}" != self.counts]
-        return [n for n in names if _h5_integral(layers[n.split("/", 1)[1]], 2000)]
+        return [n for n in names if h5_integral(layers[n.split("/", 1)[1]], 2000)]
 
 
 def detect_format(uri: str) -> str:

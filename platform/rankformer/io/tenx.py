@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.io.sources import CellSource, _decode, _Hdf5Source
+from rankformer.io.base import CellSource, Hdf5Source, decode
 
 _TENX_ID_COLUMNS = {
     "ensembl_id": "id",
@@ -25,7 +25,7 @@ _TENX_ID_COLUMNS = {
 }
 
 
-class TenxH5Source(_Hdf5Source):
+class TenxH5Source(Hdf5Source):
     """Cell Ranger .h5: a CSC genes x cells matrix, i.e. CSR over cells (v3 /matrix, v2 /<genome>)."""
 
     fmt = "10x-h5"
@@ -46,8 +46,8 @@ class TenxH5Source(_Hdf5Source):
         if which is None:
             raise self.missing_gene_column(["id", "name"])
         self._g = g
-        self.gene_ids = _decode(ids[which][:])
-        self.gene_symbols = _decode(ids["name"][:]) if which == "id" else None
+        self.gene_ids = decode(ids[which][:])
+        self.gene_symbols = decode(ids["name"][:]) if which == "id" else None
         self.n_cells = int(g["shape"][1])
 
     def obs_columns(self) -> list[str]:
@@ -57,7 +57,7 @@ class TenxH5Source(_Hdf5Source):
         raise InputError(f"{self.uri}: 10x files carry no per-cell column {name!r}")
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
-        return _decode(self._g["barcodes"][start:stop])
+        return decode(self._g["barcodes"][start:stop])
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         indptr = self._g["indptr"][start : stop + 1].astype(np.int64)

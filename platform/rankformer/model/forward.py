@@ -192,3 +192,20 @@ def gene_and_cell_states(
 
     one_ahead(batches(cells, pad, max_tokens), lambda b: hidden_states(model, b, li, device), finish)
     return genes, cell_vecs
+
+
+@torch.no_grad()
+def token_probs(
+    model: torch.nn.Module, cells: list[np.ndarray], pad: int, gene_lo: int, max_tokens: int = 16_384
+) -> GeneSums:
+    """Per-token sums of class probabilities over every occurrence in ``cells``, and counts."""
+    model.eval()
+    device = next(model.parameters()).device
+    config: Any = model.config
+    sums = GeneSums(int(config.vocab_size), int(config.num_labels))
+
+    def finish(b: Batch, prob: torch.Tensor) -> None:
+        sums.add(b.ids, prob, b.ids >= gene_lo)
+
+    one_ahead(batches(cells, pad, max_tokens), lambda b: class_probs(model, b, device), finish)
+    return sums

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KINDS = ("delete", "overexpress", "inhibit", "activate")
+from rankformer.config.infer import KINDS
 
 
 def split_specials(

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 
 from rankformer import schema
 from rankformer.config.infer import PerturbConfig
-from rankformer.embed.cells import sample_note, sample_rows, shard_tasks, sharing_models
 from rankformer.errors import InputError
 from rankformer.io import fs
+from rankformer.job.actors import sharing_models
+from rankformer.job.shards import sample_note, sample_rows, shard_tasks
 from rankformer.perturb.perturber import Perturber
 from rankformer.perturb.states import STATES_FILE, check_states, gpus_of, state_embeddings, wanted_states
 from rankformer.perturb.stats import SYMBOLS_FILE, result_paths
@@ -61,7 +62,7 @@ def targets_of(
 
 def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) -> dict[str, Any]:
     """What every actor needs: the model, what to read and where to write, how to perturb."""
-    from rankformer.classify.data import check_columns, corpus_columns, parse_where
+    from rankformer.job.cells import check_columns, corpus_columns, parse_where
 
     where = parse_where(cfg.cells_where)
     names = corpus_columns(cfg.corpus)
@@ -100,10 +101,11 @@ def _selection(cfg: PerturbConfig, files: list[str], where: dict[str, list[str]]
 
 def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     from rankformer import tracking
-    from rankformer.classify.common import JobOutput, check_model_and_corpus
     from rankformer.cluster import map_shards_actors
     from rankformer.config.corpus import ClusterOptions
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files
+    from rankformer.job.door import check_model_and_corpus
+    from rankformer.job.output import JobOutput
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)

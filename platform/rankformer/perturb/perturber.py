@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from rankformer import schema
-from rankformer.classify.data import token_lists
-from rankformer.embed.cells import Embedder, _read_shard
+from rankformer.embed.cells import Embedder
 from rankformer.errors import InputError
+from rankformer.job.cells import token_lists
+from rankformer.job.shards import read_shard
 from rankformer.model.perturbations import delete_each, perturb, positions_of
 from rankformer.perturb.rows import GeneSink, RowWriter, gene_rows_table, scores_schema, scores_table
 
@@ -449,7 +450,7 @@ class Perturber(Embedder):
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         spec = self.spec
-        table = _read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
+        table = read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
         cells = token_lists(table)
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
         genes_name = "genes-" + task["name"] if spec["per_gene"] else None

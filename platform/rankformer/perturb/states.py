@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rankformer import schema
-from rankformer.classify.data import split_by_shard, token_lists
 from rankformer.config.infer import PerturbConfig
-from rankformer.embed.cells import Embedder, _read_shard, column_values, listed_counts
+from rankformer.embed.cells import Embedder
 from rankformer.errors import InputError
 from rankformer.io import fs
+from rankformer.job.cells import split_by_shard, token_lists
+from rankformer.job.shards import column_values, listed_counts, read_shard
 
 
 class StateSums(Embedder):
@@ -27,7 +28,7 @@ class StateSums(Embedder):
 
     def __call__(self, task: dict[str, Any]) -> bytes:
         column, wanted = self.spec["state_column"], self.spec["wanted"]
-        table = _read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted}, task.get("rows"))
+        table = read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted}, task.get("rows"))
         found: dict[str, tuple[np.ndarray, int]] = {}
         if table.num_rows:
             cells = token_lists(table)
@@ -59,7 +60,7 @@ def state_sample(
         return [None] * len(files)
 
     def labels(uri: str) -> pa.Array:
-        col = _read_shard(uri, [column], {column: wanted}).column(column)
+        col = read_shard(uri, [column], {column: wanted}).column(column)
         return pc.cast(col, pa.string()).combine_chunks()
 
     with ThreadPoolExecutor(16) as pool:

@@ -50,7 +50,7 @@ def _symbols_in(out: str) -> dict[str, str]:
 
 def result_paths(out: str, per_gene: bool = False) -> list[str]:
     """The finished output files of a perturbation run, in shard order."""
-    from rankformer.classify.common import finished_output
+    from rankformer.job.output import finished_output
 
     manifest = finished_output(out, "perturb")
     if per_gene and not any(f.startswith("genes-") for f in manifest["files"]):

@@ -120,7 +120,7 @@ def _counts_tokens(
     import pandas as pd
     import scipy.sparse as sp
 
-    from rankformer.api import tokenize_anndata
+    from rankformer.corpus.memory import tokenize_anndata
 
     adata = ad.AnnData(
         X=sp.csr_matrix(values[None, :]),

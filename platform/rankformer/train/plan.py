@@ -29,7 +29,7 @@ class Plan:
 def plan(cfg: PretrainConfig) -> Plan:
     """Every check that can fail before the first step, each a clear error."""
     from rankformer import tracking
-    from rankformer.api import corpus_manifest, corpus_vocab
+    from rankformer.corpus.read import corpus_manifest, corpus_vocab
 
     manifest = corpus_manifest(cfg.corpus)
     totals = manifest["totals"]

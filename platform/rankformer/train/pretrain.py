@@ -200,7 +200,7 @@ BESIDE_CPUS = max(1.0, READ_CPUS)
 def train_here(cfg: PretrainConfig, config: dict[str, Any], train_run: str) -> Any:
     """Train in this process, without Ray (``--in-process``): the same loop, task and checkpoints,
     kept in ``--storage-path``/RUN (default ./ray_results/RUN) so that a rerun resumes."""
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files
     from rankformer.train.local import LocalContext
 
     root = os.path.join(os.path.abspath(cfg.scale.storage_path or "ray_results"), train_run)
@@ -215,7 +215,7 @@ def train_on_ray(cfg: PretrainConfig, config: dict[str, Any], train_run: str) ->
     """Train on Ray Train workers, each streaming its split of the corpus (Ray Data)."""
     import ray.data
 
-    from rankformer.api import read_corpus
+    from rankformer.corpus.read import read_corpus
     from rankformer.train.ray_train import fit
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -384,7 +384,7 @@ def most_common_gene_share(corpus: str, vocab: GeneVocab, max_cells: int = 100_0
     first ``max_cells`` cells in manifest order."""
     import pyarrow.parquet as pq
 
-    from rankformer.corpus.tokenize import corpus_files
+    from rankformer.corpus.read import corpus_files
 
     counts = np.zeros(vocab.n_tokens, dtype=np.int64)
     gene_lo, seen = TokenSpec.of(vocab).gene_lo, 0
