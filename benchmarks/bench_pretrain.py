@@ -71,7 +71,7 @@ def ours(
     wait), after a first window that pays the one-off costs and is left out.
     ``cudnn_attention``: with SDPA's cuDNN backend allowed again (the loop's device settings leave
     it out), to measure what that setting is worth."""
-    from rankformer.api import corpus_files
+    from rankformer.corpus.read import corpus_files
     from rankformer.train.pretrain import flops_per_token, peak_flops
 
     cfg = _cfg(corpus, preset, window + steps, max_tokens)
@@ -166,7 +166,7 @@ def throughput(work: Path, presets: list[str]) -> None:
 
 def heldout(work: Path) -> None:
     """Train tiny on planted gene orders; masked-gene accuracy on held-out cells vs position guess."""
-    from rankformer.api import corpus_files
+    from rankformer.corpus.read import corpus_files
 
     cells = ordered_cells(3000, 400, 8, 60, seed=11)
     train, test = cells[:2500], cells[2500:]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pretrain_helpers import ordered_cells, write_corpus
-from rankformer.api import corpus_files
 from rankformer.config.train import PretrainConfig
+from rankformer.corpus.read import corpus_files
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
 from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options

@@ -105,7 +105,7 @@ def _train(corpus: str, steps: int, tmp_path, seed: int = 0) -> list[dict[str, f
         batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
     )
     vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
-    from rankformer.api import corpus_files
+    from rankformer.corpus.read import corpus_files
 
     task = MaskedGeneTask(arrow_cells(corpus_files(corpus), cfg.seed), TokenSpec.of(vocab), cfg, 0)
     ctx = LocalContext(str(tmp_path / "ckpt"), device="cpu")

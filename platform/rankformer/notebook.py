@@ -269,9 +269,6 @@ def _check_tokens(arrays: list[np.ndarray], ids: list[str], vocab: Any, max_leng
             )
 
 
-TASKS = {"gene-classification": "genes", "cell-classification": "cells"}
-
-
 class Classifier(_TakesCells):
     """A classifier from `rankformer finetune genes|cells` for cells in memory: the prediction
     tables `rankformer predict` writes, for the given cells."""
@@ -288,18 +285,18 @@ class Classifier(_TakesCells):
         from rankformer.model.device import device_token_budget, pick_device
         from rankformer.model.loader import load_model as load
         from rankformer.model.loader import model_meta
-        from rankformer.model.store import max_length_of
+        from rankformer.model.store import CLASSIFIED_BY_TASK, max_length_of
         from rankformer.train.classifier import classifier_class
 
         resolved = tracking.resolve_uri(tracking_uri)
         meta = model_meta(uri, resolved)
-        if meta.get("task") not in TASKS:
+        if meta.get("task") not in CLASSIFIED_BY_TASK:
             raise InputError(
                 f"model {uri} is a {meta.get('task')!r} model, not a classifier; give a model from "
                 "`rankformer finetune genes|cells` (rankformer.load_model embeds and perturbs)"
             )
         self.uri = uri
-        self.kind = TASKS[meta["task"]]
+        self.kind = CLASSIFIED_BY_TASK[meta["task"]]
         head = classifier_class("token" if self.kind == "genes" else "sequence", meta.get("head_class"))
         self._loaded = load(uri, head=head, tracking_uri=resolved)
         device = pick_device(use_gpu)
@@ -321,10 +318,9 @@ class Classifier(_TakesCells):
         the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen in
         the cells, mean class probabilities over its occurrences, ranked as `predict genes` ranks."""
         from rankformer.classify.predict import cell_predictions, gene_predictions
-        from rankformer.job.door import token_layout
 
         arrays, ids, table = token_cells(cells, self.vocab, self.max_length)
-        pad, gene_lo = token_layout(self.vocab)
+        pad, gene_lo = self.vocab.token_layout()
         if self.kind == "genes":
             return gene_predictions(
                 self._model, arrays, pad, gene_lo, self._loaded, self.classes, self.max_tokens

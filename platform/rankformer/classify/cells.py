@@ -26,6 +26,7 @@ from rankformer.config.train import FinetuneCellsConfig
 from rankformer.errors import InputError
 from rankformer.job.cells import Cells, corpus_columns, load_cells, parse_where
 from rankformer.job.output import JobOutput, in_parent_run
+from rankformer.model.store import CLASSIFIER_TASKS
 from rankformer.train import metrics
 from rankformer.train.finetune import (
     TrainSpec,
@@ -383,7 +384,7 @@ def _write_predictions(job: CellJob, prob: np.ndarray, report: dict[str, Any]) -
 def _save(job: CellJob, model: torch.nn.Module, parent: str, report: dict[str, Any]) -> str | None:
     cfg = job.cfg
     meta = {
-        "task": "cell-classification",
+        "task": CLASSIFIER_TASKS["cells"],
         "layout": job.pre.layout,
         "max_length": job.pre.meta.get("max_length"),
         "classes": job.classes,

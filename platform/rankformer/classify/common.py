@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rankformer.job.door import open_model_and_corpus, token_layout
+from rankformer.job.door import open_model_and_corpus
 from rankformer.model.store import ModelInfo
 
 
@@ -42,7 +42,7 @@ class PretrainedOnCorpus:
             cfg.model, cfg.corpus, self.uri, layer=self.frozen_layer, before_load=self.before_load
         )
         self.vocab = self.pre.vocab
-        self.pad, self.gene_lo = token_layout(self.vocab)
+        self.pad, self.gene_lo = self.vocab.token_layout()
         self.max_tokens = int(cfg.batch.max_tokens)
 
     def before_load(self, info: ModelInfo) -> None:

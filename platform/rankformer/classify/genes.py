@@ -28,7 +28,7 @@ from rankformer.errors import InputError
 from rankformer.job.cells import Cells, load_cells, parse_where
 from rankformer.job.output import JobOutput, in_parent_run
 from rankformer.model.forward import GeneSums, token_probs
-from rankformer.model.store import ModelInfo
+from rankformer.model.store import CLASSIFIER_TASKS, ModelInfo
 from rankformer.train import metrics
 from rankformer.train.finetune import IGNORE, TrainSpec, job_spec, scratch_dir, train_classifier
 
@@ -395,7 +395,7 @@ def _save_model(
         for i, c in enumerate(job.classes)
     }
     meta = {
-        "task": "gene-classification",
+        "task": CLASSIFIER_TASKS["genes"],
         "layout": job.pre.layout,
         "max_length": job.pre.meta.get("max_length"),
         "classes": job.classes,

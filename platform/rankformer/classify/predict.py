@@ -13,10 +13,9 @@ from rankformer import schema, tracking
 from rankformer.config.infer import PredictConfig, token_budget
 from rankformer.errors import InputError
 from rankformer.job.cells import corpus_columns, load_cells, parse_where
-from rankformer.job.door import open_model_and_corpus, token_layout
+from rankformer.job.door import open_model_and_corpus
 from rankformer.job.output import JobOutput
-
-TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
+from rankformer.model.store import CLASSIFIER_TASKS
 
 
 def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
@@ -24,9 +23,9 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
     meta = model_meta(cfg.model, uri)
-    if meta.get("task") != TASKS[what]:
+    if meta.get("task") != CLASSIFIER_TASKS[what]:
         raise InputError(
-            f"model {cfg.model} is a {meta.get('task')!r} model, not {TASKS[what]!r}; predict with a "
+            f"model {cfg.model} is a {meta.get('task')!r} model, not {CLASSIFIER_TASKS[what]!r}; predict with a "
             f"model from `rankformer finetune {what}`"
         )
     from rankformer.train.classifier import classifier_class  # torch: after the checks above
@@ -75,7 +74,7 @@ def _predictions(
 ) -> pd.DataFrame:
     """The prediction table: per gene over the cells' occurrences, or per cell (with its label
     column when the corpus carries it)."""
-    pad, gene_lo = token_layout(loaded.vocab)
+    pad, gene_lo = loaded.vocab.token_layout()
     if what == "genes":
         return gene_predictions(model, cells.ids, pad, gene_lo, loaded, classes, max_tokens)
     names = cells.table.column_names

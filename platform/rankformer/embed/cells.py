@@ -188,8 +188,7 @@ class Embedder:
         self.device = pick_device(spec["use_gpu"])
         precision = spec.get("precision", "float32")
         loaded, self.model = shared_encoder(spec["model"], spec["tracking_uri"], self.device, precision)
-        self.pad = int(loaded.vocab.specials[schema.PAD])
-        self.gene_lo = int(loaded.vocab.token_ids.min())
+        self.pad, self.gene_lo = loaded.vocab.token_layout()
         self.vocab = loaded.vocab
         self.meta = loaded.meta
         self.max_length = max_length_of(loaded.meta, loaded.model.config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rankformer import schema
 from rankformer.model.store import LoadedModel, ModelInfo
 
 
@@ -47,8 +46,3 @@ def open_model_and_corpus(
     kwargs = {"head": head} if head is not None else {}
     want = manifest["vocab_hash"]
     return load_model(model_uri, tracking_uri=tracking_uri, expect_vocab_hash=want, **kwargs), manifest
-
-
-def token_layout(vocab: Any) -> tuple[int, int]:
-    """(pad id, lowest gene token id)."""
-    return int(vocab.specials[schema.PAD]), int(vocab.token_ids.min())

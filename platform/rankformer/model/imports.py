@@ -13,7 +13,6 @@ import json
 import os
 from typing import Any
 
-from rankformer import schema
 from rankformer.config.corpus import LAYOUT_MAX_LENGTH
 from rankformer.errors import InputError
 from rankformer.io import fs
@@ -85,7 +84,7 @@ def _check_fit(
             f"{config_path}: vocab_size {config['vocab_size']} but {token_dictionary} has {vocab.n_tokens} "
             "tokens; pass the token dictionary this model was trained with (V1: gc30M, V2: gc104M)"
         )
-    pad = vocab.specials[schema.PAD]
+    pad = vocab.pad_id
     if int(config.get("pad_token_id", pad)) != pad:
         raise InputError(
             f"{config_path}: pad_token_id {config.get('pad_token_id')} but the dictionary's pad is {pad}"

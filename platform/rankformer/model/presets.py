@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.vocab.gene_vocab import GeneVocab
 
@@ -58,7 +57,7 @@ def bert_config(p: Preset, vocab: GeneVocab) -> BertConfig:
     arch = {k: v for k, v in asdict(p).items() if k != "layout"}
     cfg = BertConfig(
         vocab_size=vocab.n_tokens,
-        pad_token_id=vocab.specials[schema.PAD],
+        pad_token_id=vocab.pad_id,
         type_vocab_size=2,
         layer_norm_eps=1e-12,
         initializer_range=0.02,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from rankformer import schema
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.vocab.gene_vocab import GeneVocab, load_expected
@@ -27,6 +26,9 @@ if TYPE_CHECKING:  # torch and transformers load only where weights do: drivers 
     from transformers import PreTrainedModel
 
 META = "rankformer.json"
+# the `task` a fine-tuned model's META records, by what it classifies (`finetune genes|cells`)
+CLASSIFIER_TASKS = {"genes": "gene-classification", "cells": "cell-classification"}
+CLASSIFIED_BY_TASK = {task: what for what, task in CLASSIFIER_TASKS.items()}
 VOCAB = "vocab.json"
 FORMAT = "rankformer-model"
 FORMAT_VERSION = 1
@@ -185,10 +187,10 @@ def read_model_dir(local_dir: str, source: str | None = None) -> ModelInfo:
     meta = read_meta(local_dir)
     vocab = load_expected(os.path.join(local_dir, VOCAB), meta["vocab_hash"])
     cfg = read_config(local_dir, source)
-    if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.specials[schema.PAD]:
+    if cfg.vocab_size != vocab.n_tokens or cfg.pad_token_id != vocab.pad_id:
         raise InputError(
             f"{source or local_dir}: model has vocab_size {cfg.vocab_size} and pad id {cfg.pad_token_id} "
-            f"but its vocabulary has {vocab.n_tokens} tokens and pad id {vocab.specials[schema.PAD]}"
+            f"but its vocabulary has {vocab.n_tokens} tokens and pad id {vocab.pad_id}"
         )
     return ModelInfo(cfg, vocab, meta, source or local_dir)
 

@@ -48,10 +48,10 @@ class TokenSpec:
 
     @classmethod
     def of(cls, vocab: GeneVocab) -> TokenSpec:
-        gene_lo = int(vocab.token_ids.min())
+        gene_lo = vocab.gene_lo
         if max(vocab.specials.values()) >= gene_lo:
             raise InputError("vocabulary special tokens must precede the gene tokens")
-        return cls(vocab.specials[schema.PAD], vocab.specials[schema.MASK], gene_lo, vocab.n_tokens)
+        return cls(vocab.pad_id, vocab.specials[schema.MASK], gene_lo, vocab.n_tokens)
 
 
 class MaskedGeneTask:

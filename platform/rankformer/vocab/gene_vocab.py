@@ -60,6 +60,19 @@ class GeneVocab:
         return int(max(self.token_ids.max(initial=-1), max(self.specials.values())) + 1)
 
     @property
+    def pad_id(self) -> int:
+        return int(self.specials[schema.PAD])
+
+    @property
+    def gene_lo(self) -> int:
+        """The lowest gene token id: specials come first, so a token is a gene's when >= this."""
+        return int(self.token_ids.min())
+
+    def token_layout(self) -> tuple[int, int]:
+        """(pad id, lowest gene token id): what batching and pooling need of a vocabulary."""
+        return self.pad_id, self.gene_lo
+
+    @property
     def has_v2_specials(self) -> bool:
         return schema.CLS in self.specials and schema.EOS in self.specials
 
