@@ -37,10 +37,11 @@ def main() -> None:
     from ray import serve
     from transformers import BertForMaskedLM
 
+    from rankformer.config.serve import ServeConfig
     from rankformer.io.synth import programme_cells
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
-    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.serve.app import run_serve
     from rankformer.vocab.gene_vocab import GeneVocab
 
     work = WORK / "serve"

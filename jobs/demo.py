@@ -225,8 +225,9 @@ def serve_cells(corpus: str, vocab_path: str, out: str) -> None:
     import requests
     from ray import serve
 
+    from rankformer.config.serve import ServeConfig
     from rankformer.corpus.read import corpus_files
-    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.serve.app import run_serve
     from rankformer.vocab.gene_vocab import GeneVocab
 
     with socket.socket() as s:

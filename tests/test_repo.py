@@ -74,7 +74,8 @@ def test_serve_configs_name_the_real_application_and_valid_options():
     import yaml
 
     from rankformer.config.flags import build
-    from rankformer.serve.app import DEPLOYMENT, ServeConfig
+    from rankformer.config.serve import ServeConfig
+    from rankformer.serve.app import DEPLOYMENT
 
     serve_file = yaml.safe_load((REPO / "deploy" / "serve" / "serve.yaml").read_text())
     service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())

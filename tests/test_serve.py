@@ -44,7 +44,8 @@ def app(tmp_path_factory, ray_cluster):
     from ray import serve
 
     from rankformer import tracking
-    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.config.serve import ServeConfig
+    from rankformer.serve.app import run_serve
 
     d = tmp_path_factory.mktemp("serve")
     cells, _, _ = programme_cells(40, 2, 30, 20, 40, seed=5)
@@ -207,7 +208,8 @@ def test_a_running_serve_is_not_silently_overridden(app):
     declarative deploy removes the applications it does not name: both are refused, unchanged."""
     from ray import serve
 
-    from rankformer.serve.app import ServeConfig, run_serve
+    from rankformer.config.serve import ServeConfig
+    from rankformer.serve.app import run_serve
 
     apps = set(serve.status().applications)
     other_port = ServeConfig(**{**app.cfg.__dict__, "port": app.cfg.port + 1})
@@ -248,7 +250,7 @@ def test_malformed_oversized_nan_and_unauthorised(app):
 
 
 def test_bad_serve_numbers_are_named_before_ray_starts():
-    from rankformer.serve.app import ServeConfig
+    from rankformer.config.serve import ServeConfig
 
     with pytest.raises(
         InputError, match=r"--max-replicas 0 must be >= 1; .*--min-replicas 2 must be <= --max"
@@ -266,7 +268,8 @@ def test_reload_after_moving_the_alias_fails_no_request(app):
     from ray import serve
 
     from rankformer import tracking
-    from rankformer.serve.app import DEPLOYMENT, ServeConfig, run_serve
+    from rankformer.config.serve import ServeConfig
+    from rankformer.serve.app import DEPLOYMENT, run_serve
 
     stop = threading.Event()
     codes: list[int] = []
@@ -330,7 +333,8 @@ def test_autoscaling_and_a_killed_replica(app):
     import ray
     from ray import serve
 
-    from rankformer.serve.app import DEPLOYMENT, ServeConfig, deploy
+    from rankformer.config.serve import ServeConfig
+    from rankformer.serve.app import DEPLOYMENT, deploy
 
     cfg = ServeConfig(
         **{

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
     )
     _perturb_stats_parser(sub)
-    from rankformer.serve.app import ServeConfig
+    from rankformer.config.serve import ServeConfig
 
     add_config_arguments(
         sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
@@ -190,7 +190,7 @@ CONFIG_JOBS = {  # (command, subcommand): (job module, module of its config clas
         "run_finetune_cells",
     ),
     ("embed", None): ("rankformer.embed.cells", "rankformer.config.infer", "EmbedConfig", "run_embed"),
-    ("serve", None): ("rankformer.serve.app", "rankformer.serve.app", "ServeConfig", "run_serve"),
+    ("serve", None): ("rankformer.serve.app", "rankformer.config.serve", "ServeConfig", "run_serve"),
     ("perturb", None): ("rankformer.perturb.job", "rankformer.config.infer", "PerturbConfig", "run_perturb"),
 }
 

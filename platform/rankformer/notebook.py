@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.config.infer import check_layer, check_perturbation, check_precision
+from rankformer.config.types import Layout, as_layout
 from rankformer.errors import InputError
 
 
@@ -31,7 +32,7 @@ class _TakesCells:
     """What a model held in memory needs to tokenize cells for itself."""
 
     vocab: Any
-    layout: str
+    layout: Layout
     max_length: int
 
     def tokenize(self, adata: Any, **options: Any) -> pa.Table:
@@ -71,7 +72,7 @@ class Model(_TakesCells):
             uri, tracking.resolve_uri(tracking_uri), use_gpu, precision, str(layer), max_tokens
         )
         self.vocab = self._w.vocab
-        self.layout = str(self._w.meta["layout"])
+        self.layout = as_layout(self._w.meta["layout"])
         self.max_length = self._w.max_length
         self.hidden_size = int(self._w.model.config.hidden_size)
 
@@ -303,7 +304,7 @@ class Classifier(_TakesCells):
         model: Any = self._loaded.model
         self._model = model.to(device).eval()
         self.vocab = self._loaded.vocab
-        self.layout = str(meta["layout"])
+        self.layout = as_layout(meta["layout"])
         self.classes = [str(c) for c in meta["classes"]]
         self.label_column = meta.get("label_column")
         config: Any = self._model.config

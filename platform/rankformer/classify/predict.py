@@ -23,9 +23,10 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
 
     uri = tracking.resolve_uri(cfg.tracking_uri)
     meta = model_meta(cfg.model, uri)
-    if meta.get("task") != CLASSIFIER_TASKS[what]:
+    task = CLASSIFIER_TASKS[what]
+    if meta.get("task") != task:
         raise InputError(
-            f"model {cfg.model} is a {meta.get('task')!r} model, not {CLASSIFIER_TASKS[what]!r}; predict with a "
+            f"model {cfg.model} is a {meta.get('task')!r} model, not {task!r}; predict with a "
             f"model from `rankformer finetune {what}`"
         )
     from rankformer.train.classifier import classifier_class  # torch: after the checks above

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import yaml
 
 from rankformer import schema
+from rankformer.config.types import Layout, check_choice
 from rankformer.errors import InputError
 
 T = TypeVar("T")
@@ -52,7 +53,7 @@ class TokenizeConfig:
     inputs: list[str]  # h5ad/loom/10x files or folders, local or s3://
     vocab: str  # vocabulary JSON (from `vocab build` or `vocab import-geneformer`)
     out: str  # corpus folder to write (local or s3://); must be new or this corpus
-    layout: str = "v2"  # v1: no special tokens, <= 2048; v2: <cls> genes <eos>, <= 4096
+    layout: Layout = "v2"  # v1: no special tokens, <= 2048; v2: <cls> genes <eos>, <= 4096
     max_length: int | None = None  # tokens per cell including specials; default by layout
     carry: dict[str, str] = field(default_factory=dict)  # obs column -> output column
     coverage_floor: float = 0.5  # minimum share of counts that must map to the vocabulary
@@ -106,7 +107,7 @@ class VocabBuildConfig:
 
     inputs: list[str]  # h5ad/loom/10x files or folders, local or s3://
     out: str  # vocabulary JSON to write (local or s3://)
-    layout: str = "v2"  # which special tokens to reserve: v1 (pad, mask) or v2 (also <cls>, <eos>)
+    layout: Layout = "v2"  # which special tokens to reserve: v1 (pad, mask) or v2 (also <cls>, <eos>)
     min_cells: int = 1  # genes nonzero in fewer cells are left out
     read: ReadOptions = field(default_factory=ReadOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
@@ -132,8 +133,7 @@ def _check_common(
     cluster = ClusterOptions(**cluster) if isinstance(cluster, dict) else cluster
     if not inputs:
         raise InputError("no input files given")
-    if layout not in LAYOUT_MAX_LENGTH:
-        raise InputError(f"layout {layout!r} is not one of {sorted(LAYOUT_MAX_LENGTH)}")
+    check_choice("layout", layout, tuple(LAYOUT_MAX_LENGTH))
     read.check()
     return read, cluster
 

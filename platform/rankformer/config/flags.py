@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from rankformer.config.types import choices
 from rankformer.errors import InputError
 
 _MISSING = dataclasses.MISSING
@@ -108,7 +109,8 @@ def add_config_arguments(
         default = "" if leaf.default is _MISSING or said else f" (default {leaf.default!r})"
         kw: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": leaf.help + default}
         if t is not bool:
-            kw["metavar"] = name.upper()
+            allowed = choices(t)  # shown, not enforced by argparse: the config's check names the field
+            kw["metavar"] = "{" + ",".join(map(str, allowed)) + "}" if allowed else name.upper()
         origin = typing.get_origin(t)
         if name in positional:
             p.add_argument(leaf.dest, nargs="*", metavar=name.upper(), help=leaf.help, default=None)

@@ -4,14 +4,25 @@ loading torch and Transformers."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
+from rankformer.config.types import (
+    GeneStat,
+    Level,
+    Missing,
+    PerturbKind,
+    PerturbMode,
+    Pooling,
+    Precision,
+    check_choice,
+    check_choices,
+)
 from rankformer.errors import InputError
 
-PerturbKind = Literal["delete", "overexpress", "inhibit", "activate"]
 KINDS: tuple[str, ...] = get_args(PerturbKind)
-PRECISION_NAMES = ("float32", "bfloat16", "float16")
+PRECISION_NAMES = ("float32", "bfloat16", "float16")  # the canonical spellings of Precision
 LAYER_NAMES = ("penultimate", "last")
 # tokens per forward batch (cells x longest) unless given. The CPU's default keeps a batch's
 # activations near its caches. A GPU needs large batches to stay busy: each pass costs its host a
@@ -95,7 +106,7 @@ def pick_layer(layer: str | int, n_layers: int) -> int:
 PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as training spells them
 
 
-def check_precision(precision: str, use_gpu: bool) -> str:
+def check_precision(precision: str, use_gpu: bool) -> Precision:
     """The `precision` option of the inference jobs and the endpoints, by its name (training's
     fp32/bf16/fp16 spellings accepted)."""
     precision = PRECISION_ALIASES.get(precision, precision)
@@ -103,21 +114,18 @@ def check_precision(precision: str, use_gpu: bool) -> str:
         raise InputError(f"precision {precision!r} must be one of {list(PRECISION_NAMES)}")
     if precision == "float16" and not use_gpu:
         raise InputError("precision float16 needs --use-gpu; on CPU use bfloat16 (or float32)")
-    return precision
+    return typing.cast(Precision, precision)
 
 
 def check_perturbation(kind: str, mode: str, genes: list[str], missing: str, shift: float) -> list[str]:
     """The perturbation options (the job's and the in-memory API's); returns the gene list with
     comma-separated items split (``A,B`` is two genes)."""
-    if kind not in KINDS:
-        raise InputError(f"kind {kind!r} must be one of {list(KINDS)}")
-    if mode not in ("each", "together", "all"):
-        raise InputError(f"mode {mode!r} must be each, together or all")
+    check_choice("kind", kind, KINDS)
+    check_choice("mode", mode, get_args(PerturbMode))
     genes = [g.strip() for item in genes for g in item.split(",") if g.strip()]
     if mode != "all" and not genes:
         raise InputError("give --genes to perturb, or --mode all for every gene of each cell")
-    if missing not in ("skip", "error"):
-        raise InputError(f"missing {missing!r} must be skip or error")
+    check_choice("missing", missing, get_args(Missing))
     if not 0 < shift <= 1:
         raise InputError(f"shift {shift} must be within (0, 1]")
     return genes
@@ -157,7 +165,7 @@ class ActorPoolJob(ModelOnCorpus):
     layer: str = "penultimate"  # penultimate, last, or an index into hidden_states (0 = embeddings)
     num_workers: int = 1  # actors, one model each
     use_gpu: bool = False  # one GPU per actor
-    precision: str = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
+    precision: Precision = "float32"  # float32 (exact), bfloat16, or float16 (GPU only); scores in float32
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else local
     in_process: bool | None = None  # run here (default: a one-shard corpus with no cluster named)
 
@@ -173,20 +181,15 @@ class ActorPoolJob(ModelOnCorpus):
 class EmbedConfig(ActorPoolJob):
     """`rankformer embed`: cell or gene embeddings of a corpus under a model."""
 
-    level: str = "cell"  # cell or gene
-    pooling: str = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
-    gene_stat: str = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
+    level: Level = "cell"  # cell or gene
+    pooling: Pooling = "mean"  # cell vector: mean over gene tokens, or cls (v2-layout models)
+    gene_stat: GeneStat = "mean"  # gene vector over occurrences: mean, or median (writes every occurrence)
     plot_column: str | None = None  # carried column colouring the UMAP and the per-class heatmap
     experiment: str | None = None  # log plots and the manifest to a run of this experiment (tracking_uri)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.level not in ("cell", "gene"):
-            raise InputError(f"level {self.level!r} must be cell or gene")
-        if self.gene_stat not in ("mean", "median"):
-            raise InputError(f"gene_stat {self.gene_stat!r} must be mean or median")
-        if self.pooling not in ("mean", "cls"):
-            raise InputError(f"pooling {self.pooling!r} must be mean or cls")
+        check_choices(self)
         # options of the other level would be silently ignored
         if self.level == "gene" and (self.pooling != "mean" or self.plot_column):
             raise InputError(
@@ -200,12 +203,12 @@ class EmbedConfig(ActorPoolJob):
 class PerturbConfig(ActorPoolJob):
     """`rankformer perturb`: how perturbing genes moves each cell's embedding."""
 
-    kind: str = "delete"  # delete, overexpress, inhibit or activate
+    kind: PerturbKind = "delete"  # delete, overexpress, inhibit or activate
     genes: list[str] = field(default_factory=list)  # genes to perturb (Ensembl ids or symbols)
-    mode: str = "each"  # each (every listed gene alone), together (all listed at once), or all (every gene)
+    mode: PerturbMode = "each"  # each (listed genes one at a time), together (all at once), or all
     anchor: str | None = None  # perturb this gene together with each other one
     shift: float = 0.1  # inhibit/activate: ranks moved, as a share of the cell's genes
-    missing: str = "skip"  # listed genes not in the vocabulary: skip (reported) or error
+    missing: Missing = "skip"  # listed genes not in the vocabulary: skip (reported) or error
     state_column: str | None = None  # carried column naming each cell's state
     start_state: str | None = None  # perturb only cells of this state
     goal_state: str | None = None  # score the shift toward this state

@@ -3,10 +3,12 @@ the CLI shows as the flag's help; nested options flatten to flags of their own n
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rankformer.config.infer import check_layer
+from rankformer.config.types import Placement, Schedule, TrainPrecision, check_choice, check_choices
 from rankformer.errors import InputError
 
 
@@ -21,7 +23,7 @@ class OptimOptions:
     lr: float = 1e-3  # peak learning rate (Geneformer V1: 1e-3)
     warmup_steps: int | None = None  # linear warmup steps (default: 10,000, or a tenth of a shorter run)
     warmup_fraction: float = 0.0  # warmup as a share of the steps (instead of warmup_steps)
-    schedule: str = "linear"  # decay after warmup: linear or cosine (to 0 at max_steps)
+    schedule: Schedule = "linear"  # decay after warmup: linear or cosine (to 0 at max_steps)
     weight_decay: float = 0.001  # AdamW weight decay (Geneformer V1: 0.001)
     grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -29,8 +31,7 @@ class OptimOptions:
     adam_eps: float = 1e-8  # AdamW epsilon
 
     def check(self) -> None:
-        if self.schedule not in ("linear", "cosine"):
-            raise InputError(f"schedule {self.schedule!r} must be linear or cosine")
+        check_choices(self)
         if self.lr <= 0 or (self.warmup_steps or 0) < 0 or self.grad_accum < 1:
             raise InputError("lr must be > 0, warmup_steps >= 0 and grad_accum >= 1")
         if not 0.0 <= self.warmup_fraction < 0.5:
@@ -95,7 +96,7 @@ class ScaleOptions:
     num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster)
     use_gpu: bool = False  # one GPU per worker; DDP over NCCL (else gloo on CPU)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
-    placement: str = "PACK"  # PACK workers onto few nodes, or SPREAD them over nodes
+    placement: Placement = "PACK"  # PACK workers onto few nodes, or SPREAD them over nodes
     ray_address: str | None = None  # Ray cluster to join; default RAY_ADDRESS, else a local one
     in_process: bool | None = None  # train in this process (default: when 1 worker and no cluster named)
     storage_path: str | None = None  # checkpoints, local or s3:// (default ./ray_results)
@@ -103,10 +104,7 @@ class ScaleOptions:
     keep_checkpoints: int = 2  # checkpoints kept (the best by loss; the latest is always kept)
 
     def check(self) -> None:
-        if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise InputError(
-                f"placement {self.placement!r} must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
-            )
+        check_choices(self)
         if self.num_workers < 1 or self.max_failures < 0 or self.keep_checkpoints < 1:
             raise InputError("num_workers and keep_checkpoints must be >= 1, max_failures >= 0")
         if self.cpus_per_worker <= 0:
@@ -147,7 +145,7 @@ class PretrainConfig:
     mask_prob: float = 0.15  # share of gene tokens to predict
     log_every: int = 10  # steps between metric logs
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
+    precision: TrainPrecision = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
     compile: bool = False  # torch.compile the model
     optim: OptimOptions = field(default_factory=OptimOptions)
     batch: BatchOptions = field(default_factory=BatchOptions)
@@ -169,12 +167,11 @@ class PretrainConfig:
         self.precision = check_training_precision(self.precision)
 
 
-def check_training_precision(precision: str) -> str:
+def check_training_precision(precision: str) -> TrainPrecision:
     """Training's mixed precision by its name (the inference jobs' float32/bfloat16 accepted)."""
     precision = {"float32": "fp32", "bfloat16": "bf16"}.get(precision, precision)
-    if precision not in ("auto", "bf16", "fp32"):
-        raise InputError(f"precision {precision!r} must be auto, bf16 or fp32")
-    return precision
+    check_choice("precision", precision, ("auto", "bf16", "fp32"))
+    return typing.cast(TrainPrecision, precision)
 
 
 def _nested(cls: type, value: Any) -> Any:
@@ -249,7 +246,7 @@ class FinetuneCommon:
     max_steps: int | None = None  # optimizer steps per training (replaces epochs when given)
     log_every: int = 10  # steps between metric logs
     checkpoint_every: int = 100  # steps between checkpoints (and at the end)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
+    precision: TrainPrecision = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
     layer: str = "penultimate"  # frozen-embedding baseline layer: penultimate, last or an index
     shuffled_controls: int = 0  # also train this many times on shuffled labels (the chance control)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)

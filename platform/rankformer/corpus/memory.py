@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.config.corpus import ReadOptions, TokenizeConfig
+from rankformer.config.types import Layout
 from rankformer.corpus.cells import Shard, inspect_source
 from rankformer.corpus.tokenize import check_info, encode_source
 from rankformer.io.memory import MEMORY_URI, MemorySource
@@ -23,7 +24,7 @@ def tokenize_anndata(
     adata: Any,
     vocab: GeneVocab | str,
     *,
-    layout: str = "v2",
+    layout: Layout = "v2",
     counts: str = "X",
     max_length: int | None = None,
     gene_ids: Sequence[str] | None = None,

@@ -169,25 +169,14 @@ def tokenize_shard(task: dict[str, Any]) -> bytes:
 
 def _claim_output(cfg: TokenizeConfig, fingerprint: str) -> None:
     """Refuse an output folder that holds anything but this very corpus (finished or partial)."""
-    claim_uri = fs.join(cfg.out, schema.CORPUS_CLAIM)
-    present = [n for n in fs.listdir(cfg.out) if not n.startswith(".tmp-")]
-    if schema.CORPUS_CLAIM in present:
-        claim = fs.read_json(claim_uri, "choose a new --out folder")
-        if claim.get("fingerprint") != fingerprint:
-            raise InputError(
-                f"output {cfg.out} holds a different corpus (inputs, vocabulary or options "
-                f"differ: {claim.get('fingerprint')} vs {fingerprint}); choose a new --out "
-                "folder or delete that one"
-            )
-        return
-    if present:
+    claim, _ = fs.folder_claim(cfg.out, schema.CORPUS_CLAIM, "corpus")
+    if claim is None:
+        fs.write_claim(cfg.out, schema.CORPUS_CLAIM, {"fingerprint": fingerprint, "config": to_dict(cfg)})
+    elif claim.get("fingerprint") != fingerprint:
         raise InputError(
-            f"output {cfg.out} is not empty and holds no rankformer corpus "
-            f"(found {present[:5]}); choose an empty or new --out folder"
+            f"output {cfg.out} holds a different corpus (inputs, vocabulary or options differ: "
+            f"{claim.get('fingerprint')} vs {fingerprint}); choose a new --out folder or delete that one"
         )
-    fs.makedirs(cfg.out)
-    doc = {"fingerprint": fingerprint, "config": to_dict(cfg)}
-    fs.write_bytes_atomic(claim_uri, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def _keep_vocab(cfg: TokenizeConfig, vocab: GeneVocab) -> None:

@@ -155,3 +155,30 @@ def remove(uri: str) -> None:
 def makedirs(uri: str) -> None:
     if not is_remote(uri):
         os.makedirs(_strip_file(uri), exist_ok=True)
+
+
+def folder_claim(out: str, claim_file: str, what: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """What an output folder holds before a job claims it: the claim an earlier run of a job left
+    there (``claim_file``; None for an empty or new folder) and the other names in it. A folder
+    holding files but no claim belongs to someone else and is refused (``what``: the output kind,
+    for the message)."""
+    present = [n for n in listdir(out) if not n.startswith(".tmp-")]
+    if not present:
+        return None, []
+    if claim_file not in present:
+        from rankformer.errors import InputError
+
+        raise InputError(
+            f"output {out} is not empty and holds no rankformer {what} (found {present[:5]}); choose an "
+            "empty or new --out folder"
+        )
+    claim = read_json(join(out, claim_file), "choose a new --out folder")
+    return claim, [n for n in present if n != claim_file]
+
+
+def write_claim(out: str, claim_file: str, doc: dict[str, Any]) -> None:
+    """Claim folder ``out`` (created if need be) for a job: ``doc`` says which, with which options."""
+    import json
+
+    makedirs(out)
+    write_bytes_atomic(join(out, claim_file), json.dumps(doc, indent=1, sort_keys=True).encode())

@@ -69,34 +69,22 @@ class JobOutput:
         self._claim()
 
     def _claim(self) -> None:
-        present = [n for n in fs.listdir(self.out) if not n.startswith(".tmp-")]
-        if present:
-            if JOB_FILE not in present:
-                raise InputError(
-                    f"output {self.out} is not empty and was not written by a rankformer job (found "
-                    f"{present[:5]}); choose a new --out folder or delete that one"
-                )
-            claim = fs.read_json(fs.join(self.out, JOB_FILE), "choose a new --out folder")
+        claim, produced = fs.folder_claim(self.out, JOB_FILE, "job output")
+        if claim is not None:
             if claim.get("job") != self.job:
                 raise InputError(
                     f"output {self.out} holds the output of `{claim.get('job')}`, not `{self.job}`; choose "
                     "a new --out folder"
                 )
-            produced = [n for n in present if n != JOB_FILE]  # only the claim: a run that wrote nothing
-            if claim.get("fingerprint") != self.fingerprint and not self.keep_on_change and produced:
+            changed = claim.get("fingerprint") != self.fingerprint
+            if changed and not self.keep_on_change and produced:  # only the claim: a run wrote nothing
                 raise InputError(
                     f"output {self.out} holds `{self.job}` output made with other options; choose a new "
                     "--out folder, or delete that one to start over"
                 )
-            if claim.get("fingerprint") != self.fingerprint and not fs.is_remote(self.out):
-                shutil.rmtree(
-                    os.path.join(self.out, ".work"), ignore_errors=True
-                )  # other options: start over
-        fs.makedirs(self.out)
-        fs.write_bytes_atomic(
-            fs.join(self.out, JOB_FILE),
-            json.dumps({"job": self.job, "fingerprint": self.fingerprint}).encode(),
-        )
+            if changed and not fs.is_remote(self.out):  # other options: start over
+                shutil.rmtree(os.path.join(self.out, ".work"), ignore_errors=True)
+        fs.write_claim(self.out, JOB_FILE, {"job": self.job, "fingerprint": self.fingerprint})
 
     def path(self, name: str) -> str:
         """A local path to write ``name`` to before :meth:`publish`."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from rankformer.config.types import Layout, as_layout
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.vocab.gene_vocab import GeneVocab, load_expected
@@ -42,8 +43,8 @@ class LoadedModel:
     source: str  # where it was loaded from (path, s3:// or models:/ URI)
 
     @property
-    def layout(self) -> str:
-        return str(self.meta["layout"])
+    def layout(self) -> Layout:
+        return as_layout(self.meta["layout"])
 
 
 def quiet() -> None:
@@ -144,8 +145,8 @@ class ModelInfo:
     source: str  # where it came from (path, s3:// or models:/ URI)
 
     @property
-    def layout(self) -> str:
-        return str(self.meta["layout"])
+    def layout(self) -> Layout:
+        return as_layout(self.meta["layout"])
 
     @property
     def positions(self) -> int:

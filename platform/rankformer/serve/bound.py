@@ -6,6 +6,7 @@ application object, not a builder): the model comes from ``RANKFORMER_MODEL`` (d
 
 import os
 
-from rankformer.serve.app import ServeConfig, build_app
+from rankformer.config.serve import ServeConfig
+from rankformer.serve.app import build_app
 
 app = build_app(ServeConfig(model=os.environ.get("RANKFORMER_MODEL", "models:/rankformer@current")))

@@ -12,6 +12,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rankformer import schema
+from rankformer.config.types import Layout, as_layout
 
 
 class Cell(BaseModel):
@@ -76,7 +77,7 @@ class Prepared(BaseModel):
     truncated: bool
 
 
-def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: dict[str, str]) -> Prepared:
+def prepare_cell(cell: Cell, vocab: Any, layout: Layout, max_length: int, names: dict[str, str]) -> Prepared:
     """Token ids of a request cell, with the genes that are not in the vocabulary reported."""
     cls, eos = vocab.specials.get(schema.CLS), vocab.specials.get(schema.EOS)
     specials = 2 if layout == "v2" else 0
@@ -113,7 +114,7 @@ def prepare_cell(cell: Cell, vocab: Any, layout: str, max_length: int, names: di
 
 
 def _counts_tokens(
-    values: np.ndarray, ids: np.ndarray, total: float, vocab: Any, layout: str, max_length: int
+    values: np.ndarray, ids: np.ndarray, total: float, vocab: Any, layout: Layout, max_length: int
 ) -> list[int]:
     """One cell's raw counts through the corpus pipeline's own tokenizer."""
     import anndata as ad
@@ -164,7 +165,7 @@ class ModelCore:
             self.info.update({"name": v["name"], "version": v["version"], "alias": v["alias"]})
         # keep every layer ("last"): requests choose theirs
         self.worker = Perturber.on_demand(model_uri, self.uri, use_gpu, precision, "last", max_tokens)
-        self.layout = str(self.worker.meta["layout"])
+        self.layout = as_layout(self.worker.meta["layout"])
         self.vocab = self.worker.vocab
         self.vocab_names = self.vocab.symbol_index
         self.max_length = self.worker.max_length

@@ -15,6 +15,8 @@ from rankformer.errors import InputError
 from rankformer.model.forward import encoder
 
 KINDS = {"token": "BertForTokenClassification", "sequence": "BertForSequenceClassification"}
+# where a head module lived before the package took a folder per stage (saved models name it)
+MOVED_HEADS = {"rankformer.heads": "rankformer.model.heads"}
 
 
 def classifier_class(kind: str, head_class: str | None) -> Any:
@@ -25,6 +27,7 @@ def classifier_class(kind: str, head_class: str | None) -> Any:
     name = head_class or KINDS[kind]
     if ":" in name or ("." in name and not hasattr(transformers, name)):
         module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+        module = MOVED_HEADS.get(module, module)
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
