@@ -216,7 +216,7 @@ def kernel_floor(
 def budget_of(model: str, device: str, precision: str) -> int:
     """The tokens per forward batch a perturbation job of ``model`` takes on ``device`` at
     ``precision`` by default (on CUDA: from the memory free beside the model, as the job finds it)."""
-    from rankformer.config.infer import token_budget
+    from rankformer.model.budget import token_budget
     from rankformer.perturb.perturber import Perturber
 
     if device != "cuda":

@@ -30,7 +30,8 @@ from rankformer.model.batching import pad_batch
 from rankformer.model.masking import IGNORE, mask_genes
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
-from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
+from rankformer.train.pretrain import build_model, loop_options
+from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
 from rankformer.vocab.gene_vocab import GeneVocab
 
 N_GENES = 20_000
@@ -72,7 +73,7 @@ def ours(
     ``cudnn_attention``: with SDPA's cuDNN backend allowed again (the loop's device settings leave
     it out), to measure what that setting is worth."""
     from rankformer.corpus.read import corpus_files
-    from rankformer.train.pretrain import flops_per_token, peak_flops
+    from rankformer.train.task import flops_per_token, peak_flops
 
     cfg = _cfg(corpus, preset, window + steps, max_tokens)
     vocab = GeneVocab.load(os.path.join(os.path.dirname(corpus), os.path.basename(corpus) + "_vocab.json"))

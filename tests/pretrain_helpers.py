@@ -77,7 +77,8 @@ def pretrain_in_process(
     from rankformer.model.store import save_model_dir
     from rankformer.train.local import LocalContext
     from rankformer.train.loop import run_loop
-    from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
+    from rankformer.train.pretrain import build_model, loop_options
+    from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
     from rankformer.vocab.gene_vocab import GeneVocab
 
     manifest = corpus_manifest(corpus)

@@ -414,7 +414,7 @@ def test_device_settings_and_default_token_budgets(world, tmp_path):
     without a word); on CUDA, attention leaves out SDPA's cuDNN backend (it builds a plan for each
     new batch shape), which tests/test_gpu.py checks; unless given, a forward batch holds more
     tokens on a GPU than on the CPU."""
-    from rankformer.config.infer import CPU_MAX_TOKENS, token_budget
+    from rankformer.model.budget import CPU_MAX_TOKENS, token_budget
     from rankformer.model.device import device_token_budget, settle
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
@@ -437,7 +437,7 @@ def test_a_gpus_default_budget_comes_from_its_free_memory():
     activations fill half the free memory, between the CPU's default and 2^20: a 500-gene cell's
     deletions in one pass for v1 on an 80 GB card, fewer tokens for a wider model or a smaller card,
     never fewer than the CPU's."""
-    from rankformer.config.infer import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, fit_budget
+    from rankformer.model.budget import CPU_MAX_TOKENS, GPU_MAX_TOKENS, bytes_per_token, fit_budget
 
     v1 = {p: bytes_per_token(256, 512, 4, e) for p, e in (("bf16", 2), ("fp32", 4))}
     v2 = {p: bytes_per_token(768, 3072, 12, e) for p, e in (("bf16", 2), ("fp32", 4))}
@@ -481,7 +481,7 @@ def test_the_budgets_memory_estimate_bounds_a_perturbation_pass(tmp_path):
     import subprocess
     import sys
 
-    from rankformer.config.infer import bytes_per_token
+    from rankformer.model.budget import bytes_per_token
 
     rng = np.random.default_rng(0)
     cell = np.asarray([2, *(rng.choice(1000, 180, replace=False) + 4), 3])

@@ -16,8 +16,10 @@ import torch
 
 from conftest import needs_shared
 from pretrain_helpers import pbmc_with_untrained_model, pretrain_in_process, write_corpus
-from rankformer.classify.cells import run_finetune_cells, split_cells
-from rankformer.classify.genes import gene_folds, run_finetune_genes
+from rankformer.classify.cell_job import split_cells
+from rankformer.classify.cells import run_finetune_cells
+from rankformer.classify.gene_job import gene_folds
+from rankformer.classify.genes import run_finetune_genes
 from rankformer.classify.labels import map_labels, read_label_sets
 from rankformer.classify.predict import PredictConfig, run_predict
 from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig, HeadOptions

@@ -10,7 +10,8 @@ from rankformer.config.train import PretrainConfig
 from rankformer.corpus.read import corpus_files
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
-from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options
+from rankformer.train.pretrain import build_model, loop_options
+from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
 from rankformer.vocab.gene_vocab import GeneVocab
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -157,7 +158,7 @@ def test_the_default_budget_fits_its_memory_estimate(tmp_path):
     import numpy as np
     from transformers import BertForMaskedLM
 
-    from rankformer.config.infer import CPU_MAX_TOKENS, bytes_per_cell, bytes_per_token
+    from rankformer.model.budget import CPU_MAX_TOKENS, bytes_per_cell, bytes_per_token
     from rankformer.model.presets import bert_config, preset
     from rankformer.model.store import save_model_dir
     from rankformer.perturb.perturber import Perturber

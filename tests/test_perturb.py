@@ -272,7 +272,7 @@ def test_rows_stream_out_in_windows_and_row_groups(world, tmp_path, monkeypatch)
 
 
 def test_windows_bound_cells_and_tokens():
-    from rankformer.perturb.perturber import windows
+    from rankformer.perturb.parts import windows
 
     assert list(windows([10] * 7, 3, 1000)) == [(0, 3), (3, 6), (6, 7)]
     assert list(windows([10, 10, 10, 50, 10], 10, 30)) == [(0, 3), (3, 4), (4, 5)]  # a long cell alone

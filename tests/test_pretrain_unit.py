@@ -17,7 +17,8 @@ from rankformer.model.batching import budget_batches, length_grouped, padding_fr
 from rankformer.model.masking import IGNORE, mask_genes
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
-from rankformer.train.pretrain import MaskedGeneTask, TokenSpec, arrow_cells, build_model, loop_options, plan
+from rankformer.train.pretrain import build_model, loop_options, plan
+from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
 from rankformer.vocab.gene_vocab import GeneVocab
 
 

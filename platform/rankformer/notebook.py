@@ -16,6 +16,7 @@ disk, or more cells than memory holds, run the jobs (`rankformer embed`, `rankfo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from rankformer import schema
 from rankformer.config.infer import check_layer, check_perturbation, check_precision
-from rankformer.config.types import Layout, as_layout
+from rankformer.config.types import Layout, PerturbKind, PerturbMode, Pooling, Precision, as_layout
 from rankformer.errors import InputError
 
 
@@ -58,7 +59,7 @@ class Model(_TakesCells):
         *,
         layer: str | int = "penultimate",
         use_gpu: bool = False,
-        precision: str = "float32",
+        precision: Precision = "float32",
         max_tokens: int | None = None,
         tracking_uri: str | None = None,
     ) -> None:
@@ -84,7 +85,7 @@ class Model(_TakesCells):
         return arrays, ids
 
     # --- embeddings ----------------------------------------------------------------------------
-    def embed(self, cells: Any, pooling: str = "mean") -> np.ndarray:
+    def embed(self, cells: Any, pooling: Pooling = "mean") -> np.ndarray:
         """Each cell's vector, (cells, hidden) float32 in input order: the mean of the layer's
         gene-token states, or the ``<cls>`` state (``pooling="cls"``, v2 models)."""
         if pooling not in ("mean", "cls"):
@@ -95,8 +96,8 @@ class Model(_TakesCells):
             )
         return self._vectors(self._cells(cells)[0], pooling)
 
-    def _vectors(self, arrays: list[np.ndarray], pooling: str) -> np.ndarray:
-        self._w.spec = {**self._w.spec, "level": "cell", "pooling": pooling}
+    def _vectors(self, arrays: list[np.ndarray], pooling: Pooling) -> np.ndarray:
+        self._w.spec = replace(self._w.spec, level="cell", pooling=pooling)
         vecs, _ = self._w.embed(arrays)
         return vecs
 
@@ -104,7 +105,7 @@ class Model(_TakesCells):
         """Each gene's state averaged over all its occurrences in ``cells``: ``gene_id``,
         ``symbol``, ``n_occurrences``, ``embedding`` (float32 arrays), by token order."""
         arrays, _ = self._cells(cells)
-        self._w.spec = {**self._w.spec, "level": "gene", "gene_stat": "mean"}
+        self._w.spec = replace(self._w.spec, level="gene", gene_stat="mean")
         _, sums = self._w.embed(arrays)
         tokens = self.vocab.gene_tokens_in(sums.seen())
         ids = self.vocab.gene_id_by_token[tokens].tolist()
@@ -134,8 +135,8 @@ class Model(_TakesCells):
         cells: Any,
         genes: Sequence[str] = (),
         *,
-        kind: str = "delete",
-        mode: str = "each",
+        kind: PerturbKind = "delete",
+        mode: PerturbMode = "each",
         anchor: str | None = None,
         shift: float = 0.1,
         missing: str = "skip",

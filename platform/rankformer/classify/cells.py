@@ -10,7 +10,6 @@ frozen mean-pooled cell embeddings, same split.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -18,158 +17,19 @@ import pandas as pd
 import torch
 
 from rankformer import schema, tracking
-from rankformer.classify.common import PretrainedOnCorpus, check_placement
+from rankformer.classify.cell_job import JOB, SPLITS, CellJob
+from rankformer.classify.common import check_placement
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
-from rankformer.classify.data import cell_label_columns
-from rankformer.classify.genes import logreg
+from rankformer.classify.gene_job import logreg
 from rankformer.config.train import FinetuneCellsConfig
 from rankformer.errors import InputError
-from rankformer.job.cells import Cells, corpus_columns, load_cells, parse_where
-from rankformer.job.output import JobOutput, in_parent_run
+from rankformer.job.output import in_parent_run
 from rankformer.model.store import CLASSIFIER_TASKS
 from rankformer.train import metrics
 from rankformer.train.finetune import (
-    TrainSpec,
     cell_probs,
-    job_spec,
-    scratch_dir,
-    steps_for,
     train_classifier,
 )
-from rankformer.train.ray_train import training_workers
-
-JOB = "finetune-cells"
-SPLITS = ("train", "validation", "test")
-
-
-def cell_labels(
-    raw: np.ndarray, rename: dict[str, str], keep: list[str], column: str
-) -> tuple[np.ndarray, list[str]]:
-    """(class index per cell, -1 where dropped; class names) after renaming/merging and filtering."""
-    names = np.asarray(
-        [rename.get(str(v), str(v)) if v is not None and str(v) != "" else "" for v in raw], dtype=object
-    )
-    present = sorted({str(n) for n in names if n})
-    if keep:
-        missing = [c for c in keep if c not in present]
-        if missing:
-            raise InputError(
-                f"classes {missing} are not in column {column!r} (after renaming); it holds {present}"
-            )
-        classes = list(keep)
-    else:
-        classes = present
-    if len(classes) < 2:
-        raise InputError(
-            f"cell classification needs two or more classes; column {column!r} holds {classes or 'none'}"
-            + (" after filtering" if keep else "")
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    return np.asarray([index.get(str(n), -1) for n in names], dtype=np.int64), classes
-
-
-def split_cells(
-    y: np.ndarray,
-    groups: np.ndarray | None,
-    test: float,
-    validation: float,
-    seed: int,
-    group_column: str | None,
-) -> np.ndarray:
-    """'train' / 'validation' / 'test' per cell. With groups, no group spans two splits."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
-
-    n = len(y)
-    split = np.full(n, "train", dtype=object)
-    idx = np.arange(n)
-    if groups is None:
-        sss = StratifiedShuffleSplit(n_splits=1, test_size=test, random_state=seed)
-        rest, te = next(sss.split(idx, y))
-        split[te] = "test"
-        if validation > 0:
-            frac = validation / (1 - test)
-            sss = StratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed + 1)
-            _, va = next(sss.split(rest, y[rest]))
-            split[rest[va]] = "validation"
-        return split
-    uniq = np.unique(groups)
-    if len(uniq) < 2:
-        raise InputError(
-            f"group column {group_column!r} holds one group ({uniq[0]!r}); a split by group needs two "
-            "or more, "
-            "or leave --group-column out for a stratified random split"
-        )
-
-    def held_out(sub: np.ndarray, frac: float, salt: int) -> np.ndarray:
-        k = int(min(len(np.unique(groups[sub])), max(2, round(1 / frac))))
-        sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
-        _, out = next(sgkf.split(sub, y[sub], groups[sub]))
-        return sub[out]
-
-    te = held_out(idx, test, 0)
-    split[te] = "test"
-    rest = idx[split == "train"]
-    if validation > 0 and len(np.unique(groups[rest])) >= 3:  # keep two or more groups to train on
-        split[held_out(rest, validation / (1 - test), 1)] = "validation"
-    return split
-
-
-class CellJob(PretrainedOnCorpus):
-    """One cell-classification job: its cells, labels and splits."""
-
-    def __init__(self, cfg: FinetuneCellsConfig) -> None:
-        self.cfg = cfg
-        cols = cell_label_columns(cfg)  # before the model loads
-        super().__init__(cfg)
-        # where each cell came from, for the log-normalised-counts baseline
-        cols += [c for c in (schema.SOURCE_FILE, schema.SOURCE_ROW) if c in corpus_columns(cfg.corpus)]
-        cells = load_cells(
-            cfg.corpus,
-            parse_where(cfg.cells_where),
-            cols,
-            self.manifest["vocab_hash"],
-            cfg.limit_cells,
-            cfg.seed,
-        )
-        y, self.classes = cell_labels(
-            cells.column(cfg.label_column), cfg.rename, cfg.classes, cfg.label_column
-        )
-        keep = np.flatnonzero(y >= 0)
-        self.dropped = int(len(y) - len(keep))
-        self.cells: Cells = cells.take(keep)
-        self.y = y[keep]
-        groups = self.cells.column(cfg.group_column).astype(str) if cfg.group_column else None
-        self.split = split_cells(
-            self.y, groups, cfg.test_fraction, cfg.validation_fraction, cfg.seed, cfg.group_column
-        )
-        for part in ("train", "test"):
-            if not (self.split == part).any():
-                raise InputError(f"the {part} split is empty; lower test_fraction or give more groups")
-        self.output = JobOutput(cfg.out, JOB, cfg)
-        self.work = scratch_dir(cfg.out)
-
-    def rows(self, part: str) -> np.ndarray:
-        return np.flatnonzero(self.split == part)
-
-    def spec(self, run_id: str | None, y: np.ndarray | None = None) -> TrainSpec:
-        """A training's spec; ``y``: labels in place of the cells' own (validation scores them too)."""
-        cfg = self.cfg
-        y = self.y if y is None else y
-        tr, va = self.rows("train"), self.rows("validation")
-        lengths = [len(self.cells.ids[i]) for i in tr]
-        counts = np.bincount(y[tr], minlength=len(self.classes)).tolist()
-        spec = job_spec(
-            cfg, self.uri, "sequence", len(self.classes), (self.pad, self.gene_lo), lengths, counts, run_id
-        )
-        if len(va):  # scored on validation once per epoch
-            world = training_workers(cfg.scale)
-            per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
-            spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
-        return dataclasses.replace(
-            spec,
-            val_ids=[self.cells.ids[i].tolist() for i in va] or None,
-            val_y=y[va].tolist() or None,
-        )
 
 
 def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 
 from rankformer import schema, tracking
-from rankformer.config.infer import PredictConfig, token_budget
+from rankformer.config.infer import PredictConfig
 from rankformer.errors import InputError
 from rankformer.job.cells import corpus_columns, load_cells, parse_where
 from rankformer.job.door import open_model_and_corpus
 from rankformer.job.output import JobOutput
+from rankformer.model.budget import token_budget
 from rankformer.model.store import CLASSIFIER_TASKS
 
 

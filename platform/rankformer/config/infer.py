@@ -24,54 +24,6 @@ from rankformer.errors import InputError
 KINDS: tuple[str, ...] = get_args(PerturbKind)
 PRECISION_NAMES = ("float32", "bfloat16", "float16")  # the canonical spellings of Precision
 LAYER_NAMES = ("penultimate", "last")
-# tokens per forward batch (cells x longest) unless given. The CPU's default keeps a batch's
-# activations near its caches. A GPU needs large batches to stay busy: each pass costs its host a
-# few ms whatever its size, and an H200 perturbing 500-gene v1 cells in bfloat16 spent more time
-# launching passes than computing them. There the budget is the most tokens whose activations
-# (:func:`bytes_per_token`) fill GPU_MEMORY_SHARE of the memory free beside the model, a power of
-# two from CPU_MAX_TOKENS to GPU_MAX_TOKENS (:func:`fit_budget`): about 1M tokens for v1 on an
-# 80 GB card, a 500-gene cell's deletions in one pass. Measured on an H200 with the earlier fixed
-# defaults (v1, 500-gene cells, bfloat16): 131,072 tokens 1.2x the speed of 65,536, 2.2x 16,384.
-CPU_MAX_TOKENS = 16_384
-GPU_MAX_TOKENS = 1 << 20
-GPU_MEMORY_SHARE = 0.5
-
-
-def token_budget(max_tokens: int | None) -> int:
-    """Tokens per forward batch on the CPU: ``max_tokens`` if given, else the CPU's default (a GPU's
-    comes from its memory: :func:`rankformer.model.device.device_token_budget`)."""
-    return CPU_MAX_TOKENS if max_tokens is None else max_tokens
-
-
-def fit_budget(free_bytes: float, per_token: float) -> int:
-    """The largest power of two of tokens whose ``per_token`` bytes fill at most GPU_MEMORY_SHARE of
-    ``free_bytes``, clamped to [CPU_MAX_TOKENS, GPU_MAX_TOKENS]."""
-    fit = GPU_MEMORY_SHARE * free_bytes / per_token
-    budget = CPU_MAX_TOKENS
-    while budget * 2 <= min(fit, GPU_MAX_TOKENS):
-        budget *= 2
-    return budget
-
-
-def bytes_per_token(hidden: int, intermediate: int, heads: int, element_bytes: int) -> int:
-    """An upper estimate of the device memory a forward batch holds per token at its peak, for a
-    BERT of these sizes with weights of ``element_bytes``: a layer's activations (input, query, key,
-    value, context, projections, residual sums, the feed-forward's inner rows: 8 hidden widths and
-    one inner width), the scores' float32 rows (the states, their unit rows, the matched original
-    rows and their product: 4 hidden widths), and a perturbation's shared first layer (per head,
-    five float32 running sums a token of the head's width plus its normaliser). Measured on CPU,
-    the growth a token of a perturbation pass (resident memory, a batch of 16,384 against one of
-    65,536 tokens or 8,192 against 32,768): v1 6.8 kB (bfloat16) and 11.2 kB (float32), v2-104m
-    25.4 kB and 34.8 kB; this estimate gives 1.7-2.1x those."""
-    head = hidden // heads
-    return (8 * hidden + intermediate) * element_bytes + 4 * hidden * 4 + 5 * heads * (head + 1) * 4
-
-
-def bytes_per_cell(heads: int, max_length: int) -> int:
-    """What a perturbation pass holds whatever its size: its shared first layer's scores and their
-    exponentials, each head's queries against its keys (two float32 matrices a side, the longest
-    cell's length squared)."""
-    return 4 * heads * max_length**2 * 4
 
 
 def check_layer(layer: str) -> None:

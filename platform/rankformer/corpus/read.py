@@ -1,10 +1,13 @@
-"""TODO docstring."""
+"""A finished corpus as the later stages read it: its manifest, its shard files in order, its
+vocabulary, and the cells as a Ray or Arrow dataset."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rankformer import schema
 from rankformer.errors import InputError
@@ -14,11 +17,6 @@ from rankformer.vocab.gene_vocab import GeneVocab, load_expected
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
     import ray.data
-
-
-import json
-
-import pyarrow.parquet as pq
 
 
 def read_corpus(

@@ -19,7 +19,7 @@ import functools
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,19 +27,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankformer import schema
-from rankformer.config.infer import EmbedConfig, pick_layer
+from rankformer.config.infer import ActorPoolJob, EmbedConfig, pick_layer
+from rankformer.config.types import GeneStat, Level, Pooling
 from rankformer.embed.columns import OCC_STEM, vectors
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.job.actors import shared_encoder
+from rankformer.job.actors import ModelSpec, ShardIO, shared_encoder
 from rankformer.job.cells import token_lists
 from rankformer.job.shards import read_shard, sample_note, sample_rows, shard_tasks, write_parquet
 from rankformer.words import counted
-
-if TYPE_CHECKING:
-    from rankformer.embed.genes import OccurrenceSpill
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rankformer.embed.genes import OccurrenceSpill
@@ -60,7 +56,28 @@ _EMBED_WHAT = (
 )
 
 
-def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an embedding actor computes: the model's layer, pooled per cell or summed per gene."""
+
+    model: ModelSpec
+    io: ShardIO | None = None  # None: cells given per call (the in-memory API, the endpoints)
+    level: Level = "cell"
+    pooling: Pooling = "mean"
+    gene_stat: GeneStat = "mean"
+
+    def shard_io(self) -> ShardIO:
+        if self.io is None:
+            raise RuntimeError("this embedder takes cells per call, not corpus shards")  # a caller's bug
+        return self.io
+
+
+def model_spec(cfg: ActorPoolJob, tracking_uri: str) -> ModelSpec:
+    """The model an actor pool job's actors load."""
+    return ModelSpec(cfg.model, tracking_uri, cfg.use_gpu, cfg.precision, cfg.layer, cfg.max_tokens)
+
+
+def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> EmbedSpec:
     """What every actor needs, after the checks of the options against the model and corpus."""
     from rankformer.job.cells import check_columns, corpus_columns, parse_where
 
@@ -71,20 +88,13 @@ def _embed_spec(cfg: EmbedConfig, uri: str, info: Any) -> dict[str, Any]:
     check_columns(cfg.corpus, names, list(where), "--cells-where")
     if cfg.plot_column:
         check_columns(cfg.corpus, names, [cfg.plot_column], "--plot-column")
-    return {
-        "model": cfg.model,
-        "tracking_uri": uri,
-        "use_gpu": cfg.use_gpu,
-        "precision": cfg.precision,
-        "layer": cfg.layer,
-        "level": cfg.level,
-        "pooling": cfg.pooling,
-        "max_tokens": cfg.max_tokens,
-        "gene_stat": cfg.gene_stat,
-        "columns": [c for c in names if c != schema.LENGTH],
-        "where": where,
-        "out": cfg.out,
-    }
+    return EmbedSpec(
+        model_spec(cfg, uri),
+        ShardIO([c for c in names if c != schema.LENGTH], where, cfg.out),
+        cfg.level,
+        cfg.pooling,
+        cfg.gene_stat,
+    )
 
 
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
@@ -100,7 +110,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     spec = _embed_spec(cfg, uri, info)
     what = {k: v for k, v in asdict(cfg).items() if k in _EMBED_WHAT}
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    sample, selected = sample_rows(files, spec["where"], cfg.limit_cells, cfg.seed)
+    sample, selected = sample_rows(files, spec.shard_io().where, cfg.limit_cells, cfg.seed)
     out = JobOutput(cfg.out, f"embed-{cfg.level}", what, keep_on_change=False)
     shards, pending = shard_tasks(cfg.out, files, sample)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
@@ -179,25 +189,22 @@ def _cell_shards(out: str, names: list[str]) -> pa.Table:
 class Embedder:
     """One model, loaded once; embeds one corpus shard per call."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: EmbedSpec) -> None:
         from rankformer.model.device import device_token_budget, pick_device
         from rankformer.model.forward import up_to
         from rankformer.model.store import max_length_of
 
         self.spec = spec
-        self.device = pick_device(spec["use_gpu"])
-        precision = spec.get("precision", "float32")
-        loaded, self.model = shared_encoder(spec["model"], spec["tracking_uri"], self.device, precision)
+        self.device = pick_device(spec.model.use_gpu)
+        loaded, self.model = shared_encoder(spec.model, self.device)
         self.pad, self.gene_lo = loaded.vocab.token_layout()
         self.vocab = loaded.vocab
         self.meta = loaded.meta
         self.max_length = max_length_of(loaded.meta, loaded.model.config)
-        self.max_tokens = device_token_budget(
-            spec.get("max_tokens"), self.model, self.device, self.max_length
-        )
+        self.max_tokens = device_token_budget(spec.model.max_tokens, self.model, self.device, self.max_length)
         self.cls = loaded.vocab.specials.get(schema.CLS)
         self.eos = loaded.vocab.specials.get(schema.EOS)
-        self.layer = pick_layer(spec["layer"], int(self.model.config.num_hidden_layers))
+        self.layer = pick_layer(spec.model.layer, int(self.model.config.num_hidden_layers))
         self.model = up_to(self.model, self.layer)
 
     def embed(self, cells: list[np.ndarray]) -> tuple[np.ndarray, Any]:
@@ -208,10 +215,10 @@ class Embedder:
         from rankformer.model.forward import Batch, GeneSums, batches, hidden_states, mean_pool, one_ahead
 
         dim = int(self.model.config.hidden_size)
-        genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec["level"] == "gene" else None
+        genes = GeneSums(int(self.model.config.vocab_size), dim) if self.spec.level == "gene" else None
         vecs = np.zeros((len(cells), dim), dtype=np.float32)
         self.occurrences: OccurrenceSpill | None = None
-        if genes is not None and self.spec.get("gene_stat") == "median":
+        if genes is not None and self.spec.gene_stat == "median":
             from rankformer.embed.genes import OccurrenceSpill
 
             self.occurrences = OccurrenceSpill(int(self.model.config.vocab_size), dim)
@@ -224,7 +231,7 @@ class Embedder:
             if genes is not None:  # by flat position: a boolean mask on the device waits for it
                 at = to_device(torch.from_numpy(np.flatnonzero(keep.numpy())), h.device)
                 return h.reshape(-1, h.shape[-1]).index_select(0, at)
-            if self.spec["pooling"] == "cls":
+            if self.spec.pooling == "cls":
                 return h[:, 0]
             return mean_pool(h, to_device(keep, h.device))
 
@@ -242,14 +249,14 @@ class Embedder:
         return vecs, genes
 
     def __call__(self, task: dict[str, Any]) -> bytes:
-        spec = self.spec
-        table = read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
+        io = self.spec.shard_io()
+        table = read_shard(task["uri"], io.columns, io.where, task.get("rows"))
         cells = token_lists(table)
         vecs, genes = self.embed(cells)
-        target = fs.join(spec["out"], task["name"])
+        target = fs.join(io.out, task["name"])
         if genes is not None:
             if self.occurrences is not None:  # before the partial sums: they mark the shard done
-                self.occurrences.write(fs.join(spec["out"], OCC_STEM + task["name"]))
+                self.occurrences.write(fs.join(io.out, OCC_STEM + task["name"]))
             seen = genes.seen()
             sums = genes.sums[seen].numpy()
             part = pa.table(
@@ -266,5 +273,5 @@ class Embedder:
         return pickle.dumps({"name": task["name"], "cells": len(cells)})
 
 
-def make_embedder(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+def make_embedder(spec: EmbedSpec) -> Callable[[dict[str, Any]], bytes]:
     return Embedder(spec)

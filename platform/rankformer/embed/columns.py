@@ -1,19 +1,9 @@
-"""TODO docstring."""
+"""Embedding vectors as Arrow columns (``fixed_size_list<float32>``) and back."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pyarrow as pa
-
-if TYPE_CHECKING:
-    pass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 OCC_STEM = "occurrences-"  # gene level with the exact median: every occurrence's state, per shard
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""What every cell source shares: the :class:`CellSource` interface, gene-id detection, and the
+HDF5 plumbing the h5ad, loom and 10x readers build on."""
 
 from __future__ import annotations
 

@@ -6,7 +6,33 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+from rankformer.config.types import Precision
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model an actor loads, onto what, and the layer whose states it reads."""
+
+    model: str  # folder, s3:// prefix or models:/NAME@ALIAS
+    tracking_uri: str  # the MLflow store models:/ URIs resolve in
+    use_gpu: bool = False
+    precision: Precision = "float32"
+    layer: str = "penultimate"
+    max_tokens: int | None = None  # tokens a forward pass; None: by device
+
+
+@dataclass(frozen=True)
+class ShardIO:
+    """What an actor reads of each corpus shard (``where``: the selected cells) and the folder it
+    writes its output shards to."""
+
+    columns: list[str]
+    where: dict[str, list[str]]
+    out: str
+
 
 _SHARED: dict[tuple[Any, ...], tuple[Any, Any]] | None = None  # see sharing_models
 
@@ -44,11 +70,11 @@ def load_encoder(uri: str, tracking_uri: str, device: Any, precision: str) -> tu
     return loaded, model
 
 
-def shared_encoder(uri: str, tracking_uri: str, device: Any, precision: str) -> tuple[Any, Any]:
+def shared_encoder(spec: ModelSpec, device: Any) -> tuple[Any, Any]:
     """:func:`load_encoder`, or the copy already loaded inside a :func:`sharing_models` block."""
-    key = (uri, tracking_uri, device, precision)
+    key = (spec.model, spec.tracking_uri, device, spec.precision)
     shared = _SHARED.get(key) if _SHARED is not None else None
-    loaded, model = shared or load_encoder(uri, tracking_uri, device, precision)
+    loaded, model = shared or load_encoder(spec.model, spec.tracking_uri, device, spec.precision)
     if _SHARED is not None:
         _SHARED[key] = (loaded, model)
     return loaded, model

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The cells a job works on: read from a finished corpus, optionally only those whose carried
+``obs`` columns match (``--cells-where cell_type=cardiomyocyte``), and a seeded sample of them."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def parse_where(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, li
             raise InputError(f"--cells-where {item!r} must be COLUMN=VALUE[,VALUE...]")
         out.setdefault(col.strip(), []).extend(v.strip() for v in values.split(","))
     return out
+
+
+def where_filter(where: Mapping[str, Sequence[str]]) -> pc.Expression | None:
+    """The Arrow filter of a ``--cells-where`` selection (values compared as text); None: all cells."""
+    expr = None
+    for col, values in where.items():
+        cond = pc.field(col).cast(pa.string()).isin(pa.array([str(v) for v in values]))
+        expr = cond if expr is None else expr & cond
+    return expr
 
 
 def carried_columns(manifest: dict[str, Any]) -> list[str]:
@@ -94,13 +104,9 @@ def load_cells(
     where = dict(where or {})
     check_columns(corpus, names, list(where), "--cells-where")
     check_columns(corpus, names, list(columns), "column")
-    expr = None
-    for col, values in where.items():
-        cond = pc.field(col).cast(pa.string()).isin(pa.array([str(v) for v in values]))
-        expr = cond if expr is None else expr & cond
     keep = [schema.INPUT_IDS, *dict.fromkeys([schema.CELL_ID, *columns])]
     keep = [c for c in keep if c in names]
-    table = dataset.to_table(columns=keep, filter=expr)
+    table = dataset.to_table(columns=keep, filter=where_filter(where))
     if table.num_rows == 0:
         cond = " and ".join(f"{k} in {v}" for k, v in where.items())
         raise InputError(f"no cell of corpus {corpus} matches --cells-where {cond}; check the values")

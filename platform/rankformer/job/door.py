@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The door check of every job that loads a model onto a corpus: vocabulary, layout, positions and
+layer agree before any weights load."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""A job's output folder: claimed at the start, files published atomically, the manifest written
+last; and the MLflow parent run a job's results are logged under."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""TODO docstring."""
+"""Shard-by-shard work over a corpus: which rows of each shard a job takes (its selection and
+sample), the tasks still to run, and reading and writing one shard."""
 
 from __future__ import annotations
 
 import io
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +14,8 @@ import pyarrow.parquet as pq
 
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.job.cells import seeded_sample, split_by_shard
+from rankformer.job.cells import seeded_sample, split_by_shard, where_filter
 from rankformer.words import listed
-
-if TYPE_CHECKING:
-    pass
-
 
 SHARD_STEM = "part-"
 
@@ -34,9 +31,7 @@ def read_shard(
 ) -> pa.Table:
     """The selected cells of one shard (``rows``: only these, counted among the selected)."""
     with fs.open_input(uri) as f:
-        table = pq.read_table(f, columns=columns)
-    for col, values in where.items():
-        table = table.filter(pc.is_in(table.column(col).cast(pa.string()), pa.array(values)))
+        table = pq.read_table(f, columns=columns, filters=where_filter(where))
     return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 

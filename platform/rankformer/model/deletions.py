@@ -82,10 +82,9 @@ FIRST_LAYER: str | None = None
 def prefix_sums_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a cell's deletions share the first layer's attention by prefix sums (else: a plain
     attention pass over each deletion's shared input rows) for a model on ``device`` computing in
-    ``dtype``. The attention pass only on a CUDA device in half precision: for `geneformer-v1`'s
-    ~500-gene cells on an H200 it was 1.11-1.33x (bfloat16) and 1.32-1.35x (float16) faster than the
-    prefix sums, which were 1.04x faster in float32 (two runs, each way first once); on CPU the prefix
-    sums are faster."""
+    ``dtype``. The attention pass only on a CUDA device in half precision, where the fused attention
+    kernels beat the prefix sums' extra arithmetic; in float32 and on CPU the prefix sums are faster
+    (`benchmarks/bench_perturb.py` times both ways in one run)."""
     if FIRST_LAYER is not None:
         return FIRST_LAYER == "prefix-sums"
     return not (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))

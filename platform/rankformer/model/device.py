@@ -24,8 +24,8 @@ def settle(device: torch.device | str) -> torch.device:
     On CUDA, scaled-dot-product attention leaves out its cuDNN backend. cuDNN builds an execution
     plan for every new (batch, length) shape, a fraction of a second each, and our batches change
     shape nearly every call: length-grouped training steps, and each perturbed cell's variants one
-    token shorter than the cell. On an H200 (torch 2.11) that made bfloat16 perturbation 5x slower
-    than float32. FlashAttention and the memory-efficient kernel serve every shape without a plan.
+    token shorter than the cell, so the plans would cost more than the attention they speed up.
+    FlashAttention and the memory-efficient kernel serve every shape without a plan.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -42,7 +42,7 @@ def device_token_budget(
     ``max_tokens`` if given; on CUDA, from the memory free beside the model (what the caching
     allocator holds unused counts as free) by :func:`rankformer.config.infer.fit_budget`; else the
     CPU's default."""
-    from rankformer.config.infer import bytes_per_cell, bytes_per_token, fit_budget, token_budget
+    from rankformer.model.budget import bytes_per_cell, bytes_per_token, fit_budget, token_budget
 
     if max_tokens is not None or device.type != "cuda":
         return token_budget(max_tokens)

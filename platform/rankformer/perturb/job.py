@@ -28,18 +28,20 @@ import pyarrow.parquet as pq
 
 from rankformer import schema
 from rankformer.config.infer import PerturbConfig
+from rankformer.embed.cells import EmbedSpec, model_spec
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.job.actors import sharing_models
+from rankformer.job.actors import ShardIO, sharing_models
 from rankformer.job.shards import sample_note, sample_rows, shard_tasks
+from rankformer.perturb.parts import Perturbation
 from rankformer.perturb.perturber import Perturber
 from rankformer.perturb.states import STATES_FILE, check_states, gpus_of, state_embeddings, wanted_states
 from rankformer.perturb.stats import SYMBOLS_FILE, result_paths
 from rankformer.words import counted, listed
 
 
-def _make_perturber(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
-    return Perturber(spec)
+def _make_perturber(spec: EmbedSpec, how: Perturbation) -> Callable[[dict[str, Any]], bytes]:
+    return Perturber(spec, how)
 
 
 def targets_of(
@@ -60,8 +62,8 @@ def targets_of(
     return listed, (tokens[-1] if anchor else None), not_found
 
 
-def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) -> dict[str, Any]:
-    """What every actor needs: the model, what to read and where to write, how to perturb."""
+def _job_spec(cfg: PerturbConfig, uri: str) -> EmbedSpec:
+    """What every actor reads (the model, the selected cells) and where it writes."""
     from rankformer.job.cells import check_columns, corpus_columns, parse_where
 
     where = parse_where(cfg.cells_where)
@@ -71,25 +73,9 @@ def _job_spec(cfg: PerturbConfig, uri: str, info: Any, targets: dict[str, Any]) 
     check_columns(cfg.corpus, names, state, "--state-column")
     if cfg.start_state and cfg.state_column:
         where[cfg.state_column] = [cfg.start_state]
-    return {
-        "model": cfg.model,
-        "tracking_uri": uri,
-        "use_gpu": cfg.use_gpu,
-        "precision": cfg.precision,
-        "layer": cfg.layer,
-        "level": "cell",
-        "pooling": "mean",
-        "max_tokens": cfg.max_tokens,
-        "columns": [schema.INPUT_IDS, schema.CELL_ID, *state],
-        "where": where,
-        "out": cfg.out,
-        "kind": cfg.kind,
-        "mode": cfg.mode,
-        **targets,
-        "shift": cfg.shift,
-        "per_gene": cfg.per_gene,
-        "max_length": info.max_length,
-    }
+    return EmbedSpec(
+        model_spec(cfg, uri), ShardIO([schema.INPUT_IDS, schema.CELL_ID, *state], where, cfg.out)
+    )
 
 
 def _selection(cfg: PerturbConfig, files: list[str], where: dict[str, list[str]]) -> tuple[list[Any], int]:
@@ -110,12 +96,12 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     uri = tracking.resolve_uri(cfg.tracking_uri)
     info, manifest = check_model_and_corpus(cfg.model, cfg.corpus, uri, cfg.layer)
     listed, anchor, missing = targets_of(info.vocab, cfg.genes, cfg.anchor, cfg.mode, cfg.missing)
-    spec = _job_spec(cfg, uri, info, {"targets": listed, "anchor": anchor})
+    spec = _job_spec(cfg, uri)
     # where and in what batches it runs, not what it computes
     placement = ("num_workers", "ray_address", "in_process", "use_gpu", "max_tokens")
     what = {k: v for k, v in asdict(cfg).items() if k not in placement}
     files = corpus_files(cfg.corpus, vocab_hash=manifest["vocab_hash"])
-    sample, selected = _selection(cfg, files, spec["where"])
+    sample, selected = _selection(cfg, files, spec.shard_io().where)
     out = JobOutput(cfg.out, "perturb", what, keep_on_change=False)
     opts = ClusterOptions(ray_address=cfg.ray_address, in_process=cfg.in_process)
     with sharing_models():  # in-process, the two passes use one loaded model
@@ -125,9 +111,9 @@ def run_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         named = info.vocab.gene_names
         if named:  # for the statistics' tables (the rows name genes by id)
             out.write_json(SYMBOLS_FILE, {g: named[g] for g in info.vocab.gene_ids if named.get(g)})
-        spec |= {"states": states, "state_names": list(states)}
+        how = Perturbation(cfg.kind, cfg.mode, listed, anchor, cfg.shift, cfg.per_gene, states)
         shards, pending = shard_tasks(cfg.out, files, sample)
-        make = functools.partial(_make_perturber, spec)
+        make = functools.partial(_make_perturber, spec, how)
         done = {"cells": 0, "rows": 0}  # each actor wrote its shard's rows; these are its counts
         for payload in map_shards_actors(pending, make, opts, cfg.num_workers, gpus_of(cfg)):
             counts = pickle.loads(payload)

@@ -14,18 +14,28 @@ import functools
 import pickle
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from rankformer import schema
-from rankformer.embed.cells import Embedder
+from rankformer.config.types import PerturbKind, PerturbMode, Precision
+from rankformer.embed.cells import Embedder, EmbedSpec
 from rankformer.errors import InputError
+from rankformer.job.actors import ModelSpec
 from rankformer.job.cells import token_lists
 from rankformer.job.shards import read_shard
 from rankformer.model.perturbations import delete_each, perturb, positions_of
+from rankformer.perturb.parts import (
+    WINDOW_CELLS,
+    WINDOW_TOKENS,
+    Launched,
+    Original,
+    Perturbation,
+    unit,
+    windows,
+)
 from rankformer.perturb.rows import GeneSink, RowWriter, gene_rows_table, scores_schema, scores_table
 
 if TYPE_CHECKING:
@@ -34,66 +44,28 @@ if TYPE_CHECKING:
     from rankformer.model.deletions import SharedDeletions
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length, as ``torch.nn.functional.cosine_similarity`` scales each side
-    (norm clamped at its 1e-8): the cosine of two rows is then the sum of their product, the same
-    number, with each side scaled once however many rows it meets (an original against all its
-    variants)."""
-    import torch
-
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
-
-
-@dataclass
-class _Original:
-    """A cell before perturbation: its tokens (``cell``, also on the model's device), states and
-    mean-pooled embedding (as unit rows: see :func:`_unit`), each gene's rank (``rank``: token ->
-    rank among the cell's genes, -1 if absent), and the states' embeddings (``s_unit``, unit rows)
-    with the original's cosines to them. ``lut`` (token -> position, -1 if absent; on the device)
-    is made when a batch first needs it."""
-
-    cell_id: str
-    cell: np.ndarray
-    cell_dev: torch.Tensor
-    h0_unit: torch.Tensor
-    v0_unit: torch.Tensor
-    rank: np.ndarray
-    s_names: list[str]
-    s_unit: torch.Tensor | None
-    s_cos0: torch.Tensor | None
-    lut: torch.Tensor | None = None
-
-
-@dataclass
-class _Launched:
-    """A batch of a cell's variants on its way: the scores and, for per-gene rows, the batch's ids,
-    matches and cosines, all on the host once ``done`` is reached (None: already there)."""
-
-    orig: _Original
-    moved: np.ndarray
-    table: torch.Tensor
-    done: Any
-    genes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
-
-
 class Perturber(Embedder):
     """One model per actor: perturbs every cell of one corpus shard per call."""
+
+    def __init__(self, spec: EmbedSpec, how: Perturbation | None = None) -> None:
+        super().__init__(spec)
+        self.how = how or Perturbation()
 
     def variants(self, cell: np.ndarray) -> np.ndarray:
         """The cell's perturbations, one a row: the genes each perturbs (tokens, in order), padded
         with -1: (perturbations, most genes in one)."""
-        spec = self.spec
+        how = self.how
         genes = cell[cell >= self.gene_lo].astype(np.int64)
-        pool = genes if spec["mode"] == "all" else np.asarray(spec["targets"], dtype=np.int64)
-        if spec["kind"] != "overexpress" and spec["mode"] != "all":
+        pool = genes if how.mode == "all" else np.asarray(how.targets, dtype=np.int64)
+        if how.kind != "overexpress" and how.mode != "all":
             pool = pool[np.isin(pool, genes)]
-        anchor = spec["anchor"]
+        anchor = how.anchor
         if anchor is not None:
-            if spec["kind"] != "overexpress" and anchor not in genes:
+            if how.kind != "overexpress" and anchor not in genes:
                 return np.empty((0, 2), dtype=np.int64)
             others = pool[pool != anchor]
             return np.stack([np.full(len(others), anchor, dtype=np.int64), others], 1)
-        if spec["mode"] == "together":
+        if how.mode == "together":
             return pool[None] if len(pool) else np.empty((0, 0), dtype=np.int64)
         return pool[:, None]
 
@@ -110,9 +82,9 @@ class Perturber(Embedder):
 
     def _rows(self, parts: list[pa.Table]) -> pa.Table:
         """A cell's rows from its batches' tables (none: an empty table of the columns)."""
-        return pa.concat_tables(parts) if parts else scores_schema(self.spec["state_names"]).empty_table()
+        return pa.concat_tables(parts) if parts else scores_schema(self.how.state_names).empty_table()
 
-    def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[_Launched]:
+    def _launch_cell(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Iterator[Launched]:
         """A cell's variant batches, each launched as the caller asks for the next."""
         from rankformer.model.batching import budget_batches
         from rankformer.model.deletions import SharedDeletions
@@ -152,22 +124,21 @@ class Perturber(Embedder):
         """Each perturbation's token sequence, or for single deletions the positions deleted
         instead (their sequences are made batch by batch, on the device for the shared first layer);
         an error naming a perturbation that would leave no gene."""
-        spec = self.spec
+        how = self.how
         at = None
         if (
-            spec["kind"] == "delete"
+            how.kind == "delete"
             and moved.shape[1] == 1
-            and len(cell) <= spec["max_length"]
+            and len(cell) <= self.max_length
             and len(np.unique(cell)) == len(cell)
         ):
             at = positions_of(cell, moved[:, 0])  # every gene alone: the common case
             seqs = None  # (each deletes one of the cell's distinct genes: some gene is left if 2 were there)
             left = np.full(len(moved), int((cell >= self.gene_lo).sum()) >= 2)
         else:
-            shift = max(1, round(spec["shift"] * int((cell >= self.gene_lo).sum())))
+            shift = max(1, round(how.shift * int((cell >= self.gene_lo).sum())))
             seqs = [
-                perturb(cell, c[c >= 0], spec["kind"], spec["max_length"], self.cls, self.eos, shift)
-                for c in moved
+                perturb(cell, c[c >= 0], how.kind, self.max_length, self.cls, self.eos, shift) for c in moved
             ]
             left = np.asarray([(s >= self.gene_lo).any() for s in seqs], dtype=bool)
         if not left.all():
@@ -179,7 +150,7 @@ class Perturber(Embedder):
             )
         return seqs, at
 
-    def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> _Original:
+    def _original(self, cell: np.ndarray, h0: torch.Tensor, cell_id: str) -> Original:
         """What every variant of the cell is scored against."""
         import torch
 
@@ -193,13 +164,13 @@ class Perturber(Embedder):
         at = np.flatnonzero(cell >= self.gene_lo)[::-1]
         rank = np.full(int(max(cell.max(), self.vocab.n_tokens)) + 1, -1, dtype=np.int64)
         rank[cell[at]] = np.arange(len(at) - 1, -1, -1)  # first occurrence wins
-        states = self.spec["states"]
-        v0_unit = _unit(v0)
+        states = self.how.states
+        v0_unit = unit(v0)
         s_unit = s_cos0 = None
         if states:
             s_unit = self._state_matrix(states)
             s_cos0 = (v0_unit[None] * s_unit).sum(-1)
-        return _Original(cell_id, cell, cell_dev, _unit(h0), v0_unit, rank, list(states), s_unit, s_cos0)
+        return Original(cell_id, cell, cell_dev, unit(h0), v0_unit, rank, list(states), s_unit, s_cos0)
 
     def _state_matrix(self, states: dict[str, Any]) -> torch.Tensor:
         """The states' embeddings as unit rows, on the model's device (made once per set of states)."""
@@ -210,10 +181,10 @@ class Perturber(Embedder):
         kept = getattr(self, "_states_on_device", None)
         if kept is None or kept[0] is not states:
             rows = torch.from_numpy(np.asarray(list(states.values()), dtype=np.float32))
-            kept = self._states_on_device = (states, _unit(to_device(rows, self.device)))
+            kept = self._states_on_device = (states, unit(to_device(rows, self.device)))
         return kept[1]
 
-    def _lut(self, orig: _Original) -> torch.Tensor:
+    def _lut(self, orig: Original) -> torch.Tensor:
         """Where each gene token stood in the original cell (-1: not there), on the device: variants'
         states are matched to the original's by gene with one gather per batch."""
         import torch
@@ -228,12 +199,12 @@ class Perturber(Embedder):
 
     def _launch(
         self,
-        orig: _Original,
+        orig: Original,
         idx: np.ndarray,
         seqs: list[np.ndarray] | np.ndarray | None,
         moved: np.ndarray,
         run: tuple[SharedDeletions, int, int] | None = None,
-    ) -> _Launched:
+    ) -> Launched:
         """One forward pass over a batch of a cell's variants and their scores, computed where the
         states are; on a GPU this only queues the work, and the scores' copy to the host. ``run``:
         the batch deletes consecutive positions (from, count), its ids and states come from the
@@ -258,9 +229,9 @@ class Perturber(Embedder):
             p0, common = self._matched(ids_dev, moved, self._lut(orig))
         v1 = mean_pool(h1, ids_dev >= self.gene_lo)
         # (B, L1), 0 where not matched (where(), not a product: a pad row's value never leaks)
-        gene_cos = torch.where(common, (_unit(h1) * orig.h0_unit[p0.clamp(min=0)]).sum(-1), 0.0)
+        gene_cos = torch.where(common, (unit(h1) * orig.h0_unit[p0.clamp(min=0)]).sum(-1), 0.0)
         n_common = common.sum(1)
-        v1 = _unit(v1)
+        v1 = unit(v1)
         scores = [
             (orig.v0_unit[None] * v1).sum(-1),
             gene_cos.sum(1) / n_common.clamp(min=1),
@@ -272,16 +243,16 @@ class Perturber(Embedder):
         # reached: nothing here makes the host wait for the device
         table = to_host_queued(torch.stack(scores, 1))  # (B, 3 + states)
         per_gene = None
-        if self.spec["per_gene"]:
+        if self.how.per_gene:
             per_gene = (
                 to_host_queued(ids_dev),
                 to_host_queued(p0),
                 to_host_queued(common),
                 to_host_queued(gene_cos),
             )
-        return _Launched(orig, moved, table, queued_mark(dev), per_gene)
+        return Launched(orig, moved, table, queued_mark(dev), per_gene)
 
-    def _finish(self, batch: _Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:
+    def _finish(self, batch: Launched, parts: list[pa.Table], genes_out: GeneSink | None) -> None:
         """A launched batch's rows appended to ``parts`` as a table (after its scores reach the
         host), its per-gene table given to ``genes_out``."""
         if batch.done is not None:
@@ -335,7 +306,7 @@ class Perturber(Embedder):
 
         p0 = lut[ids]
         common = (p0 >= 0) & (ids >= self.gene_lo)
-        if self.spec["kind"] == "delete":  # a deleted gene is in none of the variant's positions
+        if self.how.kind == "delete":  # a deleted gene is in none of the variant's positions
             return p0, common
         mv = to_device(torch.from_numpy(np.ascontiguousarray(moved)), ids.device)
         hit = (ids[:, :, None] == mv[:, None, :]).any(-1)
@@ -350,34 +321,19 @@ class Perturber(Embedder):
         model: str,
         tracking_uri: str,
         use_gpu: bool,
-        precision: str,
+        precision: Precision,
         layer: str,
         max_tokens: int | None = None,
     ) -> Perturber:
         """One loaded model for cells given per call (the endpoint, the in-memory API): it embeds
         with mean pooling and perturbs as :meth:`configure` says."""
-        return cls(
-            {
-                "model": model,
-                "tracking_uri": tracking_uri,
-                "use_gpu": use_gpu,
-                "precision": precision,
-                "layer": layer,
-                "level": "cell",
-                "pooling": "mean",
-                "gene_stat": "mean",
-                "max_tokens": max_tokens,
-                "states": {},
-                "state_names": [],
-                "per_gene": False,
-            }
-        )
+        return cls(EmbedSpec(ModelSpec(model, tracking_uri, use_gpu, precision, layer, max_tokens)))
 
     def configure(
         self,
         *,
-        kind: str,
-        mode: str,
+        kind: PerturbKind,
+        mode: PerturbMode,
         targets: list[int],
         anchor: int | None,
         shift: float,
@@ -386,18 +342,7 @@ class Perturber(Embedder):
     ) -> None:
         """What the next cells are perturbed with (the job sets it once; the endpoint and the
         in-memory API per call)."""
-        self.spec = {
-            **self.spec,
-            "kind": kind,
-            "mode": mode,
-            "targets": targets,
-            "anchor": anchor,
-            "shift": shift,
-            "per_gene": per_gene,
-            "max_length": self.max_length,
-            "states": states,
-            "state_names": list(states),
-        }
+        self.how = Perturbation(kind, mode, targets, anchor, shift, per_gene, states)
 
     def scored(
         self, cells: list[np.ndarray], ids: list[str], genes_out: GeneSink | None = None
@@ -419,7 +364,7 @@ class Perturber(Embedder):
         from rankformer.model.forward import batches, hidden_states
 
         # launched batches, oldest first, each with its cell's tables; None marks the end of a cell
-        queue: deque[tuple[_Launched | None, list[pa.Table]]] = deque()
+        queue: deque[tuple[Launched | None, list[pa.Table]]] = deque()
 
         def finish(keep: int) -> Iterator[pa.Table]:
             """Finish batches until ``keep`` remain launched; each cell's rows once complete."""
@@ -449,32 +394,15 @@ class Perturber(Embedder):
         yield from finish(0)
 
     def __call__(self, task: dict[str, Any]) -> bytes:
-        spec = self.spec
-        table = read_shard(task["uri"], spec["columns"], spec["where"], task.get("rows"))
+        io = self.spec.shard_io()
+        table = read_shard(task["uri"], io.columns, io.where, task.get("rows"))
         cells = token_lists(table)
         ids = [str(x) for x in table.column(schema.CELL_ID).to_pylist()]
-        genes_name = "genes-" + task["name"] if spec["per_gene"] else None
+        genes_name = "genes-" + task["name"] if self.how.per_gene else None
         with (
-            RowWriter(spec["out"], task["name"], spec["state_names"]) as rows,
-            RowWriter(spec["out"], genes_name, None) as per_gene,
+            RowWriter(io.out, task["name"], self.how.state_names) as rows,
+            RowWriter(io.out, genes_name, None) as per_gene,
         ):
             for cell_rows in self.scored(cells, ids, per_gene.add_table):  # in corpus order
                 rows.add_table(cell_rows)
         return pickle.dumps({"cells": len(cells), "rows": rows.n})
-
-
-WINDOW_CELLS = 256  # at most this many cells' originals run before their variants
-WINDOW_TOKENS = 65_536  # ... and at most this many tokens of them (one cell, if longer)
-
-
-def windows(lengths: list[int], max_cells: int, max_tokens: int) -> Iterator[tuple[int, int]]:
-    """Consecutive [lo, hi) runs of cells, each at most ``max_cells`` cells and ``max_tokens``
-    tokens (a longer cell alone)."""
-    lo, n = 0, len(lengths)
-    while lo < n:
-        hi, tokens = lo + 1, lengths[lo]
-        while hi < n and hi - lo < max_cells and tokens + lengths[hi] <= max_tokens:
-            tokens += lengths[hi]
-            hi += 1
-        yield lo, hi
-        lo = hi

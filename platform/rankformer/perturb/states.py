@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import pickle
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 
 from rankformer import schema
 from rankformer.config.infer import PerturbConfig
-from rankformer.embed.cells import Embedder
+from rankformer.embed.cells import Embedder, EmbedSpec
 from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.job.cells import split_by_shard, token_lists
@@ -26,8 +27,12 @@ class StateSums(Embedder):
     """One model per actor: per corpus shard, the sum of each state's cells' mean-pooled embeddings
     and their count."""
 
+    def __init__(self, spec: EmbedSpec, column: str, wanted: list[str]) -> None:
+        super().__init__(spec)
+        self.column, self.wanted = column, wanted
+
     def __call__(self, task: dict[str, Any]) -> bytes:
-        column, wanted = self.spec["state_column"], self.spec["wanted"]
+        column, wanted = self.column, self.wanted
         table = read_shard(task["uri"], [schema.INPUT_IDS, column], {column: wanted}, task.get("rows"))
         found: dict[str, tuple[np.ndarray, int]] = {}
         if table.num_rows:
@@ -41,8 +46,8 @@ class StateSums(Embedder):
         return pickle.dumps({"index": task["index"], "states": found})
 
 
-def _make_state_sums(spec: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
-    return StateSums(spec)
+def _make_state_sums(spec: EmbedSpec, column: str, wanted: list[str]) -> Callable[[dict[str, Any]], bytes]:
+    return StateSums(spec, column, wanted)
 
 
 STATES_FILE = "states.json"
@@ -92,7 +97,7 @@ def check_states(files: list[str], column: str, wanted: list[str]) -> None:
 
 
 def state_embeddings(
-    cfg: PerturbConfig, spec: dict[str, Any], files: list[str], opts: Any
+    cfg: PerturbConfig, spec: EmbedSpec, files: list[str], opts: Any
 ) -> dict[str, list[float]]:
     """Each state's embedding: the mean of its cells' mean-pooled embeddings, over every cell of
     the state (``--cells-where`` and ``--start-state`` do not apply). One pass of the actor pool
@@ -107,12 +112,12 @@ def state_embeddings(
         doc: dict[str, list[float]] = fs.read_json(kept, "delete it; the rerun computes it again")
         return doc
     wanted = wanted_states(cfg)
-    sspec = {**spec, "where": {}, "state_column": cfg.state_column, "wanted": wanted}
+    every_cell = replace(spec, io=replace(spec.shard_io(), where={}))
     sample = state_sample(files, cfg.state_column, wanted, cfg.state_cells, cfg.seed)
     tasks = [
         {"uri": f, "index": i, "rows": rows} for i, (f, rows) in enumerate(zip(files, sample, strict=True))
     ]
-    make = functools.partial(_make_state_sums, sspec)
+    make = functools.partial(_make_state_sums, every_cell, cfg.state_column, wanted)
     parts = [pickle.loads(p) for p in map_shards_actors(tasks, make, opts, cfg.num_workers, gpus_of(cfg))]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

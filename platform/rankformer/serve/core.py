@@ -12,7 +12,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rankformer import schema
-from rankformer.config.types import Layout, as_layout
+from rankformer.config.types import Layout, Precision, as_layout
 
 
 class Cell(BaseModel):
@@ -151,7 +151,7 @@ class ModelCore:
         tracking_uri: str | None,
         use_gpu: bool,
         layer: str,
-        precision: str = "float32",
+        precision: Precision = "float32",
         max_tokens: int | None = None,
     ) -> None:
         from rankformer import tracking
