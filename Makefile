@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv services demo test lint typecheck bench bench-perturb bench-scale clean
+.PHONY: venv services demo test lint docs typecheck bench bench-perturb bench-scale clean
 
 venv: $(VENV)/.installed
 
@@ -63,21 +63,27 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
 	$(VENV)/bin/ruff format --check platform tests jobs benchmarks
 	$(VENV)/bin/mypy
+	PYTHONPATH=platform $(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
+
+# The docs site (one page per stage, performance, the API reference from the docstrings) into site/.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_medians.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_small.py
 	$(PY) benchmarks/bench_pretrain.py
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py
 
 bench-perturb: $(VENV)/.installed
 	$(PY) benchmarks/bench_perturb.py
 	$(PY) benchmarks/bench_perturb_stats.py
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py
 
 bench-scale: $(VENV)/.installed
 	$(PY) benchmarks/bench_scale.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache ray_results mlruns mlartifacts mlflow.db
+	rm -rf $(VENV) $(DEMO_DIR) site .pytest_cache .mypy_cache .ruff_cache ray_results mlruns mlartifacts mlflow.db

@@ -1,5 +1,6 @@
-"""Render the latest benchmark records into README.md between the performance markers, so the
-figures shown are the figures measured."""
+"""Render the latest benchmark records: every figure into the docs' performance page, the
+headline figures into README.md (each between its markers), so the figures shown are the figures
+measured."""
 
 from __future__ import annotations
 
@@ -10,6 +11,46 @@ from pathlib import Path
 from common import RESULTS
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+HEAD_START, HEAD_END = "<!-- perf-headline:start -->", "<!-- perf-headline:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT = object()  # a headline's config key that the record must not have
+# (what the README says, benchmark, metric, config the record must match): the latest match is shown
+HEADLINES: list[tuple[str, str, str, dict]] = [
+    ("exact medians: largest error against numpy", "medians", "max_abs_error_vs_numpy", {}),
+    ("vocabulary build, 1M cells (14.4 GB h5ad)", "scale", "cells_per_s", {"stage": "vocab build"}),
+    ("tokenize, 1M cells, 2 workers", "scale", "cells_per_s", {"stage": "tokenize", "workers": 2}),
+    ("tokenize against a plain per-cell tokenizer", "tokenize", "ratio_vs_baseline", {}),
+    ("pretrain held-out masked-gene accuracy (tiny)", "pretrain", "heldout_mlm_accuracy", {}),
+    (
+        "pretrain geneformer-v2-104m, bf16",
+        "pretrain",
+        "tokens_per_s_per_worker",
+        {"preset": "geneformer-v2-104m", "attention": ABSENT},
+    ),
+    (
+        "pretrain geneformer-v2-104m, bf16: MFU",
+        "pretrain",
+        "mfu",
+        {"preset": "geneformer-v2-104m", "attention": ABSENT},
+    ),
+    ("gene classification CV ROC AUC (PBMC, tiny)", "finetune", "gene_cv_roc_auc", {}),
+    ("embed, 2 workers (tiny)", "embed", "cells_per_s", {"workers": 2}),
+    (
+        "perturb every gene against the reference's method (tiny)",
+        "perturb",
+        "ratio_vs_reference_method",
+        {"preset": "tiny", "device": "cpu", "precision": "float32"},
+    ),
+    (
+        "... (geneformer-v1, bfloat16)",
+        "perturb",
+        "ratio_vs_reference_method",
+        {"preset": "geneformer-v1", "device": "cpu", "precision": "bfloat16"},
+    ),
+    ("perturb stats against a plain in-memory groupby", "perturb_stats", "ratio_vs_plain", {}),
+    ("serve /v1/embed, 16 clients, 1 replica", "serve", "requests_per_s", {}),
+    ("... p99 latency", "serve", "p99_ms", {}),
+]
 HIDDEN = {"seconds", "n_genes", "genes_per_cell_drawn"}
 
 
@@ -65,18 +106,44 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def _matches(rec: dict, benchmark: str, metric: str, want: dict) -> bool:
+    if rec["benchmark"] != benchmark or rec["metric"] != metric:
+        return False
+    cfg = rec["config"]
+    return all((k not in cfg) if v is ABSENT else cfg.get(k) == v for k, v in want.items())
+
+
+def headlines() -> str:
+    """The headline figures: for each, the latest record that matches it."""
+    records = [r for path in sorted(RESULTS.glob("*.jsonl")) for r in latest(path)]
+    rows = ["| figure | value | unit | machine, commit, date |", "|---|---|---|---|"]
+    for label, benchmark, metric, want in HEADLINES:
+        found = [r for r in records if _matches(r, benchmark, metric, want)]
+        if found:
+            r = found[-1]
+            rows.append(
+                f"| {label} | {_fmt(r['value'])} | {r['unit']} | {r['machine']}, {r['git']}, {r['date']} |"
+            )
+    return "\n".join(rows)
+
+
+def _replace(path: Path, start: str, end: str, body: str) -> None:
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--docs", default=str(ROOT / "docs" / "performance.md"))
     args = p.parse_args()
-    readme = Path(args.readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
-    print(f"performance table in {readme} updated from {RESULTS}")
+    _replace(Path(args.docs), START, END, table())
+    _replace(Path(args.readme), HEAD_START, HEAD_END, headlines())
+    print(f"performance tables in {args.docs} and {args.readme} updated from {RESULTS}")
 
 
 if __name__ == "__main__":

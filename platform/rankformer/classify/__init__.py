@@ -1,0 +1,1 @@
+"""Gene and cell classification: labels, jobs, controls, tuning, and prediction on other corpora."""

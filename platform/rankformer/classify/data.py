@@ -1,5 +1,6 @@
-"""The cells a classification job works on: read from a finished corpus, optionally only those
-matching ``obs`` conditions carried in it (``--cells-where cell_type=cardiomyocyte``), and capped.
+"""What the classification jobs ask of their cells beyond the shared selection
+(:mod:`rankformer.job.cells`): which cells hold a labelled gene, and a cell job's label and group
+columns checked present in the corpus.
 
 Fine-tuning holds the selected cells in memory (token ids, a few bytes per token), as the reference
 does; ``max_cells`` caps them with a seeded sample when a corpus is larger than a job needs.

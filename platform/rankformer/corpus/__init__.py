@@ -1,0 +1,1 @@
+"""Medians, tokenization and inspection of a corpus, and reading a finished one."""

@@ -1,0 +1,1 @@
+"""Cell and gene embeddings of a corpus (`rankformer embed`)."""

@@ -1,0 +1,1 @@
+"""The HTTP endpoints on Ray Serve (`rankformer serve`)."""
