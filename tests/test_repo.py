@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -95,9 +96,7 @@ def test_serve_build_accepts_the_application(tmp_path):
     import yaml
 
     env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RANKFORMER_MODEL": "models:/m@current"}
-    serve_bin = (
-        str(REPO / ".venv" / "bin" / "serve") if (REPO / ".venv" / "bin" / "serve").exists() else "serve"
-    )
+    serve_bin = str(Path(sys.executable).with_name("serve"))  # the environment running the tests
     out = tmp_path / "built.yaml"
     subprocess.run(
         [serve_bin, "build", "rankformer.serve.bound:app", "-o", str(out)],
