@@ -510,18 +510,20 @@ def test_a_jobs_passes_share_one_loaded_model(world):
     """Inside `sharing_models` (an in-process perturbation's state and perturbation passes),
     embedders of the same model, device and precision share one loaded copy, each with its own
     layer; another precision, or outside the block, loads its own."""
-    from rankformer.embed.cells import Embedder
-    from rankformer.job.actors import sharing_models
+    from dataclasses import replace
 
-    spec = {"model": world.model, "tracking_uri": "", "use_gpu": False, "layer": "penultimate"}
-    spec |= {"level": "cell", "pooling": "mean"}
+    from rankformer.embed.cells import Embedder, EmbedSpec
+    from rankformer.job.actors import ModelSpec, sharing_models
+
+    model = ModelSpec(world.model, "", use_gpu=False, layer="penultimate")
+    spec = EmbedSpec(model, level="cell", pooling="mean")
 
     def weights(e: Embedder) -> torch.Tensor:
         return e.model.embeddings.word_embeddings.weight
 
     with sharing_models():
-        a, b = Embedder(spec), Embedder({**spec, "layer": "last"})
-        c = Embedder({**spec, "precision": "bfloat16"})
+        a, b = Embedder(spec), Embedder(replace(spec, model=replace(model, layer="last")))
+        c = Embedder(replace(spec, model=replace(model, precision="bfloat16")))
     d = Embedder(spec)
     assert weights(a) is weights(b) and len(a.model.encoder.layer) == 2 and len(b.model.encoder.layer) == 3
     assert weights(c) is not weights(a) and weights(c).dtype == torch.bfloat16

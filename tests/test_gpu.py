@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -137,7 +139,7 @@ def test_queued_batches_leave_the_host_free(tmp_path):
     def queue_all() -> tuple:
         rows = sum(t.num_rows for t in p.scored(cells, ids, tables.append))
         vecs, _ = p.embed(cells)
-        p.spec["level"] = "gene"
+        p.spec = dataclasses.replace(p.spec, level="gene")
         _, genes = p.embed(cells)
         probs = cell_probs(heads[0], cells, p.pad, 100)  # the classifiers' predictions
         sums = token_probs(heads[1], cells, p.pad, p.gene_lo, 100)
