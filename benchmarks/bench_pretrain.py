@@ -3,7 +3,11 @@ plain approach in the same run (every cell padded to the model length and Huggin
 ``BertForMaskedLM`` head, as a stock Trainer setup does); 1 vs 2 Ray Train workers; masked-gene
 accuracy on held-out cells against the best position-only guess; a loss curve for the README.
 
+Also packed micro-batches (one token stream per micro-batch, no padding) against the length-grouped
+padded ones, with the same token budget.
+
 Records (`pretrain`): tokens_per_s_per_worker, padding_fraction, ratio_vs_padded_baseline,
+ratio_packed_vs_length_grouped,
 scaling_efficiency_2_workers, heldout_mlm_accuracy, position_baseline_accuracy, and mfu (CUDA only).
 """
 
@@ -66,23 +70,28 @@ def ours(
     device: str = "cpu",
     cudnn_attention: bool = False,
     window: int = 1,
+    packed: bool = False,
 ) -> dict[str, float]:
     """Our loop's tokens/s (and MFU where the device's peak is known) over ``steps`` steps, logged every
     ``window`` steps (a log reads the window's sums back from the device: on a GPU, the host's one
     wait), after a first window that pays the one-off costs and is left out.
     ``cudnn_attention``: with SDPA's cuDNN backend allowed again (the loop's device settings leave
-    it out), to measure what that setting is worth."""
+    it out), to measure what that setting is worth. ``packed``: each micro-batch's cells in one
+    token stream, attention as the job runs it on ``device`` (else padded, grouped by length)."""
     from rankformer.corpus.read import corpus_files
+    from rankformer.model.packing import use_varlen_attention
     from rankformer.train.task import flops_per_token, peak_flops
 
     cfg = _cfg(corpus, preset, window + steps, max_tokens)
     vocab = GeneVocab.load(os.path.join(os.path.dirname(corpus), os.path.basename(corpus) + "_vocab.json"))
-    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0)
+    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0, packed=packed)
     cfg.log_every = window
     ctx = LocalContext(None, device)
     if cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(True)
     model = build_model(cfg, vocab, None)
+    if packed:
+        use_varlen_attention(model.mlm)
     extra = {"flops_per_token": flops_per_token(model, 700.0)}
     peak = peak_flops(ctx.device)
     if peak:
@@ -163,6 +172,38 @@ def throughput(work: Path, presets: list[str]) -> None:
         record("pretrain", "padding_fraction", b["padding_fraction"], "fraction", {**conf, "stage": "padded"})
         ratio = a["tokens_per_s"] / b["tokens_per_s"]
         record("pretrain", "ratio_vs_padded_baseline", ratio, "x", {**conf, "stage": "ratio"})
+        packing(corpus, preset, steps, budget, a["tokens_per_s"], conf)
+
+
+PACKING_RUNS = (("tiny", 12, 16384), ("geneformer-v1", 5, 8192))  # preset, steps, token budget
+
+
+def packing_only(work: Path, presets: list[str]) -> None:
+    """Length-grouped then packed micro-batches, each preset in the same run."""
+    corpus = write_corpus(str(work / "realistic"), realistic_cells(3000), N_GENES, shards=2)
+    for preset, steps, budget in PACKING_RUNS:
+        if preset in presets:
+            torch.manual_seed(0)
+            grouped = ours(corpus, preset, steps, budget)
+            conf = {"preset": preset, "device": "cpu", "threads": torch.get_num_threads()}
+            record(
+                "pretrain",
+                "tokens_per_s_per_worker",
+                grouped["tokens_per_s"],
+                "tokens/s",
+                {**conf, "stage": "ours"},
+            )
+            packing(corpus, preset, steps, budget, grouped["tokens_per_s"], conf)
+
+
+def packing(corpus: str, preset: str, steps: int, budget: int, grouped: float, conf: dict) -> None:
+    """Packed micro-batches (one token stream, no padding) against the length-grouped padded ones
+    measured just before, in the same run and with the same token budget."""
+    torch.manual_seed(0)
+    p = ours(corpus, preset, steps, budget, packed=True)
+    record("pretrain", "tokens_per_s_per_worker", p["tokens_per_s"], "tokens/s", {**conf, "stage": "packed"})
+    ratio = p["tokens_per_s"] / grouped
+    record("pretrain", "ratio_packed_vs_length_grouped", ratio, "x", {**conf, "stage": "packed"})
 
 
 def heldout(work: Path) -> None:
@@ -263,11 +304,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--presets", nargs="+", default=["tiny", "geneformer-v1"])
+    p.add_argument(
+        "--only-packing", action="store_true", help="only packed against length-grouped micro-batches"
+    )
     args = p.parse_args()
     if torch.cuda.is_available():
         print("CUDA present: `python benchmarks/bench_pretrain_gpu.py` records MFU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.only_packing:
+            packing_only(work, args.presets)
+            return
         throughput(work, args.presets)
         heldout(work)
         if not args.skip_scaling:

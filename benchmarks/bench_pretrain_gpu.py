@@ -1,4 +1,5 @@
-"""MFU of `geneformer-v1` and `geneformer-v2-104m` pretraining in bf16 on one GPU (the `gpu`
+"""MFU of `geneformer-v1`, `geneformer-v2-104m` and `geneformer-v2-316m` pretraining in bf16 on one
+GPU, padded (grouped by length) and packed (one token stream per micro-batch) in the same run (the `gpu`
 benchmark; exits without a record when CUDA is absent). MFU = real tokens/s x training FLOPs per
 token (6 x non-embedding parameters + attention) / the GPU's peak dense bf16 FLOP/s
 (RANKFORMER_PEAK_FLOPS overrides the built-in table). 30 steps measured and logged once (a log is
@@ -33,7 +34,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(str(Path(tmp) / "realistic"), realistic_cells(20000), N_GENES, shards=4)
-        for preset, budget in (("geneformer-v1", 65536), ("geneformer-v2-104m", 65536)):
+        for preset, budget in (
+            ("geneformer-v1", 65536),
+            ("geneformer-v2-104m", 65536),
+            ("geneformer-v2-316m", 32768),
+        ):
             conf = {"preset": preset, "device": torch.cuda.get_device_name(), "precision": "bf16"}
             rates = {}
             # the loop's own settings (the headline figures), then with cuDNN's attention when asked
@@ -44,6 +49,12 @@ def main() -> None:
                 run.update({"attention": "cudnn-allowed"} if cudnn else {})
                 record("pretrain", "tokens_per_s_per_worker", r["tokens_per_s"], "tokens/s", run)
                 record("pretrain", "mfu", r["mfu"], "fraction", run)
+            # packed micro-batches (attention within each cell) against the padded run above
+            r = ours(corpus, preset, 30, budget, device="cuda", window=30, packed=True)
+            run = {**conf, "stage": "gpu", "log_every": 30, "batches": "packed"}
+            record("pretrain", "tokens_per_s_per_worker", r["tokens_per_s"], "tokens/s", run)
+            record("pretrain", "mfu", r["mfu"], "fraction", run)
+            record("pretrain", "ratio_packed_vs_length_grouped", r["tokens_per_s"] / rates[False], "x", run)
             if args.with_cudnn:
                 ratio = rates[False] / rates[True]
                 run = {**conf, "stage": "gpu", "log_every": 30}

@@ -25,7 +25,7 @@ HEADLINES: list[tuple[str, str, str, dict]] = [
         "pretrain geneformer-v2-104m, bf16",
         "pretrain",
         "tokens_per_s_per_worker",
-        {"preset": "geneformer-v2-104m", "attention": ABSENT},
+        {"preset": "geneformer-v2-104m", "attention": ABSENT, "batches": ABSENT},
     ),
     (
         "pretrain geneformer-v2-104m, bf16: MFU",
@@ -65,6 +65,7 @@ IDENTITY = (
     "device",
     "attention",
     "cpu_bf16",
+    "batches",
 )
 # what a record written before the key existed measured (every CPU record before `cpu_bf16`: AVX-512 BF16)
 DEFAULTS = {"precision": "float32", "device": "cpu", "cpu_bf16": "avx512"}

@@ -82,7 +82,8 @@ class OptimOptions:
 
 @dataclass
 class BatchOptions:
-    max_tokens: int = 16_384  # per micro-batch and worker: cells x longest cell, padding included
+    max_tokens: int = 16_384  # tokens per micro-batch and worker, padding included (cells x longest)
+    packed: bool = False  # cells end to end in one token stream, no padding, attention within each cell
     max_cells: int = 64  # cells per micro-batch at most
     megabatch_cells: int = 1024  # cells sorted by length together before batching (length grouping)
 

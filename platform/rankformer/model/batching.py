@@ -28,6 +28,7 @@ def budget_batches(lengths: np.ndarray, max_tokens: int, max_cells: int) -> list
 
 
 T = TypeVar("T")
+Batcher = Callable[[np.ndarray, int, int], list[np.ndarray]]  # (lengths, max_tokens, max_cells) -> batches
 
 
 def length_grouped(
@@ -37,17 +38,20 @@ def length_grouped(
     megabatch_cells: int,
     rng: np.random.Generator,
     length: Callable[[Any], int] = len,
+    batcher: Batcher | None = None,
 ) -> Iterator[list[T]]:
     """Batches from a stream of cells (token arrays, or items whose ``length`` is their cell's),
-    megabatch by megabatch."""
+    megabatch by megabatch; ``batcher`` cuts a megabatch (default :func:`budget_batches`; a packed
+    batch's is :func:`rankformer.model.packing.packed_batches`)."""
+    cut = batcher or budget_batches
     pending: list[T] = []
     for cell in cells:
         pending.append(cell)
         if len(pending) >= megabatch_cells:
-            yield from _emit(pending, max_tokens, max_cells, rng, length)
+            yield from _emit(pending, max_tokens, max_cells, rng, length, cut)
             pending = []
     if pending:
-        yield from _emit(pending, max_tokens, max_cells, rng, length)
+        yield from _emit(pending, max_tokens, max_cells, rng, length, cut)
 
 
 def _emit(
@@ -56,9 +60,10 @@ def _emit(
     max_cells: int,
     rng: np.random.Generator,
     length: Callable[[Any], int],
+    cut: Batcher,
 ) -> Iterator[list[T]]:
     lengths = np.fromiter((length(c) for c in cells), dtype=np.int64, count=len(cells))
-    batches = budget_batches(lengths, max_tokens, max_cells)
+    batches = cut(lengths, max_tokens, max_cells)
     for i in rng.permutation(len(batches)):
         yield [cells[j] for j in batches[i]]
 

@@ -37,11 +37,15 @@ class MaskedGeneLM(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         where: torch.Tensor,
         target: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross-entropy over the labelled positions, their logits). ``attention_mask``: as BERT
         takes it (2-D, or from :func:`rankformer.model.device.attention_mask_on`); ``where``,
-        ``target``: from :func:`labelled_positions`."""
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        ``target``: from :func:`labelled_positions`. A packed batch (:mod:`rankformer.model.packing`)
+        gives its ``position_ids`` and no mask: attention then stays within each cell."""
+        hidden = self.mlm.bert(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         logits = self.mlm.cls(hidden.flatten(0, 1).index_select(0, where))
         if target.numel() == 0:  # nothing masked in this batch: a zero loss that keeps the graph
             return logits.sum() * 0.0, logits

@@ -95,7 +95,11 @@ def make_optimizer(
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, opts.adam_beta2), eps=opts.adam_eps)
+    # on a GPU one fused kernel updates every parameter (the same AdamW; the step is not a loop of
+    # small kernels over the parameter tensors)
+    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
+    betas = (0.9, opts.adam_beta2)
+    opt = torch.optim.AdamW(groups, lr=opts.lr, betas=betas, eps=opts.adam_eps, fused=fused or None)
     warm = opts.warmup(max_steps)
 
     def factor(step: int) -> float:

@@ -19,6 +19,7 @@ from rankformer.model.batching import length_grouped, pad_batch
 from rankformer.model.device import attention_mask_on, to_device
 from rankformer.model.masking import mask_genes
 from rankformer.model.mlm import labelled_positions
+from rankformer.model.packing import pack_cells, packed_batches
 from rankformer.train.loop import Stat
 from rankformer.vocab.gene_vocab import GeneVocab
 
@@ -45,30 +46,43 @@ class TokenSpec:
 class MaskedGeneTask:
     """Length-grouped batches of cells; the masked-gene loss and accuracy on each."""
 
-    def __init__(self, cells: Any, spec: TokenSpec, cfg: PretrainConfig, rank: int) -> None:
-        self.cells, self.spec, self.cfg, self.rank = cells, spec, cfg, rank
+    def __init__(
+        self, cells: Any, spec: TokenSpec, cfg: PretrainConfig, rank: int, packed: bool = False
+    ) -> None:
+        """``packed``: each micro-batch's cells in one token stream (:mod:`rankformer.model.packing`),
+        batched by their tokens in all; else padded to the longest, grouped by length."""
+        self.cells, self.spec, self.cfg, self.rank, self.packed = cells, spec, cfg, rank, packed
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
 
     def epoch_batches(self, epoch: int) -> Iterator[list[np.ndarray]]:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
         b = self.cfg.batch
-        return length_grouped(self.cells(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng)
+        cut = packed_batches if self.packed else None
+        return length_grouped(
+            self.cells(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng, batcher=cut
+        )
 
     def forward(
         self, model: torch.nn.Module, batch: list[np.ndarray], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, Stat]]:
-        ids, attn = pad_batch(batch, self.spec.pad)
         s = self.spec
+        if self.packed:
+            packed = pack_cells(batch)
+            ids, attn, positions = packed.ids, None, to_device(packed.positions, device)
+        else:
+            ids, attn = pad_batch(batch, s.pad)
+            positions = None
         inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
         where, target = labelled_positions(labels)
         inputs_d, where_d, target_d = (to_device(t, device) for t in (inputs, where, target))
-        loss, logits = model(inputs_d, attention_mask_on(attn, device), where_d, target_d)
-        real = int(attn.sum())
+        mask = None if attn is None else attention_mask_on(attn, device)
+        loss, logits = model(inputs_d, mask, where_d, target_d, positions)
+        real = int(ids.numel()) if attn is None else int(attn.sum())
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_d).sum()  # on the device until the metrics are logged
         stats: dict[str, Stat] = {
             "tokens": float(real),
-            "pad_tokens": float(attn.numel() - real),
+            "pad_tokens": float(ids.numel() - real),
             "correct": correct,
             "labels": float(target.numel()),
         }
