@@ -18,7 +18,7 @@ from rankformer.model.packing import VARLEN, pack_cells, packed_batches, use_var
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
 from rankformer.train.plan import plan
-from rankformer.train.pretrain import loop_options, model_and_task
+from rankformer.train.pretrain import loop_options, model_and_task, run_settings
 from rankformer.train.task import arrow_cells
 from rankformer.vocab.gene_vocab import GeneVocab
 
@@ -182,3 +182,29 @@ def test_a_packed_pretraining_learns_as_the_padded_one_does(tmp_path):
     assert padded[-1]["accuracy"] > 0.5 and packed[-1]["accuracy"] > 0.5
     assert abs(packed[-1]["accuracy"] - padded[-1]["accuracy"]) < 0.1
     assert abs(packed[-1]["loss"] - padded[-1]["loss"]) < 0.3
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """``--activation-checkpointing`` recomputes each layer in the backward pass: the same loss and
+    gradients, packed or padded."""
+    from rankformer.train.task import MaskedGeneTask, TokenSpec
+
+    spec = TokenSpec(PAD, 1, GENE_LO, N_TOKENS)
+    cells = _cells(True)
+
+    def step(checkpointing: bool, packed: bool) -> tuple[float, list[torch.Tensor]]:
+        cfg = PretrainConfig(
+            corpus="c", out="o", activation_checkpointing=checkpointing, batch={"packed": packed}
+        )
+        model = run_settings(MaskedGeneLM(_model("sdpa")), cfg).train()
+        assert model.mlm.is_gradient_checkpointing is checkpointing
+        task = MaskedGeneTask(None, spec, cfg, 0, packed=packed)
+        loss, _ = task.forward(model, cells, torch.device("cpu"))
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for packed in (False, True):
+        (a, ga), (b, gb) = step(False, packed), step(True, packed)
+        assert a == pytest.approx(b, abs=1e-6)
+        for x, y in zip(ga, gb, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

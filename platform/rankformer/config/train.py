@@ -148,6 +148,7 @@ class PretrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
     precision: TrainPrecision = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory
     optim: OptimOptions = field(default_factory=OptimOptions)
     batch: BatchOptions = field(default_factory=BatchOptions)
     scale: ScaleOptions = field(default_factory=ScaleOptions)
