@@ -4,6 +4,7 @@ the corpus pipeline's tokenizer), :class:`ModelCore`, the model with the batch j
 embedding and perturbation code, and :class:`Guard`, the API-key and body-size middleware."""
 
 # No `from __future__ import annotations`: FastAPI must see the request models' fields as classes.
+import hmac
 import math
 from typing import Any, Literal, Self
 
@@ -313,24 +314,72 @@ API_KEY_HEADER = "x-api-key"
 
 class Guard:
     """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware costs far more per request):
-    401 without the API key on /v1/ paths when one is set, 413 for bodies over the limit."""
+    401 without the API key on /v1/ paths when one is set (compared in constant time), 413 for a
+    body over the limit, counted on the bytes received (a chunked request has no length to trust
+    or refuse early)."""
 
     def __init__(self, app: Any, key: str | None, max_body_bytes: int) -> None:
         self.app, self.key, self.max_body_bytes = app, key, max_body_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            from fastapi.responses import JSONResponse
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            given = headers.get(API_KEY_HEADER.encode(), b"")
+            if not hmac.compare_digest(given, self.key.encode()):
+                await _refuse(
+                    401, f"missing or wrong API key (header {API_KEY_HEADER})", scope, receive, send
+                )
+                return
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > self.max_body_bytes:
+            detail = f"request body of {size} bytes is over the limit of {self.max_body_bytes}"
+            await _refuse(413, detail, scope, receive, send)
+            return
+        body, more = await _read_body(receive, self.max_body_bytes)
+        if more:
+            await _refuse(
+                413, f"request body over the limit of {self.max_body_bytes} bytes", scope, receive, send
+            )
+            return
+        await self.app(scope, _replay(body, receive), send)
 
-            headers = dict(scope["headers"])
-            given = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1")
-            if self.key is not None and scope["path"].startswith("/v1/") and given != self.key:
-                detail = f"missing or wrong API key (header {API_KEY_HEADER})"
-                await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
-                return
-            size = headers.get(b"content-length", b"").decode("latin-1")
-            if size.isdigit() and int(size) > self.max_body_bytes:
-                detail = f"request body of {size} bytes is over the limit of {self.max_body_bytes}"
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+
+async def _read_body(receive: Any, limit: int) -> tuple[bytes, bool]:
+    """The request body, read until its end or until it passes ``limit`` bytes; (the bytes read,
+    whether it went past the limit)."""
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(parts), False
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return b"", True
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts), False
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the app the body already read, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _refuse(status: int, detail: str, scope: Any, receive: Any, send: Any) -> None:
+    from fastapi.responses import JSONResponse
+
+    await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
