@@ -205,3 +205,18 @@ def test_training_and_inference_precision_names_are_both_accepted():
     )
     with pytest.raises(InputError, match="precision 'float16' must be auto, bf16 or fp32"):
         PretrainConfig(corpus="c", out="o", precision="float16")
+
+
+def test_system_metrics_are_sampled_into_the_run(tmp_path):
+    """psutil is declared, so MLflow's monitor runs: CPU and memory land in the run."""
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run = tracking.start_run(uri, "sys", "r")
+    with tracking.system_metrics(uri, run, interval_s=0.5):
+        time.sleep(2.0)
+    tracking.end_run(uri, run)
+    keys = set(mlflow.MlflowClient(uri).get_run(run).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys

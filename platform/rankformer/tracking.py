@@ -9,6 +9,7 @@ store; on a multi-node cluster use a tracking server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -248,14 +249,26 @@ def log_file(uri: str, run_id: str, local_file: str, path: str | None = None) ->
     _client(uri).log_artifact(run_id, local_file, path)
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A warning about a missing optional piece, logged once per process."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger("rankformer").warning(message)
+
+
 @contextmanager
-def system_metrics(uri: str, run_id: str) -> Iterator[None]:
-    """CPU, memory (and GPU where present) sampled into the run while the block runs."""
+def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """CPU, memory (and GPU where present) sampled into the run every ``interval_s`` while the
+    block runs."""
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
-    except Exception:  # psutil missing or an older MLflow: training goes on without them
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+    except ImportError as exc:  # psutil missing or an older MLflow: training goes on without them
+        _say_once(f"system metrics are not logged ({exc}); install psutil (rankformer declares it)")
         yield
         return
     monitor.start()

@@ -118,8 +118,15 @@ def varlen_mask(*args: Any, **kwargs: Any) -> Any:
 def use_varlen_attention(model: torch.nn.Module) -> None:
     """Run ``model`` (a Transformers BERT) with :func:`varlen_attention`. Only how attention is
     computed changes: the weights, the config it saves and a padded batch's results are the same."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as exc:
+        from rankformer.errors import InputError
+
+        raise InputError(
+            f"--packed needs Transformers 5 (its attention interfaces: {exc}); upgrade it"
+        ) from None
 
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, varlen_mask)
