@@ -83,13 +83,19 @@ class OptimOptions:
 @dataclass
 class BatchOptions:
     max_tokens: int = 16_384  # tokens per micro-batch and worker, padding included (cells x longest)
-    packed: bool = False  # cells end to end in one token stream, no padding, attention within each cell
     max_cells: int = 64  # cells per micro-batch at most
     megabatch_cells: int = 1024  # cells sorted by length together before batching (length grouping)
 
     def check(self) -> None:
         if min(self.max_tokens, self.max_cells, self.megabatch_cells) < 1:
             raise InputError("max_tokens, max_cells and megabatch_cells must be >= 1")
+
+
+@dataclass
+class PretrainBatchOptions(BatchOptions):
+    """Pretraining's batches, which may also be packed (fine-tuning's are padded)."""
+
+    packed: bool = False  # cells end to end in one token stream, no padding, attention within each cell
 
 
 @dataclass
@@ -150,13 +156,13 @@ class PretrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory
     optim: OptimOptions = field(default_factory=OptimOptions)
-    batch: BatchOptions = field(default_factory=BatchOptions)
+    batch: PretrainBatchOptions = field(default_factory=PretrainBatchOptions)
     scale: ScaleOptions = field(default_factory=ScaleOptions)
     track: TrackOptions = field(default_factory=TrackOptions)
 
     def __post_init__(self) -> None:
         self.optim = _nested(OptimOptions, self.optim)
-        self.batch = _nested(BatchOptions, self.batch)
+        self.batch = _nested(PretrainBatchOptions, self.batch)
         self.scale = _nested(ScaleOptions, self.scale)
         self.track = _nested(TrackOptions, self.track)
         for part in (self.optim, self.batch, self.scale):
