@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +126,34 @@ def pbmc_with_untrained_model(tmp: str, shared: str, vocab_path: str) -> tuple[s
     meta = {"task": "masked-lm", "layout": "v2", "max_length": 4096}
     save_model_dir(BertForMaskedLM(bert_config(preset("tiny"), vocab)), vocab, meta, model)
     return corpus, model
+
+
+def train_planted(
+    corpus: str, steps: int, tmp: Any, seed: int = 0, packed: bool = False
+) -> list[dict[str, float]]:
+    """Pretrain `tiny` on ``corpus`` in this process, through the job's own model and task
+    (:func:`rankformer.train.pretrain.model_and_task`); the loop's logged history."""
+    from rankformer.config.train import PretrainConfig
+    from rankformer.corpus.read import corpus_files
+    from rankformer.train.local import LocalContext
+    from rankformer.train.loop import run_loop
+    from rankformer.train.plan import plan
+    from rankformer.train.pretrain import loop_options, model_and_task
+    from rankformer.train.task import arrow_cells
+    from rankformer.vocab.gene_vocab import GeneVocab
+
+    cfg = PretrainConfig(
+        corpus=corpus,
+        out=str(tmp / "m"),
+        max_steps=steps,
+        seed=seed,
+        log_every=20,
+        checkpoint_every=steps,
+        optim={"lr": 3e-3},
+        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256, "packed": packed},
+    )
+    vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
+    ctx = LocalContext(str(tmp / "ckpt"), device="cpu")
+    model, task = model_and_task(cfg, vocab, arrow_cells(corpus_files(corpus), cfg.seed), ctx, None)
+    run_loop(model, task, loop_options(cfg, {}), ctx)
+    return ctx.history

@@ -8,19 +8,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pretrain_helpers import ordered_cells, write_corpus
+from pretrain_helpers import ordered_cells, train_planted, write_corpus
 from rankformer.config.train import PretrainConfig
 from rankformer.model.batching import pad_batch
 from rankformer.model.device import attention_mask_on
 from rankformer.model.masking import IGNORE
 from rankformer.model.mlm import MaskedGeneLM, labelled_positions
 from rankformer.model.packing import VARLEN, pack_cells, packed_batches, use_varlen_attention
-from rankformer.train.local import LocalContext
-from rankformer.train.loop import run_loop
-from rankformer.train.plan import plan
-from rankformer.train.pretrain import loop_options, model_and_task, run_settings
-from rankformer.train.task import arrow_cells
-from rankformer.vocab.gene_vocab import GeneVocab
+from rankformer.train.pretrain import run_settings
 
 PAD, CLS, EOS, GENE_LO, N_TOKENS = 0, 2, 3, 4, 60
 IMPLEMENTATIONS = ("rankformer_varlen", "sdpa", "eager", "flex_attention")
@@ -151,33 +146,12 @@ def test_the_masked_gene_loss_and_its_gradients_equal_the_padded_ones(implementa
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _pretrain(corpus: str, packed: bool, tmp_path) -> list[dict[str, float]]:
-    cfg = PretrainConfig(
-        corpus=corpus,
-        out=str(tmp_path / "m"),
-        max_steps=200,
-        seed=0,
-        log_every=20,
-        checkpoint_every=200,
-        optim={"lr": 3e-3},
-        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256, "packed": packed},
-    )
-    vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
-    from rankformer.corpus.read import corpus_files
-
-    ctx = LocalContext(str(tmp_path / "ckpt"), device="cpu")
-    model, task = model_and_task(cfg, vocab, arrow_cells(corpus_files(corpus), cfg.seed), ctx, None)
-    assert task.packed is packed
-    run_loop(model, task, loop_options(cfg, {}), ctx)
-    return ctx.history
-
-
 @pytest.mark.slow
 def test_a_packed_pretraining_learns_as_the_padded_one_does(tmp_path):
     """The planted gene orders of ``ordered_cells``, the same steps and seed either way."""
     corpus = write_corpus(str(tmp_path / "ordered"), ordered_cells(600, 150, 3, 30, seed=1), 150)
-    padded = _pretrain(corpus, False, tmp_path / "padded")
-    packed = _pretrain(corpus, True, tmp_path / "packed")
+    padded = train_planted(corpus, 200, tmp_path / "padded")
+    packed = train_planted(corpus, 200, tmp_path / "packed", packed=True)
     assert all(h["padding_fraction"] == 0.0 for h in packed)
     assert padded[-1]["accuracy"] > 0.5 and packed[-1]["accuracy"] > 0.5
     assert abs(packed[-1]["accuracy"] - padded[-1]["accuracy"]) < 0.1

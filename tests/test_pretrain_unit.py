@@ -10,15 +10,14 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from pretrain_helpers import ordered_cells, write_corpus
+from pretrain_helpers import ordered_cells, train_planted, write_corpus
 from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.model.batching import budget_batches, length_grouped, padding_fraction
 from rankformer.model.masking import IGNORE, mask_genes
 from rankformer.train.local import LocalContext
 from rankformer.train.loop import run_loop
-from rankformer.train.pretrain import build_model, loop_options, plan
-from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
+from rankformer.train.pretrain import plan
 from rankformer.vocab.gene_vocab import GeneVocab
 
 
@@ -95,23 +94,7 @@ def test_length_grouping_spends_little_on_padding():
 
 
 def _train(corpus: str, steps: int, tmp_path, seed: int = 0) -> list[dict[str, float]]:
-    cfg = PretrainConfig(
-        corpus=corpus,
-        out=str(tmp_path / "m"),
-        max_steps=steps,
-        seed=seed,
-        log_every=20,
-        checkpoint_every=steps,
-        optim={"lr": 3e-3},
-        batch={"max_tokens": 2048, "max_cells": 32, "megabatch_cells": 256},
-    )
-    vocab = GeneVocab.load(plan(cfg).manifest["config"]["vocab"])
-    from rankformer.corpus.read import corpus_files
-
-    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), cfg.seed), TokenSpec.of(vocab), cfg, 0)
-    ctx = LocalContext(str(tmp_path / "ckpt"), device="cpu")
-    run_loop(build_model(cfg, vocab, None), task, loop_options(cfg, {}), ctx)
-    return ctx.history
+    return train_planted(corpus, steps, tmp_path, seed)
 
 
 def test_loss_falls_on_a_learnable_order_and_not_on_shuffled_tokens(tmp_path):
