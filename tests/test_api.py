@@ -155,3 +155,23 @@ def test_stats(job_corpus, tmp_path, capsys):
     assert stats["vocab"]["kept"]  # the corpus holds its own vocab.json
     assert cli(["corpus", "stats", job_corpus, "--json", "--plot", str(tmp_path / "b.png")]) == 0
     assert json.loads(capsys.readouterr().out)["shards"] == 3
+
+
+def test_scanpys_gene_ids_column_is_read_like_ensembl_id(job_corpus, geneformer_v2_vocab, tmp_path, capsys):
+    """scanpy's 10x readers keep the Ensembl ids in var['gene_ids'] (the symbols are the var
+    names): the real PBMC cells laid out that way tokenize to the same tokens, in memory and from
+    an h5ad file, and the coverage line says where the ids came from."""
+    adata = ad.read_h5ad(FILE)
+    scanpy_like = adata.copy()
+    scanpy_like.var = scanpy_like.var.rename(columns={"ensembl_id": "gene_ids"})
+    job = pq.read_table(corpus_files(job_corpus))["input_ids"].to_pylist()
+    in_memory = rankformer.tokenize_anndata(scanpy_like, geneformer_v2_vocab)
+    assert in_memory["input_ids"].to_pylist() == job
+    assert "var['gene_ids']" in capsys.readouterr().out
+    path = tmp_path / "scanpy_like.h5ad"
+    scanpy_like.write_h5ad(path)
+    out = tmp_path / "corpus"
+    run_tokenize(
+        TokenizeConfig(inputs=[str(path)], vocab=geneformer_v2_vocab, out=str(out)), runner=serial_shards
+    )
+    assert pq.read_table(corpus_files(str(out)))["input_ids"].to_pylist() == job

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import IO
 
 import h5py
@@ -91,6 +92,18 @@ class CellSource(ABC):
             f"{self.uri}: gene-id column {self.gene_id_column!r} not found; columns are: "
             f"{available}. Pass --gene-id-column with one of them ('index' for the row names)."
         )
+
+
+SCANPY_ID_COLUMN = "gene_ids"  # scanpy's 10x readers: Ensembl ids here, the symbols as the var names
+SCANPY_ID_NOTE = "gene ids from var['gene_ids'] (scanpy's 10x layout; no 'ensembl_id' column)"
+
+
+def scanpy_id_column(requested: str, columns: Sequence[str], read: Callable[[str], np.ndarray]) -> str | None:
+    """scanpy's ``gene_ids`` column, where the default column is asked for and absent and
+    ``gene_ids`` holds Ensembl ids (``read``: a column's values); else None."""
+    if requested != schema.DEFAULT_GENE_ID_COLUMN or requested in columns or SCANPY_ID_COLUMN not in columns:
+        return None
+    return SCANPY_ID_COLUMN if looks_like_ensembl(read(SCANPY_ID_COLUMN)) else None
 
 
 def gene_ids_from_index(src: CellSource, index: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:

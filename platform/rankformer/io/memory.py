@@ -11,7 +11,14 @@ import scipy.sparse as sp
 
 from rankformer import schema
 from rankformer.errors import InputError
-from rankformer.io.base import DIVIDE, RECIPROCAL, CellSource, gene_ids_from_index
+from rankformer.io.base import (
+    DIVIDE,
+    RECIPROCAL,
+    SCANPY_ID_NOTE,
+    CellSource,
+    gene_ids_from_index,
+    scanpy_id_column,
+)
 
 MEMORY_URI = "<memory>"
 
@@ -66,8 +73,14 @@ class MemorySource(CellSource):
     def _ids(self, var: Any, given: Sequence[str] | None) -> np.ndarray:
         if given is not None:
             return np.asarray(list(given), dtype=object)
-        if self.gene_id_column in var.columns:
-            return np.asarray(var[self.gene_id_column].astype(object), dtype=object)
+        columns = [str(c) for c in var.columns]
+        col = scanpy_id_column(self.gene_id_column, columns, lambda c: np.asarray(var[c].astype(str)))
+        if col is not None:
+            self.id_note = SCANPY_ID_NOTE
+        else:
+            col = self.gene_id_column
+        if col in var.columns:
+            return np.asarray(var[col].astype(object), dtype=object)
         index = np.asarray(var.index.astype(str), dtype=object)
         ids, self.id_note = gene_ids_from_index(self, index, list(var.columns))
         return ids
