@@ -42,11 +42,12 @@ def _h5ad(tmp_path, x=None, ids=IDS, **kw):
 
 
 def test_missing_gene_id_column_lists_the_columns(tmp_path, vocab):
-    path = _h5ad(tmp_path, id_column="gene_ids")
+    # (a `gene_ids` column of Ensembl ids is scanpy's layout and is read: tests/test_api.py)
+    path = _h5ad(tmp_path, id_column="feature_id")
     with pytest.raises(
         InputError,
         match=r"gene-id column 'ensembl_id' not found; columns are: "
-        r"\['gene_ids'\].*--gene-id-column",
+        r"\['feature_id'\].*--gene-id-column",
     ):
         _tokenize(tmp_path, path, vocab)
 
