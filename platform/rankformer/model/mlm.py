@@ -12,6 +12,8 @@ never waits for the device to find them (a boolean mask on a device tensor does)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import BertForMaskedLM
 
@@ -38,13 +40,15 @@ class MaskedGeneLM(torch.nn.Module):
         where: torch.Tensor,
         target: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        cells: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross-entropy over the labelled positions, their logits). ``attention_mask``: as BERT
         takes it (2-D, or from :func:`rankformer.model.device.attention_mask_on`); ``where``,
         ``target``: from :func:`labelled_positions`. A packed batch (:mod:`rankformer.model.packing`)
-        gives its ``position_ids`` and no mask: attention then stays within each cell."""
+        gives its ``position_ids``, no mask and its ``cells`` (``Packed.attention_kwargs``): attention
+        then stays within each cell."""
         hidden = self.mlm.bert(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **(cells or {})
         ).last_hidden_state
         logits = self.mlm.cls(hidden.flatten(0, 1).index_select(0, where))
         if target.numel() == 0:  # nothing masked in this batch: a zero loss that keeps the graph

@@ -9,6 +9,7 @@ the batch's layout differs, so a packed forward equals the per-cell one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,14 @@ class Packed:
     @property
     def n_tokens(self) -> int:
         return int(self.starts[-1])
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """The cell boundaries for :func:`varlen_attention`, given once per forward pass (on the
+        host: no layer then reads them back from the device)."""
+        return {
+            "cu_seq_lens_q": torch.from_numpy(self.starts),
+            "max_length_q": int(np.diff(self.starts).max()),
+        }
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-token rows of the stream (tokens, ...) cut back into one tensor per cell."""
@@ -74,6 +83,8 @@ def varlen_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Attention within each cell of a packed batch (``query``, ``key``, ``value``: (1, heads,
@@ -81,28 +92,32 @@ def varlen_attention(
     functions return it: (1, tokens, heads, head width). On a GPU in half precision without
     attention dropout, one variable-length FlashAttention call over the whole stream; otherwise
     scaled-dot-product attention cell by cell (no cell pays for another's length, and dropout is
-    the same as a padded batch's). A batch with a padding mask, or more than one row, is plain
-    scaled-dot-product attention."""
+    the same as a padded batch's). The cells' boundaries come as ``cu_seq_lens_q`` (host
+    cumulative lengths, :meth:`Packed.attention_kwargs`), else from where ``position_ids`` restart.
+    A batch with a padding mask, or more than one row, is plain scaled-dot-product attention."""
     import torch.nn.functional as F
 
     if attention_mask is not None or position_ids is None or query.shape[0] != 1:
         out = F.scaled_dot_product_attention(query, key, value, attention_mask, dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    starts = (position_ids[0] == 0).nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], starts.new_tensor([position_ids.shape[1]])])
+    cu = cu_seq_lens_q
+    if cu is None:
+        starts = (position_ids[0] == 0).nonzero().squeeze(1).cpu()
+        cu = torch.cat([starts, starts.new_tensor([position_ids.shape[1]])])
+    bounds = cu.tolist()
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
         from torch.nn.attention.varlen import varlen_attn
 
-        cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
-        longest = int((ends - starts).max())
+        longest = max_length_q or max(e - s for s, e in itertools.pairwise(bounds))
+        cu_d = cu.to(query.device, torch.int32, non_blocking=True)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, width)
-        flat: Any = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
+        flat: Any = varlen_attn(q, k, v, cu_d, cu_d, longest, longest, scale=scaling)
         return flat[None], None
     parts = [
         F.scaled_dot_product_attention(
             query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling
         )
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+        for s, e in itertools.pairwise(bounds)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
