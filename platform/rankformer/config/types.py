@@ -4,6 +4,7 @@ config checks them at the door (:func:`check_choices`), so the list is written o
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal, get_args
 
@@ -27,7 +28,7 @@ def choices(t: Any) -> tuple[Any, ...] | None:
     """The values of a ``Literal`` type (also inside ``X | None``); None for any other type."""
     if typing.get_origin(t) is Literal:
         return get_args(t)
-    for arg in get_args(t) if typing.get_origin(t) in (typing.Union, type(int | None)) else ():
+    for arg in get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else ():
         if typing.get_origin(arg) is Literal:
             return get_args(arg)
     return None
@@ -36,7 +37,8 @@ def choices(t: Any) -> tuple[Any, ...] | None:
 def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value is not None and value not in allowed:
         *most, last = [str(a) for a in allowed]
-        raise InputError(f"{name} {value!r} must be {', '.join(most)} or {last}" if most else last)
+        one_of = f"{', '.join(most)} or {last}" if most else last
+        raise InputError(f"{name} {value!r} must be {one_of}")
 
 
 def check_choices(cfg: Any) -> None:

@@ -19,14 +19,10 @@ from rankformer.io import fs
 
 ENSEMBL_ID_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
-
 # How the reference divides, by storage kind (see the README's exactness section): scipy's
 # sparse-by-dense division is a reciprocal then a multiply; numpy's dense division is a true one.
 DIVIDE = "divide"
-
-
 RECIPROCAL = "reciprocal"
-
 
 # var / row columns that hold gene symbols (CELLxGENE: feature_name; scanpy's 10x reader: gene_symbols)
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names")
@@ -98,12 +94,15 @@ SCANPY_ID_COLUMN = "gene_ids"  # scanpy's 10x readers: Ensembl ids here, the sym
 SCANPY_ID_NOTE = "gene ids from var['gene_ids'] (scanpy's 10x layout; no 'ensembl_id' column)"
 
 
-def scanpy_id_column(requested: str, columns: Sequence[str], read: Callable[[str], np.ndarray]) -> str | None:
-    """scanpy's ``gene_ids`` column, where the default column is asked for and absent and
-    ``gene_ids`` holds Ensembl ids (``read``: a column's values); else None."""
+def id_column(requested: str, columns: Sequence[str], read: Callable[[str], np.ndarray]) -> tuple[str, str]:
+    """(the var column to read gene ids from, the note that says so when unexpected): scanpy's
+    ``gene_ids`` where the default column is asked for and absent and ``gene_ids`` holds Ensembl
+    ids (``read``: a column's values), else the column asked for."""
     if requested != schema.DEFAULT_GENE_ID_COLUMN or requested in columns or SCANPY_ID_COLUMN not in columns:
-        return None
-    return SCANPY_ID_COLUMN if looks_like_ensembl(read(SCANPY_ID_COLUMN)) else None
+        return requested, ""
+    if looks_like_ensembl(read(SCANPY_ID_COLUMN)):
+        return SCANPY_ID_COLUMN, SCANPY_ID_NOTE
+    return requested, ""
 
 
 def gene_ids_from_index(src: CellSource, index: np.ndarray, columns: list[str]) -> tuple[np.ndarray, str]:

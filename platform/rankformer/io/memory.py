@@ -14,10 +14,9 @@ from rankformer.errors import InputError
 from rankformer.io.base import (
     DIVIDE,
     RECIPROCAL,
-    SCANPY_ID_NOTE,
     CellSource,
     gene_ids_from_index,
-    scanpy_id_column,
+    id_column,
 )
 
 MEMORY_URI = "<memory>"
@@ -74,11 +73,7 @@ class MemorySource(CellSource):
         if given is not None:
             return np.asarray(list(given), dtype=object)
         columns = [str(c) for c in var.columns]
-        col = scanpy_id_column(self.gene_id_column, columns, lambda c: np.asarray(var[c].astype(str)))
-        if col is not None:
-            self.id_note = SCANPY_ID_NOTE
-        else:
-            col = self.gene_id_column
+        col, self.id_note = id_column(self.gene_id_column, columns, lambda c: np.asarray(var[c].astype(str)))
         if col in var.columns:
             return np.asarray(var[col].astype(object), dtype=object)
         index = np.asarray(var.index.astype(str), dtype=object)

@@ -20,16 +20,15 @@ from rankformer.errors import InputError
 from rankformer.io import fs
 from rankformer.io.base import (
     RECIPROCAL,
-    SCANPY_ID_NOTE,
     SYMBOL_COLUMNS,
     CellSource,
     Hdf5Source,
     decode,
     gene_ids_from_index,
     h5_integral,
+    id_column,
     looks_like_ensembl,
     read_elem_slice,
-    scanpy_id_column,
 )
 
 FORMATS = "'.h5ad', '.loom', 10x '.h5', or a 10x folder holding matrix.mtx[.gz]"
@@ -100,9 +99,7 @@ class H5adSource(Hdf5Source):
         var_index = self._index_name(var)
         columns = [k for k in var if k != var_index]
         col = self.gene_id_column
-        alt = scanpy_id_column(col, columns, lambda c: read_elem_slice(var[c], 0, n_vars))
-        if alt is not None:
-            col, self.id_note = alt, SCANPY_ID_NOTE
+        col, self.id_note = id_column(col, columns, lambda c: read_elem_slice(var[c], 0, n_vars))
         named = next((c for c in SYMBOL_COLUMNS if c in columns and c != col), None)
         if named is not None:
             self.gene_symbols = read_elem_slice(var[named], 0, n_vars)

@@ -38,20 +38,19 @@ def length_grouped(
     megabatch_cells: int,
     rng: np.random.Generator,
     length: Callable[[Any], int] = len,
-    batcher: Batcher | None = None,
+    batcher: Batcher = budget_batches,
 ) -> Iterator[list[T]]:
     """Batches from a stream of cells (token arrays, or items whose ``length`` is their cell's),
-    megabatch by megabatch; ``batcher`` cuts a megabatch (default :func:`budget_batches`; a packed
-    batch's is :func:`rankformer.model.packing.packed_batches`)."""
-    cut = batcher or budget_batches
+    megabatch by megabatch; ``batcher`` cuts a megabatch (a packed batch's is
+    :func:`rankformer.model.packing.packed_batches`)."""
     pending: list[T] = []
     for cell in cells:
         pending.append(cell)
         if len(pending) >= megabatch_cells:
-            yield from _emit(pending, max_tokens, max_cells, rng, length, cut)
+            yield from _emit(pending, max_tokens, max_cells, rng, length, batcher)
             pending = []
     if pending:
-        yield from _emit(pending, max_tokens, max_cells, rng, length, cut)
+        yield from _emit(pending, max_tokens, max_cells, rng, length, batcher)
 
 
 def _emit(

@@ -15,7 +15,7 @@ from rankformer import schema
 from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.io import fs
-from rankformer.model.batching import length_grouped, pad_batch
+from rankformer.model.batching import budget_batches, length_grouped, pad_batch
 from rankformer.model.device import attention_mask_on, to_device
 from rankformer.model.masking import mask_genes
 from rankformer.model.mlm import labelled_positions
@@ -57,7 +57,7 @@ class MaskedGeneTask:
     def epoch_batches(self, epoch: int) -> Iterator[list[np.ndarray]]:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
         b = self.cfg.batch
-        cut = packed_batches if self.packed else None
+        cut = packed_batches if self.packed else budget_batches
         return length_grouped(
             self.cells(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng, batcher=cut
         )
@@ -69,14 +69,15 @@ class MaskedGeneTask:
         if self.packed:
             packed = pack_cells(batch)
             ids, attn, positions = packed.ids, None, to_device(packed.positions, device)
+            cells = packed.attention_kwargs()
         else:
             ids, attn = pad_batch(batch, s.pad)
-            positions = None
+            positions, cells = None, None
         inputs, labels = mask_genes(ids, s.gene_lo, s.mask, s.n_tokens, self.gen, self.cfg.mask_prob)
         where, target = labelled_positions(labels)
         inputs_d, where_d, target_d = (to_device(t, device) for t in (inputs, where, target))
         mask = None if attn is None else attention_mask_on(attn, device)
-        loss, logits = model(inputs_d, mask, where_d, target_d, positions)
+        loss, logits = model(inputs_d, mask, where_d, target_d, positions, cells)
         real = int(ids.numel()) if attn is None else int(attn.sum())
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_d).sum()  # on the device until the metrics are logged
