@@ -398,13 +398,15 @@ def test_in_memory_model_tokenizes_cells_for_itself(world):
     )
     assert cells.equals(want) and cells.num_rows == 11 and 3 not in cells.column("source_row").to_pylist()
     assert model.embed(cells).shape == (11, model.hidden_size)
-    with pytest.raises(InputError, match=r"an AnnData holds counts.*model.tokenize\(adata\)"):
-        model.embed(adata)
+    # an AnnData is tokenized on the way: row for row with it, NaN for the cell left out
+    rows = model.embed(adata)
+    assert rows.shape == (12, model.hidden_size) and np.isnan(rows[3]).all()
+    np.testing.assert_allclose(np.delete(rows, 3, 0), model.embed(cells), atol=1e-6)
     with pytest.raises(InputError, match="reads as counts, not token ids"):
         model.embed(counts)
     with pytest.raises(InputError, match="reads as counts"):
         model.embed(sp.csr_matrix(counts))
-    with pytest.raises(InputError, match="max_length come from the model"):
+    with pytest.raises(TypeError, match="max_length"):  # the model's own: not a parameter
         model.tokenize(adata, max_length=10)
     assert model.embed(pa.table({"input_ids": [c.tolist() for c in world.cells[:2]]})).shape[0] == 2
 

@@ -3,12 +3,27 @@
 The Python API (imported on first use, so ``import rankformer`` stays instant):
 ``tokenize_anndata``, ``read_corpus``, ``corpus_vocab``, ``GeneVocab``; ``load_model`` (a :class:`Model` for
 in-memory embeddings and perturbation) and ``load_classifier`` (predictions of a fine-tuned
-classifier).
+classifier); ``attach`` (a job's output onto the AnnData it came from).
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rankformer.schema import VERSION
+
+if TYPE_CHECKING:  # what editors and type checkers complete; at run time __getattr__ loads them
+    from rankformer.api import (
+        Classifier,
+        GeneVocab,
+        Model,
+        attach,
+        corpus_manifest,
+        corpus_vocab,
+        dropped_counts,
+        load_classifier,
+        load_model,
+        read_corpus,
+        tokenize_anndata,
+    )
 
 __version__ = VERSION
 
@@ -16,7 +31,10 @@ __all__ = [
     "Classifier",
     "GeneVocab",
     "Model",
+    "attach",
+    "corpus_manifest",
     "corpus_vocab",
+    "dropped_counts",
     "load_classifier",
     "load_model",
     "read_corpus",

@@ -6,7 +6,8 @@ first use)."""
 
 from __future__ import annotations
 
-from rankformer.corpus.memory import tokenize_anndata
+from rankformer.annotate import attach
+from rankformer.corpus.memory import dropped_counts, tokenize_anndata
 from rankformer.corpus.read import corpus_manifest, corpus_vocab, read_corpus
 from rankformer.notebook import Classifier, Model, load_classifier, load_model
 from rankformer.vocab.gene_vocab import GeneVocab
@@ -15,8 +16,10 @@ __all__ = [
     "Classifier",
     "GeneVocab",
     "Model",
+    "attach",
     "corpus_manifest",
     "corpus_vocab",
+    "dropped_counts",
     "load_classifier",
     "load_model",
     "read_corpus",

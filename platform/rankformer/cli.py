@@ -1,6 +1,6 @@
 """`rankformer` command line: vocab build | vocab import-geneformer | tokenize | corpus show | stats |
 pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed |
-perturb | perturb stats | serve.
+perturb | perturb stats | serve | attach.
 
 The job commands' flags are generated from their config dataclasses (:mod:`rankformer.config.flags`):
 each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
@@ -59,7 +59,24 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
     )
     _model_parsers(sub)
+    _attach_parser(sub)
     return p
+
+
+def _attach_parser(sub: Subparsers) -> None:
+    a = sub.add_parser(
+        "attach",
+        help="write an annotated .h5ad: SOURCE's cells with embed, predict or perturb OUT folders on them",
+    )
+    a.add_argument("source", help=".h5ad or AnnData .zarr the corpus was tokenized from")
+    a.add_argument("outs", nargs="+", metavar="OUT", help="finished embed, predict or perturb output folders")
+    a.add_argument("--write", required=True, help="the annotated .h5ad to write (temp file, then renamed)")
+    a.add_argument(
+        "--key-added",
+        help="obsm/obs/var key of the results (default X_rankformer for cell embeddings, rankformer for "
+        "predictions and gene embeddings, rankformer_perturb for perturbations); one OUT only",
+    )
+    a.add_argument("--gene-id-column", default="ensembl_id", help="var column of gene ids (gene outputs)")
 
 
 Subparsers = Any  # argparse's _SubParsersAction is private
@@ -245,6 +262,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "predict": _predict,
         "tokenize": _tokenize,
         "vocab": _vocab,
+        "attach": _attach,
     }
     return handlers[args.command](args) or 0
 
@@ -301,6 +319,17 @@ def _import_model(args: argparse.Namespace) -> None:
         f"imported {args.model_dir}: {meta['layout']} layout, {meta['n_tokens']:,} tokens, "
         f"{meta['positions']} positions -> {args.out}{reg}"
     )
+
+
+def _attach(args: argparse.Namespace) -> None:
+    from rankformer.annotate import attach_files
+
+    for done in attach_files(args.source, args.outs, args.write, args.key_added, args.gene_id_column):
+        print(
+            f"{done['job']}: {done['matched']:,} {done['unit']} with values, {done['unmatched']:,} without "
+            f"-> {', '.join(done['slots'])}"
+        )
+    print(f"annotated AnnData -> {args.write}")
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -36,17 +36,82 @@ class _TakesCells:
     layout: Layout
     max_length: int
 
-    def tokenize(self, adata: Any, **options: Any) -> pa.Table:
+    def tokenize(
+        self,
+        adata: Any,
+        *,
+        counts: str = "X",
+        gene_ids: Sequence[str] | None = None,
+        gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN,
+        carry: Mapping[str, str] | Sequence[str] | None = None,
+        coverage_floor: float = 0.5,
+        allow_normalized: bool = False,
+        report: bool = True,
+    ) -> pa.Table:
         """``adata`` rank-value encoded for this model: :func:`rankformer.tokenize_anndata` with
-        the model's vocabulary, layout and length. ``options``: its other arguments (``counts``
-        "X", "raw" or "layers/NAME"; ``carry`` obs columns; ``gene_ids`` for a matrix; ...).
-        Cells without a vocabulary gene are dropped; ``source_row`` says which row each one is."""
+        the model's vocabulary, layout and length.
+
+        Parameters
+        ----------
+        adata
+            An AnnData (in memory or backed) or a CSR/dense cells x genes count matrix.
+        counts
+            Where the raw counts are: ``"X"``, ``"raw"`` or ``"layers/NAME"``.
+        gene_ids
+            One gene id (Ensembl or symbol) per column, for a bare matrix.
+        gene_id_column
+            The var column of gene ids (``"index"``: the var names).
+        carry
+            obs columns to keep (a list, or a mapping obs name -> output name).
+        coverage_floor, allow_normalized, report
+            As :func:`rankformer.tokenize_anndata`.
+
+        Returns
+        -------
+        pyarrow.Table
+            One row per cell kept (``source_row`` says which input row; cells without a
+            vocabulary gene or with obs ``filter_pass`` 0 are left out, and counted).
+        """
         from rankformer.corpus.memory import tokenize_anndata
 
-        fixed = [k for k in ("vocab", "layout", "max_length") if k in options]
-        if fixed:
-            raise InputError(f"tokenize: {', '.join(fixed)} come from the model; leave them out")
-        return tokenize_anndata(adata, self.vocab, layout=self.layout, max_length=self.max_length, **options)
+        return tokenize_anndata(
+            adata,
+            self.vocab,
+            layout=self.layout,
+            max_length=self.max_length,
+            counts=counts,
+            gene_ids=gene_ids,
+            gene_id_column=gene_id_column,
+            carry=dict(carry) if isinstance(carry, Mapping) else carry,
+            coverage_floor=coverage_floor,
+            allow_normalized=allow_normalized,
+            report=report,
+        )
+
+    def _tokens_of(self, data: Any, counts: str, gene_id_column: str) -> tuple[Any, np.ndarray | None]:
+        """(cells, the AnnData rows they are) for an AnnData; (data, None) for tokenized cells."""
+        if not is_anndata(data):
+            return data, None
+        table = self.tokenize(data, counts=counts, gene_id_column=gene_id_column)
+        return table, np.asarray(table.column(schema.SOURCE_ROW).to_numpy(), dtype=np.int64)
+
+
+def is_anndata(data: Any) -> bool:
+    return hasattr(data, "obs") and hasattr(data, "var") and hasattr(data, "obsm")
+
+
+CHUNK_CELLS = 256  # cells per step of a progress bar
+
+
+def in_chunks(n: int, progress: bool | None, desc: str) -> Any:
+    """Slices of ``range(n)`` in steps of :data:`CHUNK_CELLS`, behind a progress bar (tqdm's
+    notebook widget in Jupyter, text elsewhere) when ``progress`` is True, or None and the work
+    takes more than one step."""
+    from tqdm.auto import tqdm
+
+    steps = [slice(i, min(i + CHUNK_CELLS, n)) for i in range(0, n, CHUNK_CELLS)]
+    show = progress if progress is not None else len(steps) > 1
+    return tqdm(steps, desc=desc, unit="chunk", disable=not show, leave=False)
 
 
 class Model(_TakesCells):
@@ -85,21 +150,66 @@ class Model(_TakesCells):
         return arrays, ids
 
     # --- embeddings ----------------------------------------------------------------------------
-    def embed(self, cells: Any, pooling: Pooling = "mean") -> np.ndarray:
-        """Each cell's vector, (cells, hidden) float32 in input order: the mean of the layer's
-        gene-token states, or the ``<cls>`` state (``pooling="cls"``, v2 models)."""
+    def embed(
+        self,
+        cells: Any,
+        pooling: Pooling = "mean",
+        *,
+        key_added: str | None = None,
+        counts: str = "X",
+        gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN,
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """Each cell's vector: the mean of the layer's gene-token states, or the ``<cls>`` state.
+
+        Parameters
+        ----------
+        cells
+            Tokenized cells (:meth:`tokenize`, ``read_corpus`` rows, or token id lists), or an
+            AnnData, tokenized here (``counts``, ``gene_id_column`` as for :meth:`tokenize`).
+        pooling
+            ``"mean"`` over gene tokens, or ``"cls"`` (v2-layout models).
+        key_added
+            With an AnnData: also write the vectors to ``adata.obsm[key_added]`` (and what made
+            them to ``adata.uns[key_added]``), scanpy-style, e.g. ``"X_rankformer"``.
+        progress
+            Show a progress bar (default: when there is more than one chunk of cells).
+
+        Returns
+        -------
+        numpy.ndarray
+            (cells, hidden) float32 in input order; for an AnnData, row for row with it, NaN rows
+            for the cells the tokenizer left out (it says how many, and why).
+        """
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling {pooling!r} must be mean or cls")
         if pooling == "cls" and self._w.cls is None:
             raise InputError(
                 f"pooling cls needs a v2-layout model (<cls> first); {self.uri} is {self.layout}"
             )
-        return self._vectors(self._cells(cells)[0], pooling)
+        if key_added is not None and not is_anndata(cells):
+            raise InputError("key_added writes into an AnnData; pass the AnnData itself (not tokens)")
+        table, rows = self._tokens_of(cells, counts, gene_id_column)
+        vecs = self._vectors(self._cells(table)[0], pooling, progress)
+        if rows is None:
+            return vecs
+        if key_added is None:
+            from rankformer.annotate import full_rows
 
-    def _vectors(self, arrays: list[np.ndarray], pooling: Pooling) -> np.ndarray:
+            return full_rows(vecs, rows, cells.n_obs)
+        from rankformer.annotate import put_cell_vectors
+
+        info = {"model": self.uri, "layer": str(self._w.layer), "pooling": pooling, "layout": self.layout}
+        return put_cell_vectors(cells, key_added, vecs, rows, info)
+
+    def _vectors(
+        self, arrays: list[np.ndarray], pooling: Pooling, progress: bool | None = False
+    ) -> np.ndarray:
         self._w.spec = replace(self._w.spec, level="cell", pooling=pooling)
-        vecs, _ = self._w.embed(arrays)
-        return vecs
+        parts = [np.zeros((0, self.hidden_size), dtype=np.float32)]
+        for part in in_chunks(len(arrays), progress, "embedding cells"):
+            parts.append(self._w.embed(arrays[part])[0])
+        return np.concatenate(parts)
 
     def embed_genes(self, cells: Any) -> pd.DataFrame:
         """Each gene's state averaged over all its occurrences in ``cells``: ``gene_id``,
@@ -142,12 +252,16 @@ class Model(_TakesCells):
         missing: str = "skip",
         states: Mapping[str, Any] | None = None,
         per_gene: bool = False,
+        progress: bool | None = None,
     ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
         """One row per (cell, perturbation), the `perturb` job's columns (``cell_id``,
         ``perturbed``, ``rank``, ``cell_cosine``, ``gene_mean_cosine``, ``shift_<state>`` for each
         of ``states``); with ``per_gene`` also the per-gene table. Options as `rankformer perturb`
         (genes as Ensembl ids or symbols; ``missing="skip"`` leaves out, with a warning, and names in
-        ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks)."""
+        ``rows.attrs["genes_not_in_vocabulary"]``, genes the vocabulary lacks). ``progress``: a
+        progress bar over the cells (default: for more than one chunk of cells)."""
+        from tqdm.auto import tqdm
+
         from rankformer.perturb.job import targets_of
         from rankformer.perturb.rows import GENE_SCHEMA, scores_schema
 
@@ -170,7 +284,16 @@ class Model(_TakesCells):
             states={k: v.tolist() for k, v in chosen.items()},
         )
         gene_parts = [GENE_SCHEMA.empty_table()]
-        parts = [scores_schema(list(chosen)).empty_table(), *self._w.scored(arrays, ids, gene_parts.append)]
+        show = progress if progress is not None else len(arrays) > CHUNK_CELLS
+        scored = tqdm(
+            self._w.scored(arrays, ids, gene_parts.append),
+            total=len(arrays),
+            desc="perturbing cells",
+            unit="cell",
+            disable=not show,
+            leave=False,
+        )
+        parts = [scores_schema(list(chosen)).empty_table(), *scored]
         out = pa.concat_tables(parts).to_pandas()
         out.attrs["genes_not_in_vocabulary"] = not_found
         if not_found:
@@ -315,28 +438,136 @@ class Classifier(_TakesCells):
     def __repr__(self) -> str:
         return f"Classifier({self.uri!r}, {self.kind}, classes={self.classes})"
 
-    def predict(self, cells: Any) -> pd.DataFrame:
-        """Cell classifiers: per cell ``cell_id``, ``label`` (from the training label column when
-        the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen in
-        the cells, mean class probabilities over its occurrences, ranked as `predict genes` ranks."""
+    def predict(
+        self,
+        cells: Any,
+        *,
+        key_added: str | None = None,
+        counts: str = "X",
+        gene_id_column: str = schema.DEFAULT_GENE_ID_COLUMN,
+        progress: bool | None = None,
+    ) -> pd.DataFrame:
+        """The prediction table `rankformer predict` writes, for these cells.
+
+        Parameters
+        ----------
+        cells
+            Tokenized cells (:meth:`tokenize`, ``read_corpus`` rows, or token id lists), or an
+            AnnData, tokenized here (``counts``, ``gene_id_column`` as for :meth:`tokenize`).
+        key_added
+            With an AnnData: also write the predictions into it, scanpy-style: a cell
+            classifier's ``<key>_predicted`` and ``<key>_prob_<class>`` into ``adata.obs`` (NaN
+            for cells the tokenizer left out); a gene classifier's per-gene columns into
+            ``adata.var`` by gene id.
+        progress
+            Show a progress bar (default: when there is more than one chunk of cells).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Cell classifiers: per cell ``cell_id``, ``label`` (from the training label column when
+            the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen
+            in the cells, mean class probabilities over its occurrences, ranked as `predict genes`.
+        """
         from rankformer.classify.predict import cell_predictions, gene_predictions
 
-        arrays, ids, table = token_cells(cells, self.vocab, self.max_length)
+        if key_added is not None and not is_anndata(cells):
+            raise InputError("key_added writes into an AnnData; pass the AnnData itself (not tokens)")
+        data, rows = self._tokens_of(cells, counts, gene_id_column)
+        arrays, ids, table = token_cells(data, self.vocab, self.max_length)
         pad, gene_lo = self.vocab.token_layout()
+        info = {"model": self.uri, "classes": self.classes}
         if self.kind == "genes":
-            return gene_predictions(
+            genes = gene_predictions(
                 self._model, arrays, pad, gene_lo, self._loaded, self.classes, self.max_tokens
             )
+            if key_added is not None:
+                from rankformer.annotate import put_gene_table
+
+                put_gene_table(cells, key_added, genes, gene_id_column, self.vocab, info)
+            return genes
         col = self.label_column
         labels = table.column(col).to_pylist() if table is not None and col in table.column_names else None
-        return cell_predictions(self._model, arrays, ids, labels, pad, self.classes, self.max_tokens)
+        parts = [
+            cell_predictions(
+                self._model,
+                arrays[part],
+                ids[part],
+                None if labels is None else labels[part],
+                pad,
+                self.classes,
+                self.max_tokens,
+            )
+            for part in in_chunks(len(arrays), progress, "predicting cells")
+        ]
+        out = (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else cell_predictions(self._model, [], [], None, pad, self.classes, self.max_tokens)
+        )
+        if key_added is not None and rows is not None:
+            from rankformer.annotate import put_cell_table
+
+            put_cell_table(cells, key_added, out, rows, info)
+        return out
 
 
-def load_classifier(uri: str, **options: Any) -> Classifier:
-    """A fine-tuned classifier for in-memory predictions (options: :class:`Classifier`)."""
-    return Classifier(uri, **options)
+def load_classifier(
+    uri: str,
+    *,
+    use_gpu: bool = False,
+    max_tokens: int | None = None,
+    tracking_uri: str | None = None,
+) -> Classifier:
+    """A fine-tuned classifier for in-memory predictions.
+
+    Parameters
+    ----------
+    uri
+        A model folder, an ``s3://`` prefix or ``models:/NAME@ALIAS`` from `rankformer finetune
+        genes|cells`.
+    use_gpu
+        Run on CUDA (refused with a clear error where there is none).
+    max_tokens
+        Tokens per forward batch (default: sized from the device's free memory).
+    tracking_uri
+        The MLflow store of a ``models:/`` URI (default ``MLFLOW_TRACKING_URI``, else sqlite).
+    """
+    return Classifier(uri, use_gpu=use_gpu, max_tokens=max_tokens, tracking_uri=tracking_uri)
 
 
-def load_model(uri: str, **options: Any) -> Model:
-    """A model for in-memory embeddings and perturbation (options: :class:`Model`)."""
-    return Model(uri, **options)
+def load_model(
+    uri: str,
+    *,
+    layer: str | int = "penultimate",
+    use_gpu: bool = False,
+    precision: Precision = "float32",
+    max_tokens: int | None = None,
+    tracking_uri: str | None = None,
+) -> Model:
+    """A model for in-memory embeddings and perturbation.
+
+    Parameters
+    ----------
+    uri
+        A model folder, an ``s3://`` prefix or ``models:/NAME@ALIAS``.
+    layer
+        Which hidden states: ``"penultimate"`` (Geneformer's default), ``"last"``, or an index
+        into ``hidden_states``.
+    use_gpu
+        Run on CUDA (refused with a clear error where there is none).
+    precision
+        ``"float32"``, or ``"bfloat16"``/``"float16"`` on a GPU.
+    max_tokens
+        Tokens per forward batch (default: sized from the device's free memory).
+    tracking_uri
+        The MLflow store of a ``models:/`` URI (default ``MLFLOW_TRACKING_URI``, else sqlite).
+    """
+    return Model(
+        uri,
+        layer=layer,
+        use_gpu=use_gpu,
+        precision=precision,
+        max_tokens=max_tokens,
+        tracking_uri=tracking_uri,
+    )

@@ -50,7 +50,7 @@ class ClusterOptions:
 class TokenizeConfig:
     """`rankformer tokenize`: raw files -> Parquet corpus of rank-value encoded cells."""
 
-    inputs: list[str]  # h5ad/loom/10x files or folders, local or s3://
+    inputs: list[str]  # h5ad, AnnData .zarr, loom or 10x files/folders, local or s3://
     vocab: str  # vocabulary JSON (from `vocab build` or `vocab import-geneformer`)
     out: str  # corpus folder to write (local or s3://); must be new or this corpus
     layout: Layout = "v2"  # v1: no special tokens, <= 2048; v2: <cls> genes <eos>, <= 4096
@@ -105,7 +105,7 @@ class TokenizeConfig:
 class VocabBuildConfig:
     """`rankformer vocab build`: exact per-gene nonzero medians over a corpus -> vocab JSON."""
 
-    inputs: list[str]  # h5ad/loom/10x files or folders, local or s3://
+    inputs: list[str]  # h5ad, AnnData .zarr, loom or 10x files/folders, local or s3://
     out: str  # vocabulary JSON to write (local or s3://)
     layout: Layout = "v2"  # which special tokens to reserve: v1 (pad, mask) or v2 (also <cls>, <eos>)
     min_cells: int = 1  # genes nonzero in fewer cells are left out

@@ -3,8 +3,9 @@ schema as `rankformer tokenize`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
@@ -15,9 +16,6 @@ from rankformer.corpus.cells import Shard, inspect_source
 from rankformer.corpus.tokenize import check_info, encode_source
 from rankformer.io.memory import MEMORY_URI, MemorySource
 from rankformer.vocab.gene_vocab import GeneVocab
-
-if TYPE_CHECKING:
-    pass
 
 
 def tokenize_anndata(
@@ -40,8 +38,9 @@ def tokenize_anndata(
     ``var[gene_id_column]``, else an Ensembl var index), or a CSR/dense cells x genes matrix with
     ``gene_ids``. ``vocab``: a :class:`GeneVocab` or the path of its JSON. ``carry``: obs columns
     to keep (a list, or a mapping obs name -> output name). Rows come out in input order; cells
-    with no vocabulary gene are dropped (``source_row`` says which input row each row is).
-    ``report``: print the vocabulary coverage line.
+    with no vocabulary gene, and cells whose obs ``filter_pass`` is 0, are left out: ``source_row``
+    says which input row each row is, :func:`dropped_counts` how many were left out and why.
+    ``report``: print the vocabulary coverage line, and how many cells were left out.
     """
     voc = vocab if isinstance(vocab, GeneVocab) else GeneVocab.load(vocab)
     carried = dict(carry) if isinstance(carry, dict) else {c: c for c in (carry or [])}
@@ -59,4 +58,33 @@ def tokenize_anndata(
     src = MemorySource(adata, gene_id_column, counts, gene_ids)
     check_info(inspect_source(src, read), cfg, voc, report)
     shard = Shard(0, MEMORY_URI, 0, 0, src.n_cells)
-    return pa.concat_tables([table for table, _, _ in encode_source(src, shard, cfg, voc)])
+    tables, dropped = [], {"no_vocabulary_gene": 0, "filter_pass": 0}
+    for table, chunk, no_genes in encode_source(src, shard, cfg, voc):
+        tables.append(table)
+        dropped["no_vocabulary_gene"] += no_genes
+        dropped["filter_pass"] += chunk.n_filtered
+    out = pa.concat_tables(tables)
+    if report and any(dropped.values()):
+        print(f"{dropped_line(dropped, src.n_cells)}; source_row says which input row each kept cell is")
+    meta = {**(out.schema.metadata or {}), DROPPED_KEY: json.dumps({"cells_in": src.n_cells, **dropped})}
+    return out.replace_schema_metadata(meta)
+
+
+DROPPED_KEY = b"rankformer.dropped"
+
+
+def dropped_counts(table: pa.Table) -> dict[str, int]:
+    """How many input cells :func:`tokenize_anndata` left out of ``table``, and why:
+    ``cells_in``, ``no_vocabulary_gene`` (no gene of the vocabulary expressed) and ``filter_pass``
+    (obs ``filter_pass`` is 0). Empty for a table that did not come from it."""
+    raw = (table.schema.metadata or {}).get(DROPPED_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def dropped_line(dropped: dict[str, int], cells_in: int) -> str:
+    """``kept N of M cells (a without a vocabulary gene, b with filter_pass 0)``."""
+    lost = dropped.get("no_vocabulary_gene", 0) + dropped.get("filter_pass", 0)
+    return (
+        f"kept {cells_in - lost:,} of {cells_in:,} cells ({dropped.get('no_vocabulary_gene', 0):,} without "
+        f"a vocabulary gene, {dropped.get('filter_pass', 0):,} with obs filter_pass 0)"
+    )

@@ -7,7 +7,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import IO
+from typing import IO, Any
 
 import h5py
 import numpy as np
@@ -135,15 +135,21 @@ def open_hdf5(uri: str) -> tuple[h5py.File, IO[bytes] | None]:
         ) from exc
 
 
+def is_group(node: Any) -> bool:
+    """An HDF5 or zarr group (an encoded element: sparse matrix, categorical...), not an array."""
+    return not hasattr(node, "shape")
+
+
 def decode(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in ("S", "O"):
+    if values.dtype.kind in ("S", "O", "T"):  # T: numpy's StringDType, as zarr gives strings
         return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
     return values
 
 
-def read_elem_slice(elem: h5py.Dataset | h5py.Group, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of one anndata-encoded column (plain, string, or categorical)."""
-    if isinstance(elem, h5py.Group):
+def read_elem_slice(elem: Any, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one anndata-encoded column (plain, string, or categorical), from an
+    HDF5 or a zarr store."""
+    if is_group(elem):
         kind = elem.attrs.get("encoding-type", "")
         if kind == "categorical":
             codes = elem["codes"][start:stop]
@@ -181,9 +187,10 @@ class Hdf5Source(CellSource):
             self._handle.close()
 
 
-def h5_integral(node: h5py.Dataset | h5py.Group, n: int = 20_000) -> bool:
-    """Whether the first ``n`` stored values of a dense or sparse matrix are all integers."""
-    data = node["data"] if isinstance(node, h5py.Group) else node
+def h5_integral(node: Any, n: int = 20_000) -> bool:
+    """Whether the first ``n`` stored values of a dense or sparse matrix (HDF5 or zarr) are all
+    integers."""
+    data = node["data"] if is_group(node) else node
     if data.dtype.kind in "iu":
         return True
     head = data[:n] if data.ndim == 1 else data[: max(1, n // max(1, data.shape[1]))]

@@ -27,16 +27,22 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+def storage_options(uri: str) -> dict[str, Any]:
+    """The fsspec options for ``uri``'s filesystem: for S3 the endpoint from the AWS settings."""
+    protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
+    if protocol not in ("s3", "s3a"):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # other processes (Ray workers) write here: never answer from a stale listing cache
+    kwargs: dict[str, Any] = {"use_listings_cache": False}
+    if endpoint:
+        kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    return kwargs
+
+
 def filesystem(uri: str) -> fsspec.AbstractFileSystem:
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        # other processes (Ray workers) write here: never answer from a stale listing cache
-        kwargs: dict[str, Any] = {"use_listings_cache": False}
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        return fsspec.filesystem("s3", **kwargs)
-    return fsspec.filesystem(protocol)
+    return fsspec.filesystem("s3" if protocol == "s3a" else protocol, **storage_options(uri))
 
 
 def join(base: str, *names: str) -> str:

@@ -53,8 +53,9 @@ class MemorySource(CellSource):
         self.n_cells = int(self._x.shape[0])
         if self.n_cells == 0 or self.n_genes == 0:
             raise InputError(f"no cells or no genes to tokenize (matrix shape {self._x.shape})")
-        self.arithmetic = RECIPROCAL if sp.issparse(self._x) else DIVIDE
-        if sp.issparse(self._x) and self._x.format != "csr":
+        sparse = sp.issparse(self._x) or _backed_sparse(self._x)
+        self.arithmetic = RECIPROCAL if sparse else DIVIDE  # as the file readers do for the same matrix
+        if sparse and self._x.format != "csr":
             raise InputError(f"{counts} is {self._x.format.upper()}; pass it as CSR (matrix.tocsr())")
 
     def _matrix(self, adata: Any) -> tuple[Any, Any]:
@@ -104,4 +105,14 @@ class MemorySource(CellSource):
         return self._names[start:stop]
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
+        # a backed AnnData (backed="r") reads only these rows from its file
         return sp.csr_matrix(self._x[start:stop])
+
+
+def _backed_sparse(x: Any) -> bool:
+    """A sparse matrix of a backed AnnData (read on demand from its file, sliced by rows)."""
+    try:
+        from anndata.abc import CSCDataset, CSRDataset
+    except ImportError:  # anndata before 0.11
+        return hasattr(x, "format") and hasattr(x, "group")
+    return isinstance(x, CSRDataset | CSCDataset)

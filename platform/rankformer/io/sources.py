@@ -11,7 +11,6 @@ import os
 import posixpath
 from typing import Any
 
-import h5py
 import numpy as np
 import scipy.sparse as sp
 
@@ -27,18 +26,19 @@ from rankformer.io.base import (
     gene_ids_from_index,
     h5_integral,
     id_column,
+    is_group,
     looks_like_ensembl,
     read_elem_slice,
 )
 
-FORMATS = "'.h5ad', '.loom', 10x '.h5', or a 10x folder holding matrix.mtx[.gz]"
+FORMATS = "'.h5ad', an AnnData '.zarr' store, '.loom', 10x '.h5', or a 10x folder holding matrix.mtx[.gz]"
 
 
 class H5adSource(Hdf5Source):
     fmt = "h5ad"
     matrices = ("X", "raw", "raw/X", "layers/*")
 
-    def _matrix(self) -> tuple[h5py.Dataset | h5py.Group, h5py.Group]:
+    def _matrix(self) -> tuple[Any, Any]:
         """The chosen count matrix and the var table that names its columns."""
         f, counts = self._file, self.counts
         if counts == "X":
@@ -78,7 +78,7 @@ class H5adSource(Hdf5Source):
                 raise InputError(f"{uri}: no '{key}' in the file; it is not an AnnData .h5ad file")
         x, var = self._matrix()
         self._x = x
-        if isinstance(x, h5py.Group):
+        if is_group(x):
             enc = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
             enc = enc.decode() if isinstance(enc, bytes) else str(enc)
             if enc not in ("csr_matrix", "csr"):
@@ -87,6 +87,8 @@ class H5adSource(Hdf5Source):
                     "CSR or dense. Rewrite it with adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
                 )
             shape = x.attrs.get("shape", x.attrs.get("h5sparse_shape"))
+            if shape is None:
+                raise InputError(f"{uri}: {self.counts} has no shape attribute; not an AnnData matrix")
             self.n_cells = int(shape[0])
             n_vars = int(shape[1])
             self.arithmetic = RECIPROCAL
@@ -95,7 +97,7 @@ class H5adSource(Hdf5Source):
         self._obs_index = self._index_name(f["obs"])
         self.gene_ids = self._gene_ids(var, n_vars)
 
-    def _gene_ids(self, var: h5py.Group, n_vars: int) -> np.ndarray:
+    def _gene_ids(self, var: Any, n_vars: int) -> np.ndarray:
         var_index = self._index_name(var)
         columns = [k for k in var if k != var_index]
         col = self.gene_id_column
@@ -113,7 +115,7 @@ class H5adSource(Hdf5Source):
         return ids
 
     @staticmethod
-    def _index_name(group: h5py.Group) -> str:
+    def _index_name(group: Any) -> str:
         name = group.attrs.get("_index", "_index")
         return name.decode() if isinstance(name, bytes) else str(name)
 
@@ -128,13 +130,53 @@ class H5adSource(Hdf5Source):
 
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         x = self._x
-        if isinstance(x, h5py.Dataset):
+        if not is_group(x):
             return sp.csr_matrix(x[start:stop])
         indptr = x["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         data = x["data"][lo:hi]
         indices = x["indices"][lo:hi]
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
+
+
+class ZarrSource(H5adSource):
+    """An AnnData zarr store (``adata.write_zarr``), local or ``s3://``: the same layout as
+    ``.h5ad`` in zarr arrays, read by row chunks as the h5ad reader reads them."""
+
+    fmt = "zarr"
+
+    def __init__(self, uri: str, gene_id_column: str, counts: str = "X") -> None:
+        CellSource.__init__(self, uri, gene_id_column, counts)
+        self._file, self._handle = open_zarr(uri), None
+        self._setup()
+
+    def close(self) -> None:  # a zarr group holds no open file
+        pass
+
+
+def open_zarr(uri: str) -> Any:
+    import zarr
+
+    try:
+        if fs.is_remote(uri):
+            from zarr.storage import FsspecStore
+
+            store = FsspecStore.from_url(uri, storage_options=fs.storage_options(uri), read_only=True)
+            return zarr.open_group(store, mode="r")
+        if not os.path.isdir(uri):
+            raise FileNotFoundError(f"{uri} not found; check the path (a .zarr store is a folder)")
+        return zarr.open_group(uri, mode="r")
+    except (FileNotFoundError, InputError):
+        raise
+    except Exception as exc:
+        if not fs.exists(uri):
+            raise FileNotFoundError(
+                f"{uri} not found; check the path (for s3:// also the bucket and AWS_ENDPOINT_URL)"
+            ) from exc
+        raise InputError(
+            f"{uri} is not a readable zarr store ({type(exc).__name__}: {exc}); write it with "
+            "adata.write_zarr(...)"
+        ) from exc
 
 
 class LoomSource(Hdf5Source):
@@ -195,6 +237,8 @@ def detect_format(uri: str) -> str:
         return "h5ad"
     if name.endswith(".loom"):
         return "loom"
+    if name.endswith(".zarr"):
+        return "zarr"
     if name.endswith(".h5"):
         return "10x-h5"
     if name.endswith((".mtx", ".mtx.gz")) or (fs.exists(uri) and fs.is_dir(uri)):
@@ -217,6 +261,7 @@ def open_source(
     readers: dict[str, Any] = {
         "h5ad": H5adSource,
         "loom": LoomSource,
+        "zarr": ZarrSource,
         "10x-h5": TenxH5Source,
         "10x-mtx": TenxMtxSource,
     }

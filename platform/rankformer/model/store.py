@@ -58,10 +58,17 @@ def quiet() -> None:
 def save_model_dir(model: PreTrainedModel, vocab: GeneVocab, meta: dict[str, Any], out: str) -> None:
     """Write the model directory at ``out`` (local or s3://) whole."""
     quiet()
+    from rankformer.model.mlflow_model import write_mlflow_files
+
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "vocab_hash": vocab.content_hash, **meta}
+    if meta.get("classes"):  # class names where Hugging Face's pipelines and the Hub look for them
+        labels = [str(c) for c in meta["classes"]]
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {c: i for i, c in enumerate(labels)}
     with tempfile.TemporaryDirectory(prefix="rankformer-model-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         vocab.save(os.path.join(tmp, VOCAB))
+        write_mlflow_files(tmp, vocab, doc)
         if fs.is_remote(out):
             for name in sorted(os.listdir(tmp)):
                 fs.copy(os.path.join(tmp, name), fs.join(out, name))
