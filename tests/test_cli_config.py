@@ -10,8 +10,8 @@ import yaml
 from transformers import BertForMaskedLM
 
 from rankformer import tracking
-from rankformer.cli import _parser, pretrain_config
-from rankformer.config.flags import add_config_arguments, build, merged_values
+from rankformer.cli import _parser, parse, pretrain_config
+from rankformer.config.flags import add_config_arguments, build, command_parser
 from rankformer.config.train import PretrainConfig
 from rankformer.errors import InputError
 from rankformer.io.synth import gene_ids
@@ -26,11 +26,9 @@ def test_flags_override_the_yaml_and_nest(tmp_path):
     cfg_file.write_text(
         yaml.safe_dump({"corpus": "c", "out": "m", "optim": {"lr": 0.01}, "scale": {"num_workers": 4}})
     )
-    args = _parser().parse_args(
+    args = parse(
         [
             "pretrain",
-            "--config",
-            str(cfg_file),
             "--num-workers",
             "2",
             "--max-steps",
@@ -42,6 +40,8 @@ def test_flags_override_the_yaml_and_nest(tmp_path):
             "sqlite:///x.db",
             "--registered-model",
             "r",
+            "--config",  # flags override the file wherever they stand
+            str(cfg_file),
         ]
     )
     cfg = pretrain_config(args)
@@ -50,15 +50,18 @@ def test_flags_override_the_yaml_and_nest(tmp_path):
     assert cfg.track.tracking_uri == "sqlite:///x.db" and cfg.track.registered_model == "r"
 
 
-def test_errors_name_the_field(tmp_path):
-    p = argparse.ArgumentParser()
+def test_errors_name_the_field(tmp_path, capsys):
+    p = command_parser()
     add_config_arguments(p, PretrainConfig)
     with pytest.raises(InputError, match=r"unknown option\(s\) \['optim.learning_rate'\]"):
         build(PretrainConfig, {"corpus": "c", "out": "m", "optim": {"learning_rate": 1}})
     with pytest.raises(InputError, match=r"option 'scale.num_workers' must be int, got 'two'"):
         build(PretrainConfig, {"corpus": "c", "out": "m", "scale": {"num_workers": "two"}})
     with pytest.raises(InputError, match=r"missing 'corpus': give it as --corpus"):
-        build(PretrainConfig, merged_values(p.parse_args(["--out", "m"]), PretrainConfig))
+        build(PretrainConfig, {"out": "m"})
+    with pytest.raises(SystemExit):  # the parser marks it required
+        p.parse_args(["--out", "m"])
+    assert "the following arguments are required: corpus" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"schedule 'step' must be linear or cosine"):
         build(PretrainConfig, {"corpus": "c", "out": "m", "optim": {"schedule": "step"}})
 
@@ -220,3 +223,76 @@ def test_system_metrics_are_sampled_into_the_run(tmp_path):
     tracking.end_run(uri, run)
     keys = set(mlflow.MlflowClient(uri).get_run(run).data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
+
+
+def test_typed_lists_choices_environment_and_completion(tmp_path, capsys, monkeypatch):
+    """List flags are parsed as their element type (once a list of strings, refused by the
+    check), choices come from the Literal types and are enforced, required flags are marked,
+    every option reads an environment variable listed in --help, shell completion prints."""
+    from rankformer.cli import main
+    from rankformer.config.train import FinetuneCellsConfig
+
+    base = ["finetune", "cells", "--corpus", "c", "--model", "m", "--out", "o", "--label-column", "y"]
+    args = parse(
+        [*base, "--tune-lr", "1e-5", "1e-3", "--tune-freeze-layers", "0", "1", "--group-column", "d"]
+    )
+    cfg = build(FinetuneCellsConfig, args.values)
+    assert cfg.tune.tune_lr == [1e-5, 1e-3] and cfg.tune.tune_freeze_layers == [0, 1]
+    assert all(isinstance(v, int) for v in cfg.tune.tune_freeze_layers)
+    # repeated list flags add up; KEY=VALUE mappings read as YAML values
+    again = parse([*base, "--tune-freeze-layers", "0", "--tune-freeze-layers", "2", "--rename", "a=b", "c=d"])
+    assert again.values["tune"]["tune_freeze_layers"] == [0, 2] and again.values["rename"] == {
+        "a": "b",
+        "c": "d",
+    }
+    pre = parse(
+        ["pretrain", "--corpus", "c", "--out", "o", "--model", "num_hidden_layers=4", "--model", "x=a"]
+    )
+    assert pre.values["model"] == {"num_hidden_layers": 4, "x": "a"}
+    tok = parse(
+        [
+            "tokenize",
+            "a.h5ad",
+            "b.zarr",
+            "--vocab",
+            "v",
+            "--out",
+            "o",
+            "--carry",
+            "celltype:cell_type",
+            "--carry",
+            "donor",
+        ]
+    )
+    assert tok.values["inputs"] == ["a.h5ad", "b.zarr"] and tok.values["carry"] == {
+        "celltype": "cell_type",
+        "donor": "donor",
+    }
+    for bad, said in (
+        (["--tune-lr", "1e-5", "fast"], "fast"),
+        (["--tune-freeze-layers", "0", "one"], "one"),
+        (["--pooling", "max"], "max"),
+    ):
+        with pytest.raises(SystemExit):
+            parse([*base, *bad])
+        assert said in capsys.readouterr().err
+    # --help: choices, required, environment variables
+    with pytest.raises(SystemExit):
+        main(["finetune", "cells", "--help"])
+    shown = capsys.readouterr().out
+    assert "--schedule {linear,cosine}" in shown and "(required, type: str)" in shown
+    assert "RANKFORMER_FINETUNE__CELLS__TUNE__TUNE_LR" in shown
+    monkeypatch.setenv("RANKFORMER_PRETRAIN__MAX_STEPS", "17")
+    monkeypatch.setenv("RANKFORMER_PRETRAIN__OPTIM__LR", "0.25")
+    env = build(PretrainConfig, parse(["pretrain", "--corpus", "c", "--out", "o"]).values)
+    assert env.max_steps == 17 and env.optim.lr == 0.25
+    assert (
+        build(
+            PretrainConfig, parse(["pretrain", "--corpus", "c", "--out", "o", "--max-steps", "3"]).values
+        ).max_steps
+        == 3
+    )
+    with pytest.raises(SystemExit):
+        main(["--print_completion", "shtab-bash"])
+    script = capsys.readouterr().out
+    assert "pretrain" in script and "--max-steps" in script and "complete" in script

@@ -18,7 +18,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from pretrain_helpers import write_corpus
-from rankformer.cli import _parser
+from rankformer.cli import _parser, parse
 from rankformer.config.flags import leaves
 from rankformer.io.synth import gene_ids, programme_cells
 from rankformer.model.presets import bert_config, preset
@@ -74,11 +74,15 @@ def recorded() -> Iterator[set[tuple[str, str]]]:
 
 
 def offered(argv_prefix: list[str]) -> set[str]:
-    """The config-field flags a command offers (dest cfg__a__b -> 'a.b')."""
+    """The config-field flags a command offers (their dotted field paths)."""
     p = _parser()
     for word in argv_prefix:
         p = next(a for a in p._actions if a.dest.endswith("command")).choices[word]
-    return {a.dest[len("cfg__") :].replace("__", ".") for a in p._actions if a.dest.startswith("cfg__")}
+    module, cls_name = CONFIGS[" ".join(argv_prefix)].split(":")
+    import importlib
+
+    fields = {leaf.dotted for leaf in leaves(getattr(importlib.import_module(module), cls_name))}
+    return {a.dest for a in p._actions if a.dest in fields}
 
 
 def owners(cfg: Any) -> dict[str, tuple[str, str]]:
@@ -362,7 +366,7 @@ def _config(name: str, argv: list[str]) -> Any:
 
     module, cls_name = CONFIGS[name].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     if name == "tokenize":
         from rankformer.cli import tokenize_config
 

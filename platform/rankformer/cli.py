@@ -2,9 +2,11 @@
 pretrain | finetune genes | cells | predict genes | cells | model import-geneformer | embed |
 perturb | perturb stats | serve | attach.
 
-The job commands' flags are generated from their config dataclasses (:mod:`rankformer.config.flags`):
-each accepts ``--config FILE.yaml``, flags given on the command line override it, and a wrong value
-is an error naming the field. The same functions back `jobs/` (for `ray job submit`).
+The job commands' flags are generated from their config dataclasses (:mod:`rankformer.config.flags`,
+on jsonargparse): each accepts ``--config FILE.yaml``, flags given on the command line override it,
+every option can also come from an environment variable (listed in ``--help``), and a wrong value
+is an error naming the flag or field. ``rankformer --print_completion shtab-bash`` prints a shell
+completion script. The same functions back `jobs/` (for `ray job submit`).
 """
 
 from __future__ import annotations
@@ -18,56 +20,67 @@ from typing import Any
 
 from rankformer.cluster import user_error_inside
 from rankformer.config.corpus import TokenizeConfig, VocabBuildConfig
-from rankformer.config.flags import add_config_arguments, build, merged_values
+from rankformer.config.flags import (
+    ActionYesNo,
+    Namespace,
+    add_config_arguments,
+    build,
+    collection_flags,
+    command_parser,
+    gathered,
+    merged_values,
+    values_of,
+)
 from rankformer.config.infer import EmbedConfig, PerturbConfig, PredictConfig
 from rankformer.config.train import FinetuneCellsConfig, FinetuneGenesConfig, PretrainConfig
 from rankformer.errors import InputError
 from rankformer.words import counted
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> Any:
     from rankformer import __version__
+    from rankformer.config.serve import ServeConfig
 
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="rankformer",
         description="Single-cell foundation models of the Geneformer kind, at corpus scale on Ray.",
         epilog="A typical run: vocab build (or import-geneformer) -> tokenize -> pretrain (or model "
-        "import-geneformer) -> finetune | embed | perturb -> serve. `rankformer COMMAND --help` for "
-        "each; every job command also takes --config FILE.yaml.",
+        "import-geneformer) -> finetune | embed | perturb -> serve -> attach. `rankformer COMMAND --help` "
+        "for each; every job command also takes --config FILE.yaml.",
     )
     p.add_argument("--version", action="version", version=f"rankformer {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subcommands(dest="command", required=True)
     _vocab_parsers(sub)
-    t = sub.add_parser("tokenize", help="rank-value encode INPUT files into a Parquet corpus")
+    t = command_parser()
     add_config_arguments(t, TokenizeConfig, positional=("inputs",), skip=("carry",))
     t.add_argument(
         "--carry",
-        action="append",
+        type=dict[str, str] | None,
         metavar="OBS[:NAME]",
-        help="obs column to carry into the corpus, optionally renamed; repeatable",
+        help="obs column to carry into the corpus, optionally renamed (OBS:NAME); several, or repeated",
     )
+    sub.add_subcommand("tokenize", t, help="rank-value encode INPUT files into a Parquet corpus")
     _corpus_parsers(sub)
     _training_parsers(sub)
-    add_config_arguments(sub.add_parser("embed", help="cell or gene embeddings of a corpus"), EmbedConfig)
-    add_config_arguments(
-        sub.add_parser("perturb", help="in silico perturbation of genes in cells"), PerturbConfig
-    )
+    for name, cls, what in (
+        ("embed", EmbedConfig, "cell or gene embeddings of a corpus"),
+        ("perturb", PerturbConfig, "in silico perturbation of genes in cells"),
+        ("serve", ServeConfig, "embedding and perturbation endpoints on Ray Serve"),
+    ):
+        c = command_parser()
+        add_config_arguments(c, cls)
+        sub.add_subcommand(name, c, help=what)
     _perturb_stats_parser(sub)
-    from rankformer.config.serve import ServeConfig
-
-    add_config_arguments(
-        sub.add_parser("serve", help="embedding and perturbation endpoints on Ray Serve"), ServeConfig
-    )
     _model_parsers(sub)
     _attach_parser(sub)
     return p
 
 
+Subparsers = Any  # jsonargparse's subcommands action
+
+
 def _attach_parser(sub: Subparsers) -> None:
-    a = sub.add_parser(
-        "attach",
-        help="write an annotated .h5ad: SOURCE's cells with embed, predict or perturb OUT folders on them",
-    )
+    a = command_parser()
     a.add_argument("source", help=".h5ad or AnnData .zarr the corpus was tokenized from")
     a.add_argument("outs", nargs="+", metavar="OUT", help="finished embed, predict or perturb output folders")
     a.add_argument("--write", required=True, help="the annotated .h5ad to write (temp file, then renamed)")
@@ -77,12 +90,14 @@ def _attach_parser(sub: Subparsers) -> None:
         "predictions and gene embeddings, rankformer_perturb for perturbations); one OUT only",
     )
     a.add_argument("--gene-id-column", default="ensembl_id", help="var column of gene ids (gene outputs)")
+    sub.add_subcommand(
+        "attach",
+        a,
+        help="write an annotated .h5ad: SOURCE's cells with embed, predict or perturb OUTs on them",
+    )
 
 
-Subparsers = Any  # argparse's _SubParsersAction is private
-
-
-def _dictionary_flags(p: argparse.ArgumentParser, of: str) -> None:
+def _dictionary_flags(p: Any, of: str) -> None:
     """Geneformer's pickled dictionaries, as both import commands take them."""
     p.add_argument("--token-dictionary", required=True, help=f"token_dictionary_*.pkl{of}")
     p.add_argument("--gene-median-dictionary", required=True, help="gene_median_dictionary_*.pkl")
@@ -90,55 +105,63 @@ def _dictionary_flags(p: argparse.ArgumentParser, of: str) -> None:
     p.add_argument("--gene-name-dictionary", help="gene_name_id_dict_*.pkl (symbols for reports)")
 
 
+def _group(sub: Subparsers, name: str, what: str) -> Subparsers:
+    """A command of subcommands (`vocab build`, `finetune genes`...)."""
+    g = command_parser()
+    sub.add_subcommand(name, g, help=what)  # jsonargparse: a level is added before the next
+    return g.add_subcommands(dest="command", required=True)
+
+
 def _vocab_parsers(sub: Subparsers) -> None:
-    vocab = sub.add_parser("vocab", help="build or import a gene vocabulary").add_subparsers(
-        dest="vocab_command", required=True
-    )
-    b = vocab.add_parser("build", help="exact per-gene nonzero medians over INPUT files")
+    vocab = _group(sub, "vocab", "build or import a gene vocabulary")
+    b = command_parser()
     add_config_arguments(b, VocabBuildConfig, positional=("inputs",))
-    g = vocab.add_parser("import-geneformer", help="import Geneformer's pickled dictionaries")
+    vocab.add_subcommand("build", b, help="exact per-gene nonzero medians over INPUT files")
+    g = command_parser()
     _dictionary_flags(g, "")
     g.add_argument("--out", required=True, help="vocabulary JSON to write")
+    vocab.add_subcommand("import-geneformer", g, help="import Geneformer's pickled dictionaries")
 
 
 def _corpus_parsers(sub: Subparsers) -> None:
-    c = sub.add_parser("corpus", help="look inside a finished corpus").add_subparsers(
-        dest="corpus_command", required=True
-    )
-    show = c.add_parser("show", help="one cell's tokens in rank order, with how each value came about")
+    c = _group(sub, "corpus", "look inside a finished corpus")
+    show = command_parser()
     show.add_argument("out", help="corpus folder (local or s3://)")
     show.add_argument("--cell", help="cell id (obs name) to show")
-    show.add_argument("--row", type=int, help="or the corpus row, 0-based in manifest order")
-    show.add_argument("--limit", type=int, default=40, help="genes to print (40)")
+    show.add_argument("--row", type=int | None, help="or the corpus row, 0-based in manifest order")
+    show.add_argument("--limit", type=int, default=40, help="genes to print")
     show.add_argument("--csv", help="write every gene's row to this CSV")
-    st = c.add_parser("stats", help="cells, tokens, length distribution, drops, vocab and config")
+    c.add_subcommand("show", show, help="one cell's tokens in rank order, with how each value came about")
+    st = command_parser()
     st.add_argument("out", help="corpus folder (local or s3://)")
     st.add_argument("--plot", help="length histogram PNG to write (default: <corpus name>_lengths.png)")
-    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.add_argument(
+        "--json", action=ActionYesNo(no_prefix="no-"), default=False, help="print the statistics as JSON"
+    )
+    c.add_subcommand("stats", st, help="cells, tokens, length distribution, drops, vocab and config")
 
 
 def _training_parsers(sub: Subparsers) -> None:
     """pretrain, finetune genes|cells and predict genes|cells."""
-    pre = sub.add_parser("pretrain", help="masked-gene pretraining on Ray Train, tracked in MLflow")
+    pre = command_parser()
     add_config_arguments(pre, PretrainConfig)
-    fine = sub.add_parser("finetune", help="fine-tune a classifier on Ray Train").add_subparsers(
-        dest="finetune_command", required=True
-    )
-    fg = fine.add_parser("genes", help="which other genes have feature X: gene classification, CV by gene")
+    sub.add_subcommand("pretrain", pre, help="masked-gene pretraining on Ray Train, tracked in MLflow")
+    fine = _group(sub, "finetune", "fine-tune a classifier on Ray Train")
+    fg = command_parser()
     add_config_arguments(fg, FinetuneGenesConfig)
-    fc = fine.add_parser("cells", help="cell classification from a carried obs label column")
+    fine.add_subcommand("genes", fg, help="which other genes have feature X: gene classification, CV by gene")
+    fc = command_parser()
     add_config_arguments(fc, FinetuneCellsConfig)
-    pr = sub.add_parser("predict", help="apply a fine-tuned classifier to another corpus").add_subparsers(
-        dest="predict_command", required=True
-    )
+    fine.add_subcommand("cells", fc, help="cell classification from a carried obs label column")
+    pr = _group(sub, "predict", "apply a fine-tuned classifier to another corpus")
     for what in ("genes", "cells"):
-        add_config_arguments(
-            pr.add_parser(what, help=f"predict {what} with a `finetune {what}` model"), PredictConfig
-        )
+        c = command_parser()
+        add_config_arguments(c, PredictConfig)
+        pr.add_subcommand(what, c, help=f"predict {what} with a `finetune {what}` model")
 
 
 def _perturb_stats_parser(sub: Subparsers) -> None:
-    ps = sub.add_parser("perturb-stats", help="`perturb stats OUT`: per-gene effects, null test, FDR")
+    ps = command_parser()
     ps.add_argument("out", help="output folder of `rankformer perturb`")
     ps.add_argument("--goal-state", help="rank by the shift toward this state (default: 1 - cell_cosine)")
     ps.add_argument(
@@ -149,22 +172,91 @@ def _perturb_stats_parser(sub: Subparsers) -> None:
     )
     ps.add_argument(
         "--rows-in-memory",
-        type=int,
+        type=int | None,
         help="rows the test holds at once (about 120 B each; default 2,000,000); the rest wait on local "
         "disk (12 B each)",
     )
+    sub.add_subcommand("perturb-stats", ps, help="`perturb stats OUT`: per-gene effects, null test, FDR")
 
 
 def _model_parsers(sub: Subparsers) -> None:
-    mdl = sub.add_parser("model", help="bring models in").add_subparsers(dest="model_command", required=True)
-    imp = mdl.add_parser("import-geneformer", help="a published Geneformer checkpoint -> a rankformer model")
+    mdl = _group(sub, "model", "bring models in")
+    imp = command_parser()
     imp.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json + weights)")
     _dictionary_flags(imp, " of the model")
     imp.add_argument("--out", required=True, help="rankformer model folder to write")
     imp.add_argument("--registered-model", help="also register it in MLflow under this name")
-    imp.add_argument("--alias", default="current", help="registry alias (default current)")
+    imp.add_argument("--alias", default="current", help="registry alias")
     imp.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else sqlite)")
     imp.add_argument("--experiment", default="rankformer", help="MLflow experiment of the import run")
+    mdl.add_subcommand(
+        "import-geneformer", imp, help="a published Geneformer checkpoint -> a rankformer model"
+    )
+
+
+# the config class behind each command, whose list and mapping flags take repeats and KEY=VALUE
+_CONFIG_OF = {
+    ("tokenize",): (TokenizeConfig, ("carry",)),
+    ("vocab", "build"): (VocabBuildConfig, ()),
+    ("pretrain",): (PretrainConfig, ()),
+    ("finetune", "genes"): (FinetuneGenesConfig, ()),
+    ("finetune", "cells"): (FinetuneCellsConfig, ()),
+    ("predict", "genes"): (PredictConfig, ()),
+    ("predict", "cells"): (PredictConfig, ()),
+    ("embed",): (EmbedConfig, ()),
+    ("perturb",): (PerturbConfig, ()),
+}
+_GROUPS = ("vocab", "corpus", "finetune", "predict", "model")
+
+
+def _config_first(argv: list[str], start: int) -> list[str]:
+    """``--config FILE`` moved before the other options: flags override the file wherever they
+    stand (jsonargparse lays values over each other in command-line order)."""
+    rest, configs, i = argv[start:], [], 0
+    while i < len(rest):
+        if rest[i] == "--config" and i + 1 < len(rest):
+            configs += rest[i : i + 2]
+            del rest[i : i + 2]
+        elif rest[i].startswith("--config="):
+            configs.append(rest.pop(i))
+        else:
+            i += 1
+    return [*argv[:start], *configs, *rest]
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as one flat namespace: ``command`` (and ``<command>_command`` for a
+    group's subcommand), each option by its name, and ``values`` (the nested options a config
+    class is built from)."""
+    argv = list(argv)
+    if argv[:2] == ["perturb", "stats"]:
+        argv = ["perturb-stats", *argv[2:]]
+    words = argv[:2] if argv and argv[0] in _GROUPS else argv[:1]
+    key = tuple(words)
+    if key == ("serve",):
+        from rankformer.config.serve import ServeConfig
+
+        spec: tuple[type, tuple[str, ...]] | None = (ServeConfig, ())
+    else:
+        spec = _CONFIG_OF.get(key)
+    if spec is not None:
+        lists, maps = collection_flags(*spec)
+        renames = frozenset({"--carry"} if key == ("tokenize",) else ())
+        argv = [*words, *gathered(argv[len(words) :], lists, maps, renames)]
+    ns = _parser().parse_args(_config_first(argv, len(words)))
+    out = argparse.Namespace()
+    path = []
+    while isinstance(ns, Namespace) and isinstance(ns.get("command"), str):
+        path.append(ns["command"])
+        ns = ns[ns["command"]]
+    out.command = path[0]
+    if len(path) > 1:
+        setattr(out, f"{path[0]}_command", path[1])
+    values = values_of(ns)
+    for k, v in values.items():
+        setattr(out, k, v)
+    out.values = values
+    return out
 
 
 def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
@@ -179,7 +271,7 @@ def _parse_carry(items: list[str] | dict[str, str] | None) -> dict[str, str]:
 
 def tokenize_config(args: argparse.Namespace) -> TokenizeConfig:
     values = merged_values(args, TokenizeConfig)
-    values["carry"] = _parse_carry(args.carry if args.carry else values.get("carry"))
+    values["carry"] = _parse_carry(values.get("carry"))
     return build(TokenizeConfig, values)
 
 
@@ -247,10 +339,7 @@ def _model_and_corpus_door(cfg: Any) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["perturb", "stats"]:
-        argv = ["perturb-stats", *argv[2:]]
-    args = _parser().parse_args(argv)
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     if (args.command, getattr(args, "finetune_command", None)) in CONFIG_JOBS:
         _config_job(args)
         return 0

@@ -1,10 +1,18 @@
-"""Command-line flags and YAML loading generated from the typed config dataclasses, so every
-command behaves alike: `--config FILE.yaml` (nested as the dataclasses are), flags override it,
-and a wrong value is an error naming the field.
+"""Command-line flags and YAML config files from the typed config dataclasses, parsed by
+jsonargparse, so every command behaves alike:
 
-Each leaf field becomes one flag named after it (`read.gene_id_column` -> `--gene-id-column`),
-with its type, default and help (the field's trailing comment in the source). Field names are
-unique across a config's nesting by construction; a clash is a programming error caught here.
+- one flag per leaf field, named after it (``read.gene_id_column`` -> ``--gene-id-column``), typed
+  from its annotation (``list[float]`` takes ``--tune-lr 1e-5 1e-3``; a ``Literal`` lists and
+  enforces its choices; fields without a default are marked required), with the field's trailing
+  comment as its help;
+- ``--config FILE.yaml``, nested as the dataclasses are; flags override it wherever they stand;
+- every option also read from an environment variable (``RANKFORMER_PRETRAIN__OPTIM__LR``),
+  listed under each flag in ``--help``;
+- ``rankformer --print_completion shtab-bash`` (or ``shtab-zsh``) prints a shell completion script.
+
+A wrong value is an error naming the flag; :func:`build` then makes the dataclass (its checks name
+the field and the fix). Field names are unique across a config's nesting by construction; a clash
+is a programming error caught here.
 """
 
 from __future__ import annotations
@@ -13,15 +21,28 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
 
-from rankformer.config.types import choices
 from rankformer.errors import InputError
+
+set_parsing_settings(add_print_completion_argument=True)
+__all__ = [
+    "ActionYesNo",
+    "Namespace",
+    "add_config_arguments",
+    "build",
+    "command_parser",
+    "gathered",
+    "leaves",
+]
 
 _MISSING = dataclasses.MISSING
 
@@ -38,8 +59,12 @@ class Leaf:
         return ".".join(self.path)
 
     @property
-    def dest(self) -> str:
-        return "cfg__" + "__".join(self.path)
+    def dest(self) -> str:  # jsonargparse nests dotted destinations as the YAML nests
+        return self.dotted
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.path[-1].replace("_", "-")
 
 
 @functools.cache
@@ -82,18 +107,26 @@ def _base(t: Any) -> tuple[Any, bool]:
     return t, False
 
 
-def _kv(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+def command_parser(**options: Any) -> ArgumentParser:
+    """A (sub)command's parser: environment variables as defaults, listed in ``--help``."""
+    return ArgumentParser(default_env=True, **options)
+
+
+def _element(t: Any) -> Any:
+    args = typing.get_args(t)
+    return args[0] if args else str
 
 
 def add_config_arguments(
-    p: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+    p: ArgumentParser, cls: type, positional: tuple[str, ...] = (), skip: tuple[str, ...] = ()
 ) -> None:
     """One flag per leaf field of ``cls`` (``positional``: fields taken as positional arguments;
-    ``skip``: fields the command parses itself)."""
+    ``skip``: fields the command declares itself), and ``--config``."""
+    p.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML file of options, nested as the config (flags override it)",
+    )
     seen: dict[str, str] = {}
     for leaf in leaves(cls):
         name = leaf.path[-1]
@@ -103,53 +136,106 @@ def add_config_arguments(
             raise RuntimeError(f"config field {leaf.dotted} clashes with {seen[name]} as a flag")
         seen[name] = leaf.dotted
         t, _ = _base(leaf.type)
-        # a None default whose help already says what stands in for it ("default ...", "unset: ...")
-        # is not repeated
-        said = leaf.default in (None, []) and ("default" in leaf.help or "unset" in leaf.help)
-        default = "" if leaf.default is _MISSING or said else f" (default {leaf.default!r})"
-        kw: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": leaf.help + default}
-        if t is not bool:
-            allowed = choices(t)  # shown, not enforced by argparse: the config's check names the field
-            kw["metavar"] = "{" + ",".join(map(str, allowed)) + "}" if allowed else name.upper()
+        required = leaf.default is _MISSING
+        kw: dict[str, Any] = {"dest": leaf.dest, "help": leaf.help}
+        if not required:
+            kw["default"] = leaf.default
         origin = typing.get_origin(t)
         if name in positional:
-            p.add_argument(leaf.dest, nargs="*", metavar=name.upper(), help=leaf.help, default=None)
+            p.add_argument(leaf.dest, nargs="*", type=_element(t), help=leaf.help, default=[])
             continue
         if t is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"] = ActionYesNo(no_prefix="no-")  # --use-gpu / --no-use-gpu
         elif origin is list:
-            kw.update(nargs="+", action="extend")  # `--x a b` and `--x a --x b` alike
-        elif origin is dict:
-            kw.update(action="append", type=_kv, metavar="KEY=VALUE")
-        elif t in (int, float):
-            kw["type"] = t
-        p.add_argument("--" + name.replace("_", "-"), **kw)
-    p.add_argument("--config", help="YAML file of options (nested as the config); flags override it")
+            # `--x a b` (and `--x a --x b`: :func:`gathered` joins repeats before parsing)
+            kw.update(type=_element(t), nargs="+")
+        else:
+            kw["type"] = leaf.type  # Literal choices, int | None, dict[str, Any]: checked as typed
+        if required:
+            kw["required"] = True
+        p.add_argument(leaf.flag, **kw)
 
 
-def _set(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        if not isinstance(doc.get(key), dict):
-            doc[key] = {}
-        doc = doc[key]
-    doc[path[-1]] = value
+def collection_flags(cls: type, skip: tuple[str, ...] = ()) -> tuple[set[str], set[str]]:
+    """(flags of list fields, flags of mapping fields) of ``cls``: what :func:`gathered` joins."""
+    lists: set[str] = set()
+    maps: set[str] = set()
+    for leaf in leaves(cls):
+        if leaf.path[-1] in skip:
+            continue
+        origin = typing.get_origin(_base(leaf.type)[0])
+        (lists if origin is list else maps if origin is dict else set()).add(leaf.flag)
+    return lists, maps
+
+
+def gathered(
+    argv: Sequence[str], lists: set[str], maps: set[str], renames: frozenset[str] = frozenset()
+) -> list[str]:
+    """``argv`` with repeated list flags joined into one (``--labels a --labels b`` ->
+    ``--labels a b``) and mapping flags' ``KEY=VALUE`` words (``--model num_hidden_layers=4``)
+    written as the one mapping the parser takes (values read as YAML: ``4`` is a number);
+    ``renames``: mapping flags of ``NAME[:NEW]`` words (``--carry celltype:cell_type donor``)."""
+    maps = maps | renames
+    out: list[str] = []
+    values: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        flag, eq, inline = word.partition("=")
+        if flag in lists or flag in maps:
+            items = [inline] if eq else []
+            i += 1
+            while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+                items.append(argv[i])
+                i += 1
+            if flag not in values:
+                values[flag] = []
+                out.append(flag)  # the joined values go where the flag first stood
+            values[flag] += items
+            continue
+        out.append(word)
+        i += 1
+    joined: list[str] = []
+    for word in out:
+        joined.append(word)
+        if word in values:
+            if word in renames:
+                joined.append(json.dumps({k: v or k for k, _, v in (w.partition(":") for w in values[word])}))
+            else:
+                joined += [_mapping(word, values[word])] if word in maps else values[word]
+    return joined
+
+
+def _mapping(flag: str, items: list[str]) -> str:
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        return items[0]  # already a mapping: {a: 1}
+    doc: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(
+                f"{flag}: expected KEY=VALUE words, got {item!r} (e.g. {flag} num_hidden_layers=4)"
+            )
+        doc[key] = yaml.safe_load(value)
+    return json.dumps(doc)
+
+
+def values_of(ns: Namespace) -> dict[str, Any]:
+    """A parsed (sub)command's options as the nested mapping :func:`build` takes."""
+    doc = ns.clone().as_dict()
+    for key in ("config", "__path__", "print_completion"):
+        doc.pop(key, None)
+    return doc
 
 
 def merged_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The config file's values with the given flags laid over them (nested dict)."""
-    doc: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        from rankformer.config.corpus import load_yaml
-
-        doc = load_yaml(args.config)
-    for leaf in leaves(cls):
-        value = getattr(args, leaf.dest, None)
-        if value is None or value == []:
-            continue
-        if typing.get_origin(_base(leaf.type)[0]) is dict and isinstance(value, list):
-            value = dict(value)
-        _set(doc, leaf.path, value)
-    return doc
+    """The options of ``cls`` from a parsed command (config file, environment and flags, as
+    jsonargparse laid them over each other), as a nested mapping."""
+    values = getattr(args, "values", None)
+    if values is None:
+        raise TypeError("merged_values takes the namespace rankformer.cli.parse gives")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:

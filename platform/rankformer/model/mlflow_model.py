@@ -14,6 +14,7 @@ still checks it against its vocabulary.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 from rankformer import schema
 from rankformer.vocab.gene_vocab import GeneVocab
 
+_said = False
 LOADER_MODULE = "rankformer.pyfunc"  # a name, not an import: MLflow imports it when it loads
 # what the flavor's environment needs (rankformer itself is installed beside it)
 REQUIREMENTS = ["torch", "transformers", "pyarrow", "pandas", "anndata", "mlflow"]
@@ -37,8 +39,19 @@ def example_cell(vocab: GeneVocab, layout: str) -> list[int]:
 
 
 def write_mlflow_files(folder: str, vocab: GeneVocab, meta: dict[str, Any]) -> None:
-    """Add ``MLmodel`` and its companions (environment, input example) to a model folder."""
-    import mlflow
+    """Add ``MLmodel`` and its companions (environment, input example) to a model folder; where
+    MLflow is not installed (a bare GPU image), the folder is written without them, said once."""
+    global _said
+    try:
+        import mlflow
+    except ImportError:
+        if not _said:
+            _said = True
+            logging.getLogger(__name__).warning(
+                "mlflow is not installed: model folders are written without their MLmodel file "
+                "(Hugging Face and rankformer load them; MLflow's pyfunc tools need it)"
+            )
+        return
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
