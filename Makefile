@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv services demo test lint docs typecheck bench bench-perturb bench-scale clean
+.PHONY: venv services demo test lint docs typecheck bench bench-perturb bench-scale clean lock images
 
 venv: $(VENV)/.installed
 
@@ -84,6 +84,21 @@ bench-perturb: $(VENV)/.installed
 
 bench-scale: $(VENV)/.installed
 	$(PY) benchmarks/bench_scale.py
+
+# uv.lock: what the cluster images install (deploy/Dockerfile). Rerun after changing dependencies.
+lock: $(VENV)/.installed
+	$(UV) lock
+
+# The two cluster images, built from uv.lock and pushed: REGISTRY is yours (e.g. ghcr.io/my-org,
+# 123456789012.dkr.ecr.eu-west-1.amazonaws.com); TAG defaults to the package version.
+REGISTRY ?= ghcr.io/your-org
+TAG ?= $(shell sed -n 's/^VERSION: Final = "\(.*\)".*/\1/p' platform/rankformer/schema.py)
+images:
+	docker build -f deploy/Dockerfile -t $(REGISTRY)/rankformer:$(TAG) .
+	docker build -f deploy/Dockerfile --build-arg TORCH=gpu -t $(REGISTRY)/rankformer-cuda:$(TAG) .
+	docker push $(REGISTRY)/rankformer:$(TAG)
+	docker push $(REGISTRY)/rankformer-cuda:$(TAG)
+	@echo "then: cd deploy/kuberay && kustomize edit set image rankformer=$(REGISTRY)/rankformer:$(TAG) rankformer-cuda=$(REGISTRY)/rankformer-cuda:$(TAG) && kubectl apply -k ."
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) site .pytest_cache .mypy_cache .ruff_cache ray_results mlruns mlartifacts mlflow.db

@@ -168,7 +168,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "embed: layer deeper than the model": (lambda w: _job("embed", w, "--layer", "99"), r"layer 99"),
     "embed: unknown level": (
         lambda w: _job("embed", w, "--level", "cells"),
-        r"level 'cells' must be cell or gene",
+        r"--level: Expected a typing.Literal\['cell', 'gene'\]. Got value: cells",  # the parser's
     ),
     "embed: rankformer.json is not JSON": (
         lambda w: _job("embed", w, model=w.damaged["meta_not_json"]),
@@ -177,7 +177,7 @@ CASES: dict[str, tuple[Case, str]] = {
     # perturb
     "perturb: unknown kind": (
         lambda w: _job("perturb", w, "--kind", "remove", "--mode", "all"),
-        r"kind 'remove'",
+        r"--kind: Expected a typing.Literal\[.*'delete'.*\]. Got value: remove",
     ),
     "perturb: goal state without a state column": (
         lambda w: _job("perturb", w, "--mode", "all", "--goal-state", "t1"),

@@ -156,3 +156,79 @@ os._exit(0)  # past the checks: Arrow's thread pools can abort a process's teard
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout.split()[-2:] == ["48", "6"]  # every gene of each of the 6 cells deleted; 6 cells
+
+
+def _pod_templates(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(group, group spec, pod spec) of each head and worker group of a RayCluster, RayJob or
+    RayService."""
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    groups = [("head", cluster["headGroupSpec"])]
+    groups += [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    return [(name, g, g["template"]["spec"]) for name, g in groups]
+
+
+def test_cluster_manifests_scale_reserve_tolerate_and_name_the_registry_images():
+    """Every Ray cluster autoscales in-tree between its groups' min and max; head pods request
+    what they use; GPU pods tolerate the GPU taint; every container image is one of the two the
+    kustomization points at the registry (so one `kustomize edit set image` moves them all); the
+    serving replicas get the API key from a Secret in their own pods."""
+    import yaml
+
+    kuberay = REPO / "deploy" / "kuberay"
+    kustom = yaml.safe_load((kuberay / "kustomization.yaml").read_text())
+    images = {i["name"] for i in kustom["images"]}
+    assert images == {"rankformer", "rankformer-cuda"} and all("/" in i["newName"] for i in kustom["images"])
+    config = yaml.safe_load((kuberay / "kustomizeconfig.yaml").read_text())
+    kinds = {c["kind"] for c in config["images"]}
+    seen = set()
+    for name in kustom["resources"]:
+        for doc in yaml.safe_load_all((kuberay / name).read_text()):
+            if doc["kind"] not in ("RayCluster", "RayJob", "RayService"):
+                continue
+            assert doc["kind"] in kinds
+            cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+            assert cluster.get("enableInTreeAutoscaling") is True, name
+            for group, g, pod in _pod_templates(doc):
+                (container,) = pod["containers"]
+                assert container["image"] in images, (name, group)
+                seen.add(container["image"])
+                resources = container.get("resources", {})
+                assert resources.get("requests"), (name, group, "no resource requests")
+                if group != "head":
+                    assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (name, group)
+                if "nvidia.com/gpu" in resources.get("limits", {}):
+                    assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), (
+                        name,
+                        group,
+                    )
+            if doc["kind"] == "RayService":
+                for group, _, pod in _pod_templates(doc):
+                    env = {e["name"]: e for e in pod["containers"][0].get("env", [])}
+                    assert env["RANKFORMER_API_KEY"]["valueFrom"]["secretKeyRef"]["name"], group
+    assert seen == images
+
+
+def test_images_install_the_lock_before_the_source():
+    """The Dockerfile installs every dependency from uv.lock in a layer that copies nothing but
+    the project metadata and the lock (a code edit does not reinstall torch), then the source; the
+    lock holds every dependency pyproject.toml declares, at the torch the tests run on."""
+    import re
+    import tomllib
+
+    lines = (REPO / "deploy" / "Dockerfile").read_text().splitlines()
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY")]
+    first = lines[copies[0]]
+    assert "uv.lock" in first and "platform" not in first
+    lock_install = next(i for i, line in enumerate(lines) if "uv export --frozen" in line)
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY platform"))
+    assert copies[0] < lock_install < source
+    assert any("--no-deps" in line for line in lines[source:])
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    locked = {p["name"]: p for p in lock["package"]}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]]
+    assert not [d for d in declared if d not in locked], "uv.lock is stale: run `uv lock`"
+    make = (REPO / "Makefile").read_text()
+    tested = re.search(r"TORCH_VERSION \?= (\S+)", make).group(1)
+    assert locked["torch"]["version"] == tested

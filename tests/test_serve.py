@@ -107,7 +107,15 @@ def test_model_info(app):
     assert info["vocab_hash"] == app.vocab.content_hash and info["layout"] == "v2"
     # how the replica runs: --max-tokens reaches it (it was checked, then left out)
     assert (info["device"], info["precision"], info["max_tokens"]) == ("cpu", "float32", 4096)
-    assert requests.get(f"{app.url}/openapi.json", timeout=30).ok
+    spec = requests.get(f"{app.url}/openapi.json", timeout=30).json()
+    # the API key is a security scheme on the /v1/ paths; responses have schemas
+    schemes = spec["components"]["securitySchemes"]
+    assert [s["name"] for s in schemes.values()] == ["x-api-key"]
+    assert all("security" in spec["paths"][p][m] for p, m in (("/v1/embed", "post"), ("/v1/perturb", "post")))
+    ok = spec["paths"]["/v1/embed"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/EmbedResponse")
+    assert "embedding" in spec["components"]["schemas"]["EmbeddedCell"]["properties"]
+    assert "cell_cosine" in spec["components"]["schemas"]["PerturbResult"]["properties"]
 
 
 def test_embed_equals_the_batch_job(app, tmp_path):

@@ -49,7 +49,7 @@ def _echo_app() -> tuple[Guard, list[bytes]]:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    return Guard(app, KEY, max_body_bytes=100), seen
+    return Guard(app, lambda: KEY, max_body_bytes=100), seen
 
 
 def test_a_chunked_body_over_the_limit_is_refused_without_a_length():

@@ -210,17 +210,25 @@ _GROUPS = ("vocab", "corpus", "finetune", "predict", "model")
 
 
 def _config_first(argv: list[str], start: int) -> list[str]:
-    """``--config FILE`` moved before the other options: flags override the file wherever they
-    stand (jsonargparse lays values over each other in command-line order)."""
+    """``--config FILE`` (local or s3://) read here, so a missing or broken file is an error
+    naming it, and given to the parser as its content before the other options: flags override
+    the file wherever they stand (jsonargparse lays values over each other in command-line order)."""
+    import json
+
+    from rankformer.config.corpus import load_yaml
+
     rest, configs, i = argv[start:], [], 0
     while i < len(rest):
-        if rest[i] == "--config" and i + 1 < len(rest):
-            configs += rest[i : i + 2]
+        word = rest[i]
+        if word == "--config" and i + 1 < len(rest):
+            path = rest[i + 1]
             del rest[i : i + 2]
-        elif rest[i].startswith("--config="):
-            configs.append(rest.pop(i))
+        elif word.startswith("--config="):
+            path = rest.pop(i).split("=", 1)[1]
         else:
             i += 1
+            continue
+        configs += ["--config", json.dumps(load_yaml(path))]
     return [*argv[:start], *configs, *rest]
 
 
@@ -494,11 +502,39 @@ def _corpus_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_error(exc: argparse.ArgumentError, argv: Sequence[str] | None) -> str:
+    """The parser's complaint on one line, in flag words (``--level``, not ``embed.level``), with
+    where the options are listed."""
+    import re
+
+    text = " ".join(str(exc).split())
+    text = re.sub(
+        r'Parser key "(?:[\w-]+\.)*([\w-]+)":', lambda m: f"--{m.group(1).replace('_', '-')}:", text
+    )
+    text = re.sub(
+        r"required: ([\w.,\s-]+)",
+        lambda m: (
+            "required: "
+            + ", ".join("--" + w.strip().split(".")[-1].replace("_", "-") for w in m.group(1).split(","))
+        ),
+        text,
+    )
+    words = [w for w in (sys.argv[1:] if argv is None else argv)[:2] if not w.startswith("-")]
+    return f"{text} (`rankformer {' '.join(words)} --help` lists the options)".replace("  ", " ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RANKFORMER_LOG", "WARNING"))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         return run(argv)
+    except argparse.ArgumentError as exc:  # a bad flag or value, named by the parser
+        print(f"rankformer: error: {parse_error(exc, argv)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help, --version, --print_completion
+            raise
+        return exc.code if isinstance(exc.code, int) else 2
     except (InputError, FileNotFoundError) as exc:
         print(f"rankformer: error: {exc}", file=sys.stderr)
         return 2

@@ -109,7 +109,7 @@ def _base(t: Any) -> tuple[Any, bool]:
 
 def command_parser(**options: Any) -> ArgumentParser:
     """A (sub)command's parser: environment variables as defaults, listed in ``--help``."""
-    return ArgumentParser(default_env=True, **options)
+    return ArgumentParser(default_env=True, exit_on_error=False, **options)
 
 
 def _element(t: Any) -> Any:

@@ -17,7 +17,7 @@ class ServeConfig:
     tracking_uri: str | None = None  # MLflow store for models:/ URIs (default MLFLOW_TRACKING_URI, sqlite)
     host: str = "127.0.0.1"  # address the HTTP proxy binds to
     port: int = 8000  # HTTP port
-    api_key_file: str | None = None  # file holding the API key (else RANKFORMER_API_KEY; none: open)
+    api_key_file: str | None = None  # API key file each replica reads (else RANKFORMER_API_KEY; open)
     max_cells_per_request: int = 64  # cells one request may carry
     max_perturbations_per_request: int = 256  # genes perturbed each alone per request (more: the perturb job)
     max_body_bytes: int = 4_000_000  # larger request bodies are refused (413)
@@ -35,6 +35,7 @@ class ServeConfig:
     layer: str = "penultimate"  # default layer: penultimate, last or an index into hidden_states
     name: str = "rankformer"  # Serve application name
     access_log: bool = False  # log every request (Serve's access log costs CPU on the request path)
+    json_logs: bool = False  # Serve's logs as one JSON object a line (for log collectors)
     revision: int = 0  # bump (with the same model URI) to reload it, e.g. after moving the registry alias
 
     def __post_init__(self) -> None:

@@ -16,6 +16,8 @@ the new one is loaded.
 # No `from __future__ import annotations` here: FastAPI inside a Serve ingress class must see the
 # request models as classes, not as strings it cannot resolve in the replica.
 import asyncio
+import functools
+import logging
 import os
 import threading
 from dataclasses import asdict
@@ -24,10 +26,14 @@ from typing import Any
 from rankformer.config.serve import ServeConfig
 from rankformer.errors import InputError
 from rankformer.serve.core import (
+    API_KEY_HEADER,
     EmbedRequest,
+    EmbedResponse,
     Guard,
     ModelCore,
+    ModelInfo,
     PerturbRequest,
+    PerturbResponse,
     embed_requests,
     prepare_cell,
 )
@@ -36,23 +42,39 @@ DEPLOYMENT = "RankformerServer"
 REPLICA_CPUS = 0.5  # a replica's CPU reservation: its forward passes are short and mostly wait
 
 
-def read_api_key(cfg: ServeConfig) -> str | None:
-    if cfg.api_key_file:
-        with open(cfg.api_key_file) as f:
-            key = f.read().strip()
+API_KEY_ENV = "RANKFORMER_API_KEY"
+
+
+def read_api_key(api_key_file: str | None) -> str | None:
+    """The API key, read where this runs (a replica: its mounted Secret file or its environment,
+    never a value carried in the application from the machine that built it); None: open."""
+    if api_key_file:
+        try:
+            with open(api_key_file) as f:
+                key = f.read().strip()
+        except FileNotFoundError as exc:
+            raise ValueError(
+                f"api key file {api_key_file} not found where the replica runs; mount the Secret there "
+                f"(deploy/kuberay) or set {API_KEY_ENV}"
+            ) from exc
         if not key:
-            raise ValueError(f"api key file {cfg.api_key_file} is empty")
+            raise ValueError(f"api key file {api_key_file} is empty")
         return key
-    return os.environ.get("RANKFORMER_API_KEY") or None
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def _fastapi(cfg: ServeConfig) -> Any:
-    """The HTTP app: API-key and body-size guard, and 422s that name each bad field."""
+    """The HTTP app: API-key and body-size guard, and 422s that name each bad field. The key is
+    declared as an OpenAPI security scheme (the docs page's "Authorize" sends it)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    api = FastAPI(title="rankformer", description="Embeddings and in silico perturbation of single cells.")
+    api = FastAPI(
+        title="rankformer",
+        description="Embeddings and in silico perturbation of single cells. The /v1/ paths need the "
+        f"API key in the {API_KEY_HEADER} header when the server has one.",
+    )
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -63,8 +85,18 @@ def _fastapi(cfg: ServeConfig) -> Any:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    api.add_middleware(Guard, key=read_api_key(cfg), max_body_bytes=cfg.max_body_bytes)
+    api.add_middleware(
+        Guard, key=functools.partial(read_api_key, cfg.api_key_file), max_body_bytes=cfg.max_body_bytes
+    )
     return api
+
+
+def _key_scheme() -> Any:
+    """The API key as an OpenAPI security scheme: the check itself is the Guard's (before the body
+    is read); this declares it for /docs and generated clients."""
+    from fastapi.security import APIKeyHeader
+
+    return APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's API key")
 
 
 def _autoscaling(cfg: ServeConfig) -> dict[str, Any]:
@@ -149,10 +181,11 @@ class _Replica:
 
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application: one deployment, the FastAPI ingress and the model."""
-    from fastapi import HTTPException
+    from fastapi import Depends, HTTPException
     from ray import serve
 
     api = _fastapi(cfg)
+    keyed = [Depends(_key_scheme())]
 
     # One deployment is both the HTTP ingress and the model: a second hop (ingress replica ->
     # model replica) costs more CPU per request than the `tiny` model's forward pass itself.
@@ -169,16 +202,19 @@ def build_app(cfg: ServeConfig) -> Any:
     class Server(_Replica):
         def __init__(self) -> None:
             super().__init__(cfg)
+            # read here, at the replica's start: a missing Secret stops the replica, named
+            key = read_api_key(cfg.api_key_file)
+            logging.getLogger("ray.serve").info("API key %s", "required on /v1/" if key else "not set: open")
 
         @api.get("/healthz")
         async def healthz(self) -> dict[str, str]:
             return {"status": "ok"}
 
-        @api.get("/v1/model")
+        @api.get("/v1/model", response_model=ModelInfo, dependencies=keyed)
         async def model_info(self) -> dict[str, Any]:
             return {**self._core().info, "revision": self.loaded[1] if self.loaded else None}
 
-        @api.post("/v1/embed")
+        @api.post("/v1/embed", response_model=EmbedResponse, dependencies=keyed)
         async def embed(self, req: EmbedRequest) -> dict[str, Any]:
             self._check_embed(req)
             result = await self._embed_batch(req)
@@ -190,7 +226,7 @@ def build_app(cfg: ServeConfig) -> Any:
         async def _embed_batch(self, requests: list[EmbedRequest]) -> list[dict[str, Any]]:
             return embed_requests(self._core(), requests)  # one model answers the whole batch
 
-        @api.post("/v1/perturb")
+        @api.post("/v1/perturb", response_model=PerturbResponse, dependencies=keyed)
         async def perturb(self, req: PerturbRequest) -> dict[str, Any]:
             return await self._perturb_request(req)
 
@@ -198,7 +234,11 @@ def build_app(cfg: ServeConfig) -> Any:
 
 
 def serve_logging(cfg: ServeConfig) -> dict[str, Any]:
-    return {"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"}
+    return {
+        "enable_access_log": cfg.access_log,
+        "log_level": "INFO" if cfg.access_log else "WARNING",
+        "encoding": "JSON" if cfg.json_logs else "TEXT",  # JSON: one object a line, for log collectors
+    }
 
 
 def app_builder(args: dict[str, Any]) -> Any:

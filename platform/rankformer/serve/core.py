@@ -6,6 +6,7 @@ embedding and perturbation code, and :class:`Guard`, the API-key and body-size m
 # No `from __future__ import annotations`: FastAPI must see the request models' fields as classes.
 import hmac
 import math
+from collections.abc import Callable
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -67,6 +68,58 @@ class PerturbRequest(BaseModel):
     together: bool = Field(True, description="perturb the genes together (else each alone)")
     shift: float = Field(0.1, gt=0, le=1)
     per_gene: bool = False
+
+
+class UnknownGenes(BaseModel):
+    count: int = Field(..., description="genes of the request the model's vocabulary lacks")
+    genes: list[str] = Field(..., description="the first 50 of them")
+
+
+class EmbeddedCell(BaseModel):
+    cell_id: str | None
+    embedding: list[float] = Field(..., description="the cell's vector (hidden_size numbers)")
+    gene_vectors: dict[str, list[float]] | None = Field(
+        None, description="each gene's state in this cell, by Ensembl id (gene_vectors: true)"
+    )
+    n_tokens: int
+    truncated: bool = Field(..., description="the cell had more genes than the model's length")
+    unknown_genes: UnknownGenes
+
+
+class EmbedResponse(BaseModel):
+    cells: list[EmbeddedCell]
+
+
+class PerturbResult(BaseModel):
+    perturbed: list[str] = Field(..., description="the genes perturbed together (Ensembl ids)")
+    rank: int = Field(..., description="where the (first) gene stood in the cell's ranking")
+    cell_cosine: float = Field(..., description="cosine of the cell's embedding before and after")
+    gene_mean_cosine: float = Field(..., description="mean cosine of the other genes' states")
+    gene_cosines: dict[str, float] | None = Field(None, description="each other gene's cosine (per_gene)")
+
+
+class PerturbResponse(BaseModel):
+    cell_id: str | None
+    truncated: bool
+    unknown_cell_genes: UnknownGenes
+    results: list[PerturbResult]
+    unknown_genes: list[str] = Field(..., description="requested genes the vocabulary lacks")
+
+
+class ModelInfo(BaseModel):
+    model: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    vocab_hash: str
+    layout: str
+    max_length: int
+    layers: int
+    hidden_size: int
+    device: str
+    precision: str
+    max_tokens: int
+    revision: int | None = None
 
 
 class Prepared(BaseModel):
@@ -318,8 +371,10 @@ class Guard:
     body over the limit, counted on the bytes received (a chunked request has no length to trust
     or refuse early)."""
 
-    def __init__(self, app: Any, key: str | None, max_body_bytes: int) -> None:
-        self.app, self.key, self.max_body_bytes = app, key, max_body_bytes
+    def __init__(self, app: Any, key: Callable[[], str | None], max_body_bytes: int) -> None:
+        # the key is read where the middleware is built, in the replica (from its environment or
+        # mounted Secret), never carried in the application from where it was built
+        self.app, self.key, self.max_body_bytes = app, key(), max_body_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
