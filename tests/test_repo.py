@@ -90,12 +90,25 @@ def test_serve_configs_name_the_real_application_and_valid_options():
             (dep,) = app["deployments"]
             assert dep["name"] == DEPLOYMENT and set(dep["user_config"]) == {"model", "revision"}
             assert dep["user_config"]["model"] == cfg.model
+    # optional JSON logs: Serve's own logging config takes the encoding
+    from ray.serve.schema import LoggingConfig
+
+    from rankformer.serve.app import serve_logging
+
+    logs = serve_logging(ServeConfig(model="m", json_logs=True))
+    assert LoggingConfig(**logs).encoding == "JSON"
+    assert LoggingConfig(**serve_logging(ServeConfig(model="m"))).encoding == "TEXT"
 
 
 def test_serve_build_accepts_the_application(tmp_path):
     import yaml
 
-    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RANKFORMER_MODEL": "models:/m@current"}
+    env = {
+        **__import__("os").environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RANKFORMER_MODEL": "models:/m@current",
+        "RANKFORMER_API_KEY": "key-of-the-build-machine",  # replicas read their own, at start
+    }
     serve_bin = str(Path(sys.executable).with_name("serve"))  # the environment running the tests
     out = tmp_path / "built.yaml"
     subprocess.run(
@@ -106,6 +119,7 @@ def test_serve_build_accepts_the_application(tmp_path):
         capture_output=True,
         timeout=180,
     )
+    assert "key-of-the-build-machine" not in out.read_text()
     app = yaml.safe_load(out.read_text())["applications"][0]
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"RankformerServer"}

@@ -57,6 +57,32 @@ def test_vocab_build_and_tokenize_on_s3(ray_cluster, bucket, tmp_path):
     assert on_s3["vocab_hash"] == remote.content_hash
 
 
+def test_an_anndata_zarr_store_on_s3_tokenizes_as_its_h5ad(ray_cluster, bucket, tmp_path):
+    """An AnnData .zarr store under an s3:// prefix: the same tokens as the .h5ad it was written
+    from (zarr reads the arrays' chunks from S3 as the tasks need them)."""
+    import anndata as ad
+
+    name, local = bucket
+    store = tmp_path / "a.zarr"
+    ad.read_h5ad(local).write_zarr(store)
+    fs = s3fs.S3FileSystem()
+    fs.put(str(store), f"{name}/raw/a.zarr", recursive=True)
+    read = ReadOptions(rows_per_shard=25, chunk_rows=10)
+    vocab = str(tmp_path / "v.json")
+    run_vocab_build(VocabBuildConfig(inputs=[local], out=vocab, read=read))
+    tables = []
+    for src, out in (
+        (local, str(tmp_path / "h5ad")),
+        (f"s3://{name}/raw/a.zarr", f"s3://{name}/zarr_corpus"),
+    ):
+        run_tokenize(TokenizeConfig(inputs=[src], vocab=vocab, out=out, read=read))
+        files = [f.replace("s3://", "") for f in corpus_files(out)]
+        tables.append(pq.read_table(files, filesystem=fs if out.startswith("s3://") else None))
+    assert tables[1].num_rows == 60
+    assert tables[1]["input_ids"].to_pylist() == tables[0]["input_ids"].to_pylist()
+    assert tables[1]["cell_id"].to_pylist() == tables[0]["cell_id"].to_pylist()
+
+
 def test_missing_bucket_and_key_are_named(s3_server, tmp_path):
     vocab = str(tmp_path / "v.json")
     from rankformer.vocab.gene_vocab import build_vocab

@@ -32,15 +32,44 @@ def tokenize_anndata(
     allow_normalized: bool = False,
     report: bool = True,
 ) -> pa.Table:
-    """Rank-value encode cells in memory into an Arrow table of the corpus schema.
+    """Rank-value encode cells in memory into an Arrow table of the corpus schema, with the
+    kernel, checks and schema of `rankformer tokenize`.
 
-    ``adata``: an AnnData (counts from ``X``, ``raw`` or ``layers/NAME``; gene ids from
-    ``var[gene_id_column]``, else an Ensembl var index), or a CSR/dense cells x genes matrix with
-    ``gene_ids``. ``vocab``: a :class:`GeneVocab` or the path of its JSON. ``carry``: obs columns
-    to keep (a list, or a mapping obs name -> output name). Rows come out in input order; cells
-    with no vocabulary gene, and cells whose obs ``filter_pass`` is 0, are left out: ``source_row``
-    says which input row each row is, :func:`dropped_counts` how many were left out and why.
-    ``report``: print the vocabulary coverage line, and how many cells were left out.
+    Parameters
+    ----------
+    adata
+        An AnnData (in memory or backed, ``backed="r"``: read by row chunks), or a CSR/dense
+        cells x genes matrix with ``gene_ids``.
+    vocab
+        A :class:`GeneVocab` or the path of its JSON.
+    layout
+        ``"v2"`` (``<cls>`` genes ``<eos>``, 4,096 tokens at most) or ``"v1"`` (2,048, no
+        special tokens).
+    counts
+        The raw counts: ``"X"``, ``"raw"`` or ``"layers/NAME"``.
+    max_length
+        Tokens per cell at most (default: the layout's).
+    gene_ids
+        One gene id (Ensembl or symbol) per column of a bare matrix.
+    gene_id_column
+        The var column of gene ids (``"index"``: the var names; absent default: an Ensembl var
+        index, or scanpy's ``gene_ids``).
+    carry
+        obs columns to keep: a list, or a mapping obs name -> output name.
+    coverage_floor
+        Refuse input where less than this share of the counts maps to vocabulary genes.
+    allow_normalized
+        Accept non-integer counts (refused by default: rank value encoding needs raw counts).
+    report
+        Print the vocabulary coverage line, and how many cells were left out.
+
+    Returns
+    -------
+    pyarrow.Table
+        One row per kept cell, in input order: ``input_ids``, ``length``, ``cell_id``,
+        ``source_file``, ``source_row`` (which input row) and the carried columns. Cells with no
+        vocabulary gene, and cells whose obs ``filter_pass`` is 0, are left out;
+        :func:`dropped_counts` says how many, and why.
     """
     voc = vocab if isinstance(vocab, GeneVocab) else GeneVocab.load(vocab)
     carried = dict(carry) if isinstance(carry, dict) else {c: c for c in (carry or [])}

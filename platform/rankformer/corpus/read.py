@@ -27,11 +27,29 @@ def read_corpus(
     columns: list[str] | None = None,
     read_cpus: float | None = None,
 ) -> ray.data.Dataset | pads.Dataset:
-    """A finished corpus in manifest order: a Ray Dataset (``engine="ray"``; streams, shards over a
-    cluster; its blocks follow the manifest, and iteration keeps that order when Ray Data's
-    ``execution_options.preserve_order`` is on) or a ``pyarrow.dataset.Dataset``
-    (``engine="arrow"``; no Ray). ``vocab_hash`` refuses a corpus made with another vocabulary;
-    ``read_cpus`` is the CPU reservation of each read task (Ray Data's default: 1)."""
+    """A finished corpus, in manifest order.
+
+    Parameters
+    ----------
+    out
+        The corpus folder `rankformer tokenize` wrote (local or ``s3://``).
+    engine
+        ``"ray"``: a Ray Dataset (streams, shards over a cluster; its blocks follow the manifest,
+        and iteration keeps that order when Ray Data's ``execution_options.preserve_order`` is
+        on). ``"arrow"``: a ``pyarrow.dataset.Dataset``, no Ray.
+    vocab_hash
+        Refuse a corpus made with another vocabulary (a model's ``vocab_hash``).
+    columns
+        The columns to read (default: all).
+    read_cpus
+        The CPU reservation of each read task (Ray Data's default: 1).
+
+    Returns
+    -------
+    ray.data.Dataset or pyarrow.dataset.Dataset
+        One row per cell: ``input_ids``, ``length``, ``cell_id``, ``source_file``,
+        ``source_row`` and the carried obs columns.
+    """
     files = corpus_files(out, vocab_hash=vocab_hash)
     filesystem = arrow_filesystem(out)
     paths = [_path_in(f, filesystem) for f in files]
@@ -51,6 +69,8 @@ def read_corpus(
 
 
 def corpus_manifest(out: str) -> dict[str, Any]:
+    """A finished corpus's ``manifest.json``: its shards, cell and token counts, what was dropped
+    and why, the tokenize config and the vocabulary hash (an error names an unfinished corpus)."""
     corpus_files(out)  # the error that says the corpus is unfinished
     return dict(fs.read_json(fs.join(out, schema.CORPUS_MANIFEST), "rerun `rankformer tokenize`"))
 
