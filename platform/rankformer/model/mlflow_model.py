@@ -38,12 +38,20 @@ def example_cell(vocab: GeneVocab, layout: str) -> list[int]:
     return tokens
 
 
+def _save_parameters() -> set[str]:
+    import inspect
+
+    import mlflow
+
+    return set(inspect.signature(mlflow.pyfunc.save_model).parameters)
+
+
 def write_mlflow_files(folder: str, vocab: GeneVocab, meta: dict[str, Any]) -> None:
     """Add ``MLmodel`` and its companions (environment, input example) to a model folder; where
     MLflow is not installed (a bare GPU image), the folder is written without them, said once."""
     global _said
     try:
-        import mlflow
+        import mlflow  # noqa: F401  (whether it is installed; the GPU image lacks it)
     except ImportError:
         if not _said:
             _said = True
@@ -53,7 +61,6 @@ def write_mlflow_files(folder: str, vocab: GeneVocab, meta: dict[str, Any]) -> N
             )
         return
     import pandas as pd
-    from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     inputs = Schema(
@@ -69,13 +76,32 @@ def write_mlflow_files(folder: str, vocab: GeneVocab, meta: dict[str, Any]) -> N
     )
     with tempfile.TemporaryDirectory(prefix="rankformer-mlmodel-") as tmp:
         staged = os.path.join(tmp, "m")
-        mlflow.pyfunc.save_model(
-            staged,
-            loader_module=LOADER_MODULE,
-            signature=ModelSignature(inputs=inputs, params=params),  # type: ignore[arg-type]
-            input_example=example,
-            pip_requirements=REQUIREMENTS,
-            metadata={"rankformer_task": str(meta.get("task", "pretraining"))},
-        )
+        # MLflow would copy a uv project found in the working directory (its lock, its
+        # pyproject) into the model: point it at an empty folder instead
+        extra = {"uv_project_path": tmp} if "uv_project_path" in _save_parameters() else {}
+        chatty = logging.getLogger("mlflow")
+        level = chatty.level
+        chatty.setLevel(logging.WARNING)  # no "validating input example" line in every job's output
+        try:
+            _save(staged, extra, inputs, params, example, meta)
+        finally:
+            chatty.setLevel(level)
         for name in os.listdir(staged):
             shutil.copy(os.path.join(staged, name), os.path.join(folder, name))
+
+
+def _save(
+    staged: str, extra: dict[str, Any], inputs: Any, params: Any, example: Any, meta: dict[str, Any]
+) -> None:
+    import mlflow
+    from mlflow.models import ModelSignature
+
+    mlflow.pyfunc.save_model(
+        staged,
+        **extra,
+        loader_module=LOADER_MODULE,
+        signature=ModelSignature(inputs=inputs, params=params),
+        input_example=example,
+        pip_requirements=REQUIREMENTS,
+        metadata={"rankformer_task": str(meta.get("task", "pretraining"))},
+    )
