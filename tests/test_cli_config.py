@@ -271,6 +271,10 @@ def test_typed_lists_choices_environment_and_completion(tmp_path, capsys, monkey
         "celltype": "cell_type",
         "donor": "donor",
     }
+    # positional inputs given or not: a config file's inputs stand unless words replace them
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"inputs": ["x.h5ad"], "vocab": "v", "out": "o"}))
+    assert parse(["tokenize", "--config", str(tmp_path / "t.yaml")]).values["inputs"] == ["x.h5ad"]
+    assert parse(["tokenize", "y.zarr", "--config", str(tmp_path / "t.yaml")]).values["inputs"] == ["y.zarr"]
     for bad, said in (
         (["--tune-lr", "1e-5", "fast"], "fast"),
         (["--tune-freeze-layers", "0", "one"], "one"),

@@ -216,3 +216,75 @@ def test_bad_input_is_named(tmp_path, capsys):
         perturb_stats(str(tmp_path / "out"), rank_window=0)
     with pytest.raises(InputError, match="rows_in_memory is 0"):
         perturb_stats(str(tmp_path / "out"), rows_in_memory=0)
+
+
+def _gene_rows(rng: np.random.Generator, n: int) -> pd.DataFrame:
+    keys = [[f"G{g}"] for g in rng.integers(0, 12, n)]
+    keys[0] = ["G1", "G2"]  # a combination is its own perturbation
+    cos = 1.0 - np.abs(rng.normal(0, 0.05, n)) * rng.integers(1, 4, n)
+    cos[rng.choice(n, 7, replace=False)] = np.nan  # not compared: left out
+    return pd.DataFrame(
+        {
+            "cell_id": [f"c{i % 50}" for i in range(n)],
+            "perturbed": keys,
+            "affected_gene": [f"A{a}" for a in rng.integers(0, 30, n)],
+            "cosine": cos,
+        }
+    )
+
+
+@pytest.mark.parametrize("rows_in_memory", [1_000_000, 300])  # all in memory; partitions on disk
+def test_affected_genes_equal_a_plain_group_by(tmp_path, rows_in_memory, capsys):
+    from scipy import stats as st
+
+    from rankformer.perturb.affected import affected_stats
+
+    rng = np.random.default_rng(1)
+    df = _gene_rows(rng, 4000)
+    out = tmp_path / "out"
+    write_results(out, df.iloc[:3], shards=1)  # the per-cell rows are not read here
+    names = []
+    for i, part in enumerate(np.array_split(np.arange(len(df)), 3)):
+        name = f"part-{i:06d}.parquet"
+        pq.write_table(pa.Table.from_pandas(df.iloc[part], preserve_index=False), out / f"genes-{name}")
+        names.append(name)
+    (out / "manifest.json").write_text(
+        json.dumps({"job": "perturb", "files": names + [f"genes-{n}" for n in names], "shards": names})
+    )
+    got = affected_stats(str(out), top=0, rows_in_memory=rows_in_memory)
+    ok = df[df.cosine.notna()].assign(key=lambda d: d.perturbed.map(",".join), shift=lambda d: 1 - d.cosine)
+    g = ok.groupby(["key", "affected_gene"])["shift"]
+    want = pd.DataFrame({"n": g.size(), "mean": g.mean(), "sd": g.std()})
+    want["half"] = st.t.ppf(0.975, want.n - 1) * want.sd / np.sqrt(want.n)
+    got_i = got.set_index(["perturbed", "affected_gene"]).sort_index()
+    want = want.sort_index()
+    assert got_i.index.equals(want.index)
+    assert (got_i.n_cells == want.n).all()
+    np.testing.assert_allclose(got_i.shift_mean, want["mean"], rtol=1e-12)
+    np.testing.assert_allclose(got_i.shift_ci_high - got_i.shift_mean, want.half, rtol=1e-9)
+    # within each perturbation, ranked by mean shift; --top keeps that many
+    for _, part in got.groupby("perturbed", sort=False):
+        assert part["rank"].tolist() == list(range(1, len(part) + 1))
+        assert part.shift_mean.is_monotonic_decreasing
+    assert list(dict.fromkeys(got.perturbed))[:2] == ["G1,G2", df.perturbed[1][0]]  # first appearance
+    assert cli(["perturb", "stats", str(out), "--by", "affected-gene", "--top", "3"]) == 0
+    top3 = pd.read_csv(out / "affected.csv")
+    assert top3.groupby("perturbed").size().max() == 3
+    assert "most moved genes (top 3 each)" in capsys.readouterr().out
+
+
+def test_the_mixture_model_separates_impactful_perturbations(tmp_path):
+    from rankformer.perturb.affected import impact_mixture
+
+    rng = np.random.default_rng(3)
+    genes = rng.integers(0, 60, 3000)
+    shift = rng.normal(0, 0.01, 3000) + np.where(genes < 6, 0.2, 0.0)  # six impactful genes
+    write_results(tmp_path / "out", rows(genes, rng.integers(0, 20, 3000), shift, rng))
+    res = perturb_stats(str(tmp_path / "out"), goal_state="B", mixture=True).set_index("perturbed")
+    impactful = {f"G{g}" for g in range(6)}
+    assert set(res.index[res.impactful]) == impactful
+    assert res.loc[list(impactful), "impact_posterior"].min() > 0.99
+    assert res.drop(index=list(impactful)).impact_posterior.max() < 0.01
+    assert "impact_posterior" in pd.read_csv(tmp_path / "out" / "stats.csv").columns
+    with pytest.raises(InputError, match="at least 3 perturbations"):
+        impact_mixture(res.head(2).reset_index())

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from rankformer.cluster import user_error_inside
 from rankformer.config.corpus import TokenizeConfig, VocabBuildConfig
@@ -169,6 +169,23 @@ def _perturb_stats_parser(sub: Subparsers) -> None:
         type=int,
         default=1,
         help="compare with other genes perturbed within this many rank positions (1: the same rank)",
+    )
+    ps.add_argument(
+        "--by",
+        type=Literal["perturbed-gene", "affected-gene"],
+        default="perturbed-gene",
+        help="perturbed-gene: each perturbation's effect on the cell, tested; affected-gene: for each "
+        "perturbation, the genes whose states moved most (needs `perturb --per-gene`)",
+    )
+    ps.add_argument(
+        "--top", type=int, default=100, help="--by affected-gene: genes kept per perturbation (0: all)"
+    )
+    ps.add_argument(
+        "--mixture",
+        action=ActionYesNo(no_prefix="no-"),
+        default=False,
+        help="also fit a two-component Gaussian mixture to the perturbations' mean effects: each one's "
+        "posterior of being impactful (impact_posterior, impactful)",
     )
     ps.add_argument(
         "--rows-in-memory",
@@ -378,12 +395,18 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _perturb_stats(args: argparse.Namespace) -> None:
     from rankformer.perturb.stats import ROWS_IN_MEMORY, perturb_stats
 
-    res = perturb_stats(
-        args.out,
-        args.goal_state,
-        args.rank_window,
-        ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory,
-    )
+    budget = ROWS_IN_MEMORY if args.rows_in_memory is None else args.rows_in_memory
+    if args.by == "affected-gene":
+        from rankformer.perturb.affected import affected_stats
+
+        table = affected_stats(args.out, args.top, budget)
+        print(table.groupby("perturbed", sort=False).head(5).to_string(index=False))
+        print(
+            f"{table.perturbed.nunique():,} perturbations, their {len(table):,} most moved genes "
+            f"(top {args.top or 'all'} each) -> {args.out}/affected.csv"
+        )
+        return
+    res = perturb_stats(args.out, args.goal_state, args.rank_window, budget, args.mixture)
     print(res.head(20).to_string(index=False))
     untested = int(res.p_value.isna().sum())
     note = (
@@ -392,6 +415,8 @@ def _perturb_stats(args: argparse.Namespace) -> None:
         if untested
         else ""
     )
+    if args.mixture:
+        note += f"; {int(res.impactful.sum()):,} impactful by the mixture model (posterior > 0.5)"
     print(
         f"{int(res.significant.sum())} of {len(res)} significant at FDR < 0.05{note} -> {args.out}/stats.csv"
     )

@@ -303,15 +303,30 @@ class Model(_TakesCells):
         return out
 
     def perturb_stats(
-        self, rows: pd.DataFrame, goal_state: str | None = None, rank_window: int = 1
+        self, rows: pd.DataFrame, goal_state: str | None = None, rank_window: int = 1, mixture: bool = False
     ) -> pd.DataFrame:
-        """`rankformer perturb stats` on rows from :meth:`perturb` (symbols from this vocabulary)."""
+        """`rankformer perturb stats` on rows from :meth:`perturb` (symbols from this vocabulary);
+        ``mixture``: each perturbation's posterior of being impactful (``--mixture``)."""
         from rankformer.perturb.stats import stats_table
 
         table = pa.Table.from_pandas(rows, preserve_index=False)
-        return stats_table(
+        res = stats_table(
             [table], table.column_names, goal_state, "the rows", rank_window, self.vocab.gene_names
         )
+        if mixture:
+            from rankformer.perturb.affected import impact_mixture
+
+            res = impact_mixture(res)
+        return res
+
+    def affected_genes(self, gene_rows: pd.DataFrame, top: int = 100) -> pd.DataFrame:
+        """`rankformer perturb stats --by affected-gene` on the per-gene table of
+        :meth:`perturb` (``per_gene=True``): for each perturbation, the ``top`` genes whose
+        states moved most (0: all), with cells, mean shift and its 95% interval."""
+        from rankformer.perturb.affected import affected_table
+
+        table = pa.Table.from_pandas(gene_rows, preserve_index=False)
+        return affected_table(iter([table]), table.num_rows, top, symbols=self.vocab.gene_names)
 
 
 def _warn_skipped(not_found: list[str]) -> None:

@@ -142,7 +142,12 @@ def add_config_arguments(
             kw["default"] = leaf.default
         origin = typing.get_origin(t)
         if name in positional:
-            p.add_argument(leaf.dest, nargs="*", type=_element(t), help=leaf.help, default=[])
+            # the positional words land apart (an empty list would override --config's value);
+            # :func:`values_of` takes them when given. `--inputs` and the YAML key stay the field.
+            p.add_argument(
+                POSITIONAL + leaf.dest, nargs="*", type=_element(t), metavar=name.upper(), help=leaf.help
+            )
+            p.add_argument(leaf.flag, dest=leaf.dest, nargs="+", type=_element(t), help=leaf.help)
             continue
         if t is bool:
             kw["action"] = ActionYesNo(no_prefix="no-")  # --use-gpu / --no-use-gpu
@@ -220,11 +225,20 @@ def _mapping(flag: str, items: list[str]) -> str:
     return json.dumps(doc)
 
 
+POSITIONAL = "given_"  # the destination prefix of a field's positional words
+
+
 def values_of(ns: Namespace) -> dict[str, Any]:
     """A parsed (sub)command's options as the nested mapping :func:`build` takes."""
     doc = ns.clone().as_dict()
     for key in ("config", "__path__", "print_completion"):
         doc.pop(key, None)
+    for key in [k for k in doc if k.startswith(POSITIONAL)]:
+        words = doc.pop(key)
+        if words:
+            doc[key[len(POSITIONAL) :]] = words
+        elif doc.get(key[len(POSITIONAL) :]) is None:
+            doc.pop(key[len(POSITIONAL) :], None)  # neither given: build() names it missing
     return doc
 
 

@@ -194,9 +194,12 @@ def perturb_stats(
     goal_state: str | None = None,
     rank_window: int = RANK_WINDOW,
     rows_in_memory: int = ROWS_IN_MEMORY,
+    mixture: bool = False,
 ) -> pd.DataFrame:
-    """Per perturbed gene (or combination) of a `perturb` output folder: :func:`stats_table`,
-    written to stats.parquet/.csv with a plot; returns the table."""
+    """Per perturbed gene (or combination) of a `perturb` output folder: :func:`stats_table`
+    (with ``mixture``, each perturbation's posterior of being impactful:
+    :func:`rankformer.perturb.affected.impact_mixture`), written to stats.parquet/.csv with a
+    plot; returns the table."""
     _check_options(rank_window, rows_in_memory)
     paths = result_paths(out)
     if not paths:
@@ -213,6 +216,10 @@ def perturb_stats(
                 yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=wanted)
 
     res = stats_table(parts(), names, goal_state, out, rank_window, _symbols_in(out), rows_in_memory)
+    if mixture:
+        from rankformer.perturb.affected import impact_mixture
+
+        res = impact_mixture(res)
     _write_stats(out, res)
     return res
 
