@@ -274,7 +274,7 @@ def test_affected_genes_equal_a_plain_group_by(tmp_path, rows_in_memory, capsys)
 
 
 def test_the_mixture_model_separates_impactful_perturbations(tmp_path):
-    from rankformer.perturb.affected import impact_mixture
+    from rankformer.perturb.mixture import impact_mixture
 
     rng = np.random.default_rng(3)
     genes = rng.integers(0, 60, 3000)

@@ -77,14 +77,15 @@ def put_cell_table(
     """Per-cell prediction columns (``predicted``, ``prob_<class>``) into ``adata.obs`` as
     ``<key>_<column>``, NaN (or missing) for cells without a prediction. Returns the new columns."""
     _check_anndata(adata)
-    wanted = [c for c in table.columns if c == "predicted" or c.startswith("prob_")]
+    wanted = [c for c in table.columns if c == "predicted" or c.endswith("_predicted") or "prob_" in c]
     out = pd.DataFrame(index=adata.obs_names)
     for col in wanted:
         values = table[col].to_numpy()
-        if col == "predicted":
+        if col.endswith("predicted"):  # a class per cell (a task's, for a multi-task classifier)
             full = np.full(adata.n_obs, None, dtype=object)
             full[rows] = values
-            classes = [c[len("prob_") :] for c in table.columns if c.startswith("prob_")]
+            stem = col[: -len("predicted")] + "prob_"
+            classes = [c[len(stem) :] for c in table.columns if c.startswith(stem)]
             cats = list(dict.fromkeys([*classes, *(str(v) for v in values)]))
             out[slot_name(key, col)] = pd.Categorical(full, categories=cats)
         else:

@@ -314,7 +314,7 @@ class Model(_TakesCells):
             [table], table.column_names, goal_state, "the rows", rank_window, self.vocab.gene_names
         )
         if mixture:
-            from rankformer.perturb.affected import impact_mixture
+            from rankformer.perturb.mixture import impact_mixture
 
             res = impact_mixture(res)
         return res
@@ -446,6 +446,7 @@ class Classifier(_TakesCells):
         self.layout = as_layout(meta["layout"])
         self.classes = [str(c) for c in meta["classes"]]
         self.label_column = meta.get("label_column")
+        self.tasks: list[dict[str, Any]] = list(meta.get("tasks") or [])  # a multi-task classifier's
         config: Any = self._model.config
         self.max_length = max_length_of(meta, config)
         self.max_tokens = device_token_budget(max_tokens, self._model, device, self.max_length)
@@ -501,6 +502,34 @@ class Classifier(_TakesCells):
 
                 put_gene_table(cells, key_added, genes, gene_id_column, self.vocab, info)
             return genes
+        if self.tasks:
+            from rankformer.classify.predict import multitask_predictions
+
+            task_labels = {}
+            if table is not None:
+                task_labels = {
+                    t["name"]: table.column(t["name"]).to_pylist()
+                    for t in self.tasks
+                    if t["name"] in table.column_names
+                }
+            parts = [
+                multitask_predictions(
+                    self._model,
+                    arrays[part],
+                    ids[part],
+                    {k: v[part] for k, v in task_labels.items()},
+                    pad,
+                    self.tasks,
+                    self.max_tokens,
+                )
+                for part in in_chunks(len(arrays), progress, "predicting cells")
+            ]
+            out = pd.concat(parts, ignore_index=True)
+            if key_added is not None and rows is not None:
+                from rankformer.annotate import put_cell_table
+
+                put_cell_table(cells, key_added, out, rows, info)
+            return out
         col = self.label_column
         labels = table.column(col).to_pylist() if table is not None and col in table.column_names else None
         parts = [

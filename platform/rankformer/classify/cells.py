@@ -33,6 +33,10 @@ from rankformer.train.finetune import (
 
 
 def run_finetune_cells(cfg: FinetuneCellsConfig) -> dict[str, Any]:
+    if cfg.tasks:  # several label columns: one encoder, a head each
+        from rankformer.classify.multitask import run_multitask
+
+        return run_multitask(cfg)
     check_placement(cfg)
     job = CellJob(cfg)
     sizes = {p: int((job.split == p).sum()) for p in SPLITS}

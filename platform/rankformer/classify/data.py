@@ -26,10 +26,11 @@ def cells_with_tokens(cells: Sequence[np.ndarray], tokens: np.ndarray) -> np.nda
 
 
 def cell_label_columns(cfg: Any) -> list[str]:
-    """A cell-classification job's label column and group column (if any), checked present in its
-    corpus (from the schema alone, before any weights load)."""
+    """A cell-classification job's label column (or its --tasks' columns) and group column (if
+    any), checked present in its corpus (from the schema alone, before any weights load)."""
     names = corpus_columns(cfg.corpus)
-    check_columns(cfg.corpus, names, [cfg.label_column], "--label-column")
+    labels = list(getattr(cfg, "tasks", None) or [cfg.label_column])
+    check_columns(cfg.corpus, names, labels, "--tasks" if getattr(cfg, "tasks", None) else "--label-column")
     if cfg.group_column:
         check_columns(cfg.corpus, names, [cfg.group_column], "--group-column")
-    return [cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
+    return labels + ([cfg.group_column] if cfg.group_column else [])

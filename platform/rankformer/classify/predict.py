@@ -37,6 +37,8 @@ def run_predict(what: str, cfg: PredictConfig) -> dict[str, Any]:
     model = loaded.model.eval()
     classes = list(meta["classes"])
     extra = [meta["label_column"]] if what == "cells" and meta.get("label_column") else []
+    if what == "cells" and meta.get("tasks"):  # a multi-task classifier: each task's label column
+        extra = [t["name"] for t in meta["tasks"]]
     names = set(corpus_columns(cfg.corpus))
     cells = load_cells(
         cfg.corpus,
@@ -80,10 +82,14 @@ def _predictions(
     if what == "genes":
         return gene_predictions(model, cells.ids, pad, gene_lo, loaded, classes, max_tokens)
     names = cells.table.column_names
+    ids = cells.column(schema.CELL_ID) if schema.CELL_ID in names else None
+    if loaded.meta.get("tasks"):
+        labels = {c: cells.column(c) for c in extra if c in names}
+        return multitask_predictions(model, cells.ids, ids, labels, pad, loaded.meta["tasks"], max_tokens)
     return cell_predictions(
         model,
         cells.ids,
-        cells.column(schema.CELL_ID) if schema.CELL_ID in names else None,
+        ids,
         cells.column(extra[0]) if extra and extra[0] in names else None,
         pad,
         classes,
@@ -136,4 +142,35 @@ def cell_predictions(
     )
     for i, c in enumerate(classes):
         df[f"prob_{c}"] = prob[:, i]
+    return df
+
+
+def multitask_predictions(
+    model: Any,
+    ids: list[np.ndarray],
+    cell_ids: Any,
+    labels: dict[str, Any],
+    pad: int,
+    tasks: list[dict[str, Any]],
+    max_tokens: int,
+) -> pd.DataFrame:
+    """A multi-task classifier's table: ``cell_id``, then per task ``<task>_label`` (when the
+    cells carry its column), ``<task>_predicted`` and ``<task>_prob_<class>``."""
+    from rankformer.train.finetune import cell_probs
+
+    prob = cell_probs(model, ids, pad, max_tokens)
+    df = pd.DataFrame(
+        {schema.CELL_ID: cell_ids if cell_ids is not None else np.arange(len(prob)).astype(str)}
+    )
+    at = 0
+    for task in tasks:
+        name, classes = task["name"], list(task["classes"])
+        p = prob[:, at : at + len(classes)]
+        at += len(classes)
+        if name in labels:
+            df[f"{name}_label"] = labels[name]
+        df[f"{name}_predicted"] = [classes[i] for i in p.argmax(1)] if len(p) else []
+        for i, c in enumerate(classes):
+            df[f"{name}_prob_{c}"] = p[:, i]
+    df["split"] = "predict"
     return df

@@ -306,6 +306,8 @@ class FinetuneCellsConfig(FinetuneCommon):
     """`rankformer finetune cells`: a cell classifier from a carried obs label column."""
 
     label_column: str = "cell_type"  # carried obs column holding each cell's class
+    tasks: list[str] = field(default_factory=list)  # several label columns: one encoder, a head each
+    task_weights: list[float] = field(default_factory=list)  # each task's share of the loss (default 1 each)
     group_column: str | None = None  # carried obs column no split may share (donor, sample, batch)
     classes: list[str] = field(default_factory=list)  # keep only these classes (after renaming)
     rename: dict[str, str] = field(default_factory=dict)  # class renames; several to one merges them
@@ -320,3 +322,35 @@ class FinetuneCellsConfig(FinetuneCommon):
             raise InputError("test_fraction must be within (0, 1) and validation_fraction within [0, 1)")
         if self.test_fraction + self.validation_fraction >= 1:
             raise InputError("test_fraction + validation_fraction must leave cells to train on")
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        if not self.tasks:
+            if self.task_weights:
+                raise InputError("task_weights weigh the --tasks; give --tasks COL1 COL2 ... with them")
+            return
+        if len(set(self.tasks)) < 2:
+            raise InputError(
+                f"tasks {self.tasks}: multi-task classification needs two or more different label columns "
+                "(one column: --label-column)"
+            )
+        if self.task_weights and (
+            len(self.task_weights) != len(self.tasks)
+            or min(self.task_weights) < 0
+            or max(self.task_weights) == 0
+        ):
+            raise InputError(
+                f"task_weights {self.task_weights}: one number >= 0 per task ({len(self.tasks)}), not all 0"
+            )
+        if self.classes:
+            raise InputError(
+                "classes keeps classes of one label column; with --tasks every value of each is a class"
+            )
+        if self.tune.trials:
+            raise InputError(
+                "a Ray Tune search (--trials) is for one label column; leave --trials out with --tasks"
+            )
+        if self.head.class_weights != "none":
+            raise InputError(
+                "class_weights are for one label column; with --tasks weigh the tasks (--task-weights)"
+            )

@@ -74,7 +74,16 @@ def class_probs(model: torch.nn.Module, b: Batch, device: torch.device) -> torch
     from rankformer.model.device import mask_argument, to_device
 
     out = model(input_ids=to_device(b.ids, device), attention_mask=mask_argument(model, b.attn, device))
-    return torch.softmax(logits_of(out).float(), -1)
+    return probs_of(logits_of(out).float(), model.config)
+
+
+def probs_of(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """Class probabilities from logits: one softmax, or one per task for a multi-task model
+    (its config's ``task_sizes``: the tasks' logits lie side by side)."""
+    sizes = getattr(config, "task_sizes", None)
+    if not sizes:
+        return torch.softmax(logits, -1)
+    return torch.cat([torch.softmax(part, -1) for part in torch.split(logits, list(sizes), -1)], -1)
 
 
 def encoder(model: torch.nn.Module) -> torch.nn.Module:

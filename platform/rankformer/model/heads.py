@@ -14,6 +14,7 @@ id comes from the config's ``first_gene_token`` (set by rankformer when it build
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -38,13 +39,79 @@ class MeanPoolForSequenceClassification(BertPreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        states = self.bert(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
-        keep = (mask > 0) & (input_ids >= int(getattr(self.config, "first_gene_token", 0)))
-        w = keep.to(states.dtype).unsqueeze(-1)
-        pooled = (states * w).sum(1) / w.sum(1).clamp(min=1.0)
+        pooled = gene_mean(self.bert, self.config, input_ids, attention_mask, **kwargs)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def gene_mean(
+    bert: BertModel, config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+) -> torch.Tensor:
+    """Each cell's mean last-layer state over its gene tokens (special and pad tokens left out)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    states = bert(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
+    keep = (mask > 0) & (input_ids >= int(getattr(config, "first_gene_token", 0)))
+    w = keep.to(states.dtype).unsqueeze(-1)
+    return (states * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+class MultiTaskForSequenceClassification(BertPreTrainedModel):
+    """One shared encoder, one classification head per task (`finetune cells --tasks`): the mean
+    of the cell's gene-token states (as :class:`MeanPoolForSequenceClassification`), dropout, then
+    a linear layer per task. The config names the tasks
+    (``task_names``) and their class counts (``task_sizes``); the logits of all tasks come
+    concatenated, (cells, sum of the class counts), task by task in that order
+    (:func:`task_slices`). A cell without a task's label adds nothing to that task's loss (its
+    label is -100)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        sizes = [int(s) for s in getattr(config, "task_sizes", None) or [config.num_labels]]
+        self.bert = BertModel(config, add_pooling_layer=False)
+        drop = getattr(config, "classifier_dropout", None)
+        self.dropout = torch.nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(config.hidden_size, s) for s in sizes)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        pooled = self.dropout(gene_mean(self.bert, self.config, input_ids, attention_mask, **kwargs))
+        logits = torch.cat([head(pooled) for head in self.heads], dim=-1)
+        loss = None
+        if labels is not None:
+            loss = multitask_loss(logits, labels, task_slices(self.config))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def task_slices(config: Any) -> list[slice]:
+    """Where each task's logits lie among a multi-task model's (one slice of all for one task)."""
+    sizes = [int(s) for s in getattr(config, "task_sizes", None) or [config.num_labels]]
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def multitask_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    slices: list[slice],
+    weights: list[float] | None = None,
+    ignore: int = -100,
+) -> torch.Tensor:
+    """The weighted sum over tasks of each task's cross-entropy over the cells labelled for it
+    (``labels``: (cells, tasks), ``ignore`` where a cell has no label); a task no cell of the batch
+    is labelled for adds nothing."""
+    total = logits.new_zeros(())
+    for t, part in enumerate(slices):
+        y = labels[:, t]
+        if bool((y != ignore).any()):
+            w = 1.0 if weights is None else float(weights[t])
+            total = total + w * torch.nn.functional.cross_entropy(logits[:, part], y, ignore_index=ignore)
+    return total

@@ -217,7 +217,7 @@ def perturb_stats(
 
     res = stats_table(parts(), names, goal_state, out, rank_window, _symbols_in(out), rows_in_memory)
     if mixture:
-        from rankformer.perturb.affected import impact_mixture
+        from rankformer.perturb.mixture import impact_mixture
 
         res = impact_mixture(res)
     _write_stats(out, res)

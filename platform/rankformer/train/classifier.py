@@ -14,7 +14,11 @@ from rankformer.config.train import HeadOptions
 from rankformer.errors import InputError
 from rankformer.model.forward import encoder
 
-KINDS = {"token": "BertForTokenClassification", "sequence": "BertForSequenceClassification"}
+KINDS = {
+    "token": "BertForTokenClassification",
+    "sequence": "BertForSequenceClassification",
+    "multitask": "rankformer.model.heads:MultiTaskForSequenceClassification",
+}
 # where a head module lived before the package took a folder per stage (saved models name it)
 MOVED_HEADS = {"rankformer.heads": "rankformer.model.heads"}
 
@@ -41,7 +45,13 @@ def classifier_class(kind: str, head_class: str | None) -> Any:
 
 
 def build_classifier(
-    model_dir: str, kind: str, n_classes: int, head: HeadOptions, seed: int, first_gene_token: int = 0
+    model_dir: str,
+    kind: str,
+    n_classes: int,
+    head: HeadOptions,
+    seed: int,
+    first_gene_token: int = 0,
+    config_extra: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The pretrained model with a fresh classification head (seeded), frozen as asked. The config
     records ``first_gene_token`` (heads that pool gene tokens use it)."""
@@ -55,10 +65,16 @@ def build_classifier(
     torch.manual_seed(seed)
     from transformers import AutoConfig
 
-    extra: dict[str, Any] = {"num_labels": n_classes, "first_gene_token": first_gene_token}
+    extra: dict[str, Any] = {
+        "num_labels": n_classes,
+        "first_gene_token": first_gene_token,
+        **(config_extra or {}),
+    }
     if head.dropout is not None:
         extra["classifier_dropout"] = head.dropout
-    config = AutoConfig.from_pretrained(model_dir, **extra)
+    config = AutoConfig.from_pretrained(model_dir)
+    for key, value in extra.items():  # set one by one: from_pretrained drops keys a config class lacks
+        setattr(config, key, value)
     model = cls.from_pretrained(model_dir, config=config, attn_implementation="sdpa")
     freeze(model, head)
     return model

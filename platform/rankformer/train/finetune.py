@@ -47,8 +47,11 @@ class ClassifyTask:
         rank: int,
         lookup: np.ndarray | None = None,
         weights: list[float] | None = None,
+        task_sizes: list[int] | None = None,
+        task_weights: list[float] | None = None,
     ) -> None:
         self.rows, self.kind, self.pad, self.batch = rows, kind, pad, batch
+        self.task_sizes, self.task_weights = task_sizes, task_weights
         self.seed, self.rank = seed, rank
         self.lookup = torch.as_tensor(lookup, dtype=torch.long) if lookup is not None else None
         self.weights = torch.tensor(weights, dtype=torch.float32) if weights else None
@@ -69,6 +72,9 @@ class ClassifyTask:
             labels = self.lookup[ids.clamp(max=len(self.lookup) - 1)]
             labels[attn == 0] = IGNORE
             labels = labels.reshape(-1)
+        elif self.task_sizes:  # a label per task, -1 where the cell has none
+            labels = torch.as_tensor(np.asarray([np.asarray(r[1]) for r in batch], dtype=np.int64))
+            labels[labels < 0] = IGNORE
         else:
             labels = torch.tensor([int(r[1]) for r in batch], dtype=torch.long)
         n_labels = int((labels != IGNORE).sum())  # counted on the host
@@ -76,12 +82,34 @@ class ClassifyTask:
         if self.weights is not None and self.weights.device.type != device.type:  # once ("cuda" is cuda:0)
             self.weights = to_device(self.weights, device)
         logits = logits_of(model(input_ids=ids_d, attention_mask=mask_argument(model, attn, device))).float()
+        if self.task_sizes:
+            return self._multitask(logits, labels_d, attn, n_labels)
         flat_logits = logits.reshape(-1, logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(
             flat_logits, labels_d, weight=self.weights, ignore_index=IGNORE
         )
         with torch.no_grad():  # unlabelled positions (-100) never equal a class; stays on the device
             correct = (flat_logits.argmax(-1) == labels_d).sum()
+        real = int(attn.sum())
+        stats: dict[str, Stat] = {
+            "tokens": float(real),
+            "pad_tokens": float(attn.numel() - real),
+            "correct": correct,
+            "labels": float(n_labels),
+        }
+        return loss, stats
+
+    def _multitask(
+        self, logits: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, n_labels: int
+    ) -> tuple[torch.Tensor, dict[str, Stat]]:
+        from rankformer.model.heads import multitask_loss
+
+        assert self.task_sizes is not None
+        bounds = itertools.accumulate([0, *self.task_sizes])
+        slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        loss = multitask_loss(logits, labels, slices, self.task_weights, IGNORE)
+        with torch.no_grad():
+            correct = sum((logits[:, part].argmax(-1) == labels[:, t]).sum() for t, part in enumerate(slices))
         real = int(attn.sum())
         stats: dict[str, Stat] = {
             "tokens": float(real),
@@ -100,7 +128,7 @@ def local_rows(
     def rows(epoch: int) -> Iterator[tuple[np.ndarray, int]]:
         order = np.random.default_rng([seed, epoch]).permutation(len(ids))
         for i in order[rank::world]:
-            yield ids[i], int(y[i])
+            yield ids[i], (y[i] if y.ndim > 1 else int(y[i]))  # a label per task for multitask
 
     return rows
 
@@ -115,7 +143,7 @@ def ray_rows(shard: Any, seed: int, rank: int) -> Callable[[int], Iterator[tuple
             local_shuffle_buffer_size=1024,
             local_shuffle_seed=seed * 1_000 + epoch * 97 + rank,
         ):
-            yield from zip(batch["input_ids"], batch["y"].tolist(), strict=True)
+            yield from zip(batch["input_ids"], list(batch["y"]), strict=True)
 
     return rows
 
@@ -142,7 +170,10 @@ class TrainSpec:
     weights: list[float] | None = None
     run_id: str | None = None  # MLflow run the metrics go to
     val_ids: list[list[int]] | None = None  # sequence task: validation cells, scored at each checkpoint
-    val_y: list[int] | None = None
+    val_y: list[int] | list[list[int]] | None = None  # (a label per task for multitask; -1: none)
+    task_names: list[str] | None = None  # multitask: the label columns, one head each
+    task_sizes: list[int] | None = None  # multitask: classes per task (n_classes is their sum)
+    task_weights: list[float] | None = None  # multitask: each task's share of the loss
 
 
 SELECT = "val_macro_f1"  # with validation cells, the checkpoint kept is the best by this
@@ -159,8 +190,23 @@ def validation(spec: TrainSpec) -> Callable[[torch.nn.Module], dict[str, float]]
         from rankformer.train.metrics import scores
 
         prob = cell_probs(model, cells, spec.pad, spec.batch.max_tokens)
-        s = scores(y, prob, [str(i) for i in range(spec.n_classes)])
-        return {SELECT: s["macro_f1"], "val_accuracy": s["accuracy"]}
+        if not spec.task_sizes:
+            s = scores(y, prob, [str(i) for i in range(spec.n_classes)])
+            return {SELECT: s["macro_f1"], "val_accuracy": s["accuracy"]}
+        out: dict[str, float] = {}
+        bounds = np.cumsum([0, *spec.task_sizes])
+        for t, name in enumerate(spec.task_names or []):  # each task on the cells labelled for it
+            has = y[:, t] >= 0
+            if has.any():
+                s = scores(
+                    y[has, t],
+                    prob[has, bounds[t] : bounds[t + 1]],
+                    [str(i) for i in range(spec.task_sizes[t])],
+                )
+                out[f"{name}/val_macro_f1"], out[f"{name}/val_accuracy"] = s["macro_f1"], s["accuracy"]
+        f1 = [v for k, v in out.items() if k.endswith("/val_macro_f1")]
+        out[SELECT] = float(np.mean(f1)) if f1 else 0.0  # the mean over tasks picks the checkpoint
+        return out
 
     return evaluate
 
@@ -240,15 +286,29 @@ def loop_options(spec: TrainSpec) -> LoopOptions:
 def classifier_for(spec: TrainSpec) -> torch.nn.Module:
     from rankformer.model.loader import local_model_dir
 
+    extra = {}
+    if spec.task_sizes:
+        extra = {"task_names": spec.task_names, "task_sizes": spec.task_sizes}
     with local_model_dir(spec.model, spec.tracking_uri) as local:
-        return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo)
+        return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo, extra)
 
 
 def _task(
     spec: TrainSpec, rows: Callable[[int], Iterator[tuple[np.ndarray, int]]], rank: int
 ) -> ClassifyTask:
     lookup = np.asarray(spec.lookup, dtype=np.int64) if spec.lookup is not None else None
-    return ClassifyTask(rows, spec.kind, spec.pad, spec.batch, spec.seed, rank, lookup, spec.weights)
+    return ClassifyTask(
+        rows,
+        spec.kind,
+        spec.pad,
+        spec.batch,
+        spec.seed,
+        rank,
+        lookup,
+        spec.weights,
+        spec.task_sizes,
+        spec.task_weights,
+    )
 
 
 def finetune_worker(config: dict[str, Any]) -> None:
@@ -317,7 +377,8 @@ def train_classifier(
 
     ensure_ray(ClusterOptions(ray_address=scale.ray_address))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": y})
+    labels = pa.array(y.tolist(), pa.list_(pa.int64(), y.shape[1])) if y.ndim > 1 else y
+    table = pa.table({"input_ids": pa.array([c.tolist() for c in ids], pa.list_(pa.int32())), "y": labels})
     # blocks cut here, not by a repartition: that would need a Ray Data task, and a CPU free for it
     bounds = np.linspace(0, table.num_rows, max(scale.num_workers * 2, 2) + 1).astype(int)
     ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in itertools.pairwise(bounds)])
