@@ -18,7 +18,7 @@ import torch
 
 from rankformer import schema, tracking
 from rankformer.classify.cell_job import JOB, SPLITS, CellJob
-from rankformer.classify.common import check_placement
+from rankformer.classify.common import check_placement, saved_form
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
 from rankformer.classify.gene_job import logreg
 from rankformer.config.train import FinetuneCellsConfig
@@ -257,7 +257,8 @@ def _save(job: CellJob, model: torch.nn.Module, parent: str, report: dict[str, A
         "base_model": cfg.model,
         "training": {"mlflow_run_id": parent, "test_macro_f1": report["test_macro_f1"]},
     }
-    return job.output.save_model(model, job.vocab, meta, job.uri, parent, cfg.track)
+    model, extra = saved_form(model, cfg, job.uri, job.vocab.content_hash)
+    return job.output.save_model(model, job.vocab, {**meta, **extra}, job.uri, parent, cfg.track)
 
 
 def _flat(report: dict[str, Any]) -> dict[str, float]:

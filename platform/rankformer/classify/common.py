@@ -67,3 +67,15 @@ class PretrainedOnCorpus:
             torch.device("cpu"),
             self.max_tokens,
         )
+
+
+def saved_form(model: Any, cfg: Any, uri: str, base_vocab_hash: str) -> tuple[Any, dict[str, Any]]:
+    """The fine-tuned model as the job saves it, and what its metadata adds: with ``--peft lora``
+    the adapters and a pinned reference to the base model (``adapter``), merged into a plain
+    model with ``--merge``; without adapters the model itself."""
+    if cfg.adapter.peft == "none":
+        return model, {}
+    from rankformer.train.adapters import adapter_meta, counts, merged
+
+    meta = {"adapter": {**adapter_meta(cfg.adapter, cfg.model, base_vocab_hash, uri), **counts(model)}}
+    return (merged(model) if cfg.adapter.merge else model), meta

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from rankformer import tracking
-from rankformer.classify.common import check_placement
+from rankformer.classify.common import check_placement, saved_form
 from rankformer.classify.controls import rank_statistics, verdict
 from rankformer.classify.gene_job import BASELINE_PREFIX, FROZEN, JOB, RANKS, GeneJob, logreg
 from rankformer.classify.labels import GeneLabels, describe
@@ -206,7 +206,8 @@ def _save_model(
         "labelled_genes": by_class,
         "training": {"mlflow_run_id": parent, "cv_roc_auc_mean": report["roc_auc_mean"]},
     }
-    return out.save_model(model, job.vocab, meta, job.uri, parent, cfg.track)
+    model, extra = saved_form(model, cfg, job.uri, job.vocab.content_hash)
+    return out.save_model(model, job.vocab, {**meta, **extra}, job.uri, parent, cfg.track)
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:

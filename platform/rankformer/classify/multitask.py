@@ -26,7 +26,7 @@ import torch
 
 from rankformer import schema, tracking
 from rankformer.classify.cell_job import SPLITS, split_cells
-from rankformer.classify.common import PretrainedOnCorpus, check_placement
+from rankformer.classify.common import PretrainedOnCorpus, check_placement, saved_form
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
 from rankformer.classify.data import cell_label_columns
 from rankformer.classify.gene_job import logreg
@@ -324,9 +324,13 @@ def _save(job: MultiTaskJob, model: torch.nn.Module, parent: str, report: dict[s
             "test_macro_f1": {t: report["tasks"][t].get("test_macro_f1") for t in job.tasks},
         },
     }
-    version = job.output.save_model(model, job.vocab, meta, job.uri, parent, cfg.track)
+    from rankformer.train.adapters import merged
+
+    encoder: Any = merged(copy.deepcopy(model)).bert  # adapters folded in, when there are any
+    saved, extra = saved_form(model, cfg, job.uri, job.vocab.content_hash)
+    version = job.output.save_model(saved, job.vocab, {**meta, **extra}, job.uri, parent, cfg.track)
     mlm = copy.deepcopy(job.pre.model).cpu()
-    missing, _ = mlm.bert.load_state_dict(model.bert.state_dict(), strict=False)  # type: ignore[union-attr]
+    missing, _ = mlm.bert.load_state_dict(encoder.state_dict(), strict=False)  # type: ignore[union-attr]
     if missing:
         raise RuntimeError(f"encoder weights missing from the fine-tuned model: {missing[:5]}")
     from rankformer.io import fs

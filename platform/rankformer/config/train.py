@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rankformer.config.infer import check_layer
-from rankformer.config.types import Placement, Schedule, TrainPrecision, check_choice, check_choices
+from rankformer.config.types import (
+    Peft,
+    Placement,
+    Quantize,
+    Schedule,
+    TrainPrecision,
+    check_choice,
+    check_choices,
+)
 from rankformer.errors import InputError
 
 
@@ -219,6 +227,39 @@ class HeadOptions:
 
 
 @dataclass
+class AdapterOptions:
+    """Parameter-efficient fine-tuning: LoRA adapters (Hugging Face PEFT) on a frozen encoder."""
+
+    peft: Peft = "none"  # lora: train low-rank adapters and the head only, the base weights frozen
+    lora_rank: int = 8  # LoRA: rank of each adapter
+    lora_alpha: int = 16  # LoRA: scaling numerator (the update is scaled by alpha / rank)
+    lora_dropout: float = 0.1  # LoRA: dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])  # LoRA: modules adapted
+    merge: bool = False  # save the adapters merged into a plain Hugging Face model (else adapters + base ref)
+    quantize: Quantize = "none"  # 8bit or 4bit frozen base weights (CUDA, bitsandbytes; LoRA only)
+
+    def check(self, use_gpu: bool) -> None:
+        check_choices(self)
+        if self.peft == "none":
+            extra = [f for f in ("merge", "quantize") if getattr(self, f) not in (False, "none")]
+            if extra:
+                raise InputError(f"{', '.join(extra)} go with adapters; add --peft lora or leave them out")
+            return
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise InputError(
+                f"lora_rank {self.lora_rank} must be >= 1, lora_alpha {self.lora_alpha} > 0 and "
+                f"lora_dropout {self.lora_dropout} within [0, 1)"
+            )
+        if not self.lora_targets:
+            raise InputError("lora_targets names no module; give e.g. --lora-targets query value")
+        if self.quantize != "none" and not use_gpu:
+            raise InputError(
+                f"quantize {self.quantize}: quantized base weights need a CUDA GPU (bitsandbytes); add "
+                "--use-gpu on a GPU machine, or leave --quantize out to fine-tune adapters in full precision"
+            )
+
+
+@dataclass
 class TuneOptions:
     trials: int = 0  # Ray Tune trials before the final training (0: no search)
     tune_lr: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # lr range, log-uniform
@@ -263,8 +304,10 @@ class FinetuneCommon:
     scale: ScaleOptions = field(default_factory=ScaleOptions)
     track: TrackOptions = field(default_factory=TrackOptions)
     tune: TuneOptions = field(default_factory=TuneOptions)
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
 
     def __post_init__(self) -> None:
+        self.adapter = _nested(AdapterOptions, self.adapter)
         self.optim = _nested(FinetuneOptim, self.optim)
         self.head = _nested(HeadOptions, self.head)
         self.batch = _nested(BatchOptions, self.batch)
@@ -273,6 +316,7 @@ class FinetuneCommon:
         self.tune = _nested(TuneOptions, self.tune)
         for part in (self.optim, self.head, self.batch, self.scale, self.tune):
             part.check()
+        self.adapter.check(self.scale.use_gpu)
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
             raise InputError("epochs must be > 0 and max_steps >= 1")
         if self.log_every < 1 or self.checkpoint_every < 1:

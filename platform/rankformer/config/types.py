@@ -22,6 +22,8 @@ PerturbMode = Literal["each", "together", "all"]
 Missing = Literal["skip", "error"]
 Schedule = Literal["linear", "cosine"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+Peft = Literal["none", "lora"]
+Quantize = Literal["none", "8bit", "4bit"]
 
 
 def choices(t: Any) -> tuple[Any, ...] | None:

@@ -211,6 +211,46 @@ def load_model(
     """Load and check a model (``head``: a Hugging Face class, by default ``BertForMaskedLM``);
     with ``expect_vocab_hash``, refuse one made with another vocabulary."""
     with local_model_dir(uri, tracking_uri) as local:
-        loaded = load_model_dir(local, head, source=uri, **kwargs)
+        if os.path.exists(os.path.join(local, ADAPTER_CONFIG)):
+            loaded = _load_adapters(local, head, uri, tracking_uri, **kwargs)
+        else:
+            loaded = load_model_dir(local, head, source=uri, **kwargs)
     _check_vocab(uri, loaded.vocab, expect_vocab_hash)
     return loaded
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: a folder of adapters on a base model
+
+
+def _load_adapters(
+    local: str, head: type[PreTrainedModel] | None, source: str, tracking_uri: str | None, **kwargs: Any
+) -> LoadedModel:
+    """An adapter model (`finetune --peft lora` without --merge): its classifier rebuilt on the
+    base model it names (checked: the same vocabulary), the adapters and head put on it."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    info = read_model_dir(local, source)
+    base = (info.meta.get("adapter") or {}).get("base_model")
+    if not base:
+        raise InputError(f"model {source} holds adapters but names no base model in its rankformer.json")
+    if head is None:
+        raise InputError(
+            f"model {source} is a classifier's adapters; load it with rankformer.load_classifier or "
+            "`rankformer predict` (its encoder alone: its base model, or save it with --merge)"
+        )
+    config = AutoConfig.from_pretrained(local)  # the classifier's: classes, task sizes, first gene token
+    with local_model_dir(base, tracking_uri) as base_local:
+        base_info = read_model_dir(base_local, base)
+        if base_info.vocab.content_hash != info.vocab.content_hash:
+            raise InputError(
+                f"model {source}: its base model {base} now has vocabulary "
+                f"{base_info.vocab.content_hash[:19]}, not the {info.vocab.content_hash[:19]} the adapters "
+                "were trained with; give the base model they were trained on"
+            )
+        model = head.from_pretrained(base_local, config=config, attn_implementation="sdpa", **kwargs)
+    try:
+        adapted = PeftModel.from_pretrained(model, local)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"model {source}: its adapters could not be loaded ({str(exc)[:300]})") from None
+    return LoadedModel(adapted, info.vocab, info.meta, info.source)  # type: ignore[arg-type]

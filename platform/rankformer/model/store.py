@@ -67,6 +67,8 @@ def save_model_dir(model: PreTrainedModel, vocab: GeneVocab, meta: dict[str, Any
         model.config.label2id = {c: i for i, c in enumerate(labels)}
     with tempfile.TemporaryDirectory(prefix="rankformer-model-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "peft_config"):  # adapters: the classifier's own config beside them
+            model.config.save_pretrained(tmp)
         vocab.save(os.path.join(tmp, VOCAB))
         write_mlflow_files(tmp, vocab, doc)
         if fs.is_remote(out):
@@ -101,6 +103,7 @@ def check_model_output(out: str, allow_model: bool = True) -> None:
 
 WEIGHTS = (
     "model.safetensors",
+    "adapter_model.safetensors",  # LoRA adapters and head; the base weights come from its base model
     "pytorch_model.bin",
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",

@@ -52,9 +52,11 @@ def build_classifier(
     seed: int,
     first_gene_token: int = 0,
     config_extra: dict[str, Any] | None = None,
+    load: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The pretrained model with a fresh classification head (seeded), frozen as asked. The config
-    records ``first_gene_token`` (heads that pool gene tokens use it)."""
+    records ``first_gene_token`` (heads that pool gene tokens use it) and ``config_extra``;
+    ``load``: further ``from_pretrained`` keywords (a quantized base)."""
     from transformers.utils import logging as hf_logging
 
     from rankformer.model.store import quiet
@@ -75,7 +77,7 @@ def build_classifier(
     config = AutoConfig.from_pretrained(model_dir)
     for key, value in extra.items():  # set one by one: from_pretrained drops keys a config class lacks
         setattr(config, key, value)
-    model = cls.from_pretrained(model_dir, config=config, attn_implementation="sdpa")
+    model = cls.from_pretrained(model_dir, config=config, attn_implementation="sdpa", **(load or {}))
     freeze(model, head)
     return model
 

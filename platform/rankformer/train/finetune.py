@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankformer.config.train import BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
+from rankformer.config.train import AdapterOptions, BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
 from rankformer.model.batching import budget_batches, length_grouped, pad_batch
 from rankformer.model.device import mask_argument, to_device
 from rankformer.model.forward import logits_of
@@ -174,6 +174,7 @@ class TrainSpec:
     task_names: list[str] | None = None  # multitask: the label columns, one head each
     task_sizes: list[int] | None = None  # multitask: classes per task (n_classes is their sum)
     task_weights: list[float] | None = None  # multitask: each task's share of the loss
+    adapter: AdapterOptions | None = None  # --peft lora: adapters on a frozen encoder
 
 
 SELECT = "val_macro_f1"  # with validation cells, the checkpoint kept is the best by this
@@ -268,6 +269,7 @@ def job_spec(
         precision=cfg.precision,
         weights=class_weights(cfg.head, class_counts),
         run_id=run_id,
+        adapter=cfg.adapter if cfg.adapter.peft != "none" else None,
     )
 
 
@@ -289,8 +291,21 @@ def classifier_for(spec: TrainSpec) -> torch.nn.Module:
     extra = {}
     if spec.task_sizes:
         extra = {"task_names": spec.task_names, "task_sizes": spec.task_sizes}
+    load: dict[str, Any] = {}
+    if spec.adapter is not None:
+        from rankformer.train.adapters import quantization
+
+        load = quantization(spec.adapter)
     with local_model_dir(spec.model, spec.tracking_uri) as local:
-        return build_classifier(local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo, extra)
+        model = build_classifier(
+            local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo, extra, load
+        )
+    if spec.adapter is not None:
+        from rankformer.train.adapters import with_lora
+
+        torch.manual_seed(spec.seed)  # the adapters' initialisation, seeded like the head's
+        model = with_lora(model, spec.adapter)
+    return model
 
 
 def _task(
@@ -332,6 +347,8 @@ def spec_from_dict(d: dict[str, Any]) -> TrainSpec:
     d["head"] = HeadOptions(**d["head"])
     d["optim"] = FinetuneOptim(**d["optim"])
     d["batch"] = BatchOptions(**d["batch"])
+    if d.get("adapter"):
+        d["adapter"] = AdapterOptions(**d["adapter"])
     return TrainSpec(**d)
 
 
