@@ -75,6 +75,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_small.py
 	$(PY) benchmarks/bench_pretrain.py
+	$(PY) benchmarks/bench_peft.py
 	$(PY) benchmarks/report.py
 
 bench-perturb: $(VENV)/.installed

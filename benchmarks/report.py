@@ -34,6 +34,18 @@ HEADLINES: list[tuple[str, str, str, dict]] = [
         {"preset": "geneformer-v2-104m", "attention": ABSENT},
     ),
     ("gene classification CV ROC AUC (PBMC, tiny)", "finetune", "gene_cv_roc_auc", {}),
+    (
+        "LoRA fine-tuning: trainable parameters against full (geneformer-v1)",
+        "peft",
+        "trainable_parameters_ratio_lora_vs_full",
+        {"preset": "geneformer-v1"},
+    ),
+    (
+        "... tokens/s against full (geneformer-v1)",
+        "peft",
+        "tokens_per_s_ratio_lora_vs_full",
+        {"preset": "geneformer-v1"},
+    ),
     ("embed, 2 workers (tiny)", "embed", "cells_per_s", {"workers": 2}),
     (
         "perturb every gene against the reference's method (tiny)",

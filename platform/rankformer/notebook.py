@@ -485,7 +485,7 @@ class Classifier(_TakesCells):
             the table carries it), ``predicted``, ``prob_<class>``. Gene classifiers: per gene seen
             in the cells, mean class probabilities over its occurrences, ranked as `predict genes`.
         """
-        from rankformer.classify.predict import cell_predictions, gene_predictions
+        from rankformer.classify.predict import gene_predictions
 
         if key_added is not None and not is_anndata(cells):
             raise InputError("key_added writes into an AnnData; pass the AnnData itself (not tokens)")
@@ -502,58 +502,31 @@ class Classifier(_TakesCells):
 
                 put_gene_table(cells, key_added, genes, gene_id_column, self.vocab, info)
             return genes
-        if self.tasks:
-            from rankformer.classify.predict import multitask_predictions
-
-            task_labels = {}
-            if table is not None:
-                task_labels = {
-                    t["name"]: table.column(t["name"]).to_pylist()
-                    for t in self.tasks
-                    if t["name"] in table.column_names
-                }
-            parts = [
-                multitask_predictions(
-                    self._model,
-                    arrays[part],
-                    ids[part],
-                    {k: v[part] for k, v in task_labels.items()},
-                    pad,
-                    self.tasks,
-                    self.max_tokens,
-                )
-                for part in in_chunks(len(arrays), progress, "predicting cells")
-            ]
-            out = pd.concat(parts, ignore_index=True)
-            if key_added is not None and rows is not None:
-                from rankformer.annotate import put_cell_table
-
-                put_cell_table(cells, key_added, out, rows, info)
-            return out
-        col = self.label_column
-        labels = table.column(col).to_pylist() if table is not None and col in table.column_names else None
+        # the labels the cells carry (the training label column, or each task's), kept beside
+        wanted = [str(t["name"]) for t in self.tasks] if self.tasks else [str(self.label_column)]
+        carried = {
+            c: table.column(c).to_pylist() for c in wanted if table is not None and c in table.column_names
+        }
         parts = [
-            cell_predictions(
-                self._model,
-                arrays[part],
-                ids[part],
-                None if labels is None else labels[part],
-                pad,
-                self.classes,
-                self.max_tokens,
-            )
+            self._predict_cells(arrays[part], ids[part], {k: v[part] for k, v in carried.items()}, pad)
             for part in in_chunks(len(arrays), progress, "predicting cells")
         ]
-        out = (
-            pd.concat(parts, ignore_index=True)
-            if parts
-            else cell_predictions(self._model, [], [], None, pad, self.classes, self.max_tokens)
-        )
+        out = pd.concat(parts, ignore_index=True) if parts else self._predict_cells([], [], {}, pad)
         if key_added is not None and rows is not None:
             from rankformer.annotate import put_cell_table
 
             put_cell_table(cells, key_added, out, rows, info)
         return out
+
+    def _predict_cells(
+        self, arrays: list[np.ndarray], ids: list[str], carried: dict[str, list[Any]], pad: int
+    ) -> pd.DataFrame:
+        from rankformer.classify.predict import cell_predictions, multitask_predictions
+
+        if self.tasks:
+            return multitask_predictions(self._model, arrays, ids, carried, pad, self.tasks, self.max_tokens)
+        labels = carried.get(str(self.label_column))
+        return cell_predictions(self._model, arrays, ids, labels, pad, self.classes, self.max_tokens)
 
 
 def load_classifier(

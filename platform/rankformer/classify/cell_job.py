@@ -97,16 +97,17 @@ def split_cells(
     return split
 
 
-class CellJob(PretrainedOnCorpus):
-    """One cell-classification job: its cells, labels and splits."""
+class CellsOnCorpus(PretrainedOnCorpus):
+    """What a cell-classification job (one label column or several) opens first: its label and
+    group columns checked in the corpus before the model loads, then the model, then the selected
+    cells with those columns and where each came from (for the log-normalised-counts baseline)."""
 
     def __init__(self, cfg: FinetuneCellsConfig) -> None:
         self.cfg = cfg
         cols = cell_label_columns(cfg)  # before the model loads
         super().__init__(cfg)
-        # where each cell came from, for the log-normalised-counts baseline
         cols += [c for c in (schema.SOURCE_FILE, schema.SOURCE_ROW) if c in corpus_columns(cfg.corpus)]
-        cells = load_cells(
+        self.selected = load_cells(
             cfg.corpus,
             parse_where(cfg.cells_where),
             cols,
@@ -114,6 +115,21 @@ class CellJob(PretrainedOnCorpus):
             cfg.limit_cells,
             cfg.seed,
         )
+
+    def check_splits(self) -> None:
+        for part in ("train", "test"):
+            if not (self.split == part).any():
+                raise InputError(f"the {part} split is empty; lower test_fraction or give more groups")
+
+    split: np.ndarray
+
+
+class CellJob(CellsOnCorpus):
+    """One cell-classification job: its cells, labels and splits."""
+
+    def __init__(self, cfg: FinetuneCellsConfig) -> None:
+        super().__init__(cfg)
+        cells = self.selected
         y, self.classes = cell_labels(
             cells.column(cfg.label_column), cfg.rename, cfg.classes, cfg.label_column
         )
@@ -125,9 +141,7 @@ class CellJob(PretrainedOnCorpus):
         self.split = split_cells(
             self.y, groups, cfg.test_fraction, cfg.validation_fraction, cfg.seed, cfg.group_column
         )
-        for part in ("train", "test"):
-            if not (self.split == part).any():
-                raise InputError(f"the {part} split is empty; lower test_fraction or give more groups")
+        self.check_splits()
         self.output = JobOutput(cfg.out, JOB, cfg)
         self.work = scratch_dir(cfg.out)
 

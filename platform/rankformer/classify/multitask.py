@@ -25,14 +25,13 @@ import pandas as pd
 import torch
 
 from rankformer import schema, tracking
-from rankformer.classify.cell_job import SPLITS, split_cells
-from rankformer.classify.common import PretrainedOnCorpus, check_placement, saved_form
+from rankformer.classify.cell_job import SPLITS, CellsOnCorpus, split_cells
+from rankformer.classify.common import check_placement, saved_form
 from rankformer.classify.controls import counts_baseline, majority_class, verdict
-from rankformer.classify.data import cell_label_columns
 from rankformer.classify.gene_job import logreg
 from rankformer.config.train import FinetuneCellsConfig
 from rankformer.errors import InputError
-from rankformer.job.cells import Cells, corpus_columns, load_cells, parse_where
+from rankformer.job.cells import Cells
 from rankformer.job.output import JobOutput, in_parent_run
 from rankformer.model.store import CLASSIFIER_TASKS
 from rankformer.train import metrics
@@ -64,22 +63,12 @@ def task_labels(raw: np.ndarray, rename: dict[str, str], column: str) -> tuple[n
     return np.asarray([index.get(n, -1) for n in names], dtype=np.int64), classes
 
 
-class MultiTaskJob(PretrainedOnCorpus):
+class MultiTaskJob(CellsOnCorpus):
     """The labelled cells (a label per task, -1 where missing), their split and the model."""
 
     def __init__(self, cfg: FinetuneCellsConfig) -> None:
-        self.cfg = cfg
-        cols = cell_label_columns(cfg)
         super().__init__(cfg)
-        cols += [c for c in (schema.SOURCE_FILE, schema.SOURCE_ROW) if c in corpus_columns(cfg.corpus)]
-        cells = load_cells(
-            cfg.corpus,
-            parse_where(cfg.cells_where),
-            cols,
-            self.manifest["vocab_hash"],
-            cfg.limit_cells,
-            cfg.seed,
-        )
+        cells = self.selected
         self.tasks = list(cfg.tasks)
         labelled = [task_labels(cells.column(t), cfg.rename, t) for t in self.tasks]
         y = np.stack([lab for lab, _ in labelled], axis=1)
@@ -94,9 +83,7 @@ class MultiTaskJob(PretrainedOnCorpus):
         self.split = split_cells(
             first, groups, cfg.test_fraction, cfg.validation_fraction, cfg.seed, cfg.group_column
         )
-        for part in ("train", "test"):
-            if not (self.split == part).any():
-                raise InputError(f"the {part} split is empty; lower test_fraction or give more groups")
+        self.check_splits()
         for t, task in enumerate(self.tasks):
             if not (self.y[self.split == "train", t] >= 0).any():
                 raise InputError(f"task {task!r}: no training cell holds its label; check the column")

@@ -90,14 +90,7 @@ class ClassifyTask:
         )
         with torch.no_grad():  # unlabelled positions (-100) never equal a class; stays on the device
             correct = (flat_logits.argmax(-1) == labels_d).sum()
-        real = int(attn.sum())
-        stats: dict[str, Stat] = {
-            "tokens": float(real),
-            "pad_tokens": float(attn.numel() - real),
-            "correct": correct,
-            "labels": float(n_labels),
-        }
-        return loss, stats
+        return loss, _stats(attn, correct, n_labels)
 
     def _multitask(
         self, logits: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, n_labels: int
@@ -110,14 +103,18 @@ class ClassifyTask:
         loss = multitask_loss(logits, labels, slices, self.task_weights, IGNORE)
         with torch.no_grad():
             correct = sum((logits[:, part].argmax(-1) == labels[:, t]).sum() for t, part in enumerate(slices))
-        real = int(attn.sum())
-        stats: dict[str, Stat] = {
-            "tokens": float(real),
-            "pad_tokens": float(attn.numel() - real),
-            "correct": correct,
-            "labels": float(n_labels),
-        }
-        return loss, stats
+        return loss, _stats(attn, correct, n_labels)
+
+
+def _stats(attn: torch.Tensor, correct: Any, n_labels: int) -> dict[str, Stat]:
+    """A classification batch's sums for the loop's log (``correct`` may stay on the device)."""
+    real = int(attn.sum())
+    return {
+        "tokens": float(real),
+        "pad_tokens": float(attn.numel() - real),
+        "correct": correct,
+        "labels": float(n_labels),
+    }
 
 
 def local_rows(
