@@ -141,6 +141,8 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
     base = ["--corpus", w.corpus, "--model", w.model]
     ckpt = ["--storage-path", f"{tmp}/ckpt"]
     genes = ["finetune", "genes", *base, *labels, "--folds", "2", *ckpt, *track]
+    lora = ["--peft", "lora", "--lora-rank", "2", "--lora-alpha", "4", "--lora-dropout", "0.0"]
+    lora += ["--lora-targets", "query"]
     cells = [
         "finetune",
         "cells",
@@ -220,16 +222,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 "2",
                 "--shuffled-controls",
                 "0",
-                "--peft",
-                "lora",
-                "--lora-rank",
-                "2",
-                "--lora-alpha",
-                "4",
-                "--lora-dropout",
-                "0.0",
-                "--lora-targets",
-                "query",
+                *lora,
             ],
         ),
         (
@@ -269,16 +262,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 "--task-weights",
                 "1",
                 "2",
-                "--peft",
-                "lora",
-                "--lora-rank",
-                "2",
-                "--lora-alpha",
-                "4",
-                "--lora-dropout",
-                "0.0",
-                "--lora-targets",
-                "query",
+                *lora,
                 "--merge",
             ],
         ),

@@ -116,6 +116,13 @@ class CellsOnCorpus(PretrainedOnCorpus):
             cfg.seed,
         )
 
+    def checkpoint_each_epoch(self, spec: TrainSpec, lengths: list[int]) -> None:
+        """With validation cells, a checkpoint (and its validation score) at least once an epoch."""
+        cfg = self.cfg
+        if (self.split == "validation").any():
+            per_epoch = steps_for(lengths, cfg.batch, 1.0, training_workers(cfg.scale), cfg.optim.grad_accum)
+            spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
+
     def check_splits(self) -> None:
         for part in ("train", "test"):
             if not (self.split == part).any():
@@ -158,10 +165,7 @@ class CellJob(CellsOnCorpus):
         spec = job_spec(
             cfg, self.uri, "sequence", len(self.classes), (self.pad, self.gene_lo), lengths, counts, run_id
         )
-        if len(va):  # scored on validation once per epoch
-            world = training_workers(cfg.scale)
-            per_epoch = steps_for(lengths, cfg.batch, 1.0, world, cfg.optim.grad_accum)
-            spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
+        self.checkpoint_each_epoch(spec, lengths)
         return dataclasses.replace(
             spec,
             val_ids=[self.cells.ids[i].tolist() for i in va] or None,

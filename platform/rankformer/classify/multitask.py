@@ -40,10 +40,8 @@ from rankformer.train.finetune import (
     cell_probs,
     job_spec,
     scratch_dir,
-    steps_for,
     train_classifier,
 )
-from rankformer.train.ray_train import training_workers
 from rankformer.words import listed
 
 JOB = "finetune-cells"
@@ -105,9 +103,7 @@ class MultiTaskJob(CellsOnCorpus):
         spec = job_spec(
             cfg, self.uri, "multitask", sum(self.sizes), (self.pad, self.gene_lo), lengths, [], run_id
         )
-        if len(va):
-            per_epoch = steps_for(lengths, cfg.batch, 1.0, training_workers(cfg.scale), cfg.optim.grad_accum)
-            spec.checkpoint_every = min(cfg.checkpoint_every, per_epoch)
+        self.checkpoint_each_epoch(spec, lengths)
         return dataclasses.replace(
             spec,
             head=dataclasses.replace(spec.head, head_class=spec.head.head_class or HEAD),
