@@ -48,7 +48,9 @@ def realistic_cells(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.choice(N_GENES, k, replace=False).astype(np.int32) + 4 for k in lengths]
 
 
-def _cfg(corpus: str, preset: str, steps: int, max_tokens: int) -> PretrainConfig:
+def _cfg(
+    corpus: str, preset: str, steps: int, max_tokens: int | None, overrides: dict | None = None
+) -> PretrainConfig:
     return PretrainConfig(
         corpus=corpus,
         out="unused",
@@ -58,7 +60,7 @@ def _cfg(corpus: str, preset: str, steps: int, max_tokens: int) -> PretrainConfi
         checkpoint_every=10**9,
         optim={"warmup_steps": 1},
         batch={"max_tokens": max_tokens, "max_cells": 64, "megabatch_cells": 1024},
-        model={"max_position_embeddings": 2048} if preset == "tiny" else {},
+        model={**({"max_position_embeddings": 2048} if preset == "tiny" else {}), **(overrides or {})},
     )
 
 
@@ -66,32 +68,49 @@ def ours(
     corpus: str,
     preset: str,
     steps: int,
-    max_tokens: int,
+    max_tokens: int | None,
     device: str = "cpu",
     cudnn_attention: bool = False,
     window: int = 1,
     packed: bool = False,
+    overrides: dict | None = None,
 ) -> dict[str, float]:
     """Our loop's tokens/s (and MFU where the device's peak is known) over ``steps`` steps, logged every
     ``window`` steps (a log reads the window's sums back from the device: on a GPU, the host's one
     wait), after a first window that pays the one-off costs and is left out.
     ``cudnn_attention``: with SDPA's cuDNN backend allowed again (the loop's device settings leave
     it out), to measure what that setting is worth. ``packed``: each micro-batch's cells in one
-    token stream, attention as the job runs it on ``device`` (else padded, grouped by length)."""
+    token stream, attention as the job runs it on ``device`` (else padded, grouped by length).
+    ``max_tokens`` None: the job's budget for ``device`` (on a GPU, from a probe step).
+    ``overrides``: preset fields, e.g. no attention dropout."""
     from rankformer.corpus.read import corpus_files
     from rankformer.model.packing import use_varlen_attention
     from rankformer.train.task import flops_per_token, peak_flops
 
-    cfg = _cfg(corpus, preset, window + steps, max_tokens)
+    cfg = _cfg(corpus, preset, window + steps, max_tokens, overrides)
     vocab = GeneVocab.load(os.path.join(os.path.dirname(corpus), os.path.basename(corpus) + "_vocab.json"))
     task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0, packed=packed)
     cfg.log_every = window
     ctx = LocalContext(None, device)
     if cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(True)
+    if ctx.device.type == "cuda":  # this run's own peak
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     model = build_model(cfg, vocab, None)
     if packed:
         use_varlen_attention(model.mlm)
+    if max_tokens is None:
+        from rankformer.train.budget import training_token_budget
+
+        budget, said = training_token_budget(
+            None, model.to(ctx.device), task, ctx.device, cfg.precision, 2048
+        )
+        cfg.batch.max_tokens = budget
+        print(f"{preset}: {said or budget}", flush=True)
     extra = {"flops_per_token": flops_per_token(model, 700.0)}
     peak = peak_flops(ctx.device)
     if peak:
@@ -104,6 +123,9 @@ def ours(
     }
     if peak:
         out["mfu"] = float(np.mean([h["mfu"] for h in rest]))
+    out["max_tokens"] = float(cfg.batch.max_tokens or 0)
+    if ctx.device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / (1 << 30)
     return out
 
 

@@ -403,13 +403,44 @@ def test_bad_input_is_named_before_training(world, tmp_path):
         run_finetune_genes(_genes_cfg(world, tmp_path / "full"))
 
 
+def test_packed_fine_tuning_learns_as_the_padded_one_does(genes_run, cells_run, world, tmp_path):
+    """`--packed` (cells end to end, no padding): the gene classifier (token head) and the cell
+    classifier (BERT's own sequence head: each cell's first token pooled) learn what the padded
+    runs learn, with the same steps and seed."""
+    genes = run_finetune_genes(
+        _genes_cfg(
+            world,
+            tmp_path / "genes",
+            folds=3,
+            shuffled_controls=0,
+            frozen_baseline=False,
+            batch={"max_cells": 16, "max_tokens": 2048, "packed": True},
+        )
+    )
+    assert genes["roc_auc_mean"] >= 0.8, genes["roc_auc_mean"]
+    assert abs(genes["roc_auc_mean"] - genes_run[0]["roc_auc_mean"]) < 0.1
+    cells = run_finetune_cells(
+        _cells_cfg(
+            world,
+            tmp_path / "cells",
+            head={},
+            frozen_baseline=False,
+            batch={"max_cells": 16, "max_tokens": 2048, "packed": True},
+        )
+    )
+    assert cells["test_macro_f1"] >= 0.8, cells["test_macro_f1"]
+    saved = json.loads((tmp_path / "cells" / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["BertForSequenceClassification"]
+    assert "rankformer" not in json.dumps(saved)  # a plain folder: nothing of the packed attention
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster, s3_server):
-    """The same training through Ray Train: 2 workers (DDP over gloo), rank 0 logging to the run,
-    the best epoch by validation kept; with the output on s3:// and no --storage-path, checkpoints
-    go to OUT/.work on s3 (every node reaches it), and a rerun resumes from them: no step is
-    trained again and the classifier is the same."""
+    """The same training through Ray Train: 2 workers (DDP over gloo, packed batches), rank 0
+    logging to the run, the best epoch by validation kept; with the output on s3:// and no
+    --storage-path, checkpoints go to OUT/.work on s3 (every node reaches it), and a rerun resumes
+    from them: no step is trained again and the classifier is the same."""
     import boto3
     import s3fs
     from mlflow.tracking import MlflowClient
@@ -421,6 +452,7 @@ def test_fine_tuning_on_ray_train_workers(world, tmp_path, ray_cluster, s3_serve
         "s3://finetune-test/cells",
         epochs=2.0,
         frozen_baseline=False,
+        batch={"max_cells": 16, "max_tokens": 2048, "packed": True},  # DDP over packed batches
         scale={"num_workers": 2, "cpus_per_worker": 0.5},
         track={"tracking_uri": db, "experiment": "ray"},
     )

@@ -370,3 +370,124 @@ def _train_steps(model, task, ctx, n):
 
     first = step(micro[0])
     return [first, *_no_waits_from_our_code(lambda: [step(b) for b in micro[1:]])]
+
+
+def test_packed_attention_with_dropout_on_gpu_stays_within_each_cell():
+    """With attention dropout (every published preset has some) packed attention on the GPU runs as
+    variable-length FlashAttention over a jagged nested tensor: in eval it gives the padded states
+    within bf16's precision; in training a cell's outputs depend on no other cell's inputs, and a
+    training pass of a published-size layer runs."""
+    from transformers import BertConfig, BertModel
+
+    from rankformer.model import packing
+    from rankformer.model.batching import pad_batch
+    from rankformer.model.packing import pack_cells, use_varlen_attention
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        attention_probs_dropout_prob=0.1,
+    )
+    model = BertModel._from_config(config, attn_implementation="sdpa").cuda()
+    cells = [torch.randint(4, 60, (n,)).numpy() for n in (17, 1, 40, 5, 23)]
+    ids, attn = pad_batch(cells, 0)
+    packed = pack_cells(cells)
+    kw = packed.attention_kwargs("cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        with torch.no_grad():
+            padded = model.eval()(input_ids=ids.cuda(), attention_mask=attn.cuda()).last_hidden_state
+        use_varlen_attention(model)
+        model.train()
+        query = torch.zeros(1, 4, 8, 64, device="cuda", dtype=torch.bfloat16)
+        assert packing.packed_kernel(query, 0.1) == "jagged" and packing.packed_kernel(query, 0.0) == "varlen"
+        embeds = model.embeddings.word_embeddings(packed.ids.cuda()).detach().requires_grad_(True)
+        h = model(inputs_embeds=embeds, position_ids=packed.positions.cuda(), **kw).last_hidden_state
+        s, e = int(packed.starts[2]), int(packed.starts[3])
+        h[0, s:e].float().sum().backward()
+        with torch.no_grad():
+            model.eval()
+            flat = model(
+                input_ids=packed.ids.cuda(), position_ids=packed.positions.cuda(), **kw
+            ).last_hidden_state[0]
+    grad = embeds.grad[0].float().abs().sum(-1).cpu()
+    assert (
+        float(grad[:s].abs().max()) == 0.0
+        and float(grad[e:].abs().max()) == 0.0
+        and float(grad[s:e].min()) > 0
+    )
+    for i, hc in enumerate(packed.split(flat)):
+        torch.testing.assert_close(hc.float(), padded[i, : len(cells[i])].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_packed_fine_tuning_step_on_gpu_equals_the_padded_one():
+    """A packed classification step (token and sequence heads) on the GPU in bf16: the padded
+    step's loss within bf16's precision."""
+    import numpy as np
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    from rankformer.config.train import BatchOptions
+    from rankformer.model.packing import use_packing
+    from rankformer.train.finetune import ClassifyTask
+
+    rng = np.random.default_rng(0)
+    cells = [rng.choice(np.arange(4, 60), n, replace=False) for n in (17, 3, 40, 5, 23)]
+    batch = [(c, i % 3) for i, c in enumerate(cells)]
+    lookup = np.where(np.arange(60) >= 4, np.arange(60) % 3, -100)
+    for cls, kind in ((BertForTokenClassification, "token"), (BertForSequenceClassification, "sequence")):
+        losses = []
+        for packed in (False, True):
+            torch.manual_seed(0)
+            config = BertConfig(
+                vocab_size=60,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+            model = cls._from_config(config, attn_implementation="sdpa").cuda().train()
+            if packed:
+                use_packing(model)
+            task = ClassifyTask(
+                lambda e: iter(()),
+                kind,
+                0,
+                BatchOptions(packed=packed),
+                0,
+                0,
+                lookup if kind == "token" else None,
+            )
+            with torch.autocast("cuda", torch.bfloat16):
+                loss, _ = task.forward(model, batch, torch.device("cuda"))
+            loss.backward()
+            losses.append(float(loss))
+        assert losses[1] == pytest.approx(losses[0], rel=2e-2), (kind, losses)
+
+
+def test_the_training_budget_probe_on_gpu(tmp_path):
+    """`pretrain` on a GPU without --max-tokens: a probe step measures a token's cost, and the
+    budget it gives trains without running out of memory."""
+    from rankformer.train.budget import training_token_budget
+
+    corpus = write_corpus(str(tmp_path / "c"), ordered_cells(300, 150, 3, 30, seed=1), 150)
+    cfg = PretrainConfig(
+        corpus=corpus, out=str(tmp_path / "m"), max_steps=3, log_every=1, checkpoint_every=10**6
+    )
+    vocab = GeneVocab.load(str(tmp_path / "c_vocab.json"))
+    task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0)
+    model = build_model(cfg, vocab, None).cuda()
+    budget, said = training_token_budget(None, model, task, torch.device("cuda"), "auto", 64)
+    assert budget >= 16_384 and budget & (budget - 1) == 0 and said and "KiB" in said, said
+    assert all(p.grad is None for p in model.parameters())
+    cfg.batch.max_tokens = budget
+    ctx = LocalContext(None, "cuda")
+    run_loop(model, task, loop_options(cfg, {}), ctx)
+    assert len(ctx.history) == 3

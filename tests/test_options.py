@@ -223,6 +223,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 "--shuffled-controls",
                 "0",
                 *lora,
+                "--packed",
             ],
         ),
         (
@@ -264,6 +265,7 @@ def _argvs(w: SimpleNamespace, tmp: Any) -> list[tuple[str, list[str]]]:
                 "2",
                 *lora,
                 "--merge",
+                "--packed",
             ],
         ),
         (

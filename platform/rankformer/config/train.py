@@ -89,21 +89,30 @@ class OptimOptions:
 
 
 @dataclass
-class BatchOptions:
-    max_tokens: int = 16_384  # tokens per micro-batch and worker, padding included (cells x longest)
+class Batching:
+    """What training's batches share, whatever sets their token budget."""
+
     max_cells: int = 64  # cells per micro-batch at most
     megabatch_cells: int = 1024  # cells sorted by length together before batching (length grouping)
+    packed: bool = False  # cells end to end in one token stream, no padding, attention within each cell
 
     def check(self) -> None:
-        if min(self.max_tokens, self.max_cells, self.megabatch_cells) < 1:
+        if min(getattr(self, "max_tokens", None) or 1, self.max_cells, self.megabatch_cells) < 1:
             raise InputError("max_tokens, max_cells and megabatch_cells must be >= 1")
 
 
 @dataclass
-class PretrainBatchOptions(BatchOptions):
-    """Pretraining's batches, which may also be packed (fine-tuning's are padded)."""
+class BatchOptions(Batching):
+    """Fine-tuning's batches (a fixed budget: the steps per epoch are counted before any worker starts)."""
 
-    packed: bool = False  # cells end to end in one token stream, no padding, attention within each cell
+    max_tokens: int = 16_384  # tokens per micro-batch and worker, padding included (cells x longest)
+
+
+@dataclass
+class PretrainBatchOptions(Batching):
+    """Pretraining's batches: on a GPU the token budget may come from the memory free beside the model."""
+
+    max_tokens: int | None = None  # tokens per micro-batch and worker (16,384; on a GPU: what memory holds)
 
 
 @dataclass

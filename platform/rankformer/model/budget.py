@@ -20,10 +20,10 @@ def token_budget(max_tokens: int | None) -> int:
     return CPU_MAX_TOKENS if max_tokens is None else max_tokens
 
 
-def fit_budget(free_bytes: float, per_token: float) -> int:
-    """The largest power of two of tokens whose ``per_token`` bytes fill at most GPU_MEMORY_SHARE of
+def fit_budget(free_bytes: float, per_token: float, share: float = GPU_MEMORY_SHARE) -> int:
+    """The largest power of two of tokens whose ``per_token`` bytes fill at most ``share`` of
     ``free_bytes``, clamped to [CPU_MAX_TOKENS, GPU_MAX_TOKENS]."""
-    fit = GPU_MEMORY_SHARE * free_bytes / per_token
+    fit = share * free_bytes / per_token
     budget = CPU_MAX_TOKENS
     while budget * 2 <= min(fit, GPU_MAX_TOKENS):
         budget *= 2

@@ -23,6 +23,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class MeanPoolForSequenceClassification(BertPreTrainedModel):
+    takes_packed_batches = True  # its forward pools each cell of a packed batch (gene_mean)
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -50,10 +52,23 @@ class MeanPoolForSequenceClassification(BertPreTrainedModel):
 def gene_mean(
     bert: BertModel, config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
 ) -> torch.Tensor:
-    """Each cell's mean last-layer state over its gene tokens (special and pad tokens left out)."""
+    """Each cell's mean last-layer state over its gene tokens (special and pad tokens left out).
+    A packed batch (one row of cells end to end, :mod:`rankformer.model.packing`) is read by its
+    cells' cumulative lengths (``cu_seq_lens_k`` on the device, else ``cu_seq_lens_q``)."""
+    first_gene = int(getattr(config, "first_gene_token", 0))
+    cu = kwargs.get("cu_seq_lens_k", kwargs.get("cu_seq_lens_q"))
+    if cu is not None and attention_mask is None:
+        from rankformer.model.packing import cell_index
+
+        states = bert(input_ids=input_ids, **kwargs).last_hidden_state[0]
+        cell = cell_index(cu.to(states.device), states.shape[0])
+        w = (input_ids[0] >= first_gene).to(states.dtype).unsqueeze(-1)
+        n = len(cu) - 1
+        sums = states.new_zeros(n, states.shape[-1]).index_add_(0, cell, states * w)
+        return sums / w.new_zeros(n, 1).index_add_(0, cell, w).clamp(min=1.0)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     states = bert(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
-    keep = (mask > 0) & (input_ids >= int(getattr(config, "first_gene_token", 0)))
+    keep = (mask > 0) & (input_ids >= first_gene)
     w = keep.to(states.dtype).unsqueeze(-1)
     return (states * w).sum(1) / w.sum(1).clamp(min=1.0)
 
@@ -66,6 +81,8 @@ class MultiTaskForSequenceClassification(BertPreTrainedModel):
     concatenated, (cells, sum of the class counts), task by task in that order
     (:func:`task_slices`). A cell without a task's label adds nothing to that task's loss (its
     label is -100)."""
+
+    takes_packed_batches = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

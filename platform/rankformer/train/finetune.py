@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from rankformer.config.train import AdapterOptions, BatchOptions, FinetuneOptim, HeadOptions, ScaleOptions
-from rankformer.model.batching import budget_batches, length_grouped, pad_batch
+from rankformer.model.batching import Batcher, budget_batches, length_grouped, pad_batch
 from rankformer.model.device import mask_argument, to_device
 from rankformer.model.forward import logits_of
+from rankformer.model.packing import pack_cells, packed_batches, use_packing, use_padding
 from rankformer.train.classifier import build_classifier, class_weights
 from rankformer.train.loop import LoopOptions, Stat
 from rankformer.train.ray_train import training_workers, trains_in_process
@@ -60,13 +61,29 @@ class ClassifyTask:
         rng = np.random.default_rng([self.seed, epoch, self.rank, 17])
         b = self.batch
         return length_grouped(
-            self.rows(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng, length=lambda r: len(r[0])
+            self.rows(epoch),
+            b.max_tokens,
+            b.max_cells,
+            b.megabatch_cells,
+            rng,
+            length=lambda r: len(r[0]),
+            batcher=batcher(b),
         )
 
     def forward(
         self, model: torch.nn.Module, batch: list[tuple[np.ndarray, int]], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, Stat]]:
-        ids, attn = pad_batch([r[0] for r in batch], self.pad)
+        cells = [r[0] for r in batch]
+        if self.batch.packed:  # one row of cells end to end (the model takes them: use_packing)
+            packed = pack_cells(cells)
+            ids, attn = packed.ids, torch.ones_like(packed.ids)
+            inputs = {
+                "position_ids": to_device(packed.positions, device),
+                **packed.attention_kwargs(device),
+            }
+        else:
+            ids, attn = pad_batch(cells, self.pad)
+            inputs = {"attention_mask": mask_argument(model, attn, device)}
         if self.kind == "token":  # each token's class, from the host's ids
             assert self.lookup is not None
             labels = self.lookup[ids.clamp(max=len(self.lookup) - 1)]
@@ -81,7 +98,7 @@ class ClassifyTask:
         ids_d, labels_d = to_device(ids, device), to_device(labels, device)
         if self.weights is not None and self.weights.device.type != device.type:  # once ("cuda" is cuda:0)
             self.weights = to_device(self.weights, device)
-        logits = logits_of(model(input_ids=ids_d, attention_mask=mask_argument(model, attn, device))).float()
+        logits = logits_of(model(input_ids=ids_d, **inputs)).float()
         if self.task_sizes:
             return self._multitask(logits, labels_d, attn, n_labels)
         flat_logits = logits.reshape(-1, logits.shape[-1])
@@ -104,6 +121,12 @@ class ClassifyTask:
         with torch.no_grad():
             correct = sum((logits[:, part].argmax(-1) == labels[:, t]).sum() for t, part in enumerate(slices))
         return loss, _stats(attn, correct, n_labels)
+
+
+def batcher(batch: BatchOptions) -> Batcher:
+    """How a megabatch is cut: into packed batches (tokens in all under the budget), else padded
+    ones of similar lengths (cells x longest under the budget)."""
+    return packed_batches if batch.packed else budget_batches
 
 
 def _stats(attn: torch.Tensor, correct: Any, n_labels: int) -> dict[str, Stat]:
@@ -230,7 +253,7 @@ def cell_probs(
 def steps_for(lengths: Sequence[int], spec_batch: BatchOptions, epochs: float, world: int, accum: int) -> int:
     """Optimizer steps for ``epochs`` passes over cells of these lengths, split over ``world`` workers."""
     per_worker = np.asarray(lengths, dtype=np.int64)[: max(1, len(lengths) // world)]
-    n = len(budget_batches(per_worker, spec_batch.max_tokens, spec_batch.max_cells))
+    n = len(batcher(spec_batch)(per_worker, spec_batch.max_tokens, spec_batch.max_cells))
     return max(1, math.ceil(epochs * n / accum))
 
 
@@ -297,6 +320,8 @@ def classifier_for(spec: TrainSpec) -> torch.nn.Module:
         model = build_classifier(
             local, spec.kind, spec.n_classes, spec.head, spec.seed, spec.gene_lo, extra, load
         )
+    if spec.batch.packed:
+        use_packing(model)
     if spec.adapter is not None:
         from rankformer.train.adapters import with_lora
 
@@ -381,7 +406,7 @@ def train_classifier(
             model.load_state_dict(
                 torch.load(os.path.join(best, "model.pt"), map_location="cpu", weights_only=True)
             )
-        return model.cpu().eval()
+        return use_padding(model).cpu().eval()
     import pyarrow as pa
     import ray.data
 
@@ -407,7 +432,7 @@ def train_classifier(
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    return model.eval()
+    return use_padding(model).eval()
 
 
 def scratch_dir(out: str) -> str:

@@ -141,7 +141,7 @@ def load_checkpoint(d: str, model: torch.nn.Module, opt: Any, sched: Any, gen: A
         return TrainState(**json.load(f))
 
 
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -247,7 +247,7 @@ def _step(
     """One optimizer step over the micro-batches; nothing in it makes the host wait for the device."""
     sums: dict[str, Stat] = {}
     for b in micro:
-        with _autocast(ctx.device, opts.precision):
+        with autocast_for(ctx.device, opts.precision):
             loss, stats = task.forward(model, b, ctx.device)
         (loss / len(micro)).backward()
         _accumulate(sums, {**stats, "loss": loss.detach().double() / len(micro)})  # summed as on the host

@@ -111,11 +111,27 @@ def train(config: dict[str, Any], ctx: Any, cells: Any) -> None:
     cfg = PretrainConfig(**config["pretrain"])
     vocab = GeneVocab.from_doc(config["vocab"])
     model, task = model_and_task(cfg, vocab, cells, ctx, (config.get("tracking") or {}).get("uri"))
+    if cfg.batch.max_tokens is None:  # the CPU's default, or on a GPU the most its free memory holds
+        from rankformer.train.budget import training_token_budget
+
+        budget, said = training_token_budget(
+            None, model.to(ctx.device), task, ctx.device, cfg.precision, _longest(config, model)
+        )
+        cfg.batch.max_tokens = budget  # the task batches by this (it holds the same config)
+        if said:
+            print(f"rank {ctx.rank}: {said}", flush=True)
+            ctx.log({"max_tokens_per_micro_batch": float(budget), "step": 0.0})
     extra = {"flops_per_token": flops_per_token(model, config["mean_length"])}
     peak = peak_flops(ctx.device)
     if peak:
         extra["peak_flops"] = peak
     run_loop(model, task, loop_options(cfg, extra), ctx)
+
+
+def _longest(config: dict[str, Any], model: MaskedGeneLM) -> int:
+    """The longest cell a micro-batch may hold: the corpus's, else the model's positions."""
+    c: Any = model.mlm.config
+    return int(config.get("max_length") or c.max_position_embeddings)
 
 
 READ_CPUS = 0.25  # a corpus read task's CPUs: light next to training, so reads fit beside the workers
@@ -209,6 +225,7 @@ def run_pretrain(cfg: PretrainConfig, checked: Plan | None = None) -> dict[str, 
             "vocab_hash": p.vocab.content_hash,
             "tracking": {"uri": uri, "run_id": run_id},
             "mean_length": p.mean_length,
+            "max_length": p.max_length,
         }
         control = most_common_gene_share(cfg.corpus, p.vocab)
         tracking.log_metrics(uri, run_id, {"control_accuracy_most_common_gene": control}, 0)

@@ -58,6 +58,8 @@ class MaskedGeneTask:
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
         b = self.cfg.batch
         cut = packed_batches if self.packed else budget_batches
+        if b.max_tokens is None:
+            raise ValueError("the token budget is settled before training (train.budget)")  # a caller's bug
         return length_grouped(
             self.cells(epoch), b.max_tokens, b.max_cells, b.megabatch_cells, rng, batcher=cut
         )
@@ -69,7 +71,7 @@ class MaskedGeneTask:
         if self.packed:
             packed = pack_cells(batch)
             ids, attn, positions = packed.ids, None, to_device(packed.positions, device)
-            cells = packed.attention_kwargs()
+            cells = packed.attention_kwargs(device)
         else:
             ids, attn = pad_batch(batch, s.pad)
             positions, cells = None, None
