@@ -76,6 +76,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_small.py
 	$(PY) benchmarks/bench_pretrain.py
 	$(PY) benchmarks/bench_peft.py
+	$(PY) benchmarks/bench_finetune_packed.py
 	$(PY) benchmarks/report.py
 
 bench-perturb: $(VENV)/.installed

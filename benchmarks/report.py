@@ -25,13 +25,37 @@ HEADLINES: list[tuple[str, str, str, dict]] = [
         "pretrain geneformer-v2-104m, bf16",
         "pretrain",
         "tokens_per_s_per_worker",
-        {"preset": "geneformer-v2-104m", "attention": ABSENT, "batches": ABSENT},
+        {"preset": "geneformer-v2-104m", "attention": ABSENT, "batches": (ABSENT, "length-grouped")},
     ),
     (
         "pretrain geneformer-v2-104m, bf16: MFU",
         "pretrain",
         "mfu",
-        {"preset": "geneformer-v2-104m", "attention": ABSENT},
+        {"preset": "geneformer-v2-104m", "attention": ABSENT, "batches": (ABSENT, "length-grouped")},
+    ),
+    (
+        "... packed, the preset's attention dropout: MFU",
+        "pretrain",
+        "mfu",
+        {"preset": "geneformer-v2-104m", "batches": "packed", "attention": "dropout"},
+    ),
+    (
+        "... packed, no attention dropout: MFU",
+        "pretrain",
+        "mfu",
+        {"preset": "geneformer-v2-104m", "batches": "packed", "attention": "no-dropout", "budget": ABSENT},
+    ),
+    (
+        "pretrain packed against length-grouped (geneformer-v1, CPU)",
+        "pretrain",
+        "ratio_packed_vs_length_grouped",
+        {"preset": "geneformer-v1", "device": "cpu"},
+    ),
+    (
+        "fine-tune cells packed against length-grouped (geneformer-v1, CPU)",
+        "finetune",
+        "ratio_packed_vs_length_grouped",
+        {"preset": "geneformer-v1", "head": "sequence"},
     ),
     ("gene classification CV ROC AUC (PBMC, tiny)", "finetune", "gene_cv_roc_auc", {}),
     (
@@ -78,6 +102,7 @@ IDENTITY = (
     "attention",
     "cpu_bf16",
     "batches",
+    "budget",
 )
 # what a record written before the key existed measured (every CPU record before `cpu_bf16`: AVX-512 BF16)
 DEFAULTS = {"precision": "float32", "device": "cpu", "cpu_bf16": "avx512"}
@@ -123,7 +148,12 @@ def _matches(rec: dict, benchmark: str, metric: str, want: dict) -> bool:
     if rec["benchmark"] != benchmark or rec["metric"] != metric:
         return False
     cfg = rec["config"]
-    return all((k not in cfg) if v is ABSENT else cfg.get(k) == v for k, v in want.items())
+    return all(_one_of(cfg, k, v if isinstance(v, tuple) else (v,)) for k, v in want.items())
+
+
+def _one_of(cfg: dict, key: str, allowed: tuple) -> bool:
+    """Whether ``cfg[key]`` is one of ``allowed`` (ABSENT among them: or the key is not there)."""
+    return any((key not in cfg) if v is ABSENT else cfg.get(key) == v for v in allowed)
 
 
 def headlines() -> str:

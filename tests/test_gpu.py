@@ -16,6 +16,15 @@ from rankformer.train.pretrain import build_model, loop_options
 from rankformer.train.task import MaskedGeneTask, TokenSpec, arrow_cells
 from rankformer.vocab.gene_vocab import GeneVocab
 
+
+def _small_config(**extra):
+    """A small BERT of 60 tokens and 64 positions (``extra``: what a test changes)."""
+    from transformers import BertConfig
+
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    return BertConfig(vocab_size=60, max_position_embeddings=64, **{**base, **extra})
+
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -42,21 +51,13 @@ def test_packed_bf16_pretraining_on_gpu_learns(tmp_path):
     """Packed micro-batches on the GPU in bf16: attention within each cell (variable-length
     FlashAttention without attention dropout); the states equal the padded per-cell ones within
     bf16's precision, and the training learns."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from rankformer.model.batching import pad_batch
     from rankformer.model.packing import pack_cells, use_varlen_attention
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    model = BertModel._from_config(config, attn_implementation="sdpa").cuda().eval()
+    model = BertModel._from_config(_small_config(), attn_implementation="sdpa").cuda().eval()
     cells = [torch.randint(4, 60, (n,)).numpy() for n in (17, 1, 40, 5, 23)]
     ids, attn = pad_batch(cells, 0)
     packed = pack_cells(cells)
@@ -377,22 +378,14 @@ def test_packed_attention_with_dropout_on_gpu_stays_within_each_cell():
     variable-length FlashAttention over a jagged nested tensor: in eval it gives the padded states
     within bf16's precision; in training a cell's outputs depend on no other cell's inputs, and a
     training pass of a published-size layer runs."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from rankformer.model import packing
     from rankformer.model.batching import pad_batch
     from rankformer.model.packing import pack_cells, use_varlen_attention
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=64,
-        attention_probs_dropout_prob=0.1,
-    )
+    config = _small_config(hidden_size=256, intermediate_size=512, attention_probs_dropout_prob=0.1)
     model = BertModel._from_config(config, attn_implementation="sdpa").cuda()
     cells = [torch.randint(4, 60, (n,)).numpy() for n in (17, 1, 40, 5, 23)]
     ids, attn = pad_batch(cells, 0)
@@ -428,7 +421,7 @@ def test_packed_fine_tuning_step_on_gpu_equals_the_padded_one():
     """A packed classification step (token and sequence heads) on the GPU in bf16: the padded
     step's loss within bf16's precision."""
     import numpy as np
-    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+    from transformers import BertForSequenceClassification, BertForTokenClassification
 
     from rankformer.config.train import BatchOptions
     from rankformer.model.packing import use_packing
@@ -442,17 +435,7 @@ def test_packed_fine_tuning_step_on_gpu_equals_the_padded_one():
         losses = []
         for packed in (False, True):
             torch.manual_seed(0)
-            config = BertConfig(
-                vocab_size=60,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=64,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
+            config = _small_config(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
             model = cls._from_config(config, attn_implementation="sdpa").cuda().train()
             if packed:
                 use_packing(model)

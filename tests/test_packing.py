@@ -23,17 +23,7 @@ IMPLEMENTATIONS = ("rankformer_varlen", "sdpa", "eager", "flex_attention")
 
 def _model(implementation: str) -> BertForMaskedLM:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=N_TOKENS,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = _config()
     if implementation == VARLEN:
         model = BertForMaskedLM._from_config(config, attn_implementation="sdpa").float()
         use_varlen_attention(model)

@@ -223,8 +223,7 @@ def use_packing(model: torch.nn.Module) -> None:
     token (BERT's sequence classifier), each cell's first token pooled. A custom head takes them
     when its class says so (``takes_packed_batches = True``: its forward reads the cells from
     ``cu_seq_lens_q``, as :func:`rankformer.model.heads.gene_mean` does); any other is refused."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = _base(model)
     cls = type(base)
     ours = bool(getattr(cls, TAKES_PACKED, False))
     if not ours and not (cls.__module__.startswith("transformers.") and cls.__name__ in PACKABLE):
@@ -245,12 +244,17 @@ def use_packing(model: torch.nn.Module) -> None:
 def use_padding(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` back on Transformers' scaled-dot-product attention, as it was built (the pooler's
     hooks pass padded batches unchanged); returns it."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = _base(model)
     config: Any = getattr(base, "config", None)
     if config is not None and getattr(config, "_attn_implementation", None) == VARLEN:
         base.set_attn_implementation("sdpa")  # type: ignore[operator]
     return model
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under PEFT adapters (the model itself without)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def pool_each_cell(bert: torch.nn.Module) -> None:
