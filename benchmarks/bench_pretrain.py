@@ -49,9 +49,15 @@ def realistic_cells(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _cfg(
-    corpus: str, preset: str, steps: int, max_tokens: int | None, overrides: dict | None = None
+    corpus: str,
+    preset: str,
+    steps: int,
+    max_tokens: int | None,
+    overrides: dict | None = None,
+    compiled: bool = False,
 ) -> PretrainConfig:
     return PretrainConfig(
+        compile=compiled,
         corpus=corpus,
         out="unused",
         preset=preset,
@@ -74,6 +80,7 @@ def ours(
     window: int = 1,
     packed: bool = False,
     overrides: dict | None = None,
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Our loop's tokens/s (and MFU where the device's peak is known) over ``steps`` steps, logged every
     ``window`` steps (a log reads the window's sums back from the device: on a GPU, the host's one
@@ -82,12 +89,12 @@ def ours(
     it out), to measure what that setting is worth. ``packed``: each micro-batch's cells in one
     token stream, attention as the job runs it on ``device`` (else padded, grouped by length).
     ``max_tokens`` None: the job's budget for ``device`` (on a GPU, from a probe step).
-    ``overrides``: preset fields, e.g. no attention dropout."""
+    ``overrides``: preset fields, e.g. no attention dropout. ``compiled``: `--compile`."""
     from rankformer.corpus.read import corpus_files
     from rankformer.model.packing import use_varlen_attention
     from rankformer.train.task import flops_per_token, peak_flops
 
-    cfg = _cfg(corpus, preset, window + steps, max_tokens, overrides)
+    cfg = _cfg(corpus, preset, window + steps, max_tokens, overrides, compiled)
     vocab = GeneVocab.load(os.path.join(os.path.dirname(corpus), os.path.basename(corpus) + "_vocab.json"))
     task = MaskedGeneTask(arrow_cells(corpus_files(corpus), 0), TokenSpec.of(vocab), cfg, 0, packed=packed)
     cfg.log_every = window
@@ -322,6 +329,26 @@ def scaling(work: Path) -> None:
     record("pretrain", "scaling_efficiency_2_workers", per_worker[2] / per_worker[1], "fraction", conf)
 
 
+def compile_only(work: Path) -> None:
+    """`--compile` (torch.compile of the model) against eager, padded and packed, `tiny` on the CPU,
+    in the same run: steady-state tokens/s (the first window, which compiles, left out) and the
+    wall time of the whole run, compilation included."""
+    corpus = write_corpus(str(work / "realistic"), realistic_cells(3000), N_GENES, shards=2)
+    conf = {"preset": "tiny", "device": "cpu", "threads": torch.get_num_threads()}
+    for packed in (False, True):
+        rates = {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            rates[compiled] = ours(corpus, "tiny", 20, 16384, window=5, packed=packed, compiled=compiled)
+            c = {**conf, "batches": "packed" if packed else "length-grouped", "compile": compiled}
+            record("pretrain", "tokens_per_s_per_worker", rates[compiled]["tokens_per_s"], "tokens/s", c)
+            record("pretrain", "wall_s", time.perf_counter() - t0, "s", c)
+        ratio = rates[True]["tokens_per_s"] / rates[False]["tokens_per_s"]
+        c = {**conf, "batches": "packed" if packed else "length-grouped", "compile": True}
+        record("pretrain", "ratio_compiled_vs_eager", ratio, "x", c)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-scaling", action="store_true")
@@ -329,6 +356,7 @@ def main() -> None:
     p.add_argument(
         "--only-packing", action="store_true", help="only packed against length-grouped micro-batches"
     )
+    p.add_argument("--only-compile", action="store_true", help="only --compile against eager (tiny)")
     args = p.parse_args()
     if torch.cuda.is_available():
         print("CUDA present: `python benchmarks/bench_pretrain_gpu.py` records MFU")
@@ -336,6 +364,9 @@ def main() -> None:
         work = Path(tmp)
         if args.only_packing:
             packing_only(work, args.presets)
+            return
+        if args.only_compile:
+            compile_only(work)
             return
         throughput(work, args.presets)
         heldout(work)

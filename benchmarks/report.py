@@ -103,6 +103,7 @@ IDENTITY = (
     "cpu_bf16",
     "batches",
     "budget",
+    "compile",
 )
 # what a record written before the key existed measured (every CPU record before `cpu_bf16`: AVX-512 BF16)
 DEFAULTS = {"precision": "float32", "device": "cpu", "cpu_bf16": "avx512"}
