@@ -92,6 +92,7 @@ def ours(
     ``overrides``: preset fields, e.g. no attention dropout. ``compiled``: `--compile`."""
     from rankformer.corpus.read import corpus_files
     from rankformer.model.packing import use_varlen_attention
+    from rankformer.train.budget import training_token_budget
     from rankformer.train.task import flops_per_token, peak_flops
 
     cfg = _cfg(corpus, preset, window + steps, max_tokens, overrides, compiled)
@@ -110,14 +111,12 @@ def ours(
     model = build_model(cfg, vocab, None)
     if packed:
         use_varlen_attention(model.mlm)
-    if max_tokens is None:
-        from rankformer.train.budget import training_token_budget
-
-        budget, said = training_token_budget(
-            None, model.to(ctx.device), task, ctx.device, cfg.precision, 2048
-        )
-        cfg.batch.max_tokens = budget
-        print(f"{preset}: {said or budget}", flush=True)
+    budget, said = training_token_budget(
+        max_tokens, model.to(ctx.device), task, ctx.device, cfg.precision, 2048
+    )
+    cfg.batch.max_tokens = budget
+    if said:
+        print(f"{preset}: {said}", flush=True)
     extra = {"flops_per_token": flops_per_token(model, 700.0)}
     peak = peak_flops(ctx.device)
     if peak:

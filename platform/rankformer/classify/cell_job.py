@@ -116,6 +116,10 @@ class CellsOnCorpus(PretrainedOnCorpus):
             cfg.seed,
         )
 
+    def rows(self, part: str) -> np.ndarray:
+        """The cells of one split (train, validation or test), by index."""
+        return np.flatnonzero(self.split == part)
+
     def checkpoint_each_epoch(self, spec: TrainSpec, lengths: list[int]) -> None:
         """With validation cells, a checkpoint (and its validation score) at least once an epoch."""
         cfg = self.cfg
@@ -151,9 +155,6 @@ class CellJob(CellsOnCorpus):
         self.check_splits()
         self.output = JobOutput(cfg.out, JOB, cfg)
         self.work = scratch_dir(cfg.out)
-
-    def rows(self, part: str) -> np.ndarray:
-        return np.flatnonzero(self.split == part)
 
     def spec(self, run_id: str | None, y: np.ndarray | None = None) -> TrainSpec:
         """A training's spec; ``y``: labels in place of the cells' own (validation scores them too)."""

@@ -92,9 +92,6 @@ class MultiTaskJob(CellsOnCorpus):
     def sizes(self) -> list[int]:
         return [len(c) for c in self.classes]
 
-    def rows(self, part: str) -> np.ndarray:
-        return np.flatnonzero(self.split == part)
-
     def spec(self, run_id: str | None, y: np.ndarray | None = None) -> TrainSpec:
         cfg = self.cfg
         y = self.y if y is None else y

@@ -56,10 +56,10 @@ def gene_mean(
     A packed batch (one row of cells end to end, :mod:`rankformer.model.packing`) is read by its
     cells' cumulative lengths (``cu_seq_lens_k`` on the device, else ``cu_seq_lens_q``)."""
     first_gene = int(getattr(config, "first_gene_token", 0))
-    cu = kwargs.get("cu_seq_lens_k", kwargs.get("cu_seq_lens_q"))
-    if cu is not None and attention_mask is None:
-        from rankformer.model.packing import cell_index
+    from rankformer.model.packing import cell_index, cumulative_lengths
 
+    cu = cumulative_lengths(kwargs)
+    if cu is not None and attention_mask is None:
         states = bert(input_ids=input_ids, **kwargs).last_hidden_state[0]
         cell = cell_index(cu.to(states.device), states.shape[0])
         w = (input_ids[0] >= first_gene).to(states.dtype).unsqueeze(-1)

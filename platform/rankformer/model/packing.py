@@ -267,9 +267,7 @@ def pool_each_cell(bert: torch.nn.Module) -> None:
     seen: dict[str, Any] = {}
 
     def note(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        seen["cu"] = kwargs.get("cu_seq_lens_k")
-        if seen["cu"] is None and kwargs.get("cu_seq_lens_q") is not None:
-            seen["cu"] = kwargs["cu_seq_lens_q"]
+        seen["cu"] = cumulative_lengths(kwargs)
 
     def firsts(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
         cu = seen.pop("cu", None)
@@ -282,6 +280,13 @@ def pool_each_cell(bert: torch.nn.Module) -> None:
     bert.register_forward_pre_hook(note, with_kwargs=True)
     bert.pooler.register_forward_pre_hook(firsts)  # type: ignore[union-attr]
     bert._rankformer_pools_cells = True  # type: ignore[assignment]
+
+
+def cumulative_lengths(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A packed batch's cell boundaries among a forward pass's keywords (the device copy,
+    ``cu_seq_lens_k``, else the host's ``cu_seq_lens_q``); None for a padded batch."""
+    cu = kwargs.get("cu_seq_lens_k")
+    return kwargs.get("cu_seq_lens_q") if cu is None else cu
 
 
 def cell_index(cu: torch.Tensor, n_tokens: int) -> torch.Tensor:

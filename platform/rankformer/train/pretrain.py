@@ -27,6 +27,7 @@ from rankformer.model.mlm import MaskedGeneLM
 from rankformer.model.packing import use_varlen_attention
 from rankformer.model.presets import bert_config, preset
 from rankformer.model.store import save_model_dir
+from rankformer.train.budget import training_token_budget
 from rankformer.train.loop import LoopOptions
 from rankformer.train.plan import Plan, plan
 from rankformer.train.task import (
@@ -111,16 +112,14 @@ def train(config: dict[str, Any], ctx: Any, cells: Any) -> None:
     cfg = PretrainConfig(**config["pretrain"])
     vocab = GeneVocab.from_doc(config["vocab"])
     model, task = model_and_task(cfg, vocab, cells, ctx, (config.get("tracking") or {}).get("uri"))
-    if cfg.batch.max_tokens is None:  # the CPU's default, or on a GPU the most its free memory holds
-        from rankformer.train.budget import training_token_budget
-
-        budget, said = training_token_budget(
-            None, model.to(ctx.device), task, ctx.device, cfg.precision, _longest(config, model)
-        )
-        cfg.batch.max_tokens = budget  # the task batches by this (it holds the same config)
-        if said:
-            print(f"rank {ctx.rank}: {said}", flush=True)
-            ctx.log({"max_tokens_per_micro_batch": float(budget), "step": 0.0})
+    # the given budget, the CPU's default, or on a GPU the most its free memory holds
+    budget, said = training_token_budget(
+        cfg.batch.max_tokens, model.to(ctx.device), task, ctx.device, cfg.precision, _longest(config, model)
+    )
+    cfg.batch.max_tokens = budget  # the task batches by this (it holds the same config)
+    if said:
+        print(f"rank {ctx.rank}: {said}", flush=True)
+        ctx.log({"max_tokens_per_micro_batch": float(budget), "step": 0.0})
     extra = {"flops_per_token": flops_per_token(model, config["mean_length"])}
     peak = peak_flops(ctx.device)
     if peak:
